@@ -1,0 +1,1 @@
+"""Balcony Serve's runtime: a frozen LLaMA backbone served at several depths (Balcony exits)."""

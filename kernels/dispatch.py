@@ -1,0 +1,56 @@
+"""The one place that chooses between the Triton kernels and their torch references.
+
+A model receives a :class:`KernelOps` when it is built and calls only its fields, so the choice
+is made once, explicitly, and never consulted from module state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from kernels import reference
+
+Backend = Literal["auto", "torch", "triton"]
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """The implementation of each fused operation a decoder layer needs."""
+
+    name: str  # "torch" or "triton": which implementation was chosen
+    rms_norm: Callable  # (x, weight, eps, residual=None) -> (normed, residual)
+    rotary_and_cache: Callable  # (q, k, v, cos, sin, positions, k_cache, v_cache, slots) -> (q, k)
+    decode_attention: Callable  # (q, k_cache, v_cache, block_tables, context_lens, scale) -> out
+    prefill_attention: Callable  # (q, k_cache, v_cache, block_tables, cu_q, ctx, scale, max_q) -> out
+    swiglu: Callable  # (x, w_gate_up) -> SiLU(gate) * up
+
+
+TORCH_OPS = KernelOps(
+    name="torch",
+    rms_norm=reference.rms_norm,
+    rotary_and_cache=reference.rotary_and_cache,
+    decode_attention=reference.decode_attention,
+    prefill_attention=reference.prefill_attention,
+    swiglu=reference.swiglu,
+)
+
+
+def select_ops(device: torch.device | str, backend: Backend = "auto") -> KernelOps:
+    """Pick the kernels for tensors on ``device``.
+
+    ``auto`` takes Triton when the device is CUDA and Triton imports, else the torch references;
+    ``triton`` insists (the interpreter, TRITON_INTERPRET=1, runs it on CPU tensors for tests).
+    """
+    device = torch.device(device)
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return TORCH_OPS
+    try:
+        from kernels.triton_ops import TRITON_OPS
+    except ImportError as exc:
+        if backend == "triton":
+            raise RuntimeError(f"Triton kernels requested but unavailable: {exc}") from exc
+        return TORCH_OPS
+    return TRITON_OPS
