@@ -1,0 +1,284 @@
+"""The synchronous engine: requests in, a step loop of schedule -> run -> post-process, outputs out.
+
+Free of HTTP concerns: the server wraps it in an async front (server/async_engine.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+from balcony_runtime.block_manager import BlockManager
+from balcony_runtime.detokenizer import IncrementalDetokenizer
+from balcony_runtime.errors import RequestError
+from balcony_runtime.kv_cache import KVCache
+from balcony_runtime.loader import LoadedModel
+from balcony_runtime.model_runner import ModelRunner, RunResult
+from balcony_runtime.request import Request
+from balcony_runtime.sampler import TokenLogprobs
+from balcony_runtime.sampling_params import SamplingParams
+from balcony_runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 64  # requests running at once
+    max_num_batched_tokens: int = 512  # tokens per step; longer prompts are prefilled in chunks
+    block_size: int = 16  # tokens per KV-cache block
+    num_kv_blocks: int | None = None  # blocks in the pool; None: sized from kv_cache_memory_gb
+    kv_cache_memory_gb: float | None = None  # None: 2 GB on CPU, 90% of free memory on CUDA
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
+            raise ValueError("block_size and num_kv_blocks must be positive")
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (deltas), plus its state."""
+
+    request_id: str
+    exit_layer: int  # backbone layers run (num_layers = full depth)
+    new_token_ids: list[int]  # tokens sampled this step (0 or 1)
+    new_text: str  # text now safe to show
+    new_logprobs: list[TokenLogprobs]  # logprobs of new_token_ids, when asked for
+    prompt_logprobs: list[TokenLogprobs] | None  # all prompt tokens after the first, once ready
+    num_prompt_tokens: int
+    num_output_tokens: int
+    finished: bool
+    finish_reason: str | None  # "stop", "length" or "abort"
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    detok: IncrementalDetokenizer
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig()):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.config = config
+        arch = self.model.arch
+        num_blocks = config.num_kv_blocks or self._blocks_for_memory(config)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        kv = KVCache.allocate(arch, num_blocks, config.block_size, self.model.dtype, self.model.norm.device)
+        self.runner = ModelRunner(self.model, kv, self.blocks)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
+        )
+        self._tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+        eos = self.tokenizer.eos_token_id
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+
+    def _blocks_for_memory(self, config: EngineConfig) -> int:
+        device = self.model.norm.device
+        per_block = KVCache.bytes_per_block(self.model.arch, config.block_size, self.model.dtype)
+        if config.kv_cache_memory_gb is not None:
+            budget = config.kv_cache_memory_gb * 2**30
+        elif device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = 0.9 * free
+        else:
+            budget = 2 * 2**30
+        return max(1, int(budget // per_block))
+
+    # ---- requests --------------------------------------------------------------------------
+
+    @property
+    def exits(self) -> tuple[int, ...]:
+        """Every exit this engine serves, shallow to deep; the last is the full model."""
+        return (*self.model.exits, self.model.full_depth)
+
+    def parse_exit(self, exit_layer: int | str | None) -> int:
+        if exit_layer is None or exit_layer == "full":
+            return self.model.full_depth
+        try:
+            value = int(exit_layer)
+        except (TypeError, ValueError):
+            value = -1
+        if value not in self.exits:
+            raise RequestError(f"unknown exit {exit_layer!r}; this model serves exits {list(self.exits[:-1])} and 'full'")
+        return value
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        ids = list(prompt)
+        vocab = self.model.arch.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        return ids
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams = SamplingParams(),
+        exit_layer: int | str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; raise RequestError if it can never be served as asked."""
+        exit_value = self.parse_exit(exit_layer)
+        prompt_ids = self.tokenize(prompt)
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.loaded.max_model_len:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) is {total}, "
+                f"over the model's maximum length of {self.loaded.max_model_len}"
+            )
+        num_cache_layers = len(self.model.cache_layers_of(exit_value))
+        if not self.blocks.fits_at_all(num_cache_layers, total):
+            raise RequestError(f"a request of {total} tokens does not fit in the KV cache even alone")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._tracked:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        request = Request(
+            request_id, prompt_ids, params, exit_value, num_cache_layers, time.monotonic(),
+            eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+        )
+        self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.stop))
+        self.scheduler.add(request)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks at once; False if it was unknown or already done."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return False
+        self.scheduler.finish(tracked.request, "abort")
+        self.runner.release(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the step loop ---------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        now = time.monotonic()
+        plan = self.scheduler.schedule(now)
+        if plan.is_empty:
+            return []
+        results = self.runner.run(plan.scheduled)
+        self.scheduler.on_step_done(plan)
+        return self._postprocess(plan, results)
+
+    def _postprocess(self, plan: SchedulerOutput, results: list[RunResult]) -> list[RequestOutput]:
+        now = time.monotonic()
+        outputs = []
+        for item, result in zip(plan.scheduled, results):
+            request = item.request
+            tracked = self._tracked[request.request_id]
+            tracked.prompt_logprobs.extend(result.prompt_logprobs)
+            prompt_ready = False
+            if request.params.prompt_logprobs is not None and not request.prompt_logprobs_done:
+                if item.start + item.num_tokens >= request.num_prompt_tokens:
+                    request.prompt_logprobs_done = prompt_ready = True
+            new_ids, new_logprobs, new_text = [], [], ""
+            reason = None
+            if result.sampled is not None:
+                if request.params.max_tokens == 0:
+                    reason = "length"  # prompt scoring only: nothing is generated
+                else:
+                    token = result.sampled.token_id
+                    request.output_token_ids.append(token)
+                    request.first_token_time = request.first_token_time or now
+                    new_ids.append(token)
+                    if result.sampled.logprobs is not None:
+                        new_logprobs.append(result.sampled.logprobs)
+                    reason = self._stop_reason(request, token)
+                    is_special_stop = reason == "stop" and not tracked.detok.stopped
+                    new_text = tracked.detok.add(token, final=reason is not None)
+                    if tracked.detok.stopped:
+                        reason = "stop"
+                    elif is_special_stop:
+                        new_text += tracked.detok.flush()
+            if reason is not None:
+                self.scheduler.finish(request, reason)
+                self._tracked.pop(request.request_id)
+                self.runner.release(request.request_id)
+            outputs.append(
+                RequestOutput(
+                    request_id=request.request_id,
+                    exit_layer=request.exit_layer,
+                    new_token_ids=new_ids,
+                    new_text=new_text,
+                    new_logprobs=new_logprobs,
+                    prompt_logprobs=tracked.prompt_logprobs if prompt_ready else None,
+                    num_prompt_tokens=request.num_prompt_tokens,
+                    num_output_tokens=len(request.output_token_ids),
+                    finished=reason is not None,
+                    finish_reason=reason,
+                    arrival_time=request.arrival_time,
+                    first_scheduled_time=request.first_scheduled_time,
+                    first_token_time=request.first_token_time,
+                )
+            )
+        return outputs
+
+    @staticmethod
+    def _stop_reason(request: Request, token: int) -> str | None:
+        if token in request.eos_token_ids or token in request.params.stop_token_ids:
+            return "stop"
+        if len(request.output_token_ids) >= request.params.max_tokens:
+            return "length"
+        return None
+
+    # ---- convenience -----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Iterable[str | Sequence[int]],
+        params: SamplingParams = SamplingParams(),
+        exit_layer: int | str | None = None,
+    ) -> list["CompletedRequest"]:
+        """Run prompts to completion together (continuous batching) and return them in order."""
+        ids = [self.add_request(p, params, exit_layer) for p in prompts]
+        done: dict[str, CompletedRequest] = {rid: CompletedRequest(rid) for rid in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.request_id in done:
+                    done[out.request_id].absorb(out)
+        return [done[rid] for rid in ids]
+
+
+@dataclass
+class CompletedRequest:
+    """A whole request's output, accumulated from its step outputs."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    exit_layer: int | None = None
+
+    def absorb(self, out: RequestOutput) -> None:
+        self.token_ids.extend(out.new_token_ids)
+        self.text += out.new_text
+        self.logprobs.extend(out.new_logprobs)
+        self.prompt_logprobs = out.prompt_logprobs or self.prompt_logprobs
+        self.finish_reason = out.finish_reason
+        self.exit_layer = out.exit_layer

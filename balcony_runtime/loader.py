@@ -1,0 +1,153 @@
+"""Build a :class:`BalconyModel` from a model source and (optionally) adapters."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from balcony_runtime.adapters import AdapterMeta, check_backbone, load_adapters
+from balcony_runtime.backbone_checkpoint import fingerprint, read_safetensors_dir
+from balcony_runtime.config import ModelArch
+from balcony_runtime.errors import AdapterError, ModelSourceError
+from balcony_runtime.model.balcony_model import BalconyModel
+from balcony_runtime.model_source import DEFAULT_MODEL, resolve_model
+from kernels import select_ops
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_EXITS = {DEFAULT_MODEL: (8, 15, 22)}
+SHIPPED_ADAPTERS = Path(__file__).parent / "shipped_adapters"
+
+
+@dataclass
+class LoadedModel:
+    model: BalconyModel
+    tokenizer: object  # a transformers PreTrainedTokenizerBase
+    identity: str  # the backbone's name
+    fingerprint: str  # checksum of the backbone's weights (backbone_checkpoint.fingerprint)
+    adapters: AdapterMeta | None  # None when the balconies are freshly initialised
+    path: Path  # local HF directory of the backbone
+    max_model_len: int  # longest sequence (prompt + output) the model accepts
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 on GPUs; on CPU fp32, which the decode benchmark measured faster at small batch
+        # (docs/benchmarks.md).
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def default_exits(source: str, num_layers: int) -> tuple[int, ...]:
+    if source in DEFAULT_EXITS:
+        return DEFAULT_EXITS[source]
+    # Spread like the default model's 8/15/22 of 30: about 27%, 50% and 73% of the depth.
+    return tuple(sorted({max(1, round(num_layers * f)) for f in (4 / 15, 1 / 2, 11 / 15)}))
+
+
+def shipped_adapters(source: str) -> Path | None:
+    path = SHIPPED_ADAPTERS / source
+    return path if (path / "balcony.json").is_file() else None
+
+
+def load_model(
+    source: str = DEFAULT_MODEL,
+    adapters: str | Path | None = "default",
+    exits: Sequence[int] | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    kernel_backend: str = "auto",
+    max_model_len: int | None = None,
+) -> LoadedModel:
+    """Load the frozen backbone and its balconies.
+
+    adapters: a directory, ``"default"`` (the adapters shipped for this source, if any), or None
+    (fresh balconies initialised from the last backbone layer at ``exits``).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    resolved = resolve_model(source)
+    try:
+        hf_config = AutoConfig.from_pretrained(resolved.path)
+    except Exception as exc:
+        raise ModelSourceError(f"could not read the model config at {resolved.path}: {exc}") from exc
+    arch = ModelArch.from_hf_config(hf_config)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+
+    checkpoint = read_safetensors_dir(resolved.path)
+    backbone_fingerprint = fingerprint(checkpoint)
+    meta, balcony_tensors = None, {}
+    adapter_dir = shipped_adapters(source) if adapters == "default" else adapters
+    if adapter_dir is not None:
+        meta, balcony_tensors = load_adapters(Path(adapter_dir))
+        check_backbone(meta, resolved.identity, backbone_fingerprint, arch.num_layers, adapter_dir)
+        if exits is not None and tuple(sorted(exits)) != tuple(meta.exits):
+            raise AdapterError(f"adapters at {adapter_dir} have exits {meta.exits}, not {sorted(exits)}")
+        exits = meta.exits
+    exits = tuple(exits) if exits is not None else default_exits(source, arch.num_layers)
+
+    limit = max_model_len or arch.max_position_embeddings
+    if limit > arch.max_position_embeddings:
+        raise ValueError(f"max_model_len {limit} exceeds the model's {arch.max_position_embeddings} positions")
+    rope = LlamaRotaryEmbedding(hf_config)
+    model = BalconyModel(
+        arch, exits, rope.inv_freq, rope.attention_scaling, torch_dtype, torch_device,
+        select_ops(torch_device, kernel_backend), max_positions=limit,
+    )
+    _load_backbone(model, checkpoint, arch)
+    del checkpoint
+    for k in model.exits:
+        balcony = model.balconies[str(k)]
+        if balcony_tensors:
+            _load_balcony(balcony, balcony_tensors[k], k)
+        else:
+            balcony.init_from_backbone(model.layers)
+    model.freeze_backbone()
+    model.eval()
+
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    return LoadedModel(model, tokenizer, resolved.identity, backbone_fingerprint, meta, resolved.path, limit)
+
+
+def _load_backbone(model: BalconyModel, tensors: dict[str, torch.Tensor], arch: ModelArch) -> None:
+    try:
+        with torch.no_grad():
+            model.embed_tokens.copy_(tensors["model.embed_tokens.weight"])
+            model.norm.copy_(tensors["model.norm.weight"])
+            if not arch.tie_word_embeddings:
+                model.lm_head.copy_(tensors["lm_head.weight"])
+            for i, layer in enumerate(model.layers):
+                layer.load_hf(tensors, f"model.layers.{i}.")
+    except KeyError as exc:
+        raise ModelSourceError(f"checkpoint is missing tensor {exc.args[0]}") from exc
+
+
+def _load_balcony(balcony, tensors: dict[str, torch.Tensor], exit_layer: int) -> None:
+    try:
+        balcony.layer.load_hf(tensors, "")
+        with torch.no_grad():
+            balcony.norm.copy_(tensors["norm.weight"])
+    except (KeyError, RuntimeError) as exc:
+        raise AdapterError(f"balcony at exit {exit_layer} has missing or misshapen weights: {exc}") from exc
+
+
+def balcony_state(model: BalconyModel) -> dict[int, dict[str, torch.Tensor]]:
+    """Each balcony's tensors under transformers names, as :func:`save_adapters` takes them."""
+    out = {}
+    for k in model.exits:
+        balcony = model.balconies[str(k)]
+        out[k] = {**balcony.layer.hf_state_dict(), "norm.weight": balcony.norm.detach()}
+    return out

@@ -1,0 +1,163 @@
+"""The frozen LLaMA backbone with balconies, and one forward to any mix of exits.
+
+Forward over a :class:`ForwardBatch` (rows ordered deepest exit first):
+
+    h = embed(tokens)
+    for layer l: run it on the rows whose exit is deeper than l (a prefix of the batch)
+        after layer k-1, rows exiting at k run balcony k, its norm and the shared head
+    rows at full depth: final norm and head
+
+so a step costs what its rows' depths cost, not the deepest depth times the batch.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from balcony_runtime.config import ModelArch
+from balcony_runtime.model.balcony import Balcony
+from balcony_runtime.model.decoder_layer import Attend, DecoderLayer
+from balcony_runtime.model.forward_batch import ForwardBatch
+from kernels import KernelOps
+
+
+class BalconyModel(nn.Module):
+    def __init__(
+        self,
+        arch: ModelArch,
+        exits: Sequence[int],
+        inv_freq: torch.Tensor,
+        attention_scaling: float,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        ops: KernelOps,
+        max_positions: int | None = None,
+    ):
+        super().__init__()
+        self.arch, self.ops, self.dtype = arch, ops, dtype
+        self.exits = tuple(sorted(set(exits)))  # balcony exits, shallow to deep
+        factory = dict(dtype=dtype, device=device)
+        self.embed_tokens = nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size, **factory))
+        self.layers = nn.ModuleList(DecoderLayer(arch, dtype, device) for _ in range(arch.num_layers))
+        self.norm = nn.Parameter(torch.ones(arch.hidden_size, **factory))
+        self.lm_head = (
+            self.embed_tokens
+            if arch.tie_word_embeddings
+            else nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size, **factory))
+        )
+        self.balconies = nn.ModuleDict({str(k): Balcony(arch, k, dtype, device) for k in self.exits})
+        self.scale = arch.head_dim**-0.5
+
+        positions = torch.arange(max_positions or arch.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq.float().cpu())  # [P, D/2]
+        self.register_buffer("rope_cos", (freqs.cos() * attention_scaling).to(device), persistent=False)
+        self.register_buffer("rope_sin", (freqs.sin() * attention_scaling).to(device), persistent=False)
+
+    # ---- structure -------------------------------------------------------------------------
+
+    @property
+    def full_depth(self) -> int:
+        return self.arch.num_layers
+
+    @property
+    def num_cache_layers(self) -> int:
+        """Backbone layers, then one cache layer per balcony."""
+        return self.arch.num_layers + len(self.exits)
+
+    def cache_layers_of(self, exit_layer: int) -> list[int]:
+        """Cache layers a request served at ``exit_layer`` writes, in the block manager's order."""
+        if exit_layer == self.full_depth:
+            return list(range(self.full_depth))
+        return list(range(exit_layer)) + [self.full_depth + self.exits.index(exit_layer)]
+
+    def backbone_parameters(self):
+        yield self.embed_tokens
+        yield self.norm
+        if self.lm_head is not self.embed_tokens:
+            yield self.lm_head
+        for layer in self.layers:
+            yield from layer.parameters()
+
+    def freeze_backbone(self) -> None:
+        for p in self.backbone_parameters():
+            p.requires_grad_(False)
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def head(self, hidden: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """Final norm and the shared LM head: [N, H] -> fp32 logits [N, V]."""
+        normed, _ = self.ops.rms_norm(hidden, norm, self.arch.rms_norm_eps, residual)
+        return F.linear(normed, self.lm_head).float()
+
+    def _paged_attend(
+        self, batch: ForwardBatch, cache_layer: int, rows: slice, kv_cache: tuple[torch.Tensor, torch.Tensor]
+    ) -> Attend:
+        """Attention of ``rows`` (a contiguous range) at one cache layer of the paged KV cache."""
+        k_cache, v_cache = kv_cache
+        offsets = batch.cu_query_lens_host
+        tokens = slice(offsets[rows.start], offsets[rows.stop])
+        block_tables = batch.block_tables[cache_layer, rows]  # [b, max_blocks]
+        context_lens = batch.context_lens[rows]  # [b]
+        ops = self.ops
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            q, _ = ops.rotary_and_cache(
+                q, k, v, self.rope_cos, self.rope_sin, batch.positions[tokens],
+                k_cache, v_cache, batch.slot_mapping[cache_layer, tokens],
+            )
+            if batch.is_decode:
+                return ops.decode_attention(q, k_cache, v_cache, block_tables, context_lens, self.scale)
+            cu = batch.cu_query_lens[rows.start : rows.stop + 1] - offsets[rows.start]  # [b + 1]
+            return ops.prefill_attention(
+                q, k_cache, v_cache, block_tables, cu, context_lens, self.scale, batch.max_query_len
+            )
+
+        return attend
+
+    def forward(self, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Logits [len(batch.logits_indices), V] fp32, in the order of ``batch.logits_indices``."""
+        exits, offsets, L = batch.exits, batch.cu_query_lens_host, self.full_depth
+        # rows_deeper_than[l]: rows whose exit is deeper than l, i.e. that run layer l (a prefix).
+        rows_deeper_than = [sum(1 for e in exits if e > l) for l in range(L + 1)]
+        hidden = F.embedding(batch.input_ids, self.embed_tokens)  # [T, H]
+        residual: torch.Tensor | None = None
+        logits: list[torch.Tensor] = []
+
+        def emit(rows: slice, out: torch.Tensor, res: torch.Tensor, norm: torch.Tensor) -> None:
+            """Logits of the wanted tokens among ``rows``, whose hidden states are out + res."""
+            start, stop = offsets[rows.start], offsets[rows.stop]
+            lo = bisect_left(batch.logits_indices, start)
+            hi = bisect_left(batch.logits_indices, stop)
+            if lo == hi:
+                return
+            local = torch.tensor(batch.logits_indices[lo:hi], device=out.device) - start
+            logits.append(self.head(out[local], res[local], norm))
+
+        for l, layer in enumerate(self.layers):
+            rows = rows_deeper_than[l]
+            if rows == 0:
+                break
+            tokens = offsets[rows]
+            hidden = hidden[:tokens]
+            residual = None if residual is None else residual[:tokens]
+            attend = self._paged_attend(batch, l, slice(0, rows), kv_cache)
+            hidden, residual = layer(hidden, residual, attend, self.ops)
+            exiting = slice(rows_deeper_than[l + 1], rows)  # rows whose exit is l + 1
+            if l + 1 < L and exiting.start < exiting.stop:
+                # Exiting rows are the batch's last rows: their logits are collected shallow exit
+                # first and the list is flipped at the end to follow token order.
+                balcony = self.balconies[str(l + 1)]
+                tok = slice(offsets[exiting.start], offsets[exiting.stop])
+                attend = self._paged_attend(batch, self.cache_layers_of(l + 1)[-1], exiting, kv_cache)
+                out, res = balcony.layer(hidden[tok], residual[tok], attend, self.ops)
+                emit(exiting, out, res, balcony.norm)
+        full_rows = rows_deeper_than[L - 1]
+        if full_rows:
+            emit(slice(0, full_rows), hidden, residual, self.norm)
+        logits.reverse()
+        return torch.cat(logits) if logits else torch.empty(0, self.arch.vocab_size, device=self.norm.device)

@@ -1,0 +1,88 @@
+"""One LLaMA decoder layer: RMSNorm, grouped-query self-attention, RMSNorm, SwiGLU MLP.
+
+The same module holds a backbone layer (frozen) or a balcony (trainable). How attention reads and
+writes its keys and values is passed in by the caller (`attend`), so the layer serves the paged
+cache at inference and dense causal attention in training without knowing either.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from balcony_runtime.config import ModelArch
+from kernels import KernelOps
+
+# (q [T, Hq, D], k [T, Hk, D], v [T, Hk, D]) -> attention output [T, Hq, D]; applies RoPE itself.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class DecoderLayer(nn.Module):
+    """Weights are stored fused (qkv, gate_up) so a step reads each matrix once."""
+
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.arch = arch
+        q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+        factory = dict(dtype=dtype, device=device)
+        self.input_norm = nn.Parameter(torch.ones(arch.hidden_size, **factory))
+        self.qkv_proj = nn.Parameter(torch.empty(q_size + 2 * kv_size, arch.hidden_size, **factory))
+        self.o_proj = nn.Parameter(torch.empty(arch.hidden_size, q_size, **factory))
+        self.post_attention_norm = nn.Parameter(torch.ones(arch.hidden_size, **factory))
+        self.gate_up_proj = nn.Parameter(torch.empty(2 * arch.intermediate_size, arch.hidden_size, **factory))
+        self.down_proj = nn.Parameter(torch.empty(arch.hidden_size, arch.intermediate_size, **factory))
+
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, attend: Attend, ops: KernelOps
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden, residual: [T, H] (residual None before the first layer). Returns (out, residual):
+        the layer's full output is their sum, left unsummed so the next norm can fuse the add."""
+        arch = self.arch
+        normed, residual = ops.rms_norm(hidden, self.input_norm, arch.rms_norm_eps, residual)
+        qkv = F.linear(normed, self.qkv_proj)  # [T, (Hq + 2 Hk) D]
+        q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        attn = attend(
+            q.view(-1, arch.num_heads, arch.head_dim),  # [T, Hq, D]
+            k.view(-1, arch.num_kv_heads, arch.head_dim),  # [T, Hk, D]
+            v.view(-1, arch.num_kv_heads, arch.head_dim),
+        )
+        hidden = F.linear(attn.flatten(1), self.o_proj)  # [T, H]
+        normed, residual = ops.rms_norm(hidden, self.post_attention_norm, arch.rms_norm_eps, residual)
+        hidden = F.linear(ops.swiglu(normed, self.gate_up_proj), self.down_proj)  # [T, H]
+        return hidden, residual
+
+    def load_hf(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+        """Copy a transformers LlamaDecoderLayer's weights (names under ``prefix``) into this layer."""
+        get = lambda name: tensors[prefix + name]  # noqa: E731
+        with torch.no_grad():
+            self.input_norm.copy_(get("input_layernorm.weight"))
+            self.qkv_proj.copy_(
+                torch.cat([get(f"self_attn.{p}_proj.weight") for p in "qkv"], dim=0)
+            )
+            self.o_proj.copy_(get("self_attn.o_proj.weight"))
+            self.post_attention_norm.copy_(get("post_attention_layernorm.weight"))
+            self.gate_up_proj.copy_(torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]))
+            self.down_proj.copy_(get("mlp.down_proj.weight"))
+
+    def hf_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """This layer's weights under transformers' LlamaDecoderLayer names (for references, export)."""
+        arch = self.arch
+        q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+        q, k, v = self.qkv_proj.detach().split([q_size, kv_size, kv_size])
+        gate, up = self.gate_up_proj.detach().chunk(2)
+        names = {
+            "input_layernorm.weight": self.input_norm,
+            "self_attn.q_proj.weight": q,
+            "self_attn.k_proj.weight": k,
+            "self_attn.v_proj.weight": v,
+            "self_attn.o_proj.weight": self.o_proj,
+            "post_attention_layernorm.weight": self.post_attention_norm,
+            "mlp.gate_proj.weight": gate,
+            "mlp.up_proj.weight": up,
+            "mlp.down_proj.weight": self.down_proj,
+        }
+        return {prefix + name: t.detach() for name, t in names.items()}

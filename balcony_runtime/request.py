@@ -1,0 +1,52 @@
+"""A request's life inside the engine: its tokens, its exit, and what it has produced. No torch."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from balcony_runtime.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, holds no cache blocks
+    RUNNING = "running"  # holds cache blocks, scheduled every step
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    exit_layer: int  # backbone layers this request runs before its exit (num_layers = full depth)
+    num_cache_layers: int  # cache layers it writes: exit_layer, plus one for a balcony
+    arrival_time: float  # time.monotonic() when added
+    eos_token_ids: frozenset[int] = frozenset()  # the tokenizer's end-of-sequence ids
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # leading tokens whose keys and values are in the cache
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None  # "stop", "length" or "abort" once finished
+    num_preemptions: int = 0  # times its blocks were taken back and its tokens recomputed
+    first_scheduled_time: float | None = None  # when it first ran (end of its queue wait)
+    first_token_time: float | None = None  # when its first output token was sampled
+    prompt_logprobs_done: bool = False  # prompt logprobs were computed (they survive preemption)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """Tokens ``start:stop`` of prompt + output."""
+        prompt = self.prompt_token_ids
+        if stop <= len(prompt):
+            return prompt[start:stop]
+        return (prompt + self.output_token_ids)[start:stop]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
