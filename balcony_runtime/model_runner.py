@@ -36,7 +36,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledRequest]) -> list[RunResult]:
-        batch, prompt_spans = self._prepare(scheduled)
+        batch, prompt_spans = self.prepare(scheduled)
         logits = self.model(batch, self.kv_cache.as_tuple())  # [len(logits_indices), V] fp32
         results: list[RunResult] = []
         rows: list[SamplingRow] = []
@@ -68,7 +68,7 @@ class ModelRunner:
             self._generators[request.request_id] = make_generator(request.params.seed, self.device)
         return self._generators[request.request_id]
 
-    def _prepare(self, scheduled: list[ScheduledRequest]) -> tuple[ForwardBatch, list[tuple[int, list[int]]]]:
+    def prepare(self, scheduled: list[ScheduledRequest]) -> tuple[ForwardBatch, list[tuple[int, list[int]]]]:
         model, block_size = self.model, self.blocks.block_size
         input_ids: list[int] = []
         positions: list[int] = []

@@ -1,0 +1,117 @@
+"""Models for runtime tests: the default SmolLM2-135M and a tiny random LLaMA, plus a paged harness."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from balcony_runtime.block_manager import BlockManager
+from balcony_runtime.kv_cache import KVCache
+from balcony_runtime.loader import LoadedModel, load_model
+from balcony_runtime.model_runner import ModelRunner
+from balcony_runtime.request import Request
+from balcony_runtime.sampling_params import SamplingParams
+from balcony_runtime.scheduler import ScheduledRequest
+
+
+@pytest.fixture(scope="session")
+def default_model() -> LoadedModel:
+    """The default model in fp32 with freshly initialised balconies."""
+    return load_model("smollm2-135m", adapters=None, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def default_hf(default_model):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(default_model.path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model) -> Path:
+    """A random 4-layer LLaMA with an untied head and GQA 4/2, sharing the default tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=len(default_model.tokenizer), hidden_size=64, intermediate_size=96,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        architectures=["LlamaForCausalLM"],
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # non-trivial norms, so a norm applied to the wrong tensor shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    default_model.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir) -> LoadedModel:
+    loaded = load_model(str(tiny_model_dir), adapters=None, exits=(1, 2, 3), dtype="float32", device="cpu")
+    perturb_balconies(loaded.model, seed=1)
+    return loaded
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_model_dir):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def perturb_balconies(model, seed: int, scale: float = 0.05) -> None:
+    """Make each balcony differ from the backbone layer it was copied from."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for balcony in model.balconies.values():
+            for p in balcony.parameters():
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale * p.float().std().clamp_min(0.1))
+
+
+class PagedHarness:
+    """Drives the model's paged forward directly: rows at chosen exits, all logits returned."""
+
+    def __init__(self, loaded: LoadedModel, num_blocks: int = 512, block_size: int = 4):
+        self.model = loaded.model
+        self.blocks = BlockManager(num_blocks, block_size)
+        kv = KVCache.allocate(self.model.arch, num_blocks, block_size, self.model.dtype, "cpu")
+        self.runner = ModelRunner(self.model, kv, self.blocks)
+        self._ids = itertools.count()
+
+    def new_request(self, token_ids: list[int], exit_layer: int) -> Request:
+        layers = len(self.model.cache_layers_of(exit_layer))
+        request = Request(f"r{next(self._ids)}", list(token_ids), SamplingParams(), exit_layer, layers, 0.0)
+        self.blocks.allocate(request.request_id, layers, 0)
+        return request
+
+    @torch.inference_mode()
+    def feed(self, chunks: list[tuple[Request, int]]) -> list[torch.Tensor]:
+        """Feed each request its next ``n`` known tokens in one step; returns per-request logits [n, V].
+
+        ``chunks`` must be ordered deepest exit first, as the scheduler orders rows."""
+        scheduled = []
+        for request, n in chunks:
+            start = request.num_computed_tokens
+            self.blocks.grow(request.request_id, start + n)
+            scheduled.append(ScheduledRequest(request, start, n))
+        batch, _ = self.runner.prepare(scheduled)
+        batch.logits_indices = list(range(batch.input_ids.numel()))
+        logits = self.model(batch, self.runner.kv_cache.as_tuple())
+        for item in scheduled:
+            item.request.num_computed_tokens += item.num_tokens
+        return list(logits.split([n for _, n in chunks]))
+
+
+@pytest.fixture
+def harness():
+    """Factory of paged harnesses: ``harness(loaded, num_blocks=..., block_size=...)``."""
+    return PagedHarness
