@@ -1,0 +1,138 @@
+"""The ``balcony`` command: serve, generate, train, eval, bench.
+
+Every option of every command can also come from an environment variable: ``--max-num-seqs`` reads
+``BALCONY_MAX_NUM_SEQS`` when not given (the flag wins), so containers configure it all by env.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+from balcony_runtime.model_source import DEFAULT_MODEL
+
+
+def env_name(flag: str) -> str:
+    return "BALCONY_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+class EnvDefaults(argparse.ArgumentParser):
+    """An ArgumentParser whose options default to their BALCONY_* environment variables."""
+
+    def add_argument(self, *names, **kwargs):
+        flags = [n for n in names if n.startswith("--")]
+        if flags and kwargs.get("action") not in ("help", "version"):
+            variable = env_name(flags[0])
+            if variable in os.environ:
+                raw = os.environ[variable]
+                if kwargs.get("action") == "store_true":
+                    kwargs["default"] = raw.lower() in ("1", "true", "yes", "on")
+                else:
+                    convert = kwargs.get("type", str)
+                    try:
+                        kwargs["default"] = convert(raw)
+                    except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+                        raise SystemExit(f"balcony: invalid {variable}={raw!r}: {exc}") from exc
+            help_text = kwargs.get("help", "")
+            kwargs["help"] = f"{help_text} [env {variable}]".strip()
+        return super().add_argument(*names, **kwargs)
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model source: alias, local HF directory, .gguf file or hub id (default %(default)s)")
+    p.add_argument("--adapters", default="default",
+                   help="balcony adapters directory; 'default' takes the shipped ones, 'none' fresh balconies")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output in tokens (default: the model's maximum)")
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV-cache blocks of 16 tokens x one layer (default: sized from memory)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
+                   help="kernel implementation (auto: Triton on CUDA, torch elsewhere)")
+
+
+def load_from_args(args):
+    from balcony_runtime.loader import load_model
+
+    adapters = None if args.adapters in ("none", "") else args.adapters
+    return load_model(args.model, adapters=adapters, dtype=args.dtype, device=args.device,
+                      kernel_backend=args.kernels, max_model_len=args.max_model_len)
+
+
+def cmd_generate(args) -> int:
+    from balcony_runtime.engine import EngineConfig, LLMEngine
+    from balcony_runtime.errors import BalconyError
+    from balcony_runtime.sampling_params import SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        loaded = load_from_args(args)
+        engine = LLMEngine(loaded, EngineConfig(num_kv_blocks=args.num_kv_blocks))
+        prompt = args.prompt
+        if args.chat:
+            prompt = loaded.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        request_id = engine.add_request(prompt, params, exit_layer=args.exit)
+    except (BalconyError, ValueError) as exc:
+        print(f"balcony generate: {exc}", file=sys.stderr)
+        return 2
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id == request_id:
+                sys.stdout.write(out.new_text)
+                sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_not_ready(name: str) -> Callable:
+    def run(args) -> int:
+        print(f"balcony {name}: not available in this build yet", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = EnvDefaults(prog="balcony", description="Serve one LLM at several depths (Balcony exits).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=EnvDefaults)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with latency-budget routing")
+    add_model_options(serve)
+    from server.serve_options import add_serve_options  # noqa: E402  (kept beside the server)
+
+    add_serve_options(serve)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
+    add_model_options(gen)
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--exit", default="full", help="exit layer count (e.g. 8, 15, 22) or 'full'")
+    gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    gen.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.set_defaults(run=cmd_generate)
+
+    for name, text in [("train", "train balconies by self-distillation"),
+                       ("eval", "per-exit quality against the full model and baselines"),
+                       ("bench", "decode throughput of the engine against transformers")]:
+        sub.add_parser(name, help=text).set_defaults(run=cmd_not_ready(name))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

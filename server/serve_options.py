@@ -1,0 +1,43 @@
+"""Options of ``balcony serve`` and the frozen config they map onto."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"  # bind address; containers use 0.0.0.0
+    port: int = 8000
+    api_key: str | None = None  # Bearer token required on /v1 when set
+    max_num_seqs: int = 64  # requests decoding at once
+    max_queued_requests: int = 256  # waiting requests beyond which new ones get 429
+    shutdown_timeout: float = 30.0  # seconds to finish in-flight requests after SIGTERM
+    budget_policy: str = "best-effort"  # when no exit meets a budget: best-effort or reject
+    served_model_name: str | None = None  # model name in the API (default: the model source)
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.max_num_seqs < 1 or self.max_queued_requests < 0 or self.shutdown_timeout < 0:
+            raise ValueError("max_num_seqs must be positive, max_queued_requests and shutdown_timeout >= 0")
+        if self.budget_policy not in ("best-effort", "reject"):
+            raise ValueError(f"budget_policy must be best-effort or reject, got {self.budget_policy!r}")
+
+
+def add_serve_options(p: argparse.ArgumentParser) -> None:
+    d = ServeConfig()
+    p.add_argument("--host", default=d.host, help="bind address (default %(default)s)")
+    p.add_argument("--port", type=int, default=d.port, help="port (default %(default)s)")
+    p.add_argument("--api-key", default=d.api_key, help="require this Bearer token on /v1 endpoints")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="requests running at once")
+    p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                   help="queued requests beyond which new ones are answered 429")
+    p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
+                   help="seconds to finish in-flight requests after SIGTERM")
+    p.add_argument("--budget-policy", default=d.budget_policy, choices=["best-effort", "reject"],
+                   help="when no exit can meet a request's latency budget")
+    p.add_argument("--served-model-name", default=d.served_model_name, help="model name in the API")
+    p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
