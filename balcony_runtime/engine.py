@@ -16,6 +16,7 @@ from balcony_runtime.block_manager import BlockManager
 from balcony_runtime.detokenizer import IncrementalDetokenizer
 from balcony_runtime.errors import RequestError
 from balcony_runtime.kv_cache import KVCache
+from balcony_runtime.latency_model import LoadSnapshot
 from balcony_runtime.loader import LoadedModel
 from balcony_runtime.model_runner import ModelRunner, RunResult
 from balcony_runtime.request import Request
@@ -56,6 +57,28 @@ class RequestOutput:
     first_token_time: float | None
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """The shape and duration of one step: what the latency model learns from."""
+
+    seconds: float  # wall time of schedule + forward + sampling
+    num_rows: int  # requests in the step
+    deepest_exit: int  # the deepest exit among them (it sets how many layers run)
+    num_prefill_tokens: int  # tokens of rows with more than one token this step
+    num_decode_rows: int  # rows with exactly one token
+
+    @classmethod
+    def of(cls, plan: SchedulerOutput, seconds: float) -> "StepStats":
+        rows = plan.scheduled
+        return cls(
+            seconds=seconds,
+            num_rows=len(rows),
+            deepest_exit=rows[0].request.exit_layer,
+            num_prefill_tokens=sum(r.num_tokens for r in rows if r.num_tokens > 1),
+            num_decode_rows=sum(1 for r in rows if r.num_tokens == 1),
+        )
+
+
 @dataclass
 class _Tracked:
     request: Request
@@ -79,6 +102,7 @@ class LLMEngine:
         )
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
+        self.last_step: StepStats | None = None
         eos = self.tokenizer.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
 
@@ -165,6 +189,16 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    def load_snapshot(self) -> "LoadSnapshot":
+        running = self.scheduler.running
+        remaining = [r.params.max_tokens - len(r.output_token_ids) for r in running]
+        return LoadSnapshot(
+            running_exits=tuple(r.exit_layer for r in running),
+            num_waiting=len(self.scheduler.waiting),
+            mean_remaining_tokens=sum(remaining) / len(remaining) if remaining else 0.0,
+            max_num_seqs=self.config.max_num_seqs,
+        )
+
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
@@ -182,6 +216,7 @@ class LLMEngine:
             return []
         results = self.runner.run(plan.scheduled)
         self.scheduler.on_step_done(plan)
+        self.last_step = StepStats.of(plan, time.monotonic() - now)
         return self._postprocess(plan, results)
 
     def _postprocess(self, plan: SchedulerOutput, results: list[RunResult]) -> list[RequestOutput]:

@@ -12,6 +12,7 @@ import sys
 from typing import Callable, Sequence
 
 from balcony_runtime.model_source import DEFAULT_MODEL
+from server.serve_options import add_serve_options
 
 
 def env_name(flag: str) -> str:
@@ -92,6 +93,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from server.serve import serve
+
+    return serve(args)
+
+
 def cmd_not_ready(name: str) -> Callable:
     def run(args) -> int:
         print(f"balcony {name}: not available in this build yet", file=sys.stderr)
@@ -106,9 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with latency-budget routing")
     add_model_options(serve)
-    from server.serve_options import add_serve_options  # noqa: E402  (kept beside the server)
-
     add_serve_options(serve)
+    serve.set_defaults(run=cmd_serve)
 
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
     add_model_options(gen)

@@ -1,0 +1,123 @@
+"""Predicts how long a request will take at each exit under the current load.
+
+A step's time is set mostly by its deepest row (every layer's weights are read once per step,
+whatever the number of rows running it), plus a small cost per row and per prefill token. So a
+request's end-to-end latency at exit e, joining a batch whose deepest running exit is d, is about
+
+    queue wait + prefill(e, prompt tokens) + max_tokens * decode_step(max(e, d), rows + 1)
+
+Coefficients are measured by :func:`calibrate` at start-up through the real engine, then corrected
+online from every step's measured time (exponentially weighted ratio of measured to predicted).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ExitCost:
+    decode_base_s: float  # a decode step whose deepest row exits here, with one row
+    decode_per_row_s: float  # added by each further row
+    prefill_per_token_s: float  # each prompt token prefilled at this exit
+
+
+@dataclass(frozen=True)
+class LoadSnapshot:
+    """The engine's load when a request arrives."""
+
+    running_exits: tuple[int, ...]  # exit of every running request
+    num_waiting: int  # requests queued ahead
+    mean_remaining_tokens: float  # tokens the running requests still have to generate, on average
+    max_num_seqs: int  # running slots
+
+
+@dataclass
+class LatencyModel:
+    costs: dict[int, ExitCost]  # by exit layer (full depth included)
+    smoothing: float = 0.1  # weight of each new observation in the online correction
+    observations: int = field(default=0)
+
+    def decode_step(self, deepest_exit: int, rows: int) -> float:
+        cost = self.costs[deepest_exit]
+        return cost.decode_base_s + cost.decode_per_row_s * max(0, rows - 1)
+
+    def prefill(self, exit_layer: int, tokens: int) -> float:
+        return self.costs[exit_layer].prefill_per_token_s * tokens
+
+    def queue_wait(self, load: LoadSnapshot) -> float:
+        """Time until a slot frees for a request arriving now."""
+        deepest = max(load.running_exits, default=min(self.costs))
+        step = self.decode_step(deepest, len(load.running_exits))
+        if len(load.running_exits) < load.max_num_seqs and load.num_waiting == 0:
+            return step / 2  # joins at the next step boundary
+        # Slots free as running requests finish; those ahead of us take the first ones.
+        rounds = (load.num_waiting + 1) / load.max_num_seqs
+        return step / 2 + rounds * load.mean_remaining_tokens * step
+
+    def predict(self, exit_layer: int, prompt_tokens: int, max_tokens: int, load: LoadSnapshot) -> float:
+        """End-to-end seconds for a request served at ``exit_layer``."""
+        deepest = max(exit_layer, *load.running_exits) if load.running_exits else exit_layer
+        rows = min(len(load.running_exits) + 1, load.max_num_seqs)
+        return (
+            self.queue_wait(load)
+            + self.prefill(exit_layer, prompt_tokens)
+            + max(1, max_tokens) * self.decode_step(deepest, rows)
+        )
+
+    def observe(self, seconds: float, deepest_exit: int, num_rows: int, num_prefill_tokens: int) -> None:
+        """Correct the deepest exit's coefficients with one measured step."""
+        cost = self.costs.get(deepest_exit)
+        if cost is None or seconds <= 0:
+            return
+        decode = self.decode_step(deepest_exit, num_rows)
+        prefill = self.prefill(deepest_exit, num_prefill_tokens)
+        ratio = min(max(seconds / (decode + prefill), 0.25), 4.0)  # one outlier cannot wreck the model
+        scale = 1 + self.smoothing * (ratio - 1)
+        if num_prefill_tokens == 0:
+            cost.decode_base_s *= scale
+            cost.decode_per_row_s *= scale
+        else:
+            cost.prefill_per_token_s *= scale
+        self.observations += 1
+
+
+def calibrate(engine, exits=None, batch: int = 8, steps: int = 4, prompt_tokens: int = 96) -> LatencyModel:
+    """Measure each exit's decode and prefill costs through the real engine (a few seconds).
+
+    The engine must be idle. Requests used here are aborted afterwards, leaving no blocks held.
+    """
+    from balcony_runtime.sampling_params import SamplingParams
+
+    exits = exits or engine.exits
+    batch = max(2, min(batch, engine.config.max_num_seqs))
+    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    filler = [1000 + (i % 500) for i in range(prompt_tokens)]
+    costs = {}
+    for exit_layer in exits:
+        def decode_time(rows: int) -> float:
+            ids = [engine.add_request(filler[: 8 + r], params, exit_layer) for r in range(rows)]
+            engine.step()  # prefill
+            start = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            elapsed = (time.perf_counter() - start) / steps
+            for rid in ids:
+                engine.abort(rid)
+            return elapsed
+
+        decode_time(1)  # warm-up: first steps at a new shape are slower
+        one = decode_time(1)
+        many = decode_time(batch)
+        rid = engine.add_request(filler, SamplingParams(max_tokens=1, temperature=0), exit_layer)
+        start = time.perf_counter()
+        engine.step()
+        prefill = time.perf_counter() - start
+        engine.abort(rid)
+        costs[exit_layer] = ExitCost(
+            decode_base_s=one,
+            decode_per_row_s=max(0.0, (many - one) / (batch - 1)),
+            prefill_per_token_s=max(prefill - one, 0.0) / prompt_tokens,
+        )
+    return LatencyModel(costs)

@@ -1,0 +1,188 @@
+"""The FastAPI application: OpenAI endpoints, health, readiness and metrics.
+
+The model loads in the background after the server starts listening, so /health answers at once
+and /ready says 503 until the model is loaded, warmed up and the router calibrated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from balcony_runtime.engine import LLMEngine
+from balcony_runtime.errors import RequestError
+from balcony_runtime.latency_model import calibrate
+from balcony_runtime.router import Router
+from server import chat, completions
+from server.async_engine import AsyncEngine
+from server.errors import APIError, install_error_handlers
+from server.generation_group import GenerationGroup
+from server.metrics import ServerMetrics
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.routing_headers import BUDGET_HEADER, EXIT_HEADER, parse_budget, parse_exit
+from server.serve_options import ServeConfig
+
+log = logging.getLogger("balcony.server")
+
+
+@dataclass
+class ServerState:
+    config: ServeConfig
+    model_name: str
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    engine: AsyncEngine | None = None
+    load_error: str | None = None
+    draining: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.draining
+
+
+def prepare_engine(build: Callable[[], LLMEngine], state: ServerState) -> AsyncEngine:
+    """Load the model, warm it up and calibrate the router (runs in a worker thread)."""
+    started = time.monotonic()
+    engine = build()
+    latency_model = calibrate(engine)
+    router = Router(latency_model, engine.exits, state.config.budget_policy)
+    log.info("model ready in %.1fs; calibrated step costs: %s", time.monotonic() - started,
+             {e: f"{c.decode_base_s * 1e3:.1f}ms" for e, c in latency_model.costs.items()})
+    return AsyncEngine(engine, router, state.metrics, state.config.max_queued_requests)
+
+
+def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: str,
+               on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
+    state = ServerState(config, model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+
+        async def load() -> None:
+            try:
+                engine = await asyncio.to_thread(prepare_engine, build, state)
+            except BaseException as exc:
+                log.exception("model failed to load")
+                state.load_error = f"{type(exc).__name__}: {exc}"
+                if on_load_failure is not None:
+                    on_load_failure(exc)
+                return
+            engine.start(loop)
+            state.engine = engine
+
+        task = asyncio.create_task(load())
+        yield
+        task.cancel()
+        if state.engine is not None:
+            state.engine.stop()
+
+    app = FastAPI(title="Balcony Serve", lifespan=lifespan)
+    app.state.balcony = state
+    install_error_handlers(app)
+
+    def require_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), config.api_key.encode()):
+            raise APIError(401, "missing or invalid API key (Authorization: Bearer ...)",
+                           "authentication_error", code="invalid_api_key")
+
+    def engine_or_503() -> AsyncEngine:
+        if state.draining:
+            raise APIError(503, "the server is shutting down", "unavailable_error", code="draining")
+        if state.engine is None:
+            message = f"the model failed to load: {state.load_error}" if state.load_error else "the model is still loading"
+            raise APIError(503, message, "unavailable_error", code="not_ready", headers={"Retry-After": "5"})
+        return state.engine
+
+    def check_model(name: str) -> None:
+        if name != state.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}",
+                           "not_found_error", param="model", code="model_not_found")
+
+    async def run(request: Request, body, specs_of, respond, stream_respond):
+        engine = engine_or_503()
+        check_model(body.model)
+        received = time.monotonic()
+        budget = parse_budget(request.headers.get(BUDGET_HEADER))
+        forced = parse_exit(request.headers.get(EXIT_HEADER), engine.engine.exits)
+        try:
+            specs = specs_of(engine.engine)
+        except (RequestError, ValueError) as exc:
+            raise APIError(400, str(exc)) from exc
+        group = GenerationGroup(engine, specs, budget, forced, received)
+        await group.submit()
+        headers = {EXIT_HEADER: group.exit_label}
+        if body.stream:
+            return StreamingResponse(stream_respond(body, group, engine.engine.tokenizer, state.model_name),
+                                     media_type="text/event-stream", headers=headers)
+        result = await _until_disconnect(request, respond(body, group, engine.engine.tokenizer, state.model_name))
+        return JSONResponse(result, headers=headers)
+
+    @app.post("/v1/completions", dependencies=[Depends(require_key)])
+    async def create_completion(body: CompletionRequest, request: Request):
+        return await run(request, body, lambda e: completions.build_specs(body, e.tokenize),
+                         completions.complete, completions.stream_completion)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+        return await run(request, body,
+                         lambda e: chat.build_specs(body, e.tokenizer, e.loaded.max_model_len),
+                         chat.chat_complete, chat.stream_chat)
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def list_models():
+        engine = engine_or_503().engine
+        evaluation = (engine.loaded.adapters.evaluation if engine.loaded.adapters else {}) or {}
+        exits = [{"exit": "full" if e == engine.model.full_depth else str(e), "layers": e,
+                  "quality": evaluation.get(str(e)) or evaluation.get("full" if e == engine.model.full_depth else str(e))}
+                 for e in engine.exits]
+        return {"object": "list", "data": [{
+            "id": state.model_name, "object": "model", "created": state.created, "owned_by": "balcony-serve",
+            "root": engine.loaded.identity, "max_model_len": engine.loaded.max_model_len,
+            "balcony": {"full_depth": engine.model.full_depth, "exits": exits,
+                        "trained_adapters": engine.loaded.adapters is not None},
+        }]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if state.ready:
+            return {"status": "ready"}
+        reason = "draining" if state.draining else ("load failed: " + state.load_error if state.load_error else "loading")
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+async def _until_disconnect(request: Request, work):
+    """Await ``work`` unless the client disconnects first; then cancel it (aborting its requests)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.2)
+            if not done and await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "client disconnected")
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()

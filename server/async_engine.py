@@ -1,0 +1,227 @@
+"""The async front of the engine: one step loop in a thread, token streams to asyncio.
+
+The step loop owns the engine; the event loop adds and aborts requests under a lock that the step
+loop holds only while stepping. Outputs travel to each request's asyncio.Queue. A client that goes
+away (its generator is closed) is aborted at once and its KV blocks freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from balcony_runtime.engine import LLMEngine, RequestOutput
+from balcony_runtime.errors import BalconyError
+from balcony_runtime.router import RouteDecision, Router
+from balcony_runtime.sampling_params import SamplingParams
+from server.metrics import ServerMetrics
+
+log = logging.getLogger("balcony.engine")
+
+
+class QueueFull(BalconyError):
+    """More requests are waiting than the server accepts."""
+
+
+class Draining(BalconyError):
+    """The server is shutting down and admits no new requests."""
+
+
+class EngineFailed(BalconyError):
+    """A step raised: the requests in flight could not be completed."""
+
+
+@dataclass
+class _Stream:
+    queue: asyncio.Queue
+    decision: RouteDecision
+    received: float  # time.monotonic() when the HTTP request arrived
+    num_prompt_tokens: int
+    last_token_time: float | None = None
+    num_tokens: int = 0
+    exit_label: str = ""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, router: Router, metrics: ServerMetrics, max_queued: int):
+        self.engine = engine
+        self.router = router
+        self.metrics = metrics
+        self.max_queued = max_queued
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._pending_aborts: list[str] = []  # appended by the event loop, drained by the step loop
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="balcony-step-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def exit_label(self, exit_layer: int) -> str:
+        return "full" if exit_layer == self.engine.model.full_depth else str(exit_layer)
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        budget_ms: float | None,
+        forced_exit: int | None,
+        received: float,
+    ) -> RouteDecision:
+        """Route and queue one request; raises QueueFull, Draining, RequestError, BudgetUnmeetable."""
+        if self.draining:
+            raise Draining("the server is shutting down")
+        with self._lock:
+            if self.engine.num_waiting >= self.max_queued:
+                raise QueueFull(f"{self.engine.num_waiting} requests are already waiting")
+            load = self.engine.load_snapshot()
+            decision = self.router.route(budget_ms, len(prompt_ids), params.max_tokens, load, forced_exit)
+            # Registered before the engine knows the request, so no output can arrive unclaimed.
+            self._streams[request_id] = _Stream(
+                asyncio.Queue(), decision, received, len(prompt_ids),
+                exit_label=self.exit_label(decision.exit_layer),
+            )
+            try:
+                self.engine.add_request(prompt_ids, params, decision.exit_layer, request_id)
+            except BaseException:
+                del self._streams[request_id]
+                raise
+        self._wake.set()
+        return decision
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Outputs of a submitted request until it finishes; closing early aborts it."""
+        stream = self._streams[request_id]
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request that is still in flight; never blocks the event loop on a running step."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return  # finished, failed or already aborted
+        self.metrics.request_success.labels(stream.exit_label, "abort").inc()
+        if self._lock.acquire(blocking=False):
+            try:
+                self.engine.abort(request_id)
+            finally:
+                self._lock.release()
+            self._update_gauges()
+        else:
+            self._pending_aborts.append(request_id)  # the step loop frees it right after this step
+
+    # ---- the step loop (its own thread) ----------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            if self._pending_aborts:
+                with self._lock:
+                    while self._pending_aborts:
+                        engine.abort(self._pending_aborts.pop())
+                self._loop.call_soon_threadsafe(self._update_gauges)
+            if not engine.has_unfinished():
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+                continue
+            try:
+                with self._lock:
+                    while self._pending_aborts:
+                        engine.abort(self._pending_aborts.pop())
+                    outputs = engine.step()
+                    stats = engine.last_step
+            except Exception as exc:  # a bug or device error: fail the requests in flight, keep serving
+                log.exception("engine step failed")
+                self._loop.call_soon_threadsafe(self._fail_all, exc)
+                time.sleep(0.05)
+                continue
+            if stats is not None:
+                self.router.model.observe(stats.seconds, stats.deepest_exit, stats.num_rows,
+                                          stats.num_prefill_tokens)
+            if outputs:
+                self._loop.call_soon_threadsafe(self._dispatch, outputs, time.monotonic())
+
+    def _fail_all(self, exc: Exception) -> None:
+        with self._lock:
+            for request_id in list(self._streams):
+                self.engine.abort(request_id)
+        for request_id, stream in list(self._streams.items()):
+            stream.queue.put_nowait(EngineFailed(f"the engine failed while serving this request: {exc}"))
+            self.metrics.request_success.labels(stream.exit_label, "abort").inc()
+        self._streams.clear()
+        self._update_gauges()
+
+    def _dispatch(self, outputs: list[RequestOutput], now: float) -> None:
+        m = self.metrics
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted meanwhile
+            label = stream.exit_label
+            if out.new_token_ids:
+                if stream.last_token_time is None:
+                    m.ttft.labels(label).observe(now - stream.received)
+                else:
+                    m.itl.labels(label).observe(now - stream.last_token_time)
+                stream.last_token_time = now
+                stream.num_tokens += len(out.new_token_ids)
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+                seconds = now - stream.received
+                m.e2e.labels(label).observe(seconds)
+                queued = (out.first_scheduled_time or now) - out.arrival_time
+                m.queue_time.labels(label).observe(max(0.0, queued))
+                m.prompt_tokens.labels(label).inc(out.num_prompt_tokens)
+                m.generation_tokens.labels(label).inc(out.num_output_tokens)
+                m.request_success.labels(label, out.finish_reason).inc()
+                decision = stream.decision
+                m.prediction_error.labels(label).observe(abs(seconds - decision.predicted_ms / 1000))
+                if decision.budget_ms is None:
+                    outcome = "none"
+                else:
+                    outcome = "hit" if 1000 * seconds <= decision.budget_ms else "miss"
+                m.budget_requests.labels(label, outcome).inc()
+            stream.queue.put_nowait(out)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        engine = self.engine
+        self.metrics.running.set(engine.num_running)
+        self.metrics.waiting.set(engine.num_waiting)
+        self.metrics.kv_usage.set(engine.blocks.usage)
+

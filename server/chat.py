@@ -1,0 +1,91 @@
+"""POST /v1/chat/completions: the tokenizer's chat template, streaming and logprobs."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import AsyncIterator
+
+from balcony_runtime.sampler import TokenLogprobs
+from server.completions import sampling_params
+from server.errors import APIError
+from server.generation_group import ChoiceResult, ChoiceSpec, GenerationGroup
+from server.protocol import ChatCompletionRequest
+
+
+def chat_prompt_ids(body: ChatCompletionRequest, tokenizer) -> list[int]:
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in body.messages]
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise APIError(400, "this model has no chat template; use /v1/completions")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def build_specs(body: ChatCompletionRequest, tokenizer, max_model_len: int) -> list[ChoiceSpec]:
+    ids = chat_prompt_ids(body, tokenizer)
+    limit = body.output_limit
+    max_tokens = limit if limit is not None else max(0, max_model_len - len(ids))
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    return [ChoiceSpec(ids, sampling_params(body, max_tokens, i, top, None), 0) for i in range(body.n)]
+
+
+def chat_logprobs(tokenizer, entries: list[TokenLogprobs]) -> dict:
+    def item(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
+def usage(results: list[ChoiceResult]) -> dict:
+    prompt = len(results[0].spec.prompt_ids)
+    completion = sum(len(r.token_ids) for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def chat_complete(body: ChatCompletionRequest, group: GenerationGroup, tokenizer, model_name: str) -> dict:
+    results = await group.collect()
+    return {
+        "id": f"chatcmpl-{group.id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": [
+            {"index": r.index, "message": {"role": "assistant", "content": r.text},
+             "logprobs": chat_logprobs(tokenizer, r.logprobs) if body.logprobs else None,
+             "finish_reason": r.finish_reason}
+            for r in results
+        ],
+        "usage": usage(results),
+        "balcony": group.balcony_info(group.measured_ms()),
+    }
+
+
+async def stream_chat(body: ChatCompletionRequest, group: GenerationGroup, tokenizer,
+                      model_name: str) -> AsyncIterator[str]:
+    created, cid = int(time.time()), f"chatcmpl-{group.id}"
+    results = [ChoiceResult(i, spec) for i, spec in enumerate(group.specs)]
+
+    def chunk(choices: list[dict], **extra) -> str:
+        payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                   "choices": choices, **extra}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    # The role first, one chunk per choice, the first carrying the routing decision.
+    for i in range(len(results)):
+        extra = {"balcony": group.balcony_info(None)} if i == 0 else {}
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}], **extra)
+    async for index, out in group.events():
+        results[index].absorb(out)
+        if not (out.new_text or out.finished or out.new_token_ids):
+            continue
+        delta = {"content": out.new_text} if out.new_text else {}
+        logprobs = chat_logprobs(tokenizer, out.new_logprobs) if body.logprobs and out.new_logprobs else None
+        yield chunk([{"index": index, "delta": delta, "logprobs": logprobs,
+                      "finish_reason": out.finish_reason if out.finished else None}])
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield chunk([], usage=usage(results), balcony=group.balcony_info(group.measured_ms()))
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,143 @@
+"""POST /v1/completions: OpenAI's legacy completions, with echo and logprobs for scoring."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import AsyncIterator
+
+from balcony_runtime.sampler import TokenLogprobs
+from balcony_runtime.sampling_params import SamplingParams
+from server.errors import APIError
+from server.generation_group import ChoiceResult, ChoiceSpec, GenerationGroup
+from server.protocol import CompletionRequest
+
+
+def sampling_params(body, max_tokens: int, seed_offset: int, logprobs: int | None,
+                    prompt_logprobs: int | None) -> SamplingParams:
+    """One choice's sampling settings; choice i of n uses seed + i so the n choices differ."""
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+            seed=None if body.seed is None else body.seed + seed_offset,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            stop=body.stop_list, ignore_eos=body.ignore_eos, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from exc
+
+
+def build_specs(body: CompletionRequest, tokenize) -> list[ChoiceSpec]:
+    specs = []
+    want_prompt_logprobs = body.echo and body.logprobs is not None
+    for p_index, prompt in enumerate(body.prompts()):
+        ids = tokenize(prompt)
+        for i in range(body.n):
+            params = sampling_params(body, body.max_tokens if body.max_tokens is not None else 16, i,
+                                     body.logprobs, body.logprobs if want_prompt_logprobs else None)
+            specs.append(ChoiceSpec(ids, params, p_index))
+    return specs
+
+
+def legacy_logprobs(tokenizer, entries: list[TokenLogprobs | None], start_offset: int = 0) -> dict:
+    """OpenAI's completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = start_offset
+    for entry in entries:
+        if entry is None:  # the first prompt token has no logprob
+            continue
+        text = tokenizer.decode([entry.token_id])
+        tokens.append(text)
+        token_lps.append(entry.logprob)
+        tops.append({tokenizer.decode([t]): lp for t, lp in entry.top} if entry.top else None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def choice_logprobs(tokenizer, body: CompletionRequest, choice: ChoiceResult) -> dict | None:
+    if body.logprobs is None:
+        return None
+    entries: list[TokenLogprobs | None] = list(choice.logprobs)
+    if body.echo:
+        first = choice.spec.prompt_ids[0]
+        head = legacy_logprobs(tokenizer, choice.prompt_logprobs or [])
+        head = {  # the first prompt token: present with a null logprob, as OpenAI does
+            "tokens": [tokenizer.decode([first])] + head["tokens"],
+            "token_logprobs": [None] + head["token_logprobs"],
+            "top_logprobs": [None] + head["top_logprobs"],
+            "text_offset": [],
+        }
+        body_part = legacy_logprobs(tokenizer, entries)
+        merged = {k: head[k] + body_part[k] for k in ("tokens", "token_logprobs", "top_logprobs")}
+        offsets, offset = [], 0
+        for t in merged["tokens"]:
+            offsets.append(offset)
+            offset += len(t)
+        merged["text_offset"] = offsets
+        return merged
+    return legacy_logprobs(tokenizer, entries)
+
+
+async def complete(body: CompletionRequest, group: GenerationGroup, tokenizer, model_name: str) -> dict:
+    results = await group.collect()
+    choices = []
+    for r in results:
+        text = r.text
+        if body.echo:
+            text = tokenizer.decode(r.spec.prompt_ids) + text
+        choices.append({"index": r.index, "text": text, "logprobs": choice_logprobs(tokenizer, body, r),
+                        "finish_reason": r.finish_reason})
+    prompt_tokens = sum(len(r.spec.prompt_ids) for r in results if r.index % body.n == 0)
+    completion_tokens = sum(len(r.token_ids) for r in results)
+    return {
+        "id": f"cmpl-{group.id}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+        "balcony": group.balcony_info(group.measured_ms()),
+    }
+
+
+async def stream_completion(body: CompletionRequest, group: GenerationGroup, tokenizer,
+                            model_name: str) -> AsyncIterator[str]:
+    created, cid = int(time.time()), f"cmpl-{group.id}"
+    results = [ChoiceResult(i, spec) for i, spec in enumerate(group.specs)]
+    first = True
+
+    def chunk(choices: list[dict], **extra) -> str:
+        payload = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+                   "choices": choices, **extra}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    if body.echo:
+        echoed = [{"index": i, "text": tokenizer.decode(s.prompt_ids), "logprobs": None, "finish_reason": None}
+                  for i, s in enumerate(group.specs)]
+        yield chunk(echoed, balcony=group.balcony_info(None))
+        first = False
+    async for index, out in group.events():
+        r = results[index]
+        r.absorb(out)
+        if not (out.new_text or out.finished or out.new_token_ids):
+            continue
+        logprobs = None
+        if body.logprobs is not None and out.new_logprobs:
+            logprobs = legacy_logprobs(tokenizer, out.new_logprobs, start_offset=len(r.text) - len(out.new_text))
+        choice = {"index": index, "text": out.new_text, "logprobs": logprobs,
+                  "finish_reason": out.finish_reason if out.finished else None}
+        if first:
+            yield chunk([choice], balcony=group.balcony_info(None))
+            first = False
+        else:
+            yield chunk([choice])
+    if body.stream_options is not None and body.stream_options.include_usage:
+        prompt_tokens = sum(len(r.spec.prompt_ids) for r in results if r.index % body.n == 0)
+        completion_tokens = sum(len(r.token_ids) for r in results)
+        yield chunk([], usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                               "total_tokens": prompt_tokens + completion_tokens},
+                    balcony=group.balcony_info(group.measured_ms()))
+    yield "data: [DONE]\n\n"

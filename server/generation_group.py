@@ -1,0 +1,157 @@
+"""The engine requests behind one HTTP request (several prompts, n choices), routed together.
+
+The first choice is routed by its budget; the others are served at the exit it got, so one HTTP
+request reports one exit. Errors while queueing become OpenAI errors; closing the group (a client
+that went away) aborts every choice still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from balcony_runtime.engine import RequestOutput
+from balcony_runtime.errors import RequestError
+from balcony_runtime.router import BudgetUnmeetable, RouteDecision
+from balcony_runtime.sampler import TokenLogprobs
+from balcony_runtime.sampling_params import SamplingParams
+from server.async_engine import AsyncEngine, Draining, EngineFailed, QueueFull
+from server.errors import APIError
+from server.routing_headers import exit_name
+
+
+@dataclass
+class ChoiceSpec:
+    prompt_ids: list[int]
+    params: SamplingParams
+    prompt_index: int  # which of the request's prompts this choice continues
+
+
+@dataclass
+class ChoiceResult:
+    index: int
+    spec: ChoiceSpec
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+
+    def absorb(self, out: RequestOutput) -> None:
+        self.token_ids.extend(out.new_token_ids)
+        self.text += out.new_text
+        self.logprobs.extend(out.new_logprobs)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        if out.finished:
+            self.finish_reason = out.finish_reason
+
+
+class GenerationGroup:
+    def __init__(self, engine: AsyncEngine, specs: list[ChoiceSpec], budget_ms: float | None,
+                 forced_exit: int | None, received: float):
+        self.engine = engine
+        self.specs = specs
+        self.budget_ms = budget_ms
+        self.forced_exit = forced_exit
+        self.received = received
+        self.id = uuid.uuid4().hex[:24]
+        self.request_ids: list[str] = []
+        self.decision: RouteDecision | None = None
+
+    async def submit(self) -> RouteDecision:
+        """Queue every choice (off the event loop: queueing waits for the running step's lock)."""
+        try:
+            for i, spec in enumerate(self.specs):
+                rid = f"{self.id}-{i}"
+                forced = self.forced_exit if i == 0 else self.decision.exit_layer
+                budget = self.budget_ms if i == 0 else None
+                decision = await asyncio.to_thread(
+                    self.engine.submit, rid, spec.prompt_ids, spec.params, budget, forced, self.received
+                )
+                self.request_ids.append(rid)
+                if i == 0:
+                    self.decision = decision
+        except BaseException as exc:
+            for rid in self.request_ids:
+                self.engine.abort(rid)
+            raise _as_api_error(exc) from exc
+        return self.decision
+
+    @property
+    def exit_label(self) -> str:
+        return exit_name(self.decision.exit_layer, self.engine.engine.model.full_depth)
+
+    def balcony_info(self, measured_ms: float | None) -> dict:
+        d = self.decision
+        return {
+            "exit": self.exit_label,
+            "exit_layers": d.exit_layer,
+            "budget_ms": d.budget_ms,
+            "predicted_ms": round(d.predicted_ms, 1),
+            "measured_ms": None if measured_ms is None else round(measured_ms, 1),
+            "forced": d.forced,
+        }
+
+    def measured_ms(self) -> float:
+        return 1000 * (time.monotonic() - self.received)
+
+    async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every choice's outputs as they come, tagged with the choice index."""
+        merged: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(index: int, rid: str) -> None:
+            try:
+                async for out in self.engine.stream(rid):
+                    await merged.put((index, out))
+            except Exception as exc:
+                await merged.put(exc)
+            finally:
+                await merged.put(done)
+
+        tasks = [asyncio.create_task(pump(i, rid)) for i, rid in enumerate(self.request_ids)]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                item = await merged.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise _as_api_error(item)
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            for rid in self.request_ids:  # no-op for finished ones
+                self.engine.abort(rid)
+
+    async def collect(self) -> list[ChoiceResult]:
+        results = [ChoiceResult(i, spec) for i, spec in enumerate(self.specs)]
+        async for index, out in self.events():
+            results[index].absorb(out)
+        return results
+
+
+def _as_api_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFull):
+        return APIError(429, f"server busy: {exc}; retry later", "rate_limit_error",
+                        code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(exc, BudgetUnmeetable):
+        return APIError(429, str(exc), "rate_limit_error", param="X-Latency-Budget-Ms",
+                        code="budget_unmeetable", headers={"Retry-After": "1"})
+    if isinstance(exc, Draining):
+        return APIError(503, "the server is shutting down", "unavailable_error", code="draining")
+    if isinstance(exc, EngineFailed):
+        return APIError(500, str(exc), "internal_error")
+    if isinstance(exc, RequestError):
+        return APIError(400, str(exc), "invalid_request_error")
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc), "invalid_request_error")
+    return exc

@@ -1,0 +1,48 @@
+"""Prometheus metrics, vLLM's names and buckets where they fit, under the prefix ``balcony:``.
+
+Each server owns its registry (no process-global collectors), so tests can run several apps.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# vLLM's buckets for the same quantities.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+ERROR_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("balcony:time_to_first_token_seconds", "Time to first token.",
+                              ["exit"], buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("balcony:inter_token_latency_seconds", "Time between output tokens.",
+                             ["exit"], buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("balcony:e2e_request_latency_seconds", "End-to-end request latency.",
+                             ["exit"], buckets=REQUEST_BUCKETS, registry=r)
+        self.queue_time = Histogram("balcony:request_queue_time_seconds", "Time waiting before first run.",
+                                    ["exit"], buckets=REQUEST_BUCKETS, registry=r)
+        self.prediction_error = Histogram(
+            "balcony:router_prediction_error_seconds",
+            "Absolute error of the router's predicted end-to-end latency.",
+            ["exit"], buckets=ERROR_BUCKETS, registry=r,
+        )
+        self.running = Gauge("balcony:num_requests_running", "Requests running.", registry=r)
+        self.waiting = Gauge("balcony:num_requests_waiting", "Requests waiting.", registry=r)
+        self.kv_usage = Gauge("balcony:kv_cache_usage_perc", "KV-cache usage, 0 to 1.", registry=r)
+        self.prompt_tokens = Counter("balcony:prompt_tokens", "Prompt tokens processed.", ["exit"], registry=r)
+        self.generation_tokens = Counter("balcony:generation_tokens", "Tokens generated.", ["exit"], registry=r)
+        self.request_success = Counter("balcony:request_success", "Finished requests.",
+                                       ["exit", "finished_reason"], registry=r)
+        self.budget_requests = Counter("balcony:budget_requests", "Requests by budget outcome.",
+                                       ["exit", "outcome"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
