@@ -1,0 +1,297 @@
+"""Choose the next token of every row in a batch, and report log-probabilities.
+
+Order of operations for one row (the order vLLM and OpenAI use):
+1. Penalties (OpenAI's formula, https://platform.openai.com/docs/advanced-usage, "frequency and
+   presence penalties"): with c[j] the number of times token j occurs in the row's generated tokens,
+   logit[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty.
+2. Greedy rows (temperature below _MIN_TEMPERATURE, which includes 0) take the argmax, first index on
+   ties. They ignore top-k, top-p and the seed.
+3. Other rows: divide by temperature; top-k keeps the k largest logits; top-p then keeps the smallest
+   set of most likely tokens whose probability mass, under the top-k-filtered distribution, is at
+   least top_p (always at least one token). Both filters keep every token tied with the last one kept.
+4. Sample from softmax of what is left (see probability_weights_) by inverse CDF: one uniform
+   number per row, drawn from the row's own generator when it has one, against fp64 cumulative
+   sums (see _inverse_cdf_sample). A filtered-out token has weight exactly 0 and is never drawn.
+   A seeded row therefore draws the same token whatever batch it sits in and wherever, since
+   nothing it reads depends on other rows. (An exponential race, argmax(probs / Exp(1) noise),
+   would draw V random numbers per row: 15 ms for 16 x 49152 on two CPU cores, more than the rest
+   of sampling together.)
+
+Reported logprobs (the chosen token's, its rank and the top-n) come from the model's raw distribution,
+log_softmax(logits), before penalties, temperature and filters, as vLLM reports them by default.
+
+Top-p needs the tokens in order of probability. A full sort of 16 x 49152 costs about 30 ms on two CPU
+cores, so the nucleus is searched in the top 64 candidates first, then 512, then 4096 (torch.topk),
+and only rows whose nucleus is larger still are fully sorted. Real next-token distributions are
+peaked, so most rows finish in the first round. Reductions over the vocabulary (the top-p mass, the
+block sums of the sampler) may round differently when torch splits a row across threads, so "the
+same token whatever the batch" holds up to the last bit of a float sum, which moves a draw only
+when it lands within about 1e-7 of a boundary.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from balcony_runtime.sampling_params import SamplingParams
+
+_MIN_LOG_WEIGHT = -87.0  # exp(-87) = 1.6e-38, just above fp32's smallest normal number
+_MIN_TEMPERATURE = 1e-5  # below this a row is greedy (as in vLLM): logits / T would overflow
+_TOP_P_CANDIDATES = (64, 512, 4096)  # topk sizes tried for the nucleus before a full sort
+_CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
+_PROMPT_LOGPROBS_CHUNK = 256  # positions per log_softmax in prompt_logprobs (256 x 49152 fp32 = 48 MiB)
+
+
+@dataclass
+class SamplingRow:
+    """One row of a batch to sample."""
+
+    params: SamplingParams  # how this request wants its tokens chosen
+    output_token_ids: Sequence[int]  # tokens this request generated so far (penalties count these)
+    generator: torch.Generator | None  # this request's RNG (seeded from params.seed), None = global RNG
+
+
+@dataclass
+class TokenLogprobs:
+    """A token's log-probability under the model's raw distribution, with the most likely tokens."""
+
+    token_id: int  # the token whose logprob this is
+    logprob: float  # its log-probability
+    rank: int  # 1 = most likely; 1 + the number of tokens strictly more likely
+    top: list[tuple[int, float]]  # top-n (token_id, logprob), most likely first (n may be 0)
+
+
+@dataclass
+class SampledToken:
+    """What the sampler chose for one row."""
+
+    token_id: int  # the chosen token
+    logprobs: TokenLogprobs | None  # None unless params.logprobs is not None
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A generator seeded with `seed` on `device`, or None (use the global RNG) when seed is None."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+class Sampler:
+    """Stateless: every call reads only its logits and rows (the RNG state lives in the generators)."""
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
+        """Sample one token per row. logits: [B, V], any float dtype (computed in fp32)."""
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits must be [{len(rows)}, V], got {list(logits.shape)}")
+        if not rows:
+            return []
+        raw = logits.float()  # [B, V]; may alias the caller's tensor, so never written
+        device = raw.device
+        greedy = [i for i, r in enumerate(rows) if r.params.temperature < _MIN_TEMPERATURE]
+        sampled = [i for i, r in enumerate(rows) if r.params.temperature >= _MIN_TEMPERATURE]
+        has_penalties = any(r.params.has_penalties and r.output_token_ids for r in rows)
+        # The one full-size copy: penalties, temperature and filters all write into it.
+        work = raw.clone(memory_format=torch.contiguous_format) if sampled or has_penalties else raw
+        apply_penalties_(work, rows)
+        tokens = torch.empty(len(rows), dtype=torch.long, device=device)  # [B]
+
+        if greedy:
+            greedy_idx = torch.tensor(greedy, device=device)
+            tokens[greedy_idx] = _select_rows(work, greedy_idx).argmax(dim=-1)
+
+        if sampled:
+            sampled_idx = torch.tensor(sampled, device=device)
+            sampled_rows = [rows[i] for i in sampled]
+            scaled = _select_rows(work, sampled_idx)  # [S, V]; `work` itself when every row samples
+            temperature = torch.tensor([r.params.temperature for r in sampled_rows], device=device)
+            scaled.div_(temperature[:, None])
+            top_k = torch.tensor([r.params.top_k for r in sampled_rows], device=device)
+            top_p = torch.tensor([r.params.top_p for r in sampled_rows], device=device)
+            weights = probability_weights_(scaled, top_k, top_p)  # [S, V], in place of `scaled`
+            uniform = _uniforms([r.generator for r in sampled_rows], device)  # [S]
+            tokens[sampled_idx] = _inverse_cdf_sample(weights, uniform)
+
+        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+        wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        if wanted:
+            wanted_idx = torch.tensor(wanted, device=device)
+            raw_logprobs = torch.log_softmax(_select_rows(raw, wanted_idx), dim=-1)  # [W, V]
+            counts = [rows[i].params.logprobs for i in wanted]
+            for i, lp in zip(wanted, _token_logprobs(raw_logprobs, tokens[wanted_idx], counts)):
+                logprobs[i] = lp
+        return [SampledToken(t, lp) for t, lp in zip(tokens.tolist(), logprobs)]
+
+
+def apply_penalties_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """OpenAI's presence and frequency penalties, counted over each row's generated tokens, in place.
+
+    logits: [B, V], one row per SamplingRow. With c[j] the count of token j in the row's
+    output_token_ids: logit[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty.
+    Only the (row, token) pairs that occur are touched.
+    """
+    penalized = [i for i, r in enumerate(rows) if r.params.has_penalties and r.output_token_ids]
+    if not penalized:
+        return
+    device = logits.device
+    vocab = logits.shape[1]
+    flat = torch.tensor(
+        list(itertools.chain.from_iterable(rows[i].output_token_ids for i in penalized)),
+        dtype=torch.long,
+        device=device,
+    )  # [n], every generated token of every penalized row
+    if int(flat.min()) < 0 or int(flat.max()) >= vocab:
+        raise ValueError(f"output token ids must lie in [0, {vocab})")
+    row = torch.repeat_interleave(
+        torch.tensor(penalized, device=device),
+        torch.tensor([len(rows[i].output_token_ids) for i in penalized], device=device),
+    )  # [n], the batch row of each token
+    pairs, count = torch.unique(row * vocab + flat, return_counts=True)  # [u], flat (row, token) ids
+    frequency = torch.tensor([r.params.frequency_penalty for r in rows], device=device)  # [B]
+    presence = torch.tensor([r.params.presence_penalty for r in rows], device=device)  # [B]
+    pair_row = pairs // vocab  # [u]
+    penalty = count * frequency[pair_row] + presence[pair_row]  # [u]
+    logits.view(-1).index_add_(0, pairs, -penalty.to(logits.dtype))
+
+
+def probability_weights_(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Turn temperature-scaled logits, in place, into unnormalised probabilities (the best token's
+    weight is 1), with every token outside the row's top-k, and then outside its nucleus, set to 0.
+
+    logits: [N, V] contiguous fp32; top_k: [N] (0, -1 or >= V: off); top_p: [N] (1: off). Top-p is
+    measured on the distribution left by top-k. Ties with the last kept token are kept. Weights are
+    exp(max(logit - max_logit, -87)): the floor keeps exp out of fp32 denormals, which cost 8x on
+    CPU, and only lifts tokens e^87 times less likely than the best to that ratio. Returns `logits`.
+    """
+    vocab = logits.shape[1]
+    weights = logits.sub_(logits.amax(dim=-1, keepdim=True)).clamp_min_(_MIN_LOG_WEIGHT).exp_()  # [N, V]
+    k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)  # [N], in 1..V
+    threshold = torch.zeros_like(weights[:, 0])  # [N]; weights below it are dropped
+
+    k_rows = (k < vocab).nonzero().squeeze(1)
+    if k_rows.numel():
+        k_sub = k[k_rows]
+        candidates = _select_rows(weights, k_rows).topk(int(k_sub.max()), dim=-1).values  # [Nk, kmax]
+        threshold[k_rows] = candidates.gather(1, (k_sub - 1)[:, None]).squeeze(1)
+        weights.masked_fill_(weights < threshold[:, None], 0.0)
+
+    pending = (top_p < 1).nonzero().squeeze(1)
+    if pending.numel():
+        wanted_mass = _select_rows(weights, pending).sum(dim=-1) * top_p[pending]  # [Np], after top-k
+        for size in (*_TOP_P_CANDIDATES, vocab):
+            size = min(size, vocab)
+            subset = _select_rows(weights, pending)  # [Np, V]
+            if size < vocab:
+                best = subset.topk(size, dim=-1).values  # [Np, size], descending
+            else:
+                best = subset.sort(dim=-1, descending=True).values  # [Np, V]
+            mass_before = torch.nn.functional.pad(best.cumsum(dim=-1)[:, :-1], (1, 0))  # [Np, size]
+            # A token is in the nucleus if the tokens more likely than it hold less than top_p.
+            keep = (mass_before < wanted_mass[:, None]).sum(dim=-1)  # [Np], >= 1
+            keep = torch.minimum(keep, k[pending])
+            done = (keep < size) | (size == vocab)  # else the nucleus may reach past the candidates
+            cut = best.gather(1, (keep - 1)[:, None]).squeeze(1)  # [Np]
+            threshold[pending[done]] = cut[done]
+            pending, wanted_mass = pending[~done], wanted_mass[~done]
+            if not pending.numel():
+                break
+        weights.masked_fill_(weights < threshold[:, None], 0.0)
+    return weights
+
+
+def _select_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] (a copy), or x itself when idx is every row in order. idx: [n] long, ascending."""
+    if idx.numel() == x.shape[0]:  # ascending and unique, so it is arange(len(x))
+        return x
+    return x[idx]
+
+
+def _uniforms(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
+    """One U[0, 1) fp64 draw per row: from the row's generator, else from the global RNG. [N]"""
+    out = torch.empty(len(generators), dtype=torch.float64, device=device)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:
+        draws = torch.rand(len(unseeded), dtype=torch.float64, device=device)  # one global-RNG call
+        out[torch.tensor(unseeded, device=device)] = draws
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    if seeded:
+        draws = [
+            torch.rand((), dtype=torch.float64, device=generators[i].device, generator=generators[i])
+            for i in seeded
+        ]
+        out[torch.tensor(seeded, device=device)] = torch.stack(draws).to(device)
+    return out
+
+
+def _inverse_cdf_sample(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Draw index i with probability weights[i] / sum(weights), for each row; weight 0 is never drawn.
+
+    weights: [N, V] fp32, >= 0, unnormalised; uniform: [N] fp64 in [0, 1). Returns [N] long.
+    Two levels, so no [N, V] fp64 tensor is built: pick a block of _CDF_BLOCK tokens by the fp64
+    cumulative sum of the block masses, then a token inside it by the fp64 cumulative sum of its
+    weights. At each level the pick j satisfies cdf[j - 1] <= target < cdf[j], so its mass is > 0.
+    """
+    n, vocab = weights.shape
+    pad = -vocab % _CDF_BLOCK
+    if pad:
+        weights = torch.nn.functional.pad(weights, (0, pad))  # zero weights: never drawn
+    blocks = weights.view(n, -1, _CDF_BLOCK)  # [N, nb, C]
+    block_cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [N, nb]
+    total = block_cdf[:, -1:]  # [N, 1]
+    target = torch.minimum(uniform[:, None] * total, _just_below(total))  # [N, 1], in [0, total)
+    block = torch.searchsorted(block_cdf, target, right=True)  # [N, 1]
+    before = block_cdf.gather(1, (block - 1).clamp_min(0)) * (block > 0)  # [N, 1], mass of earlier blocks
+    inner_cdf = blocks[torch.arange(n, device=weights.device), block.squeeze(1)]  # [N, C]
+    inner_cdf = inner_cdf.double().cumsum(dim=-1)  # [N, C]
+    rest = torch.minimum(target - before, _just_below(inner_cdf[:, -1:]))  # [N, 1], >= 0
+    offset = torch.searchsorted(inner_cdf, rest, right=True)  # [N, 1]
+    return (block * _CDF_BLOCK + offset).squeeze(1)  # [N]
+
+
+def _just_below(x: torch.Tensor) -> torch.Tensor:
+    """The largest float below each (positive) element of x."""
+    return x.nextafter(torch.zeros_like(x))
+
+
+def _token_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int]
+) -> list[TokenLogprobs]:
+    """Each row's token logprob, rank and top-n. logprobs: [N, V]; token_ids: [N]; num_top: N ints."""
+    chosen = logprobs.gather(1, token_ids[:, None])  # [N, 1]
+    ranks = torch.count_nonzero(logprobs > chosen, dim=-1) + 1  # [N]; .sum() would copy to int64
+    most = min(max(num_top, default=0), logprobs.shape[1])
+    if most:
+        top_values, top_ids = logprobs.topk(most, dim=-1)  # [N, most], one topk for the batch
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    else:
+        top_values = top_ids = [[] for _ in num_top]
+    return [
+        TokenLogprobs(token, value, rank, list(zip(ids[:n], values[:n])))
+        for token, value, rank, ids, values, n in zip(
+            token_ids.tolist(), chosen.squeeze(1).tolist(), ranks.tolist(), top_ids, top_values, num_top
+        )
+    ]
+
+
+def prompt_logprobs(logits: torch.Tensor, target_ids: torch.Tensor, num_top: int) -> list[TokenLogprobs]:
+    """Each prompt token's logprob, rank and top-n under log_softmax(logits), the raw distribution.
+
+    logits: [T, V], the model's logits at positions 0..T-1; target_ids: [T], the tokens at positions
+    1..T. Computed in fp32, _PROMPT_LOGPROBS_CHUNK positions at a time to bound memory.
+    """
+    if logits.dim() != 2 or target_ids.shape != logits.shape[:1]:
+        raise ValueError(
+            f"need logits [T, V] and target_ids [T], got {list(logits.shape)} and {list(target_ids.shape)}"
+        )
+    out: list[TokenLogprobs] = []
+    targets = target_ids.to(device=logits.device, dtype=torch.long)
+    for start in range(0, logits.shape[0], _PROMPT_LOGPROBS_CHUNK):
+        stop = start + _PROMPT_LOGPROBS_CHUNK
+        chunk = torch.log_softmax(logits[start:stop].float(), dim=-1)  # [C, V]
+        out += _token_logprobs(chunk, targets[start:stop], [num_top] * chunk.shape[0])
+    return out
