@@ -1,18 +1,22 @@
 """The async front of the engine: one step loop in a thread, token streams to asyncio.
 
-The step loop owns the engine; the event loop adds and aborts requests under a lock that the step
-loop holds only while stepping. Outputs travel to each request's asyncio.Queue. A client that goes
-away (its generator is closed) is aborted at once and its KV blocks freed.
+Only the step-loop thread touches the engine. The event loop sends it commands (submit, abort)
+through a queue that the loop drains between steps, so a step never starves a submission (a lock
+would: the loop re-takes it at once) and the event loop never waits on a running step. Outputs
+travel back to each request's asyncio.Queue. A client that goes away (its generator is closed) is
+aborted at the next step boundary and its KV blocks freed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from balcony_runtime.engine import LLMEngine, RequestOutput
 from balcony_runtime.errors import BalconyError
@@ -52,11 +56,10 @@ class AsyncEngine:
         self.router = router
         self.metrics = metrics
         self.max_queued = max_queued
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        # (command, future or None): run by the step loop between steps.
+        self._commands: queue.SimpleQueue[tuple[Callable, concurrent.futures.Future | None]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._streams: dict[str, _Stream] = {}
-        self._pending_aborts: list[str] = []  # appended by the event loop, drained by the step loop
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
@@ -70,7 +73,7 @@ class AsyncEngine:
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
+        self._commands.put((lambda: None, None))  # wake the loop
         if self._thread is not None:
             self._thread.join(timeout=10)
 
@@ -83,7 +86,7 @@ class AsyncEngine:
 
     # ---- requests --------------------------------------------------------------------------
 
-    def submit(
+    async def submit(
         self,
         request_id: str,
         prompt_ids: list[int],
@@ -95,22 +98,28 @@ class AsyncEngine:
         """Route and queue one request; raises QueueFull, Draining, RequestError, BudgetUnmeetable."""
         if self.draining:
             raise Draining("the server is shutting down")
-        with self._lock:
-            if self.engine.num_waiting >= self.max_queued:
-                raise QueueFull(f"{self.engine.num_waiting} requests are already waiting")
-            load = self.engine.load_snapshot()
-            decision = self.router.route(budget_ms, len(prompt_ids), params.max_tokens, load, forced_exit)
-            # Registered before the engine knows the request, so no output can arrive unclaimed.
-            self._streams[request_id] = _Stream(
-                asyncio.Queue(), decision, received, len(prompt_ids),
-                exit_label=self.exit_label(decision.exit_layer),
-            )
-            try:
-                self.engine.add_request(prompt_ids, params, decision.exit_layer, request_id)
-            except BaseException:
-                del self._streams[request_id]
-                raise
-        self._wake.set()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        command = lambda: self._submit_now(request_id, prompt_ids, params, budget_ms, forced_exit, received)  # noqa: E731
+        self._commands.put((command, future))
+        return await asyncio.wrap_future(future)
+
+    def _submit_now(self, request_id, prompt_ids, params, budget_ms, forced_exit, received) -> RouteDecision:
+        """Runs on the step loop."""
+        if self.engine.num_waiting >= self.max_queued:
+            raise QueueFull(f"{self.engine.num_waiting} requests are already waiting")
+        load = self.engine.load_snapshot()
+        decision = self.router.route(budget_ms, len(prompt_ids), params.max_tokens, load, forced_exit)
+        # Registered before the engine knows the request, so no output can arrive unclaimed.
+        self._streams[request_id] = _Stream(
+            asyncio.Queue(), decision, received, len(prompt_ids),
+            exit_label=self.exit_label(decision.exit_layer),
+        )
+        try:
+            self.engine.add_request(prompt_ids, params, decision.exit_layer, request_id)
+        except BaseException:
+            del self._streams[request_id]
+            raise
+        self._update_gauges()
         return decision
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
@@ -131,59 +140,70 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Abort a request that is still in flight; never blocks the event loop on a running step."""
+        """Abort a request still in flight: freed at the next step boundary, without waiting here."""
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return  # finished, failed or already aborted
         self.metrics.request_success.labels(stream.exit_label, "abort").inc()
-        if self._lock.acquire(blocking=False):
-            try:
-                self.engine.abort(request_id)
-            finally:
-                self._lock.release()
-            self._update_gauges()
-        else:
-            self._pending_aborts.append(request_id)  # the step loop frees it right after this step
+        self._commands.put((lambda: self.engine.abort(request_id), None))
 
     # ---- the step loop (its own thread) ----------------------------------------------------
 
     def _run(self) -> None:
         engine = self.engine
         while not self._stop.is_set():
-            if self._pending_aborts:
-                with self._lock:
-                    while self._pending_aborts:
-                        engine.abort(self._pending_aborts.pop())
-                self._loop.call_soon_threadsafe(self._update_gauges)
+            self._run_commands(block=not engine.has_unfinished())
             if not engine.has_unfinished():
-                self._wake.wait(timeout=0.05)
-                self._wake.clear()
                 continue
             try:
-                with self._lock:
-                    while self._pending_aborts:
-                        engine.abort(self._pending_aborts.pop())
-                    outputs = engine.step()
-                    stats = engine.last_step
+                outputs = engine.step()
             except Exception as exc:  # a bug or device error: fail the requests in flight, keep serving
                 log.exception("engine step failed")
-                self._loop.call_soon_threadsafe(self._fail_all, exc)
-                time.sleep(0.05)
+                self._fail_all(exc)
                 continue
+            stats = engine.last_step
             if stats is not None:
                 self.router.model.observe(stats.seconds, stats.deepest_exit, stats.num_rows,
                                           stats.num_prefill_tokens)
             if outputs:
                 self._loop.call_soon_threadsafe(self._dispatch, outputs, time.monotonic())
 
+    def _run_commands(self, block: bool) -> None:
+        try:
+            command, future = self._commands.get(timeout=0.1) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            try:
+                result = command()
+            except BaseException as exc:
+                if future is not None:
+                    future.set_exception(exc)
+                else:
+                    log.exception("engine command failed")
+            else:
+                if future is not None:
+                    future.set_result(result)
+            try:
+                command, future = self._commands.get_nowait()
+            except queue.Empty:
+                break
+        self._update_gauges()
+
     def _fail_all(self, exc: Exception) -> None:
-        with self._lock:
-            for request_id in list(self._streams):
-                self.engine.abort(request_id)
-        for request_id, stream in list(self._streams.items()):
-            stream.queue.put_nowait(EngineFailed(f"the engine failed while serving this request: {exc}"))
-            self.metrics.request_success.labels(stream.exit_label, "abort").inc()
+        """Runs on the step loop: abort everything in flight and tell each waiting client."""
+        failed = list(self._streams.items())
         self._streams.clear()
+        for request_id, _ in failed:
+            self.engine.abort(request_id)
+        error = EngineFailed(f"the engine failed while serving this request: {exc}")
+
+        def notify() -> None:
+            for _, stream in failed:
+                stream.queue.put_nowait(error)
+                self.metrics.request_success.labels(stream.exit_label, "abort").inc()
+
+        self._loop.call_soon_threadsafe(notify)
         self._update_gauges()
 
     def _dispatch(self, outputs: list[RequestOutput], now: float) -> None:

@@ -63,15 +63,13 @@ class GenerationGroup:
         self.decision: RouteDecision | None = None
 
     async def submit(self) -> RouteDecision:
-        """Queue every choice (off the event loop: queueing waits for the running step's lock)."""
+        """Queue every choice; on any error, the choices already queued are aborted."""
         try:
             for i, spec in enumerate(self.specs):
                 rid = f"{self.id}-{i}"
                 forced = self.forced_exit if i == 0 else self.decision.exit_layer
                 budget = self.budget_ms if i == 0 else None
-                decision = await asyncio.to_thread(
-                    self.engine.submit, rid, spec.prompt_ids, spec.params, budget, forced, self.received
-                )
+                decision = await self.engine.submit(rid, spec.prompt_ids, spec.params, budget, forced, self.received)
                 self.request_ids.append(rid)
                 if i == 0:
                     self.decision = decision

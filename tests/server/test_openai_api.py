@@ -1,0 +1,171 @@
+"""The server through the official openai client and raw httpx: the product as users meet it."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+PROMPT = "The capital of France is"
+
+
+def test_completion_matches_offline_greedy(default_server, default_model):
+    from balcony_runtime.engine import EngineConfig, LLMEngine
+    from balcony_runtime.sampling_params import SamplingParams
+
+    offline = LLMEngine(default_model, EngineConfig(num_kv_blocks=256)).generate(
+        [PROMPT], SamplingParams(max_tokens=12, temperature=0))[0]
+    client = default_server.openai()
+    out = client.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert out.choices[0].text == offline.text
+    assert out.usage.prompt_tokens == len(default_model.tokenizer.encode(PROMPT))
+    assert out.usage.completion_tokens == len(offline.token_ids)
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_streamed_completion_equals_unstreamed(default_server):
+    client = default_server.openai()
+    whole = client.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_stream_ends_with_done_and_first_chunk_names_exit(default_server):
+    body = {"model": "smollm2-135m", "prompt": PROMPT, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", default_server.url + "/v1/completions", json=body, timeout=60,
+                      headers={"X-Balcony-Exit": "15"}) as r:
+        assert r.headers["X-Balcony-Exit"] == "15"
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0].removeprefix("data: "))
+    assert first["balcony"]["exit"] == "15" and first["balcony"]["forced"] is True
+
+
+def test_n_and_several_prompts_and_token_prompts(default_server, default_model):
+    client = default_server.openai()
+    ids = default_model.tokenizer.encode(PROMPT)
+    out = client.completions.create(model="smollm2-135m", prompt=[PROMPT, "Hello"], n=2, max_tokens=5,
+                                    temperature=1.0, seed=7)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    by_ids = client.completions.create(model="smollm2-135m", prompt=ids, max_tokens=6, temperature=0)
+    by_text = client.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    lists = client.completions.create(model="smollm2-135m", prompt=[ids, ids[:3]], max_tokens=3, temperature=0)
+    assert len(lists.choices) == 2
+
+
+def test_seed_reproduces_and_stop_strings_cut(default_server):
+    client = default_server.openai()
+    kwargs = dict(model="smollm2-135m", prompt="Once upon a time", max_tokens=16, temperature=1.0)
+    a = client.completions.create(seed=42, **kwargs).choices[0].text
+    b = client.completions.create(seed=42, **kwargs).choices[0].text
+    assert a == b
+    free = client.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=16, temperature=0).choices[0]
+    stop = free.text[6:9]
+    cut = client.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].text == free.text[: free.text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_and_echo_for_scoring(default_server, default_model, default_hf):
+    import torch
+
+    client = default_server.openai()
+    out = client.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=0, echo=True, logprobs=1,
+                                    temperature=0)
+    lp = out.choices[0].logprobs
+    ids = default_model.tokenizer.encode(PROMPT)
+    assert out.choices[0].text == PROMPT
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None
+    ref = torch.log_softmax(default_hf(torch.tensor([ids])).logits[0], -1)
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-3)
+    assert lp.text_offset == sorted(lp.text_offset)
+    gen = client.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=3, logprobs=2, temperature=0)
+    glp = gen.choices[0].logprobs
+    assert len(glp.tokens) == 3 and all(len(t) == 2 for t in glp.top_logprobs)
+    assert all(v <= 0 for v in glp.token_logprobs)
+
+
+def test_chat_streamed_and_not(default_server):
+    client = default_server.openai()
+    messages = [{"role": "user", "content": "Say hello."}]
+    whole = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=8, temperature=0,
+                                           logprobs=True, top_logprobs=2)
+    assert whole.choices[0].message.role == "assistant" and whole.choices[0].message.content
+    assert len(whole.choices[0].logprobs.content) == whole.usage.completion_tokens
+    parts = list(client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=8,
+                                                temperature=0, stream=True))
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == whole.choices[0].message.content
+
+
+def test_models_lists_exits(default_server):
+    models = default_server.openai().models.list()
+    (model,) = models.data
+    assert model.id == "smollm2-135m"
+    assert [e["exit"] for e in model.model_extra["balcony"]["exits"]] == ["8", "15", "22", "full"]
+
+
+def test_budget_routing(default_server):
+    client = default_server.openai()
+
+    def ask(**headers):
+        raw = client.completions.with_raw_response.create(
+            model="smollm2-135m", prompt=PROMPT, max_tokens=8, temperature=0, extra_headers=headers)
+        return raw.headers["X-Balcony-Exit"], raw.parse().model_extra["balcony"]
+
+    exit_name, info = ask(**{"X-Latency-Budget-Ms": "1000000"})
+    assert exit_name == "full" and info["budget_ms"] == 1e6 and info["measured_ms"] > 0
+    exit_name, info = ask(**{"X-Latency-Budget-Ms": "1"})
+    assert exit_name == "8" and info["predicted_ms"] > 1  # best effort: the shallowest, a predicted miss
+    _, full = ask(**{"X-Balcony-Exit": "full"})
+    _, shallow = ask(**{"X-Balcony-Exit": "8"})
+    between = (full["predicted_ms"] + shallow["predicted_ms"]) / 2
+    exit_name, _ = ask(**{"X-Latency-Budget-Ms": str(between)})
+    assert exit_name in ("8", "15", "22")
+    _, plain = ask()
+    assert plain["exit"] == "full" and plain["budget_ms"] is None
+    assert default_server.metric("balcony:budget_requests_total", outcome="miss") >= 1
+    assert default_server.metric("balcony:budget_requests_total", outcome="none") >= 1
+
+
+@pytest.mark.parametrize(
+    "body, headers, status, fragment",
+    [
+        ({"prompt": "hi", "suffix": "x"}, {}, 400, "suffix"),
+        ({"prompt": "hi", "best_of": 3}, {}, 400, "best_of"),
+        ({"prompt": "hi", "bogus_field": 1}, {}, 400, "bogus_field"),
+        ({"prompt": "hi", "temperature": -1}, {}, 400, "temperature"),
+        ({"prompt": "hi", "max_tokens": 100000}, {}, 400, "maximum length"),
+        ({"prompt": [999999]}, {}, 400, "token ids"),
+        ({"prompt": "hi"}, {"X-Balcony-Exit": "7"}, 400, "X-Balcony-Exit"),
+        ({"prompt": "hi"}, {"X-Latency-Budget-Ms": "soon"}, 400, "X-Latency-Budget-Ms"),
+        ({"prompt": "hi", "model": "gpt-4"}, {}, 404, "does not exist"),
+    ],
+)
+def test_errors_in_openai_envelope(default_server, body, headers, status, fragment):
+    payload = {"model": "smollm2-135m", **body}
+    r = httpx.post(default_server.url + "/v1/completions", json=payload, headers=headers, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and fragment in error["message"]
+
+
+def test_malformed_json_is_400(default_server):
+    r = httpx.post(default_server.url + "/v1/completions", content=b"{not json",
+                   headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_openai_client_raises_typed_errors(default_server):
+    client = default_server.openai()
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi", max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="smollm2-135m", prompt="hi", max_tokens=1, extra_body={"suffix": "z"})

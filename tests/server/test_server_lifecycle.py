@@ -1,0 +1,93 @@
+"""Authentication, back-pressure, disconnects, draining on SIGTERM, readiness."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+LONG = {"prompt": "Count: one two three", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+
+
+def wait_for(predicate, timeout=30.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def test_api_key_required(strict_server):
+    r = httpx.post(strict_server.url + "/v1/completions", json={"model": "strict", "prompt": "hi"}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    bad = openai.OpenAI(base_url=strict_server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert strict_server.openai().models.list().data[0].id == "strict"
+    assert httpx.get(strict_server.url + "/health").status_code == 200  # no key needed
+
+
+def test_full_queue_answers_429_with_retry_after(strict_server):
+    with strict_server.client() as client:
+        body = {"model": "strict", "stream": True, **LONG}
+        with client.stream("POST", "/v1/completions", json=body) as running:
+            lines = running.iter_lines()  # kept alive: a dropped iterator closes the stream
+            next(lines)  # it runs: the single sequence slot is taken
+
+            def queue_one():  # its own client: httpx clients are not shared across threads here
+                with strict_server.client() as other:
+                    other.post("/v1/completions", json={"model": "strict", **LONG})
+
+            queued = threading.Thread(target=queue_one)
+            queued.start()
+            assert wait_for(lambda: strict_server.metric("balcony:num_requests_waiting") == 1)
+            r = client.post("/v1/completions", json={"model": "strict", "prompt": "hi", "max_tokens": 1})
+            assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["code"] == "queue_full"
+        queued.join(timeout=120)
+
+
+def test_unmeetable_budget_rejected_under_reject_policy(strict_server):
+    with strict_server.client() as client:
+        r = client.post("/v1/completions", json={"model": "strict", "prompt": "hi", "max_tokens": 50},
+                        headers={"X-Latency-Budget-Ms": "0.001"})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "budget_unmeetable"
+
+
+def test_disconnect_aborts_and_frees_blocks(strict_server):
+    aborted_before = strict_server.metric("balcony:request_success_total", finished_reason="abort")
+    with strict_server.client() as client:
+        with client.stream("POST", "/v1/completions", json={"model": "strict", "stream": True, **LONG}) as r:
+            next(r.iter_lines())
+            assert strict_server.metric("balcony:kv_cache_usage_perc") > 0
+    assert wait_for(lambda: strict_server.metric("balcony:kv_cache_usage_perc") == 0)
+    assert wait_for(lambda: strict_server.metric("balcony:num_requests_running") == 0)
+    assert strict_server.metric("balcony:request_success_total", finished_reason="abort") == aborted_before + 1
+
+
+def test_sigterm_drains_in_flight_requests(start, tiny_model_dir):
+    server = start("--shutdown-timeout", "60", model=str(tiny_model_dir))
+    model = server.openai().models.list().data[0].id
+    result = {}
+
+    def long_request():
+        with server.client() as client:
+            result["response"] = client.post("/v1/completions", json={"model": model, **LONG, "max_tokens": 60})
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    assert wait_for(lambda: server.metric("balcony:num_requests_running") == 1)
+    server.process.send_signal(signal.SIGTERM)
+    assert wait_for(lambda: httpx.get(server.url + "/ready").status_code == 503, timeout=10)
+    refused = httpx.post(server.url + "/v1/completions", json={"model": model, "prompt": "hi"}, timeout=10)
+    assert refused.status_code == 503
+    worker.join(timeout=120)
+    response = result["response"]
+    assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] == "length"
+    assert response.json()["usage"]["completion_tokens"] == 60
+    assert server.process.wait(timeout=60) == 0
