@@ -19,7 +19,6 @@ failed, 0 with a message on a machine without CUDA.
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import sys
 import time
@@ -130,7 +129,8 @@ def rms_norm_rows(bench: Bench, models, token_counts, dtype) -> list[Row]:
     for m in models:
         for tokens in token_counts:
             dev = bench.device
-            x, residual = _randn(tokens, m.hidden, dtype=dtype, device=dev), _randn(tokens, m.hidden, dtype=dtype, device=dev)
+            x = _randn(tokens, m.hidden, dtype=dtype, device=dev)  # [T, H]
+            residual = _randn(tokens, m.hidden, dtype=dtype, device=dev)
             weight = _randn(m.hidden, dtype=dtype, device=dev)
             out, new_residual = rms_norm(x, weight, 1e-5, residual)
             ref_out, ref_residual = reference.rms_norm(x, weight, 1e-5, residual)
@@ -178,7 +178,8 @@ def rotary_rows(bench: Bench, models, token_counts, dtype) -> list[Row]:
             row.triton_ms = bench.time_ms(lambda: rotary_and_cache(*args, caches[0], caches[1], slots))
             row.torch_ms = bench.time_ms(lambda: reference.rotary_and_cache(*args, caches[2], caches[3], slots))
             # in: q, k, v; out: q, k, cached k and v; plus a cos/sin row, position and slot per token
-            moved = tokens * m.head_dim * x_size(dtype) * (2 * m.q_heads + 5 * m.kv_heads) + tokens * (4 * m.head_dim + 16)
+            moved = tokens * m.head_dim * x_size(dtype) * (2 * m.q_heads + 5 * m.kv_heads)
+            moved += tokens * (4 * m.head_dim + 16)
             row.unit, row.achieved, row.ceiling = "GB/s", moved / row.triton_ms / 1e6, bench.copy_gbs
             rows.append(row)
     return rows
@@ -369,7 +370,8 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| kernel | model | shape | dtype | Triton ms | torch ms | speedup | achieved | of ceiling | rel err | check | note |",
+        "| kernel | model | shape | dtype | Triton ms | torch ms | speedup | achieved | of ceiling | rel err | check "
+        "| note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -453,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bf16 = torch.bfloat16
     if args.smoke:
-        models, tokens, batches, contexts = [TINY], [1, 20], [1, 3], [40]
+        models, tokens, batches, contexts = [TINY], [3, 20], [1, 3], [40]
         mlp_tokens, prefill_cases = [1, 70], [("1x40", [40], [40]), ("2 chunks", [9, 1], [30, 17])]
     else:
         models = [DEFAULT_MODEL, LLAMA3_8B]
