@@ -346,14 +346,69 @@ def fp32_rows(bench: Bench, m: ModelShape) -> list[Row]:
 
 
 def whole_model_decode_rows(bench: Bench, batch_sizes: list[int]) -> list[Row]:
-    """Hook for issue 5's last goal: a whole decode step, Triton path against the torch path.
+    """A whole decode step of the default model's shape (random weights, bf16, every row at full
+    depth, 512 cached tokens each), through the Triton kernels and through the torch references.
 
-    Left empty on purpose: building the model needs balcony_runtime (and its loader), which this
-    script must run without. Whoever adds it returns one Row per batch size with kernel
-    "decode step", triton_ms and torch_ms set and key ("decode step", batch); the table and the
-    goal "Triton faster" pick them up.
+    Builds the model with balcony_runtime's own classes (no transformers needed) and times
+    ``BalconyModel.forward`` on one prepared batch; the step's cache write is idempotent, so the
+    same batch can run again and again.
     """
-    return []
+    from balcony_runtime.block_manager import BlockManager
+    from balcony_runtime.config import ModelArch
+    from balcony_runtime.kv_cache import KVCache
+    from balcony_runtime.model.balcony_model import BalconyModel
+    from balcony_runtime.model_runner import ModelRunner
+    from balcony_runtime.request import Request
+    from balcony_runtime.sampling_params import SamplingParams
+    from balcony_runtime.scheduler import ScheduledRequest
+    from kernels.dispatch import TORCH_OPS
+    from kernels.triton_ops import TRITON_OPS
+
+    m = TINY if bench.smoke else DEFAULT_MODEL
+    layers, exits, vocab, context = (4, (1, 2, 3), 1000, 20) if bench.smoke else (30, (8, 15, 22), 49152, 512)
+    arch = ModelArch(vocab_size=vocab, hidden_size=m.hidden, intermediate_size=m.inter, num_layers=layers,
+                     num_heads=m.q_heads, num_kv_heads=m.kv_heads, head_dim=m.head_dim, rms_norm_eps=1e-5,
+                     max_position_embeddings=2 * context, tie_word_embeddings=True)
+    dtype = torch.float32 if bench.smoke else torch.bfloat16
+    inv_freq = 1.0 / (1e5 ** (torch.arange(0, m.head_dim, 2, dtype=torch.float32) / m.head_dim))
+    model = BalconyModel(arch, exits, inv_freq, 1.0, dtype, bench.device, TORCH_OPS)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
+    model.eval()
+    rows = []
+    for batch in batch_sizes:
+        blocks_per_row = len(model.cache_layers_of(layers)) * -(-(context + 1) // BLOCK_SIZE)
+        block_manager = BlockManager(batch * blocks_per_row, BLOCK_SIZE)
+        kv = KVCache.allocate(arch, batch * blocks_per_row, BLOCK_SIZE, dtype, bench.device)
+        kv.keys.normal_()
+        kv.values.normal_()
+        runner = ModelRunner(model, kv, block_manager)
+        scheduled = []
+        for i in range(batch):
+            request = Request(f"r{i}", [(7 * i + j) % vocab for j in range(context + 1)], SamplingParams(),
+                              layers, len(model.cache_layers_of(layers)), 0.0)
+            block_manager.allocate(request.request_id, request.num_cache_layers, context + 1)
+            scheduled.append(ScheduledRequest(request, context, 1))
+        forward_batch, _ = runner.prepare(scheduled)
+        forward_batch.logits_indices = list(range(batch))
+        caches = kv.as_tuple()
+
+        def step(ops):
+            model.ops = ops
+            with torch.inference_mode():
+                return model(forward_batch, caches)
+
+        err = rel_err(step(TRITON_OPS), step(TORCH_OPS))
+        triton_ms = bench.time_ms(lambda: step(TRITON_OPS))
+        torch_ms = bench.time_ms(lambda: step(TORCH_OPS))
+        model.ops = TORCH_OPS
+        rows.append(Row("decode step", m.name, f"B={batch} ctx={context} full depth", dtype, err,
+                        triton_ms=triton_ms, torch_ms=torch_ms, key=("decode step", batch)))
+        del kv, runner
+        _free(bench)
+    return rows
 
 
 def _free(bench: Bench) -> None:
@@ -494,7 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         traceback.print_exc()
         fp32 = [Row("fp32 checks", "-", "crashed", torch.float32, None, note=f"{type(exc).__name__}: {exc}"[:200])]
-    rows += whole_model_decode_rows(bench, batches)
+    try:
+        rows += whole_model_decode_rows(bench, batches)
+    except Exception as exc:
+        traceback.print_exc()
+        rows.append(Row("decode step", "-", "crashed", bf16, None, note=f"{type(exc).__name__}: {exc}"[:200]))
 
     report = "\n\n".join([
         "# Triton kernels on GPU: correctness and speed",

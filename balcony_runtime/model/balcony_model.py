@@ -103,6 +103,7 @@ class BalconyModel(nn.Module):
         tokens = slice(offsets[rows.start], offsets[rows.stop])
         block_tables = batch.block_tables[cache_layer, rows]  # [b, max_blocks]
         context_lens = batch.context_lens[rows]  # [b]
+        max_query_len = max(batch.query_lens[rows])
         ops = self.ops
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -114,7 +115,7 @@ class BalconyModel(nn.Module):
                 return ops.decode_attention(q, k_cache, v_cache, block_tables, context_lens, self.scale)
             cu = batch.cu_query_lens[rows.start : rows.stop + 1] - offsets[rows.start]  # [b + 1]
             return ops.prefill_attention(
-                q, k_cache, v_cache, block_tables, cu, context_lens, self.scale, batch.max_query_len
+                q, k_cache, v_cache, block_tables, cu, context_lens, self.scale, max_query_len
             )
 
         return attend
