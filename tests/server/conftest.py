@@ -74,7 +74,7 @@ def start_server(tmp_path, *args: str, model: str = "smollm2-135m", api_key: str
     port = free_port()
     log_path = str(tmp_path / f"server-{port}.log")
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--port", str(port),
-           "--adapters", "none", "--num-kv-blocks", "2048", *args]
+           "--adapters", "none", "--num-kv-blocks", "2048", "--dtype", "float32", *args]
     if api_key:
         cmd += ["--api-key", api_key]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
