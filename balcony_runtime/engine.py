@@ -302,7 +302,7 @@ class LLMEngine:
 class CompletedRequest:
     """A whole request's output, accumulated from its step outputs."""
 
-    request_id: str
+    request_id: str = ""
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[TokenLogprobs] = field(default_factory=list)

@@ -66,7 +66,8 @@ async def chat_complete(body: ChatCompletionRequest, group: GenerationGroup, tok
 async def stream_chat(body: ChatCompletionRequest, group: GenerationGroup, tokenizer,
                       model_name: str) -> AsyncIterator[str]:
     created, cid = int(time.time()), f"chatcmpl-{group.id}"
-    results = [ChoiceResult(i, spec) for i, spec in enumerate(group.specs)]
+    results = [ChoiceResult(request_id=rid, index=i, spec=spec)
+               for i, (rid, spec) in enumerate(zip(group.request_ids, group.specs))]
 
     def chunk(choices: list[dict], **extra) -> str:
         payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,

@@ -106,7 +106,8 @@ async def complete(body: CompletionRequest, group: GenerationGroup, tokenizer, m
 async def stream_completion(body: CompletionRequest, group: GenerationGroup, tokenizer,
                             model_name: str) -> AsyncIterator[str]:
     created, cid = int(time.time()), f"cmpl-{group.id}"
-    results = [ChoiceResult(i, spec) for i, spec in enumerate(group.specs)]
+    results = [ChoiceResult(request_id=rid, index=i, spec=spec)
+               for i, (rid, spec) in enumerate(zip(group.request_ids, group.specs))]
     first = True
 
     def chunk(choices: list[dict], **extra) -> str:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator
 
-from balcony_runtime.engine import RequestOutput
+from balcony_runtime.engine import CompletedRequest, RequestOutput
 from balcony_runtime.errors import RequestError
 from balcony_runtime.router import BudgetUnmeetable, RouteDecision
-from balcony_runtime.sampler import TokenLogprobs
 from balcony_runtime.sampling_params import SamplingParams
 from server.async_engine import AsyncEngine, Draining, EngineFailed, QueueFull
 from server.errors import APIError
@@ -30,24 +29,12 @@ class ChoiceSpec:
     prompt_index: int  # which of the request's prompts this choice continues
 
 
-@dataclass
-class ChoiceResult:
-    index: int
-    spec: ChoiceSpec
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprobs] | None = None
-    finish_reason: str | None = None
+@dataclass(kw_only=True)
+class ChoiceResult(CompletedRequest):
+    """One choice's whole output, accumulated as the engine's outputs arrive."""
 
-    def absorb(self, out: RequestOutput) -> None:
-        self.token_ids.extend(out.new_token_ids)
-        self.text += out.new_text
-        self.logprobs.extend(out.new_logprobs)
-        if out.prompt_logprobs is not None:
-            self.prompt_logprobs = out.prompt_logprobs
-        if out.finished:
-            self.finish_reason = out.finish_reason
+    index: int  # the choice's index in the response
+    spec: ChoiceSpec
 
 
 class GenerationGroup:
@@ -129,7 +116,8 @@ class GenerationGroup:
                 self.engine.abort(rid)
 
     async def collect(self) -> list[ChoiceResult]:
-        results = [ChoiceResult(i, spec) for i, spec in enumerate(self.specs)]
+        results = [ChoiceResult(request_id=rid, index=i, spec=spec)
+                   for i, (rid, spec) in enumerate(zip(self.request_ids, self.specs))]
         async for index, out in self.events():
             results[index].absorb(out)
         return results
