@@ -91,3 +91,20 @@ def test_sigterm_drains_in_flight_requests(start, tiny_model_dir):
     assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] == "length"
     assert response.json()["usage"]["completion_tokens"] == 60
     assert server.process.wait(timeout=60) == 0
+
+
+def test_disconnect_while_queued_removes_the_request(strict_server):
+    """A streaming client that leaves while its request waits is dropped before it ever runs."""
+    aborted_before = strict_server.metric("balcony:request_success_total", finished_reason="abort")
+    with strict_server.client() as client, strict_server.client() as other:
+        with client.stream("POST", "/v1/completions", json={"model": "strict", "stream": True, **LONG}) as running:
+            lines = running.iter_lines()
+            next(lines)  # the only sequence slot is taken
+            with other.stream("POST", "/v1/completions", json={"model": "strict", "stream": True, **LONG}) as queued:
+                assert queued.status_code == 200
+                assert wait_for(lambda: strict_server.metric("balcony:num_requests_waiting") == 1)
+            # The queued client has gone: its request leaves the queue while the first still runs.
+            assert wait_for(lambda: strict_server.metric("balcony:num_requests_waiting") == 0)
+            assert strict_server.metric("balcony:num_requests_running") == 1
+    assert wait_for(lambda: strict_server.metric("balcony:num_requests_running") == 0)
+    assert strict_server.metric("balcony:request_success_total", finished_reason="abort") == aborted_before + 2
