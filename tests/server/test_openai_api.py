@@ -126,9 +126,13 @@ def test_budget_routing(default_server):
     assert exit_name == "8" and info["predicted_ms"] > 1  # best effort: the shallowest, a predicted miss
     _, full = ask(**{"X-Balcony-Exit": "full"})
     _, shallow = ask(**{"X-Balcony-Exit": "8"})
+    assert shallow["predicted_ms"] < full["predicted_ms"]
+    # A budget between the two: the router's own predictions move with every measured step, so
+    # assert its contract rather than one exit: whatever it chose was predicted to fit the budget
+    # (or is the shallowest exit, a predicted miss).
     between = (full["predicted_ms"] + shallow["predicted_ms"]) / 2
-    exit_name, _ = ask(**{"X-Latency-Budget-Ms": str(between)})
-    assert exit_name in ("8", "15", "22")
+    exit_name, info = ask(**{"X-Latency-Budget-Ms": str(between)})
+    assert info["predicted_ms"] <= between or exit_name == "8"
     _, plain = ask()
     assert plain["exit"] == "full" and plain["budget_ms"] is None
     assert default_server.metric("balcony:budget_requests_total", outcome="miss") >= 1

@@ -1,0 +1,74 @@
+"""The latency model and the budget router on hand-made costs: no model, no timing."""
+
+from __future__ import annotations
+
+import pytest
+
+from balcony_runtime.latency_model import ExitCost, LatencyModel, LoadSnapshot
+from balcony_runtime.router import BudgetUnmeetable, Router
+
+EXITS = (8, 15, 22, 30)
+
+
+def model() -> LatencyModel:
+    # Decode steps of 10/16/22/28 ms at one row, +1 ms a row; prefill 0.1 ms a token at every exit.
+    return LatencyModel({e: ExitCost(0.004 + 0.0008 * e, 0.001, 0.0001) for e in EXITS})
+
+
+IDLE = LoadSnapshot(running_exits=(), num_waiting=0, mean_remaining_tokens=0.0, max_num_seqs=8)
+
+
+def test_prediction_adds_queue_prefill_and_decode():
+    m = model()
+    # Idle: half a step of the shallowest exit waiting, 100 prompt tokens, 10 decode steps.
+    expected = m.decode_step(8, 0) / 2 + 100 * 0.0001 + 10 * m.decode_step(22, 1)
+    assert m.predict(22, 100, 10, IDLE) == pytest.approx(expected)
+
+
+def test_a_deeper_running_request_sets_the_step_time():
+    m = model()
+    busy = LoadSnapshot(running_exits=(30, 30), num_waiting=0, mean_remaining_tokens=50, max_num_seqs=8)
+    # At exit 8 next to full-depth rows, every step is a full-depth step with three rows.
+    assert m.predict(8, 10, 20, busy) == pytest.approx(
+        m.decode_step(30, 2) / 2 + 10 * 0.0001 + 20 * m.decode_step(30, 3))
+
+
+def test_router_picks_the_deepest_exit_that_fits():
+    router = Router(model(), EXITS)
+    predicted = {e: 1000 * router.model.predict(e, 20, 50, IDLE) for e in EXITS}
+    assert predicted[8] < predicted[15] < predicted[22] < predicted[30]
+    for e in EXITS:
+        decision = router.route(predicted[e] + 0.01, 20, 50, IDLE)
+        assert decision.exit_layer == e and decision.predicted_fit
+    assert router.route(None, 20, 50, IDLE).exit_layer == 30  # no budget: full depth
+    assert router.route(1e9, 20, 50, IDLE).exit_layer == 30
+
+
+def test_unmeetable_budget_best_effort_or_reject():
+    best_effort = Router(model(), EXITS).route(1.0, 20, 50, IDLE)
+    assert best_effort.exit_layer == 8 and best_effort.predicted_fit is False
+    with pytest.raises(BudgetUnmeetable, match="no exit can meet"):
+        Router(model(), EXITS, policy="reject").route(1.0, 20, 50, IDLE)
+
+
+def test_forced_exit_is_kept_and_judged():
+    decision = Router(model(), EXITS).route(1.0, 20, 50, IDLE, forced_exit=22)
+    assert decision.exit_layer == 22 and decision.forced and decision.predicted_fit is False
+
+
+def test_online_correction_moves_toward_measured_steps():
+    m = model()
+    before = m.decode_step(30, 4)
+    for _ in range(50):
+        m.observe(2 * before, deepest_exit=30, num_rows=4, num_prefill_tokens=0)
+    assert m.decode_step(30, 4) == pytest.approx(2 * before, rel=0.02)
+    assert m.decode_step(8, 4) == pytest.approx(model().decode_step(8, 4))  # other exits untouched
+    m.observe(100.0, deepest_exit=30, num_rows=4, num_prefill_tokens=0)  # one outlier: bounded step
+    assert m.decode_step(30, 4) < 2 * before * 1.4
+
+
+def test_queue_wait_grows_with_the_queue():
+    m = model()
+    full = LoadSnapshot(running_exits=(30,) * 8, num_waiting=0, mean_remaining_tokens=40, max_num_seqs=8)
+    longer = LoadSnapshot(running_exits=(30,) * 8, num_waiting=16, mean_remaining_tokens=40, max_num_seqs=8)
+    assert m.queue_wait(IDLE) < m.queue_wait(full) < m.queue_wait(longer)
