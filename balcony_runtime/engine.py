@@ -195,6 +195,7 @@ class LLMEngine:
         return LoadSnapshot(
             running_exits=tuple(r.exit_layer for r in running),
             num_waiting=len(self.scheduler.waiting),
+            waiting_exits=tuple(r.exit_layer for r in self.scheduler.waiting),
             mean_remaining_tokens=sum(remaining) / len(remaining) if remaining else 0.0,
             max_num_seqs=self.config.max_num_seqs,
         )

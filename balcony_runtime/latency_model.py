@@ -31,12 +31,13 @@ class LoadSnapshot:
     num_waiting: int  # requests queued ahead
     mean_remaining_tokens: float  # tokens the running requests still have to generate, on average
     max_num_seqs: int  # running slots
+    waiting_exits: tuple[int, ...] = ()  # exit of every queued request (they will share our steps)
 
 
 @dataclass
 class LatencyModel:
     costs: dict[int, ExitCost]  # by exit layer (full depth included)
-    smoothing: float = 0.1  # weight of each new observation in the online correction
+    smoothing: float = 0.2  # weight of each new observation in the online correction
     observations: int = field(default=0)
 
     def decode_step(self, deepest_exit: int, rows: int) -> float:
@@ -57,9 +58,13 @@ class LatencyModel:
         return step / 2 + rounds * load.mean_remaining_tokens * step
 
     def predict(self, exit_layer: int, prompt_tokens: int, max_tokens: int, load: LoadSnapshot) -> float:
-        """End-to-end seconds for a request served at ``exit_layer``."""
-        deepest = max(exit_layer, *load.running_exits) if load.running_exits else exit_layer
-        rows = min(len(load.running_exits) + 1, load.max_num_seqs)
+        """End-to-end seconds for a request served at ``exit_layer``.
+
+        Requests already queued will run beside this one, so they count in its batch too.
+        """
+        others = load.running_exits + load.waiting_exits
+        deepest = max(exit_layer, *others) if others else exit_layer
+        rows = min(len(others) + 1, load.max_num_seqs)
         return (
             self.queue_wait(load)
             + self.prefill(exit_layer, prompt_tokens)
@@ -67,23 +72,29 @@ class LatencyModel:
         )
 
     def observe(self, seconds: float, deepest_exit: int, num_rows: int, num_prefill_tokens: int) -> None:
-        """Correct the deepest exit's coefficients with one measured step."""
+        """Correct the coefficients with one measured step.
+
+        The step's deepest exit learns at full weight; the other exits follow at half weight, since
+        what moves one step's time (other load on the machine, cache effects) mostly moves all.
+        """
         cost = self.costs.get(deepest_exit)
         if cost is None or seconds <= 0:
             return
         decode = self.decode_step(deepest_exit, num_rows)
         prefill = self.prefill(deepest_exit, num_prefill_tokens)
         ratio = min(max(seconds / (decode + prefill), 0.25), 4.0)  # one outlier cannot wreck the model
-        scale = 1 + self.smoothing * (ratio - 1)
-        if num_prefill_tokens == 0:
-            cost.decode_base_s *= scale
-            cost.decode_per_row_s *= scale
-        else:
-            cost.prefill_per_token_s *= scale
+        for exit_layer, c in self.costs.items():
+            weight = self.smoothing if exit_layer == deepest_exit else self.smoothing / 2
+            scale = 1 + weight * (ratio - 1)
+            if num_prefill_tokens == 0:
+                c.decode_base_s *= scale
+                c.decode_per_row_s *= scale
+            else:
+                c.prefill_per_token_s *= scale
         self.observations += 1
 
 
-def calibrate(engine, exits=None, batch: int = 8, steps: int = 4, prompt_tokens: int = 96) -> LatencyModel:
+def calibrate(engine, exits=None, batch: int = 8, steps: int = 6, prompt_tokens: int = 96) -> LatencyModel:
     """Measure each exit's decode and prefill costs through the real engine (a few seconds).
 
     The engine must be idle. Requests used here are aborted afterwards, leaving no blocks held.
@@ -99,10 +110,12 @@ def calibrate(engine, exits=None, batch: int = 8, steps: int = 4, prompt_tokens:
         def decode_time(rows: int) -> float:
             ids = [engine.add_request(filler[: 8 + r], params, exit_layer) for r in range(rows)]
             engine.step()  # prefill
-            start = time.perf_counter()
+            times = []
             for _ in range(steps):
+                start = time.perf_counter()
                 engine.step()
-            elapsed = (time.perf_counter() - start) / steps
+                times.append(time.perf_counter() - start)
+            elapsed = sorted(times)[len(times) // 2]  # the median: robust to a stall on a busy host
             for rid in ids:
                 engine.abort(rid)
             return elapsed

@@ -33,6 +33,7 @@ class Router:
     model: LatencyModel
     exits: tuple[int, ...]  # shallow to deep, the full depth last
     policy: str = "best-effort"  # "best-effort": shallowest exit on a miss; "reject": refuse
+    headroom: float = 0.1  # an exit fits when its prediction times (1 + headroom) is within budget
 
     def route(
         self,
@@ -54,7 +55,7 @@ class Router:
             return RouteDecision(full, None, predicted_ms(full), None, forced=False)
         for e in reversed(self.exits):  # deepest first
             ms = predicted_ms(e)
-            if ms <= budget_ms:
+            if ms * (1 + self.headroom) <= budget_ms:
                 return RouteDecision(e, budget_ms, ms, True, forced=False)
         shallowest = self.exits[0]
         ms = predicted_ms(shallowest)

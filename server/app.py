@@ -23,7 +23,7 @@ from balcony_runtime.latency_model import calibrate
 from balcony_runtime.router import Router
 from server import chat, completions
 from server.async_engine import AsyncEngine
-from server.errors import APIError, install_error_handlers
+from server.errors import APIError, guard_stream, install_error_handlers
 from server.generation_group import GenerationGroup
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -125,8 +125,8 @@ def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: 
         await group.submit()
         headers = {EXIT_HEADER: group.exit_label}
         if body.stream:
-            return StreamingResponse(stream_respond(body, group, engine.engine.tokenizer, state.model_name),
-                                     media_type="text/event-stream", headers=headers)
+            events = stream_respond(body, group, engine.engine.tokenizer, state.model_name)
+            return StreamingResponse(guard_stream(events), media_type="text/event-stream", headers=headers)
         result = await _until_disconnect(request, respond(body, group, engine.engine.tokenizer, state.model_name))
         return JSONResponse(result, headers=headers)
 

@@ -50,6 +50,15 @@ class _Stream:
     exit_label: str = ""
 
 
+@dataclass(frozen=True)
+class Submission:
+    """A queued request: its id, how it was routed, and where its outputs arrive."""
+
+    request_id: str
+    decision: RouteDecision
+    stream: _Stream
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, router: Router, metrics: ServerMetrics, max_queued: int):
         self.engine = engine
@@ -94,7 +103,7 @@ class AsyncEngine:
         budget_ms: float | None,
         forced_exit: int | None,
         received: float,
-    ) -> RouteDecision:
+    ) -> "Submission":
         """Route and queue one request; raises QueueFull, Draining, RequestError, BudgetUnmeetable."""
         if self.draining:
             raise Draining("the server is shutting down")
@@ -103,28 +112,31 @@ class AsyncEngine:
         self._commands.put((command, future))
         return await asyncio.wrap_future(future)
 
-    def _submit_now(self, request_id, prompt_ids, params, budget_ms, forced_exit, received) -> RouteDecision:
+    def _submit_now(self, request_id, prompt_ids, params, budget_ms, forced_exit, received) -> "Submission":
         """Runs on the step loop."""
         if self.engine.num_waiting >= self.max_queued:
             raise QueueFull(f"{self.engine.num_waiting} requests are already waiting")
         load = self.engine.load_snapshot()
         decision = self.router.route(budget_ms, len(prompt_ids), params.max_tokens, load, forced_exit)
         # Registered before the engine knows the request, so no output can arrive unclaimed.
-        self._streams[request_id] = _Stream(
-            asyncio.Queue(), decision, received, len(prompt_ids),
-            exit_label=self.exit_label(decision.exit_layer),
-        )
+        stream = _Stream(asyncio.Queue(), decision, received, len(prompt_ids),
+                         exit_label=self.exit_label(decision.exit_layer))
+        self._streams[request_id] = stream
         try:
             self.engine.add_request(prompt_ids, params, decision.exit_layer, request_id)
         except BaseException:
             del self._streams[request_id]
             raise
         self._update_gauges()
-        return decision
+        return Submission(request_id, decision, stream)
 
-    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
-        """Outputs of a submitted request until it finishes; closing early aborts it."""
-        stream = self._streams[request_id]
+    async def stream(self, submission: "Submission") -> AsyncIterator[RequestOutput]:
+        """Outputs of a submitted request until it finishes; closing early aborts it.
+
+        Reads the queue the submission holds: the request may finish (and leave ``_streams``)
+        before its reader starts, and its outputs must still arrive.
+        """
+        request_id, stream = submission.request_id, submission.stream
         finished = False
         try:
             while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -23,6 +24,23 @@ class APIError(Exception):
 def error_response(status: int, message: str, type: str, param=None, code=None, headers=None) -> JSONResponse:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def guard_stream(events):
+    """Relay SSE events; an error mid-stream becomes an error event and ``[DONE]``, not a cut connection."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as exc:
+        body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+        yield f"data: {json.dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+    except Exception as exc:
+        log.exception("error while streaming")
+        body = {"error": {"message": f"internal error: {type(exc).__name__}", "type": "internal_error",
+                          "param": None, "code": None}}
+        yield f"data: {json.dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

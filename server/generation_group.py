@@ -17,7 +17,7 @@ from balcony_runtime.engine import CompletedRequest, RequestOutput
 from balcony_runtime.errors import RequestError
 from balcony_runtime.router import BudgetUnmeetable, RouteDecision
 from balcony_runtime.sampling_params import SamplingParams
-from server.async_engine import AsyncEngine, Draining, EngineFailed, QueueFull
+from server.async_engine import AsyncEngine, Draining, EngineFailed, QueueFull, Submission
 from server.errors import APIError
 from server.routing_headers import exit_name
 
@@ -47,6 +47,7 @@ class GenerationGroup:
         self.received = received
         self.id = uuid.uuid4().hex[:24]
         self.request_ids: list[str] = []
+        self.submissions: list[Submission] = []
         self.decision: RouteDecision | None = None
 
     async def submit(self) -> RouteDecision:
@@ -55,11 +56,13 @@ class GenerationGroup:
             for i, spec in enumerate(self.specs):
                 rid = f"{self.id}-{i}"
                 forced = self.forced_exit if i == 0 else self.decision.exit_layer
-                budget = self.budget_ms if i == 0 else None
-                decision = await self.engine.submit(rid, spec.prompt_ids, spec.params, budget, forced, self.received)
+                # Every choice carries the budget (each is judged hit or miss); only the first routes.
+                submission = await self.engine.submit(rid, spec.prompt_ids, spec.params, self.budget_ms, forced,
+                                                      self.received)
                 self.request_ids.append(rid)
+                self.submissions.append(submission)
                 if i == 0:
-                    self.decision = decision
+                    self.decision = submission.decision
         except BaseException as exc:
             for rid in self.request_ids:
                 self.engine.abort(rid)
@@ -89,16 +92,16 @@ class GenerationGroup:
         merged: asyncio.Queue = asyncio.Queue()
         done = object()
 
-        async def pump(index: int, rid: str) -> None:
+        async def pump(index: int, submission: Submission) -> None:
             try:
-                async for out in self.engine.stream(rid):
+                async for out in self.engine.stream(submission):
                     await merged.put((index, out))
             except Exception as exc:
                 await merged.put(exc)
             finally:
                 await merged.put(done)
 
-        tasks = [asyncio.create_task(pump(i, rid)) for i, rid in enumerate(self.request_ids)]
+        tasks = [asyncio.create_task(pump(i, sub)) for i, sub in enumerate(self.submissions)]
         remaining = len(tasks)
         try:
             while remaining:

@@ -38,7 +38,7 @@ def test_router_picks_the_deepest_exit_that_fits():
     predicted = {e: 1000 * router.model.predict(e, 20, 50, IDLE) for e in EXITS}
     assert predicted[8] < predicted[15] < predicted[22] < predicted[30]
     for e in EXITS:
-        decision = router.route(predicted[e] + 0.01, 20, 50, IDLE)
+        decision = router.route(predicted[e] * 1.1 + 0.01, 20, 50, IDLE)
         assert decision.exit_layer == e and decision.predicted_fit
     assert router.route(None, 20, 50, IDLE).exit_layer == 30  # no budget: full depth
     assert router.route(1e9, 20, 50, IDLE).exit_layer == 30
@@ -62,9 +62,11 @@ def test_online_correction_moves_toward_measured_steps():
     for _ in range(50):
         m.observe(2 * before, deepest_exit=30, num_rows=4, num_prefill_tokens=0)
     assert m.decode_step(30, 4) == pytest.approx(2 * before, rel=0.02)
-    assert m.decode_step(8, 4) == pytest.approx(model().decode_step(8, 4))  # other exits untouched
-    m.observe(100.0, deepest_exit=30, num_rows=4, num_prefill_tokens=0)  # one outlier: bounded step
-    assert m.decode_step(30, 4) < 2 * before * 1.4
+    # Other exits follow the drift at half weight: up, but less than the exit that was measured.
+    assert model().decode_step(8, 4) < m.decode_step(8, 4) < 2 * model().decode_step(8, 4)
+    settled = m.decode_step(30, 4)
+    m.observe(100.0, deepest_exit=30, num_rows=4, num_prefill_tokens=0)  # one outlier: a bounded step
+    assert m.decode_step(30, 4) <= settled * (1 + m.smoothing * 3) * 1.0001  # ratio clamped at 4
 
 
 def test_queue_wait_grows_with_the_queue():

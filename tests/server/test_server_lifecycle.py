@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -70,26 +71,23 @@ def test_disconnect_aborts_and_frees_blocks(strict_server):
     assert strict_server.metric("balcony:request_success_total", finished_reason="abort") == aborted_before + 1
 
 
-def test_sigterm_drains_in_flight_requests(start, tiny_model_dir):
-    server = start("--shutdown-timeout", "60", model=str(tiny_model_dir))
-    model = server.openai().models.list().data[0].id
-    result = {}
-
-    def long_request():
-        with server.client() as client:
-            result["response"] = client.post("/v1/completions", json={"model": model, **LONG, "max_tokens": 60})
-
-    worker = threading.Thread(target=long_request)
-    worker.start()
-    assert wait_for(lambda: server.metric("balcony:num_requests_running") == 1)
-    server.process.send_signal(signal.SIGTERM)
-    assert wait_for(lambda: httpx.get(server.url + "/ready").status_code == 503, timeout=10)
-    refused = httpx.post(server.url + "/v1/completions", json={"model": model, "prompt": "hi"}, timeout=10)
-    assert refused.status_code == 503
-    worker.join(timeout=120)
-    response = result["response"]
-    assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] == "length"
-    assert response.json()["usage"]["completion_tokens"] == 60
+def test_sigterm_drains_in_flight_requests(start):
+    server = start("--shutdown-timeout", "60")  # the default model: a 120-token answer takes seconds
+    body = {"model": "smollm2-135m", "stream": True, "stream_options": {"include_usage": True}, **LONG,
+            "max_tokens": 120}
+    with server.client() as client:
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            first = next(lines)  # the request is running
+            server.process.send_signal(signal.SIGTERM)
+            assert wait_for(lambda: httpx.get(server.url + "/ready").status_code == 503, timeout=10)
+            refused = httpx.post(server.url + "/v1/completions", json={"model": "smollm2-135m", "prompt": "hi"},
+                                 timeout=10)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+            rest = [line for line in lines if line]
+    chunks = [json.loads(line.removeprefix("data: ")) for line in [first, *rest[:-1]]]
+    assert rest[-1] == "data: [DONE]"
+    assert chunks[-1]["usage"]["completion_tokens"] == 120  # finished in full, not cut off
     assert server.process.wait(timeout=60) == 0
 
 
