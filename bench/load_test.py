@@ -1,0 +1,495 @@
+"""Load test of `balcony serve`: Poisson arrivals at fixed concurrency, a mix of latency budgets.
+
+    python bench/load_test.py [--concurrency 16] [--requests 64] [--rate 4] [--max-tokens 32]
+                              [--dtype auto] [--url http://127.0.0.1:8000] [--out docs/benchmarks.md]
+
+Starts its own server (`python -m server.cli serve` on a free loopback port) unless --url names one,
+then runs, in order:
+
+1. mix: ``--requests`` streamed completions arriving as a Poisson process (``--rate`` per second),
+   at most ``--concurrency`` in flight, each with one of the budget classes of ``--budgets`` (sent
+   as X-Latency-Budget-Ms). TTFT, inter-token latency and end-to-end latency are measured here, on
+   the client, from the moment each request is sent.
+2. full: ``--full-requests`` requests with no budget (full depth), closed loop at
+   ``--concurrency`` streams: the server's throughput.
+3. engine: the same requests through LLMEngine in this process (no HTTP), closed loop at the same
+   concurrency, after the server has stopped: the HTTP path's overhead is 1 - full / engine.
+4. transformers: the first ``--hf-requests`` of them through `generate`, one by one (batch 1).
+
+Every request ignores end-of-sequence, so each generates exactly ``--max-tokens`` tokens and every
+path does the same work. Prints markdown tables and writes them between the `load-test` markers of
+the output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+PROMPTS = [
+    "The history of the printing press begins",
+    "def quicksort(items):",
+    "In a distant galaxy, a small robot",
+    "The three laws of thermodynamics state that",
+    "Once upon a time there was a",
+    "import numpy as np\nimport torch\n",
+    "The recipe calls for two cups of flour, one egg and a pinch of salt. First,",
+    "Photosynthesis is the process by which plants turn light into",
+]
+DEFAULT_BUDGETS = "none,generous=60000,medium=3500,tight=1500"
+
+
+@dataclass
+class Job:
+    index: int
+    prompt: str
+    budget_class: str
+    budget_ms: float | None
+    arrival_s: float  # offset from the phase's start at which it is sent (0: as soon as a slot frees)
+
+
+@dataclass
+class Result:
+    job: Job
+    ok: bool = False
+    error: str = ""
+    ttft_s: float = 0.0
+    itls_s: list[float] = field(default_factory=list)
+    e2e_s: float = 0.0
+    tokens: int = 0
+    exit: str = ""
+    predicted_ms: float | None = None  # the router's prediction for the exit it chose
+    server_ms: float | None = None  # the server's own measured latency
+    start: float = 0.0
+    end: float = 0.0
+
+    @property
+    def router_feasible(self) -> bool:
+        """The router predicted some exit meets the budget (it picks the deepest that does)."""
+        return self.predicted_ms is not None and self.predicted_ms <= self.job.budget_ms
+
+    @property
+    def hit(self) -> bool:
+        return 1000 * self.e2e_s <= self.job.budget_ms
+
+
+def parse_budgets(text: str) -> list[tuple[str, float | None]]:
+    classes = []
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        classes.append((name.strip(), float(value) if value else None))
+    return classes
+
+
+def make_jobs(n: int, rate: float, budgets, seed: int = 0) -> list[Job]:
+    """Fixed prompts round-robin, budget classes round-robin, Poisson arrivals (rate 0: closed loop)."""
+    rng = random.Random(seed)
+    jobs, t = [], 0.0
+    for i in range(n):
+        name, budget = budgets[i % len(budgets)]
+        jobs.append(Job(i, PROMPTS[i % len(PROMPTS)], name, budget, t))
+        if rate > 0:
+            t += rng.expovariate(rate)
+    return jobs
+
+
+# ---- HTTP -------------------------------------------------------------------------------------
+
+async def send(client: httpx.AsyncClient, model: str, job: Job, max_tokens: int) -> Result:
+    result = Result(job)
+    body = {"model": model, "prompt": job.prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    headers = {} if job.budget_ms is None else {"X-Latency-Budget-Ms": str(job.budget_ms)}
+    result.start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                result.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return result
+            result.exit = r.headers.get("X-Balcony-Exit", "")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                now = time.perf_counter()
+                if line == "data: [DONE]":
+                    result.ok = True
+                    break
+                chunk = json.loads(line[6:])
+                if "balcony" in chunk:
+                    info = chunk["balcony"]
+                    result.predicted_ms = info["predicted_ms"]
+                    result.server_ms = info.get("measured_ms") or result.server_ms
+                if chunk.get("usage"):
+                    result.tokens = chunk["usage"]["completion_tokens"]
+                if chunk["choices"]:
+                    if result.ttft_s == 0.0:
+                        result.ttft_s = now - result.start
+                    else:
+                        result.itls_s.append(now - last)
+                    last = now
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    result.end = time.perf_counter()
+    result.e2e_s = result.end - result.start
+    return result
+
+
+async def run_http(url: str, model: str, jobs: list[Job], concurrency: int, max_tokens: int,
+                   duration_s: float) -> tuple[list[Result], float, int]:
+    """(results, wall seconds from first send to last finish, jobs not sent before the duration cap)."""
+    slots = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    skipped = 0
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(job: Job) -> Result | None:
+            nonlocal skipped
+            await asyncio.sleep(max(0.0, start + job.arrival_s - time.perf_counter()))
+            async with slots:
+                if time.perf_counter() - start > duration_s:
+                    skipped += 1
+                    return None
+                return await send(client, model, job, max_tokens)
+
+        results = [r for r in await asyncio.gather(*(one(j) for j in jobs)) if r is not None]
+    wall = max(r.end for r in results) - min(r.start for r in results) if results else 0.0
+    return results, wall, skipped
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", args.dtype, "--adapters", args.adapters, "--num-kv-blocks", str(args.num_kv_blocks),
+           "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise SystemExit("server not ready after 300 s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU-seconds every process on the machine has used since boot (all cores, /proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+
+class Meter:
+    """Over a phase: wall time, this process's CPU, the server's CPU and everyone else's."""
+
+    def __init__(self, server_pid: int | None):
+        self.server_pid = server_pid
+
+    def _read(self) -> tuple[float, float, float, float]:
+        server = cpu_seconds(self.server_pid) if self.server_pid else 0.0
+        return time.perf_counter(), time.process_time(), server, machine_busy_seconds()
+
+    def __enter__(self) -> "Meter":
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall, self.own, self.server, busy = (b - a for a, b in zip(self._start, self._read()))
+        self.wall = wall
+        self.others_share = max(0.0, busy - self.own - self.server) / (wall * os.cpu_count())
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# ---- engine only and transformers --------------------------------------------------------------
+
+def in_thread(fn, *args):
+    """Run ``fn`` in a worker thread, as the server runs its step loop. On this 2-core machine, with
+    other processes busy, torch's 2 intra-op threads driven from the main thread ran the same engine
+    loop 3-6x slower than from a worker thread, so every path is measured the way the server runs."""
+    out = []
+    worker = threading.Thread(target=lambda: out.append(fn(*args)))
+    worker.start()
+    worker.join()
+    return out[0]
+
+
+def run_engine(loaded, jobs: list[Job], concurrency: int, max_tokens: int, args) -> tuple[int, float]:
+    """(output tokens, wall seconds): LLMEngine, closed loop at ``concurrency``, full depth."""
+    from balcony_runtime.engine import EngineConfig, LLMEngine
+    from balcony_runtime.sampling_params import SamplingParams
+
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=args.max_num_seqs, num_kv_blocks=args.num_kv_blocks))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    warm = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    engine.generate([j.prompt for j in jobs[:concurrency]], warm)  # same warm-up as the server gets
+    pending, in_flight, tokens = list(jobs), set(), 0
+    start = time.perf_counter()
+    while pending or in_flight:
+        while pending and len(in_flight) < concurrency:
+            in_flight.add(engine.add_request(pending.pop(0).prompt, params))
+        for out in engine.step():
+            tokens += len(out.new_token_ids)
+            if out.finished:
+                in_flight.discard(out.request_id)
+    return tokens, time.perf_counter() - start
+
+
+def run_transformers(loaded, jobs: list[Job], max_tokens: int) -> tuple[int, float]:
+    """(output tokens, wall seconds): `generate`, one request at a time, greedy, prefill included."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(loaded.path, dtype=loaded.model.dtype).eval()
+    encode = lambda p: loaded.tokenizer(p, return_tensors="pt").input_ids  # noqa: E731
+    with torch.no_grad():
+        hf.generate(encode(jobs[0].prompt), max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+        tokens, start = 0, time.perf_counter()
+        for job in jobs:
+            ids = encode(job.prompt)
+            out = hf.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+            tokens += out.shape[1] - ids.shape[1]
+    return tokens, time.perf_counter() - start
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def ms3(values: list[float]) -> str:
+    return " / ".join(f"{1000 * pct(values, q):.0f}" for q in (50, 90, 99))
+
+
+def exits_of(results: list[Result]) -> str:
+    counts = Counter(r.exit for r in results)
+    order = sorted(counts, key=lambda e: (e == "full", int(e) if e.isdigit() else 0))
+    return ", ".join(f"{e}: {counts[e]}" for e in order)
+
+
+def latency_rows(groups: list[tuple[str, list[Result]]]) -> list[str]:
+    lines = ["| requests | n | exits chosen | TTFT ms p50 / p90 / p99 | ITL ms p50 / p90 / p99 | "
+             "e2e ms p50 / p90 / p99 | budget hit | router-feasible | hit among feasible | "
+             "hit among infeasible | router ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in groups:
+        ok = [r for r in rs if r.ok]
+        budgeted = [r for r in ok if r.job.budget_ms is not None]
+        feasible = [r for r in budgeted if r.router_feasible]
+        infeasible = [r for r in budgeted if not r.router_feasible]
+
+        def rate(sub):
+            return f"{sum(r.hit for r in sub)}/{len(sub)} ({100 * sum(r.hit for r in sub) / len(sub):.0f}%)" \
+                if sub else "-"
+
+        lines.append(
+            f"| {name} | {len(ok)}{f' ({len(rs) - len(ok)} failed)' if len(ok) < len(rs) else ''} | {exits_of(ok)} | "
+            f"{ms3([r.ttft_s for r in ok])} | {ms3([x for r in ok for x in r.itls_s])} | {ms3([r.e2e_s for r in ok])} | "
+            f"{rate(budgeted)} | {len(feasible)}/{len(budgeted) or '-'} | {rate(feasible)} | {rate(infeasible)} | "
+            f"{pct([1000 * r.e2e_s / r.predicted_ms for r in ok if r.predicted_ms], 50):.2f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=None, help="target a running server instead of starting one "
+                        "(then the engine and transformers phases load the model with --dtype/--adapters)")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight at most")
+    parser.add_argument("--requests", type=int, default=96, help="requests in the budget-mix phase")
+    parser.add_argument("--rate", type=float, default=4.0, help="Poisson arrival rate of the mix phase, per second")
+    parser.add_argument("--full-requests", type=int, default=48, help="requests in the full-depth phases")
+    parser.add_argument("--hf-requests", type=int, default=8, help="of those, how many transformers serves")
+    parser.add_argument("--duration", type=float, default=120.0, help="seconds after which a phase sends no more")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
+    parser.add_argument("--budgets", default=DEFAULT_BUDGETS,
+                        help="budget classes, name=milliseconds or a bare name for none (default %(default)s)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--adapters", default="default", help="as `balcony serve --adapters`")
+    parser.add_argument("--num-kv-blocks", type=int, default=4096)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of the full-depth HTTP and engine phases")
+    parser.add_argument("--skip-baselines", action="store_true", help="HTTP phases only")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="'-' to print only")
+    args = parser.parse_args()
+
+    load_before = os.getloadavg()
+    budgets = parse_budgets(args.budgets)
+    mix_jobs = make_jobs(args.requests, args.rate, budgets)
+    full_jobs = make_jobs(args.full_requests, 0, [("none", None)])
+    process = loaded = None
+    if args.url is None:
+        log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"balcony-load-test-{os.getpid()}.log"
+        process, url = start_server(args, log_path)
+    else:
+        url = args.url.rstrip("/")
+    pid = process.pid if process else None
+    http_runs, engine_runs = [], []  # (results or None, tokens, wall, Meter)
+    try:
+        model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        warm = make_jobs(args.concurrency, 0, [("none", None)])
+        asyncio.run(run_http(url, model, warm, args.concurrency, 4, args.duration))
+        with Meter(pid) as mix_meter:
+            mix, mix_wall, mix_skipped = asyncio.run(
+                run_http(url, model, mix_jobs, args.concurrency, args.max_tokens, args.duration))
+        if not args.skip_baselines:
+            from balcony_runtime.loader import load_model
+
+            loaded = load_model(adapters=None if args.adapters == "none" else args.adapters, dtype=args.dtype,
+                                device="cpu")
+        full_skipped = 0
+        for _ in range(args.repeats):  # interleaved, so a burst of other jobs hits both paths alike
+            with Meter(pid) as meter:
+                full, wall, skipped = asyncio.run(
+                    run_http(url, model, full_jobs, args.concurrency, args.max_tokens, args.duration))
+            full_skipped += skipped
+            http_runs.append((full, sum(r.tokens for r in full if r.ok), wall, meter))
+            if loaded is not None:  # the server is idle meanwhile
+                with Meter(pid) as meter:
+                    tokens, wall = in_thread(run_engine, loaded, full_jobs, args.concurrency, args.max_tokens, args)
+                engine_runs.append((None, tokens, wall, meter))
+    finally:
+        if process is not None:
+            stop_server(process)
+    load_mid = os.getloadavg()
+
+    best_http = max(http_runs, key=lambda run: run[1] / run[2])
+    full, full_tokens, full_wall, full_meter = best_http
+    rows = [(f"HTTP, budget mix, Poisson {args.rate:g}/s, at most {args.concurrency} in flight", len(mix),
+             sum(r.tokens for r in mix if r.ok), mix_wall, mix_meter, [])]
+    rows.append((f"HTTP, full depth, {args.concurrency} concurrent streams (best of {len(http_runs)})",
+                 len([r for r in full if r.ok]), full_tokens, full_wall, full_meter, http_runs))
+    engine_tps = hf_tps = None
+    if engine_runs:
+        _, tokens, wall, meter = max(engine_runs, key=lambda run: run[1] / run[2])
+        engine_tps = tokens / wall
+        rows.append((f"engine only (no HTTP), full depth, {args.concurrency} concurrent (best of {len(engine_runs)})",
+                     len(full_jobs), tokens, wall, meter, engine_runs))
+    if loaded is not None:
+        hf_jobs = full_jobs[: args.hf_requests]
+        with Meter(None) as hf_meter:
+            tokens, wall = in_thread(run_transformers, loaded, hf_jobs, args.max_tokens)
+        hf_tps = tokens / wall
+        rows.append(("transformers `generate`, one request at a time", len(hf_jobs), tokens, wall, hf_meter, []))
+        dtype_name = str(loaded.model.dtype).removeprefix("torch.")
+    else:
+        dtype_name = args.dtype
+    load_after = os.getloadavg()
+
+    import torch
+
+    lines = [
+        f"Default model, dtype {dtype_name}, adapters `{args.adapters}`; {args.max_tokens} output tokens per request "
+        f"(end-of-sequence ignored), greedy; {len(PROMPTS)} fixed prompts of 5-17 tokens; "
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}. Server, load generator and the "
+        f"engine-only phase share the machine (the server idles during the engine-only phase). Load average (1 min) "
+        f"before / after the HTTP phases / at the end: {load_before[0]:.2f} / {load_mid[0]:.2f} / {load_after[0]:.2f}. "
+        "\"Other jobs\" is the CPU time used during each phase by processes other than this script and its server "
+        "(from /proc/stat), as a share of the machine's cores: other sessions share this machine, and where that "
+        "share is large the row's figures are depressed.",
+        "",
+        "| path | requests | requests/s | output tokens/s | vs transformers | all runs, tokens/s | "
+        "CPU ms per output token (script / server) | other jobs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, n, tokens, wall, meter, runs in rows:
+        ratio = f"{tokens / wall / hf_tps:.2f}x" if hf_tps else "-"
+        all_runs = ", ".join(f"{t / w:.1f}" for _, t, w, _ in runs) or "-"
+        cpu = f"{1000 * meter.own / tokens:.1f} / {1000 * meter.server / tokens:.1f}"
+        lines.append(f"| {name} | {n} | {n / wall:.2f} | {tokens / wall:.1f} | {ratio} | {all_runs} | {cpu} | "
+                     f"{100 * meter.others_share:.0f}% |")
+    if mix_skipped or full_skipped:
+        lines.append(f"\nNot sent before the {args.duration:g} s cap: {mix_skipped} (mix), {full_skipped} (full).")
+    lines += ["", f"Latency, measured on the client (streamed; budget classes {args.budgets}); "
+              "router ratio: median of measured e2e / the router's predicted e2e:", ""]
+    lines += latency_rows([*((c, [r for r in mix if r.job.budget_class == c]) for c, _ in budgets),
+                           ("mix, all", mix), ("full depth, closed loop (best run)", full)])
+    http_full = full_tokens / full_wall
+    goals = ["", "| goal | measured | met |", "|---|---|---|"]
+    if engine_tps:
+        overhead = 1 - http_full / engine_tps
+        goals.append(f"| HTTP overhead under 10% at {args.concurrency} streams | {100 * overhead:.1f}% "
+                     f"({http_full:.1f} vs {engine_tps:.1f} tok/s) | {'yes' if overhead < 0.10 else 'no'} |")
+    if hf_tps:
+        ratio = http_full / hf_tps
+        goals.append(f"| {args.concurrency} full-depth streams >= 6x transformers one by one | {ratio:.2f}x "
+                     f"({http_full:.1f} vs {hf_tps:.1f} tok/s) | {'yes' if ratio >= 6 else 'no'} |")
+    feasible = [r for r in mix if r.ok and r.job.budget_ms is not None and r.router_feasible]
+    if feasible:
+        share = sum(r.hit for r in feasible) / len(feasible)
+        goals.append(f"| >= 99% of requests whose budget some exit can meet meet it | {100 * share:.1f}% "
+                     f"({sum(r.hit for r in feasible)}/{len(feasible)}) | {'yes' if share >= 0.99 else 'no'} |")
+    lines += goals
+    lines += [
+        "",
+        "Definitions. TTFT: from sending the request to the first streamed token; ITL: gaps between a request's "
+        "streamed tokens, pooled; e2e: sending to `data: [DONE]`. Budget hit: client-measured e2e <= the budget. "
+        "Router-feasible: the router's predicted latency of the exit it chose (from the first chunk's `balcony` "
+        "object) is within the budget; since the router picks the deepest exit predicted to fit and the shallowest "
+        "when none does, this is exactly \"the router predicted, at admission, that some exit meets the budget\". "
+        "It is the definition the server can act on, needs no second run, and judges the router's promises; its "
+        "weakness is that a pessimistic router shrinks the feasible set, so the last column shows how many "
+        "requests the router called infeasible met their budget anyway. Throughput: successful requests' output "
+        "tokens over the wall time from the first send to the last finish. CPU per output token: this script's and "
+        "the server's CPU time over the phase (the engine and transformers rows include building the engine or "
+        "loading the model, and a warm-up). The engine-only and transformers paths run in a worker thread, as the "
+        "server's step loop does.",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if str(args.out) != "-":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from decode_throughput import write_section
+
+        command = "python bench/load_test.py " + " ".join(sys.argv[1:])
+        write_section(args.out, "load-test", table, command.strip())
+
+
+if __name__ == "__main__":
+    main()
