@@ -173,3 +173,20 @@ def test_openai_client_raises_typed_errors(default_server):
         client.completions.create(model="nope", prompt="hi", max_tokens=1)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="smollm2-135m", prompt="hi", max_tokens=1, extra_body={"suffix": "z"})
+
+
+def test_choices_that_finish_before_their_reader_starts_are_not_lost(default_server):
+    """n choices are queued one by one; with max_tokens 1 the first can finish before the last is
+    queued. Every choice must still come back, streamed or not."""
+    body = {"model": "smollm2-135m", "prompt": ["a", "b"], "n": 4, "max_tokens": 1, "temperature": 0}
+    for _ in range(8):
+        r = httpx.post(default_server.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert sorted(c["index"] for c in r.json()["choices"]) == list(range(8))
+        with httpx.stream("POST", default_server.url + "/v1/completions", json={**body, "stream": True},
+                          timeout=60) as s:
+            lines = [line for line in s.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        finished = [c for line in lines[:-1] for c in json.loads(line.removeprefix("data: "))["choices"]
+                    if c["finish_reason"]]
+        assert sorted(c["index"] for c in finished) == list(range(8))
