@@ -13,6 +13,7 @@ online from every step's measured time (exponentially weighted ratio of measured
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -39,6 +40,24 @@ class LatencyModel:
     costs: dict[int, ExitCost]  # by exit layer (full depth included)
     smoothing: float = 0.2  # weight of each new observation in the online correction
     observations: int = field(default=0)
+    # Measured / predicted end-to-end latency of recent requests: what the step model misses
+    # (arrivals that join later, prefill chunks of others, scheduling gaps), learnt as a whole.
+    e2e_ratios: deque = field(default_factory=lambda: deque(maxlen=256))
+    e2e_quantile: float = 0.95  # predictions are scaled so this share of requests would have fit
+    min_e2e_samples: int = 8  # below this many finished requests, no scaling
+
+    @property
+    def e2e_factor(self) -> float:
+        """The recent ``e2e_quantile`` of measured / predicted, never below 1."""
+        if len(self.e2e_ratios) < self.min_e2e_samples:
+            return 1.0
+        ordered = sorted(self.e2e_ratios)
+        return max(1.0, ordered[min(len(ordered) - 1, int(self.e2e_quantile * len(ordered)))])
+
+    def observe_request(self, predicted_s: float, measured_s: float) -> None:
+        """Learn from one finished request: ``predicted_s`` is :meth:`predict`'s unscaled value."""
+        if predicted_s > 0 and measured_s > 0:
+            self.e2e_ratios.append(measured_s / predicted_s)
 
     def decode_step(self, deepest_exit: int, rows: int) -> float:
         cost = self.costs[deepest_exit]

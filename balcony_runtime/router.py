@@ -23,9 +23,10 @@ class BudgetUnmeetable(RequestError):
 class RouteDecision:
     exit_layer: int  # chosen exit (num_layers = full depth)
     budget_ms: float | None  # the request's budget, if it had one
-    predicted_ms: float  # predicted end-to-end latency at the chosen exit
+    predicted_ms: float  # predicted end-to-end latency at the chosen exit (scaled by the e2e factor)
     predicted_fit: bool | None  # whether the prediction fits the budget (None without a budget)
     forced: bool  # the client named the exit itself
+    model_ms: float = 0.0  # the latency model's unscaled prediction (what it learns against)
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Router:
     model: LatencyModel
     exits: tuple[int, ...]  # shallow to deep, the full depth last
     policy: str = "best-effort"  # "best-effort": shallowest exit on a miss; "reject": refuse
-    headroom: float = 0.1  # an exit fits when its prediction times (1 + headroom) is within budget
+    headroom: float = 0.0  # extra margin on top of the learnt end-to-end factor
 
     def route(
         self,
@@ -43,22 +44,21 @@ class Router:
         load: LoadSnapshot,
         forced_exit: int | None = None,
     ) -> RouteDecision:
-        def predicted_ms(e: int) -> float:
-            return 1000 * self.model.predict(e, prompt_tokens, max_tokens, load)
+        factor = self.model.e2e_factor * (1 + self.headroom)
 
+        def decide(e: int, fit: bool | None, forced: bool) -> RouteDecision:
+            return RouteDecision(e, budget_ms, model_ms[e] * factor, fit, forced, model_ms[e])
+
+        model_ms = {e: 1000 * self.model.predict(e, prompt_tokens, max_tokens, load) for e in self.exits}
         if forced_exit is not None:
-            ms = predicted_ms(forced_exit)
-            fit = None if budget_ms is None else ms <= budget_ms
-            return RouteDecision(forced_exit, budget_ms, ms, fit, forced=True)
+            fit = None if budget_ms is None else model_ms[forced_exit] * factor <= budget_ms
+            return decide(forced_exit, fit, forced=True)
         if budget_ms is None:
-            full = self.exits[-1]
-            return RouteDecision(full, None, predicted_ms(full), None, forced=False)
+            return decide(self.exits[-1], None, forced=False)
         for e in reversed(self.exits):  # deepest first
-            ms = predicted_ms(e)
-            if ms * (1 + self.headroom) <= budget_ms:
-                return RouteDecision(e, budget_ms, ms, True, forced=False)
+            if model_ms[e] * factor <= budget_ms:
+                return decide(e, True, forced=False)
         shallowest = self.exits[0]
-        ms = predicted_ms(shallowest)
         if self.policy == "reject":
-            raise BudgetUnmeetable(budget_ms, ms)
-        return RouteDecision(shallowest, budget_ms, ms, False, forced=False)
+            raise BudgetUnmeetable(budget_ms, model_ms[shallowest] * factor)
+        return decide(shallowest, False, forced=False)

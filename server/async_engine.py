@@ -243,6 +243,7 @@ class AsyncEngine:
                 m.request_success.labels(label, out.finish_reason).inc()
                 decision = stream.decision
                 m.prediction_error.labels(label).observe(abs(seconds - decision.predicted_ms / 1000))
+                self.router.model.observe_request(decision.model_ms / 1000, seconds)
                 if decision.budget_ms is None:
                     outcome = "none"
                 else:

@@ -38,7 +38,7 @@ def test_router_picks_the_deepest_exit_that_fits():
     predicted = {e: 1000 * router.model.predict(e, 20, 50, IDLE) for e in EXITS}
     assert predicted[8] < predicted[15] < predicted[22] < predicted[30]
     for e in EXITS:
-        decision = router.route(predicted[e] * 1.1 + 0.01, 20, 50, IDLE)
+        decision = router.route(predicted[e] + 0.01, 20, 50, IDLE)
         assert decision.exit_layer == e and decision.predicted_fit
     assert router.route(None, 20, 50, IDLE).exit_layer == 30  # no budget: full depth
     assert router.route(1e9, 20, 50, IDLE).exit_layer == 30
@@ -74,3 +74,17 @@ def test_queue_wait_grows_with_the_queue():
     full = LoadSnapshot(running_exits=(30,) * 8, num_waiting=0, mean_remaining_tokens=40, max_num_seqs=8)
     longer = LoadSnapshot(running_exits=(30,) * 8, num_waiting=16, mean_remaining_tokens=40, max_num_seqs=8)
     assert m.queue_wait(IDLE) < m.queue_wait(full) < m.queue_wait(longer)
+
+
+def test_end_to_end_factor_learns_from_finished_requests():
+    router = Router(model(), EXITS)
+    budget = 1000 * router.model.predict(30, 20, 50, IDLE) * 1.05  # full depth fits, just
+    assert router.route(budget, 20, 50, IDLE).exit_layer == 30
+    for _ in range(20):  # requests keep taking 30% longer than predicted
+        router.model.observe_request(1.0, 1.3)
+    assert router.model.e2e_factor == pytest.approx(1.3)
+    decision = router.route(budget, 20, 50, IDLE)
+    assert decision.exit_layer < 30 and decision.predicted_ms == pytest.approx(1.3 * decision.model_ms)
+    for _ in range(300):  # faster than predicted: the factor never goes below 1
+        router.model.observe_request(1.0, 0.5)
+    assert router.model.e2e_factor == 1.0
