@@ -128,9 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.set_defaults(run=cmd_generate)
 
-    for name, text in [("train", "train balconies by self-distillation"),
-                       ("eval", "per-exit quality against the full model and baselines"),
-                       ("bench", "decode throughput of the engine against transformers")]:
+    from balcony_runtime.evaluation.command import add_eval_options, cmd_eval
+    from balcony_runtime.training.command import add_train_options, cmd_train
+
+    train = sub.add_parser("train", help="train balconies by self-distillation")
+    add_train_options(train)
+    train.set_defaults(run=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="per-exit quality against the full model and baselines")
+    add_eval_options(evaluate)
+    evaluate.set_defaults(run=cmd_eval)
+
+    for name, text in [("bench", "decode throughput of the engine against transformers")]:
         sub.add_parser(name, help=text).set_defaults(run=cmd_not_ready(name))
     return parser
 

@@ -1,0 +1,1 @@
+"""Per-exit quality against the full model, beside naive early exit and layer dropping."""

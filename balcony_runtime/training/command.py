@@ -1,0 +1,103 @@
+"""`balcony train` options (mapped one to one onto TrainConfig and DataConfig) and the command."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from balcony_runtime.model_source import DEFAULT_MODEL
+
+
+def parse_exits(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"exits must be comma-separated layer counts, got {text!r}") from None
+
+
+def add_data_options(p: argparse.ArgumentParser, heldout_help: str) -> None:
+    p.add_argument("data", nargs="+",
+                   help="text files (.txt .md .rst), folders of them, JSONL files, or hf:NAME[:CONFIG]:SPLIT")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per packed sequence (default %(default)s)")
+    p.add_argument("--text-field", default="text", help="JSONL / dataset field with the text")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap each document as the assistant turn of the model's chat template (as the paper did)")
+    p.add_argument("--chat-prompt", default="Write a document.",
+                   help="user turn for --chat-template when a document has no prompt field")
+    p.add_argument("--heldout-fraction", type=float, default=0.05, help=heldout_help)
+    p.add_argument("--seed", type=int, default=0, help="fixes the held-out split and the data order")
+
+
+def data_config(args):
+    from balcony_runtime.training.data import DataConfig
+
+    return DataConfig(sources=tuple(args.data), seq_len=args.seq_len, text_field=args.text_field,
+                      chat_template=args.chat_template, chat_prompt=args.chat_prompt,
+                      heldout_fraction=args.heldout_fraction, seed=args.seed)
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    add_data_options(p, "share of documents (by document) kept out of training (default %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model source (default %(default)s)")
+    p.add_argument("--exits", type=parse_exits, default=None, help="balcony exits, e.g. 8,15,22 (default: the model's)")
+    p.add_argument("--init", default="last", choices=["last", "random"],
+                   help="balcony initialisation: copy of the last backbone layer (the paper's) or random")
+    p.add_argument("--init-from", default=None, metavar="ADAPTERS",
+                   help="start from trained adapters (e.g. balcony_runtime/shipped_adapters/smollm2-135m) "
+                        "with a fresh schedule: continued training")
+    p.add_argument("--first-sequence", type=int, default=0, metavar="N",
+                   help="start at packed sequence N of the data order, e.g. after the sequences a warm start "
+                        "already saw (tokens seen / seq-len)")
+    p.add_argument("--output-dir", default="runs/balcony", help="checkpoint/, adapters/ and log.jsonl")
+    p.add_argument("--tokens", type=int, default=None, help="length of the schedule in training tokens")
+    p.add_argument("--max-steps", type=int, default=None, help="length of the schedule in optimizer steps")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop with a checkpoint after this step, keeping the schedule (resume later)")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward per process")
+    p.add_argument("--grad-accum", type=int, default=1, help="forwards per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="peak AdamW learning rate (default 1e-3: better than the paper's 5e-4 here, DESIGN §4)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup-fraction", type=float, default=0.01, help="linear warm-up share, then cosine")
+    p.add_argument("--clip-norm", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--kl-chunk", type=int, default=512, help="positions per chunk of full-vocabulary logits")
+    p.add_argument("--save-every", type=int, default=100, help="optimizer steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=10, help="optimizer steps between progress lines")
+    p.add_argument("--snapshot-every", type=int, default=None,
+                   help="also export adapters to OUTPUT_DIR/snapshots/step-N every N steps (quality curves)")
+    p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --output-dir")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"],
+                   help="bf16 autocast (auto: where the device has native bf16)")
+    p.add_argument("--adapter-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the exported adapters")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from balcony_runtime.errors import BalconyError
+    from balcony_runtime.training.config import TrainConfig
+    from balcony_runtime.training.trainer import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        config = TrainConfig(
+            data=data_config(args), output_dir=args.output_dir, model=args.model, exits=args.exits,
+            init=args.init, init_from=args.init_from, first_sequence=args.first_sequence, device=args.device, autocast=args.autocast, micro_batch_size=args.micro_batch_size,
+            grad_accum=args.grad_accum, total_tokens=args.tokens, max_steps=args.max_steps,
+            stop_after=args.stop_after, lr=args.lr, weight_decay=args.weight_decay,
+            warmup_fraction=args.warmup_fraction, clip_norm=args.clip_norm, kl_chunk=args.kl_chunk,
+            save_every=args.save_every, snapshot_every=args.snapshot_every, log_every=args.log_every,
+            resume=not args.no_resume,
+            adapter_dtype=args.adapter_dtype, command=shlex.join(["balcony"] + sys.argv[1:]),
+        )
+        state = train(config, log=lambda text: print(text, file=sys.stderr, flush=True))
+    except (BalconyError, ValueError) as exc:
+        print(f"balcony train: {exc}", file=sys.stderr)
+        return 2
+    planned_stop = min(state["total_steps"], config.stop_after or state["total_steps"])
+    return 0 if state["step"] >= planned_stop else 130  # 130: stopped by Ctrl-C / SIGTERM, resumable

@@ -1,0 +1,60 @@
+"""Training recipe. Defaults follow DESIGN §1 (the paper) except the learning rate: 1e-3, the better
+of the two rates measured on these machines (DESIGN §4: lower KL ratio than 5e-4 at every point)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from balcony_runtime.model_source import DEFAULT_MODEL
+from balcony_runtime.training.data import DataConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig
+    output_dir: str  # checkpoint/, adapters/ and log.jsonl go here
+    model: str = DEFAULT_MODEL  # model source (alias, HF directory, .gguf, hub id)
+    exits: tuple[int, ...] | None = None  # None: the model's default exits (8, 15, 22 for the default)
+    init: str = "last"  # balcony initialisation: "last" (copy of the last backbone layer) or "random"
+    init_from: str | None = None  # adapters directory to start from instead (warm start with a new schedule)
+    device: str = "auto"  # cpu, cuda, or auto (cuda:<LOCAL_RANK> under torchrun when available)
+    autocast: str = "auto"  # bf16 autocast: "auto" (where the device supports it), "bf16" or "off"
+    first_sequence: int = 0  # index in the packed stream of the first sequence trained on (skip what a warm start saw)
+    micro_batch_size: int = 4  # sequences per forward, per process
+    grad_accum: int = 1  # forwards per optimizer step
+    total_tokens: int | None = None  # length of the schedule in tokens (or give max_steps)
+    max_steps: int | None = None  # length of the schedule in optimizer steps
+    stop_after: int | None = None  # stop (with a checkpoint) after this step; the schedule is unchanged
+    lr: float = 1e-3  # peak AdamW learning rate
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.01  # linear warm-up over this share of steps, then cosine to 0
+    clip_norm: float = 1.0  # global gradient-norm clip
+    kl_chunk: int = 512  # positions per chunk of full-vocabulary logits in the KL
+    save_every: int = 100  # optimizer steps between checkpoints
+    log_every: int = 10  # optimizer steps between progress lines
+    snapshot_every: int | None = None  # also export adapters to snapshots/step-N every N steps (curves)
+    resume: bool = True  # continue from output_dir/checkpoint when it exists
+    adapter_dtype: str = "float16"  # dtype of the exported adapters
+    seed: int = 0  # random balcony initialisation
+    command: str = ""  # the command line, recorded in the adapters
+    extra_meta: dict = field(default_factory=dict)  # recorded in the adapters' training section
+
+    def __post_init__(self) -> None:
+        if self.init_from is not None and self.init != "last":
+            raise ValueError("give either init_from (start from trained adapters) or init='random', not both")
+        if self.init not in ("last", "random"):
+            raise ValueError(f"init must be 'last' or 'random', got {self.init!r}")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise ValueError(f"autocast must be auto, bf16 or off, got {self.autocast!r}")
+        if (self.total_tokens is None) == (self.max_steps is None):
+            raise ValueError("give exactly one of total_tokens and max_steps")
+        if self.first_sequence < 0:
+            raise ValueError(f"first_sequence must be at least 0, got {self.first_sequence}")
+        for name in ("micro_batch_size", "grad_accum", "kl_chunk", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.lr <= 0 or self.clip_norm <= 0:
+            raise ValueError("lr and clip_norm must be positive")

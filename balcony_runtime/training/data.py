@@ -1,0 +1,260 @@
+"""Training and evaluation text: sources -> documents -> token ids -> packed sequences.
+
+Sources: a text file (.txt, .md, .rst, .text), a folder of them (recursive; empty files skipped),
+a JSONL file (one object a line with a text field), or ``hf:NAME[:CONFIG]:SPLIT`` for a Hugging Face
+dataset read in streaming mode (real hardware; no hub is reachable on CPU-only CI machines).
+The held-out split is by document: a document is held out when a hash of (seed, its id) falls under
+the held-out fraction, so the split needs no global pass and is the same in every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from balcony_runtime.errors import BalconyError
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+JSONL_SUFFIXES = (".jsonl",)
+
+
+class DataError(BalconyError):
+    """Training or evaluation data that cannot be read as asked."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[str, ...]  # files, folders, JSONL files or hf:NAME[:CONFIG]:SPLIT
+    seq_len: int = 512  # tokens per packed sequence
+    text_field: str = "text"  # JSONL / dataset field holding the document
+    chat_template: bool = False  # wrap each document as an assistant reply (the paper's cosmopedia setup)
+    chat_prompt: str = "Write a document."  # user turn when chat_template is on and no prompt field
+    prompt_field: str = "prompt"  # JSONL / dataset field used as the user turn if present
+    heldout_fraction: float = 0.05  # share of documents held out for evaluation (1: all, for eval-only sets)
+    seed: int = 0  # fixes the held-out split and the epoch shuffles
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise DataError("no data sources given")
+        if self.seq_len < 2:
+            raise DataError(f"sequence length must be at least 2, got {self.seq_len}")
+        if not 0.0 <= self.heldout_fraction <= 1.0:
+            raise DataError(f"held-out fraction must be in [0, 1], got {self.heldout_fraction}")
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str  # stable name: file path, or file path and line, or dataset row
+    text: str
+    prompt: str | None = None
+
+
+def is_heldout(doc_id: str, config: DataConfig) -> bool:
+    digest = hashlib.sha256(f"{config.seed}:{doc_id}".encode()).digest()
+    return config.heldout_fraction == 1.0 or int.from_bytes(digest[:8], "big") / 2**64 < config.heldout_fraction
+
+
+def iter_documents(config: DataConfig) -> Iterator[Document]:
+    for source in config.sources:
+        if source.startswith("hf:"):
+            yield from _hf_documents(source, config)
+            continue
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES)
+            if not files:
+                raise DataError(f"folder {path} holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
+            for file in files:
+                yield from _file_documents(file, config, skip_empty=True)
+        elif path.is_file():
+            yield from _file_documents(path, config, skip_empty=False)
+        else:
+            raise DataError(f"data source {source!r} does not exist (a file, a folder or hf:NAME:SPLIT)")
+
+
+def _file_documents(path: Path, config: DataConfig, skip_empty: bool) -> Iterator[Document]:
+    if path.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
+        raise DataError(
+            f"{path}: unknown data format {path.suffix or '(no suffix)'!r}; use text "
+            f"({', '.join(TEXT_SUFFIXES)}), JSONL ({', '.join(JSONL_SUFFIXES)}) or hf:NAME:SPLIT"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text: {exc}") from exc
+    if not text.strip():
+        if skip_empty:
+            return
+        raise DataError(f"{path} is empty")
+    if path.suffix in TEXT_SUFFIXES:
+        yield Document(str(path), text)
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number} is not valid JSON: {exc}") from exc
+        if not isinstance(row, dict) or not isinstance(row.get(config.text_field), str):
+            raise DataError(f"{path}:{number} has no string field {config.text_field!r}")
+        prompt = row.get(config.prompt_field)
+        yield Document(f"{path}:{number}", row[config.text_field], prompt if isinstance(prompt, str) else None)
+
+
+def _hf_documents(source: str, config: DataConfig) -> Iterator[Document]:
+    parts = source[3:].split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise DataError(f"{source!r}: expected hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
+    name, subset, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError("hf: sources need the `datasets` package (pip install datasets)") from exc
+    try:
+        stream = datasets.load_dataset(name, subset, split=split, streaming=True)
+    except Exception as exc:  # the hub's errors vary (offline, missing dataset, gated)
+        raise DataError(f"could not open dataset {source!r}: {exc}") from exc
+    for index, row in enumerate(stream):
+        text = row.get(config.text_field)
+        if not isinstance(text, str):
+            raise DataError(f"{source!r} row {index} has no string field {config.text_field!r}")
+        prompt = row.get(config.prompt_field)
+        yield Document(f"{source}:{index}", text, prompt if isinstance(prompt, str) else None)
+
+
+def encode_document(doc: Document, tokenizer, config: DataConfig) -> list[int]:
+    """Token ids of one document, ending in EOS so packed documents stay apart."""
+    if config.chat_template:
+        messages = [
+            {"role": "user", "content": doc.prompt or config.chat_prompt},
+            {"role": "assistant", "content": doc.text},
+        ]
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=False)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+    ids = tokenizer.encode(doc.text, add_special_tokens=False)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def split_documents(config: DataConfig, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """Tokenised (train, held-out) documents of local sources, split by document."""
+    train, heldout = [], []
+    for doc in iter_documents(config):
+        ids = encode_document(doc, tokenizer, config)
+        if ids:
+            (heldout if is_heldout(doc.doc_id, config) else train).append(ids)
+    if not train:
+        raise DataError(f"no training documents in {', '.join(config.sources)} (all empty or held out)")
+    return train, heldout
+
+
+def pack(documents: list[list[int]], seq_len: int) -> torch.Tensor:
+    """Concatenate documents and cut into rows of seq_len tokens: [N, S] int64 (the tail is dropped)."""
+    flat = torch.tensor([t for doc in documents for t in doc], dtype=torch.long)
+    n = flat.numel() // seq_len
+    return flat[: n * seq_len].view(n, seq_len)
+
+
+class PackedStream:
+    """Packed training sequences in a fixed order: epoch e shuffles the documents with seed + e.
+
+    Sequence i of the whole run is a pure function of (documents, seq_len, seed, i), so a run resumes
+    exactly by its count of sequences consumed, and process r of w takes sequences i = r mod w.
+    """
+
+    def __init__(self, documents: list[list[int]], seq_len: int, seed: int):
+        self.documents, self.seq_len, self.seed = documents, seq_len, seed
+        total = sum(len(d) for d in documents)
+        self.per_epoch = total // seq_len
+        if self.per_epoch == 0:
+            raise DataError(f"training data has {total} tokens, fewer than one sequence of {seq_len}")
+        self._epoch, self._rows = -1, None
+
+    def _epoch_rows(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(len(self.documents), generator=g).tolist()
+            self._rows = pack([self.documents[i] for i in order], self.seq_len)
+            self._epoch = epoch
+        return self._rows
+
+    def sequence(self, index: int) -> torch.Tensor:
+        epoch, row = divmod(index, self.per_epoch)
+        return self._epoch_rows(epoch)[row]
+
+    def batch(self, start: int, count: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """This process's share of global sequences start .. start + count * world: [count, S]."""
+        return torch.stack([self.sequence(start + j * world + rank) for j in range(count)])
+
+
+class StreamingPacked:
+    """Packed sequences read once, in order, from documents that do not fit in memory (hf: sources).
+
+    Same interface as :class:`PackedStream` for increasing ``start``; resuming skips the sequences
+    already consumed (reading them again), and every process reads the stream and keeps its share.
+    """
+
+    def __init__(self, documents: Iterator[list[int]], seq_len: int):
+        self.documents, self.seq_len = documents, seq_len
+        self.buffer: list[int] = []
+        self.next_index = 0
+
+    def _next_sequence(self) -> torch.Tensor:
+        while len(self.buffer) < self.seq_len:
+            try:
+                self.buffer.extend(next(self.documents))
+            except StopIteration:
+                raise DataError("the data stream ended before the planned number of training tokens") from None
+        row, self.buffer = self.buffer[: self.seq_len], self.buffer[self.seq_len :]
+        self.next_index += 1
+        return torch.tensor(row, dtype=torch.long)
+
+    def sequence(self, index: int) -> torch.Tensor:
+        if index < self.next_index:
+            raise DataError("a streaming source is read forward only")
+        while self.next_index < index:
+            self._next_sequence()
+        return self._next_sequence()
+
+    def batch(self, start: int, count: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+        return torch.stack([self.sequence(start + j * world + rank) for j in range(count)])
+
+
+def training_stream(config: DataConfig, tokenizer):
+    """The training side of ``config``: in memory for local sources, streamed for hf: ones."""
+    if any(s.startswith("hf:") for s in config.sources):
+        docs = (
+            encode_document(d, tokenizer, config)
+            for d in iter_documents(config)
+            if not is_heldout(d.doc_id, config)
+        )
+        return StreamingPacked(docs, config.seq_len)
+    train, _ = split_documents(config, tokenizer)
+    return PackedStream(train, config.seq_len, config.seed)
+
+
+def heldout_sequences(config: DataConfig, tokenizer, max_sequences: int) -> torch.Tensor:
+    """Packed held-out sequences [N, S], at most max_sequences (in document order)."""
+    docs: list[list[int]] = []
+    needed = max_sequences * config.seq_len
+    for doc in iter_documents(config):
+        if is_heldout(doc.doc_id, config):
+            docs.append(encode_document(doc, tokenizer, config))
+            if sum(len(d) for d in docs) >= needed:
+                break
+    rows = pack(docs, config.seq_len)[:max_sequences]
+    if rows.shape[0] == 0:
+        raise DataError(
+            f"held-out split of {', '.join(config.sources)} has fewer than {config.seq_len} tokens "
+            f"(held-out fraction {config.heldout_fraction})"
+        )
+    return rows

@@ -1,0 +1,90 @@
+"""Dense causal forward over packed sequences, for training and evaluation (no KV cache).
+
+Rows of a batch are independent sequences of equal length S, flattened to [B * S] tokens so the
+decoder layers see the [T, H] layout they use for serving. Each row is causal from its own
+position 0 (packing without cross-document masking, as the paper's training did).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from balcony_runtime.model.balcony_model import BalconyModel
+from balcony_runtime.model.decoder_layer import Attend
+
+
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """LLaMA's rotate-half RoPE in fp32. x: [B, S, H, D]; cos, sin: [S, D/2]."""
+    c, s = cos[None, :, None, :], sin[None, :, None, :]  # [1, S, 1, D/2]
+    x1, x2 = x.float().chunk(2, dim=-1)  # [B, S, H, D/2] each
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def dense_attend(model: BalconyModel, batch_size: int, seq_len: int) -> Attend:
+    """Causal attention for ``batch_size`` rows of ``seq_len`` tokens, flattened to [B * S]."""
+    arch = model.arch
+    cos, sin = model.rope_cos[:seq_len], model.rope_sin[:seq_len]  # [S, D/2]
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q = rotate_half(q.view(batch_size, seq_len, arch.num_heads, arch.head_dim), cos, sin)
+        k = rotate_half(k.view(batch_size, seq_len, arch.num_kv_heads, arch.head_dim), cos, sin)
+        v = v.view(batch_size, seq_len, arch.num_kv_heads, arch.head_dim)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, Hq|Hk, S, D]
+            is_causal=True, scale=model.scale, enable_gqa=arch.num_heads != arch.num_kv_heads,
+        )  # [B, Hq, S, D]
+        return out.transpose(1, 2).reshape(batch_size * seq_len, arch.num_heads, arch.head_dim)
+
+    return attend
+
+
+@dataclass
+class BackboneStates:
+    """What one frozen backbone pass leaves for the exits (all detached)."""
+
+    at_exit: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer count k -> (out, residual) [T, H]
+    final: tuple[torch.Tensor, torch.Tensor]  # after all L layers: (out, residual) [T, H]
+    attend: Attend  # the dense attention these rows use, reused by balconies and baselines
+
+
+@torch.no_grad()
+def backbone_pass(model: BalconyModel, input_ids: torch.Tensor, keep: set[int]) -> BackboneStates:
+    """Run the frozen backbone over input_ids [B, S]; keep the hidden state after k layers for k in keep."""
+    if input_ids.shape[1] > model.rope_cos.shape[0]:
+        raise ValueError(
+            f"sequence length {input_ids.shape[1]} exceeds the model's {model.rope_cos.shape[0]} positions"
+        )
+    batch_size, seq_len = input_ids.shape
+    attend = dense_attend(model, batch_size, seq_len)
+    hidden = F.embedding(input_ids.flatten(), model.embed_tokens)  # [T, H]
+    residual = None
+    at_exit = {}
+    for l, layer in enumerate(model.layers):
+        hidden, residual = layer(hidden, residual, attend, model.ops)
+        if l + 1 in keep:
+            at_exit[l + 1] = (hidden, residual)
+    return BackboneStates(at_exit, (hidden, residual), attend)
+
+
+def balcony_normed(model: BalconyModel, k: int, states: BackboneStates) -> torch.Tensor:
+    """Balcony k on the detached exit state, then its final norm: [T, H], ready for the LM head."""
+    balcony = model.balconies[str(k)]
+    out, res = balcony.layer(*states.at_exit[k], states.attend, model.ops)
+    normed, _ = model.ops.rms_norm(out, balcony.norm, model.arch.rms_norm_eps, res)
+    return normed
+
+
+def final_normed(model: BalconyModel, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The backbone's final norm: [T, H]."""
+    normed, _ = model.ops.rms_norm(hidden, model.norm, model.arch.rms_norm_eps, residual)
+    return normed
+
+
+def lm_logits(model: BalconyModel, normed: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The frozen, shared LM head: [N, H] -> fp32 logits [N, V]. ``weight``: a copy of the head in
+    another dtype (bf16 on CPUs with native bf16: the head is most of a training step's FLOPs)."""
+    weight = model.lm_head if weight is None else weight
+    return F.linear(normed.to(weight.dtype), weight).float()

@@ -1,0 +1,92 @@
+"""Training throughput of `balcony train` and where a step's time goes.
+
+    python bench/training_throughput.py [--threads 1] [--steps 2] [--batch 4] [--seq-len 512]
+
+Times one optimizer step's parts on random tokens with the default model: the frozen backbone's
+forward, the balconies' forward, the LM head + KL (teacher and students, forward and gradient), and
+the balconies' backward, in fp32 and in bf16 autocast. Prints a Markdown table and writes it to
+docs/training_throughput.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+
+
+def time_step(model, ids, exits, amp, head_weight, chunk):
+    from balcony_runtime.training.dense_forward import backbone_pass, balcony_normed, final_normed
+    from balcony_runtime.training.loss import student_chunk, teacher_chunk
+
+    times = {}
+    t = time.perf_counter()
+    with amp():
+        states = backbone_pass(model, ids, set(exits))
+    times["backbone"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with amp():
+        students = {k: balcony_normed(model, k, states) for k in exits}
+    times["balconies fwd"] = time.perf_counter() - t
+    t = time.perf_counter()
+    grads = {k: torch.empty(s.shape) for k, s in students.items()}
+    with amp(), torch.no_grad():
+        teacher = final_normed(model, *states.final)
+        for start in range(0, teacher.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            p, neg_entropy = teacher_chunk(model, teacher[rows], head_weight)
+            for k in exits:
+                _, grads[k][rows] = student_chunk(model, students[k][rows], p, neg_entropy, head_weight, 1e-6)
+    times["head + KL"] = time.perf_counter() - t
+    t = time.perf_counter()
+    torch.autograd.backward([students[k] for k in exits], [grads[k].to(students[k].dtype) for k in exits])
+    times["balconies bwd"] = time.perf_counter() - t
+    model.zero_grad(set_to_none=True)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per precision (after one warm-up)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--kl-chunk", type=int, default=512)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "training_throughput.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from balcony_runtime.loader import load_model
+
+    loaded = load_model("smollm2-135m", adapters=None, dtype="float32", device="cpu")
+    model, exits = loaded.model, loaded.model.exits
+    for p in model.balconies.parameters():
+        p.requires_grad_(True)
+    ids = torch.randint(0, model.arch.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    tokens = ids.numel()
+    rows = []
+    for name, amp, head in [
+        ("fp32", contextlib.nullcontext, None),
+        ("bf16 autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16), model.lm_head.detach().bfloat16()),
+    ]:
+        time_step(model, ids, exits, amp, head, args.kl_chunk)  # warm-up
+        runs = [time_step(model, ids, exits, amp, head, args.kl_chunk) for _ in range(args.steps)]
+        parts = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+        total = sum(parts.values())
+        rows.append([name, f"{tokens / total:,.0f}"] + [f"{v:.2f} ({v / total:.0%})" for v in parts.values()])
+        print(name, {k: round(v, 2) for k, v in parts.items()}, flush=True)
+    header = ["precision", "tokens/s", *(f"{k} s" for k in runs[0])]
+    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                      + ["| " + " | ".join(r) + " |" for r in rows])
+    text = (f"# Training throughput\n\nDefault model, exits {', '.join(map(str, exits))}, {args.batch} x {args.seq_len} "
+            f"tokens a step, {args.threads} CPU thread(s), one optimizer step's parts (mean of {args.steps}).\n"
+            f"Produced by `python bench/training_throughput.py --threads {args.threads}`.\n\n{table}\n")
+    print(table)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
