@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from balcony_runtime.model_source import DEFAULT_MODEL
 from server.serve_options import add_serve_options
@@ -93,18 +93,29 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from balcony_runtime.decode_benchmark import (
+        hf_decode_rate, machine_line, markdown_header, markdown_rows, measure_exits,
+    )
+    from balcony_runtime.errors import BalconyError
+
+    try:
+        loaded = load_from_args(args)
+        rates = measure_exits(loaded, args.tokens, args.batch)
+        hf_rate = hf_decode_rate(loaded, args.tokens) if args.against_transformers else None
+    except (BalconyError, ValueError) as exc:
+        print(f"balcony bench: {exc}", file=sys.stderr)
+        return 2
+    dtype = str(loaded.model.dtype).removeprefix("torch.")
+    print("\n".join([f"Decode, {machine_line(loaded, args.tokens)}", "", *markdown_header(args.batch),
+                     *markdown_rows(dtype, rates, hf_rate, loaded.model.full_depth)]))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from server.serve import serve
 
     return serve(args)
-
-
-def cmd_not_ready(name: str) -> Callable:
-    def run(args) -> int:
-        print(f"balcony {name}: not available in this build yet", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,8 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_options(evaluate)
     evaluate.set_defaults(run=cmd_eval)
 
-    for name, text in [("bench", "decode throughput of the engine against transformers")]:
-        sub.add_parser(name, help=text).set_defaults(run=cmd_not_ready(name))
+    bench = sub.add_parser("bench", help="decode throughput of every exit on this machine (optionally against transformers)")
+    add_model_options(bench)
+    bench.add_argument("--tokens", type=int, default=48, help="tokens generated per request (default %(default)s)")
+    bench.add_argument("--batch", type=int, default=16, help="concurrent requests of the batched run (default %(default)s)")
+    bench.add_argument("--against-transformers", action="store_true",
+                       help="also time transformers' generate at batch 1 on the same weights")
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 
