@@ -8,11 +8,6 @@ request's end-to-end latency at exit e, joining a batch whose deepest running ex
 
 Coefficients are measured by :func:`calibrate` at start-up through the real engine, then corrected
 online from every step's measured time (exponentially weighted ratio of measured to predicted).
-
-The batch a request shares is not the one it joins: others arrive during its lifetime. So rows and
-deepest exit are at least what recent steps reached (their 90th percentile over the last seconds):
-under a steady load a request admitted in a lull is predicted at the load it will meet, not at
-the lull's. What remains unexplained is learnt as one end-to-end factor from finished requests.
 """
 
 from __future__ import annotations
@@ -50,10 +45,6 @@ class LatencyModel:
     e2e_ratios: deque = field(default_factory=lambda: deque(maxlen=256))
     e2e_quantile: float = 0.95  # predictions are scaled so this share of requests would have fit
     min_e2e_samples: int = 8  # below this many finished requests, no scaling
-    # (monotonic time, rows, deepest exit) of recent steps: the load a new request will share.
-    recent_steps: deque = field(default_factory=lambda: deque(maxlen=1024))
-    load_window_s: float = 10.0  # how far back recent steps count
-    load_quantile: float = 0.9  # the share of recent steps whose rows / depth the forecast covers
 
     @property
     def e2e_factor(self) -> float:
@@ -85,42 +76,22 @@ class LatencyModel:
         rounds = (load.num_waiting + 1) / load.max_num_seqs
         return step / 2 + rounds * load.mean_remaining_tokens * step
 
-    def recent_load(self, now: float | None = None) -> tuple[int, int] | None:
-        """(rows, deepest exit) reached by ``load_quantile`` of the steps in the last ``load_window_s``."""
-        now = time.monotonic() if now is None else now
-        while self.recent_steps and self.recent_steps[0][0] < now - self.load_window_s:
-            self.recent_steps.popleft()
-        if not self.recent_steps:
-            return None
-        steps = list(self.recent_steps)  # one C-level copy: safe beside an append from another thread
-        index = min(len(steps) - 1, int(self.load_quantile * len(steps)))
-        rows = sorted(r for _, r, _ in steps)[index]
-        deepest = sorted(d for _, _, d in steps)[index]
-        return rows, deepest
-
-    def predict(self, exit_layer: int, prompt_tokens: int, max_tokens: int, load: LoadSnapshot,
-                now: float | None = None) -> float:
+    def predict(self, exit_layer: int, prompt_tokens: int, max_tokens: int, load: LoadSnapshot) -> float:
         """End-to-end seconds for a request served at ``exit_layer``.
 
-        Requests already queued will run beside this one, so they count in its batch too, and so
-        does the load recent steps carried (:meth:`recent_load`), which arrivals will bring back.
+        Requests already queued will run beside this one, so they count in its batch too.
         """
         others = load.running_exits + load.waiting_exits
         deepest = max(exit_layer, *others) if others else exit_layer
-        rows = len(others) + 1
-        recent = self.recent_load(now)
-        if recent is not None:
-            rows, deepest = max(rows, recent[0]), max(deepest, recent[1])
-        rows = min(rows, load.max_num_seqs)
+        rows = min(len(others) + 1, load.max_num_seqs)
         return (
             self.queue_wait(load)
             + self.prefill(exit_layer, prompt_tokens)
             + max(1, max_tokens) * self.decode_step(deepest, rows)
         )
 
-    def observe(self, seconds: float, deepest_exit: int, num_rows: int, num_prefill_tokens: int,
-                now: float | None = None) -> None:
-        """Correct the coefficients with one measured step, and remember its shape (:meth:`recent_load`).
+    def observe(self, seconds: float, deepest_exit: int, num_rows: int, num_prefill_tokens: int) -> None:
+        """Correct the coefficients with one measured step.
 
         The step's deepest exit learns at full weight; the other exits follow at half weight, since
         what moves one step's time (other load on the machine, cache effects) mostly moves all.
@@ -128,7 +99,6 @@ class LatencyModel:
         cost = self.costs.get(deepest_exit)
         if cost is None or seconds <= 0:
             return
-        self.recent_steps.append((time.monotonic() if now is None else now, num_rows, deepest_exit))
         decode = self.decode_step(deepest_exit, num_rows)
         prefill = self.prefill(deepest_exit, num_prefill_tokens)
         ratio = min(max(seconds / (decode + prefill), 0.25), 4.0)  # one outlier cannot wreck the model

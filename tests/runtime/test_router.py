@@ -88,29 +88,3 @@ def test_end_to_end_factor_learns_from_finished_requests():
     for _ in range(300):  # faster than predicted: the factor never goes below 1
         router.model.observe_request(1.0, 0.5)
     assert router.model.e2e_factor == 1.0
-
-
-def test_recent_steps_set_the_batch_a_new_request_is_predicted_to_share():
-    m = model()
-    lull = m.predict(8, 10, 20, IDLE, now=100.0)
-    for i in range(20):  # the last seconds ran full-depth steps of 6 rows
-        m.observe(m.decode_step(30, 6), deepest_exit=30, num_rows=6, num_prefill_tokens=0, now=95.0 + 0.1 * i)
-    assert m.recent_load(now=100.0) == (6, 30)
-    busy = m.predict(8, 10, 20, IDLE, now=100.0)
-    assert busy == pytest.approx(m.decode_step(8, 0) / 2 + 10 * 0.0001 + 20 * m.decode_step(30, 6))
-    assert busy > lull
-    # Older than the window: forgotten, the prediction is the idle one again.
-    assert m.recent_load(now=200.0) is None
-    assert m.predict(8, 10, 20, IDLE, now=200.0) == pytest.approx(lull)
-
-
-def test_recent_load_takes_the_quantile_not_the_peak():
-    m = model()
-    for i in range(19):
-        m.observe(0.01, deepest_exit=8, num_rows=2, num_prefill_tokens=0, now=float(i) * 0.1)
-    m.observe(0.05, deepest_exit=30, num_rows=8, num_prefill_tokens=0, now=2.0)  # one outlier step
-    assert m.recent_load(now=2.0) == (2, 8)
-    busy = LoadSnapshot(running_exits=(15,) * 4, num_waiting=0, mean_remaining_tokens=5, max_num_seqs=8)
-    # The batch it joins now is bigger than the recent one: the larger of the two counts.
-    assert m.predict(8, 10, 20, busy, now=2.0) == pytest.approx(
-        m.queue_wait(busy) + 10 * 0.0001 + 20 * m.decode_step(15, 5))
