@@ -198,6 +198,9 @@ class LLMEngine:
             waiting_exits=tuple(r.exit_layer for r in self.scheduler.waiting),
             mean_remaining_tokens=sum(remaining) / len(remaining) if remaining else 0.0,
             max_num_seqs=self.config.max_num_seqs,
+            # Tokens not yet in the cache, where more than the one token a decode step feeds.
+            pending_prefill_tokens=sum(n for r in (*running, *self.scheduler.waiting)
+                                       if (n := r.num_tokens - r.num_computed_tokens) > 1),
         )
 
     @property

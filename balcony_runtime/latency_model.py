@@ -4,7 +4,8 @@ A step's time is set mostly by its deepest row (every layer's weights are read o
 whatever the number of rows running it), plus a small cost per row and per prefill token. So a
 request's end-to-end latency at exit e, joining a batch whose deepest running exit is d, is about
 
-    queue wait + prefill(e, prompt tokens) + max_tokens * decode_step(max(e, d), rows + 1)
+    queue wait + prefill of the prompts ahead + prefill(e, prompt tokens)
+        + max_tokens * decode_step(max(e, d), rows + 1)
 
 Coefficients are measured by :func:`calibrate` at start-up through the real engine, then corrected
 online from every step's measured time (exponentially weighted ratio of measured to predicted).
@@ -33,6 +34,7 @@ class LoadSnapshot:
     mean_remaining_tokens: float  # tokens the running requests still have to generate, on average
     max_num_seqs: int  # running slots
     waiting_exits: tuple[int, ...] = ()  # exit of every queued request (they will share our steps)
+    pending_prefill_tokens: int = 0  # prompt tokens of running and queued requests not yet prefilled
 
 
 @dataclass
@@ -41,23 +43,42 @@ class LatencyModel:
     smoothing: float = 0.2  # weight of each new observation in the online correction
     observations: int = field(default=0)
     # Measured / predicted end-to-end latency of recent requests: what the step model misses
-    # (arrivals that join later, prefill chunks of others, scheduling gaps), learnt as a whole.
-    e2e_ratios: deque = field(default_factory=lambda: deque(maxlen=256))
+    # (arrivals that join later, prefill chunks of others, scheduling gaps), learnt as a whole,
+    # separately for each admission batch class (see e2e_class): a request admitted into a small
+    # batch is slowed far more by later arrivals than one admitted into a full batch, and one
+    # factor for both (the 95th percentile of the mix) made the router 2-3x pessimistic at load.
+    e2e_ratios: dict = field(default_factory=dict)  # e2e_class -> deque of measured / predicted
+    e2e_window: int = 128  # finished requests remembered per class
     e2e_quantile: float = 0.95  # predictions are scaled so this share of requests would have fit
-    min_e2e_samples: int = 8  # below this many finished requests, no scaling
+    min_e2e_samples: int = 8  # below this many finished requests in a class, all classes pooled
 
-    @property
-    def e2e_factor(self) -> float:
-        """The recent ``e2e_quantile`` of measured / predicted, never below 1."""
-        if len(self.e2e_ratios) < self.min_e2e_samples:
+    @staticmethod
+    def e2e_class(rows: int) -> int:
+        """Admission batch class: rows 1, 2-3, 4-7, 8-15, ... (the batch's size to a factor of 2)."""
+        return max(1, rows).bit_length()
+
+    def e2e_factor(self, rows: int) -> float:
+        """The ``e2e_quantile`` of measured / predicted for requests admitted into a batch of
+        ``rows`` (its class; every class pooled while it has too few), never below 1."""
+        ratios = list(self.e2e_ratios.get(self.e2e_class(rows), ()))
+        if len(ratios) < self.min_e2e_samples:
+            ratios = [r for q in list(self.e2e_ratios.values()) for r in list(q)]  # copies: another thread appends
+        if len(ratios) < self.min_e2e_samples:
             return 1.0
-        ordered = sorted(self.e2e_ratios)
+        ordered = sorted(ratios)
         return max(1.0, ordered[min(len(ordered) - 1, int(self.e2e_quantile * len(ordered)))])
 
-    def observe_request(self, predicted_s: float, measured_s: float) -> None:
-        """Learn from one finished request: ``predicted_s`` is :meth:`predict`'s unscaled value."""
+    def observe_request(self, predicted_s: float, measured_s: float, rows: int) -> None:
+        """Learn from one finished request: ``predicted_s`` is :meth:`predict`'s unscaled value,
+        ``rows`` the batch it was predicted to join (:meth:`batch_rows`)."""
         if predicted_s > 0 and measured_s > 0:
-            self.e2e_ratios.append(measured_s / predicted_s)
+            window = self.e2e_ratios.setdefault(self.e2e_class(rows), deque(maxlen=self.e2e_window))
+            window.append(measured_s / predicted_s)
+
+    @staticmethod
+    def batch_rows(load: LoadSnapshot) -> int:
+        """Rows of the batch a request arriving now joins: running and queued requests, and itself."""
+        return min(len(load.running_exits) + len(load.waiting_exits) + 1, load.max_num_seqs)
 
     def decode_step(self, deepest_exit: int, rows: int) -> float:
         cost = self.costs[deepest_exit]
@@ -83,11 +104,12 @@ class LatencyModel:
         """
         others = load.running_exits + load.waiting_exits
         deepest = max(exit_layer, *others) if others else exit_layer
-        rows = min(len(others) + 1, load.max_num_seqs)
         return (
             self.queue_wait(load)
+            # Prefill is first come, first served: the prompts ahead run in the steps before ours.
+            + self.prefill(deepest, load.pending_prefill_tokens)
             + self.prefill(exit_layer, prompt_tokens)
-            + max(1, max_tokens) * self.decode_step(deepest, rows)
+            + max(1, max_tokens) * self.decode_step(deepest, self.batch_rows(load))
         )
 
     def observe(self, seconds: float, deepest_exit: int, num_rows: int, num_prefill_tokens: int) -> None:
@@ -113,9 +135,14 @@ class LatencyModel:
         self.observations += 1
 
 
-def calibrate(engine, exits=None, batch: int = 8, steps: int = 6, prompt_tokens: int = 96) -> LatencyModel:
+def calibrate(engine, exits=None, batch: int = 8, steps: int = 6, prompt_tokens: int = 96,
+              burst: int = 32) -> LatencyModel:
     """Measure each exit's decode and prefill costs through the real engine (a few seconds).
 
+    First a burst of ``burst`` short requests (capped by max_num_seqs) runs a few full-depth
+    steps, so the first burst of real traffic does not meet shapes the kernels have never run:
+    measured on the default model on CPU, a cold 16-request burst took 2-4x its prediction, and
+    the router learnt that as if load always did so.
     The engine must be idle. Requests used here are aborted afterwards, leaving no blocks held.
     """
     from balcony_runtime.sampling_params import SamplingParams
@@ -124,6 +151,12 @@ def calibrate(engine, exits=None, batch: int = 8, steps: int = 6, prompt_tokens:
     batch = max(2, min(batch, engine.config.max_num_seqs))
     params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
     filler = [1000 + (i % 500) for i in range(prompt_tokens)]
+    warm = [engine.add_request(filler[: 8 + i % 24], params, engine.exits[-1])
+            for i in range(max(1, min(burst, engine.config.max_num_seqs)))]
+    for _ in range(4):  # prefill (possibly in chunks) and decode steps at the burst's batch size
+        engine.step()
+    for rid in warm:
+        engine.abort(rid)
     costs = {}
     for exit_layer in exits:
         def decode_time(rows: int) -> float:

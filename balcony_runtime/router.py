@@ -27,6 +27,7 @@ class RouteDecision:
     predicted_fit: bool | None  # whether the prediction fits the budget (None without a budget)
     forced: bool  # the client named the exit itself
     model_ms: float = 0.0  # the latency model's unscaled prediction (what it learns against)
+    batch_rows: int = 1  # rows of the batch it was predicted to join (the factor's class)
 
 
 @dataclass
@@ -44,10 +45,11 @@ class Router:
         load: LoadSnapshot,
         forced_exit: int | None = None,
     ) -> RouteDecision:
-        factor = self.model.e2e_factor * (1 + self.headroom)
+        rows = self.model.batch_rows(load)
+        factor = self.model.e2e_factor(rows) * (1 + self.headroom)
 
         def decide(e: int, fit: bool | None, forced: bool) -> RouteDecision:
-            return RouteDecision(e, budget_ms, model_ms[e] * factor, fit, forced, model_ms[e])
+            return RouteDecision(e, budget_ms, model_ms[e] * factor, fit, forced, model_ms[e], rows)
 
         model_ms = {e: 1000 * self.model.predict(e, prompt_tokens, max_tokens, load) for e in self.exits}
         if forced_exit is not None:

@@ -243,7 +243,7 @@ class AsyncEngine:
                 m.request_success.labels(label, out.finish_reason).inc()
                 decision = stream.decision
                 m.prediction_error.labels(label).observe(abs(seconds - decision.predicted_ms / 1000))
-                self.router.model.observe_request(decision.model_ms / 1000, seconds)
+                self.router.model.observe_request(decision.model_ms / 1000, seconds, decision.batch_rows)
                 if decision.budget_ms is None:
                     outcome = "none"
                 else:

@@ -171,3 +171,17 @@ def test_bad_requests_are_refused_clearly(tiny_model):
         engine.add_request([])
     with pytest.raises(ValueError):
         SamplingParams(temperature=-1)
+
+
+def test_load_snapshot_counts_prompt_tokens_not_yet_prefilled(tiny_model):
+    engine = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=2048, max_num_batched_tokens=16))
+    decoding = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=30, temperature=0))
+    engine.step()  # its short prompt is prefilled and its first token sampled
+    assert engine.scheduler.running[0].output_token_ids
+    assert engine.load_snapshot().pending_prefill_tokens == 0  # a decoding request feeds one token a step
+    long_prompt = tiny_model.tokenizer("word " * 60).input_ids
+    engine.add_request(long_prompt, SamplingParams(max_tokens=1, temperature=0))
+    assert engine.load_snapshot().pending_prefill_tokens == len(long_prompt)
+    engine.step()  # 15 of its tokens join the decode row in a 16-token step
+    assert engine.load_snapshot().pending_prefill_tokens == len(long_prompt) - 15
+    assert decoding in {r.request_id for r in engine.scheduler.running}

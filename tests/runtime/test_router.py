@@ -81,10 +81,35 @@ def test_end_to_end_factor_learns_from_finished_requests():
     budget = 1000 * router.model.predict(30, 20, 50, IDLE) * 1.05  # full depth fits, just
     assert router.route(budget, 20, 50, IDLE).exit_layer == 30
     for _ in range(20):  # requests keep taking 30% longer than predicted
-        router.model.observe_request(1.0, 1.3)
-    assert router.model.e2e_factor == pytest.approx(1.3)
+        router.model.observe_request(1.0, 1.3, rows=1)
+    assert router.model.e2e_factor(1) == pytest.approx(1.3)
     decision = router.route(budget, 20, 50, IDLE)
     assert decision.exit_layer < 30 and decision.predicted_ms == pytest.approx(1.3 * decision.model_ms)
+    assert decision.batch_rows == 1
     for _ in range(300):  # faster than predicted: the factor never goes below 1
-        router.model.observe_request(1.0, 0.5)
-    assert router.model.e2e_factor == 1.0
+        router.model.observe_request(1.0, 0.5, rows=1)
+    assert router.model.e2e_factor(1) == 1.0
+
+
+def test_factor_is_learnt_per_admission_batch_class():
+    m = model()
+    # Requests admitted alone are slowed by later arrivals (x2.5); those admitted into a batch of 12 are not.
+    for _ in range(20):
+        m.observe_request(1.0, 2.5, rows=1)
+        m.observe_request(1.0, 1.1, rows=12)
+    assert m.e2e_factor(1) == pytest.approx(2.5)
+    assert m.e2e_factor(12) == pytest.approx(1.1) == m.e2e_factor(9)  # 8-15 share a class
+    # A class with too few requests of its own uses every class pooled.
+    assert m.e2e_factor(40) == pytest.approx(2.5)
+    busy = LoadSnapshot(running_exits=(30,) * 11, num_waiting=0, mean_remaining_tokens=5, max_num_seqs=16)
+    decision = Router(m, EXITS).route(None, 10, 20, busy)
+    assert decision.batch_rows == 12 and decision.predicted_ms == pytest.approx(1.1 * decision.model_ms)
+
+
+def test_prompts_queued_ahead_delay_the_prediction_by_their_prefill():
+    m = model()
+    ahead = LoadSnapshot(running_exits=(), num_waiting=2, mean_remaining_tokens=0.0, max_num_seqs=8,
+                         waiting_exits=(30, 30), pending_prefill_tokens=400)
+    alone = LoadSnapshot(running_exits=(), num_waiting=2, mean_remaining_tokens=0.0, max_num_seqs=8,
+                         waiting_exits=(30, 30))
+    assert m.predict(8, 10, 20, ahead) - m.predict(8, 10, 20, alone) == pytest.approx(400 * 0.0001)

@@ -1,0 +1,17 @@
+"""Start-up calibration of the latency model through the real engine (tiny model)."""
+
+from __future__ import annotations
+
+from balcony_runtime.engine import EngineConfig, LLMEngine
+from balcony_runtime.latency_model import calibrate
+
+
+def test_calibration_measures_every_exit_and_leaves_the_engine_idle(tiny_model):
+    engine = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=1024, max_num_seqs=12))
+    model = calibrate(engine, batch=4, steps=2, prompt_tokens=24, burst=40)
+    assert set(model.costs) == set(engine.exits)
+    for cost in model.costs.values():
+        assert cost.decode_base_s > 0 and cost.decode_per_row_s >= 0 and cost.prefill_per_token_s >= 0
+    # Warm-up burst (capped at max_num_seqs) and measuring requests are all gone, blocks returned.
+    assert not engine.has_unfinished()
+    assert engine.blocks.num_used_blocks == 0
