@@ -1,0 +1,23 @@
+"""The installable wheel (what the Docker image installs with `pip install .`) carries the shipped
+adapters, so `balcony serve` in an image serves trained balconies, not fresh ones."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_wheel_includes_the_shipped_adapters(tmp_path):
+    shipped = sorted(p.relative_to(REPO).as_posix()
+                     for p in (REPO / "balcony_runtime" / "shipped_adapters").glob("*/*") if p.is_file())
+    assert shipped, "no shipped adapters in the source tree"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+                   check=True, timeout=600, capture_output=True)
+    (wheel,) = tmp_path.glob("balcony_serve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert set(shipped) <= names
+    assert {"server/cli.py", "kernels/dispatch.py", "balcony_runtime/loader.py"} <= names
