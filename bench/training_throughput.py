@@ -37,9 +37,9 @@ def time_step(model, ids, exits, amp, head_weight, chunk):
         teacher = final_normed(model, *states.final)
         for start in range(0, teacher.shape[0], chunk):
             rows = slice(start, start + chunk)
-            p, neg_entropy = teacher_chunk(model, teacher[rows], head_weight)
+            teacher_part = teacher_chunk(model, teacher[rows], head_weight)
             for k in exits:
-                _, grads[k][rows] = student_chunk(model, students[k][rows], p, neg_entropy, head_weight, 1e-6)
+                _, grads[k][rows] = student_chunk(model, students[k][rows], teacher_part, head_weight, 1e-6)
     times["head + KL"] = time.perf_counter() - t
     t = time.perf_counter()
     torch.autograd.backward([students[k] for k in exits], [grads[k].to(students[k].dtype) for k in exits])

@@ -2,17 +2,20 @@
 mean over tokens, equal weight over exits; the teacher is the same forward's full-depth output.
 
 The LM head is most of a step's work (V = 49152 for the default model), so it is done by hand, in
-chunks of positions: for student logits z and teacher probabilities p of one position,
+chunks of positions. With x and y the teacher's and student's logits less their row maxima and
+p = softmax(x):
 
-    KL = sum_v p_v log p_v - sum_v p_v z_v + logsumexp(z)      dKL/dz = softmax(z) - p
+    KL = <p, x - y> - log sum_v exp(x_v) + log sum_v exp(y_v)      dKL/dz = softmax(z) - p
 
 so no student log-softmax is ever materialised, and the gradient of each chunk goes straight through
-the frozen head (grad_z @ W) into the exit's normed hidden state. No more than one chunk of
-full-vocabulary logits is alive at a time; the balconies' own backward runs once at the end from the
-accumulated [T, H] gradient.
+the frozen head (grad_z @ W) into the exit's normed hidden state. One chunk of teacher and student
+logits is alive at a time (about 5 x chunk x V fp32 numbers at the peak); the balconies' own
+backward runs once at the end from the accumulated [T, H] gradient.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -22,26 +25,51 @@ from balcony_runtime.training.dense_forward import (
 )
 
 
-def teacher_chunk(model: BalconyModel, hidden: torch.Tensor, weight: torch.Tensor | None):
-    """Teacher probabilities p [c, V] and sum_v p log p [c] of one chunk of positions."""
-    logits = lm_logits(model, hidden, weight)  # [c, V] fp32
-    logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
-    p = logp.exp()
-    return p, (p * logp).sum(-1)
+@dataclass(frozen=True)
+class TeacherChunk:
+    """The full model's side of one chunk of positions, shared by every exit's KL."""
+
+    probs: torch.Tensor  # p = softmax(x): [c, V] fp32
+    shifted_logits: torch.Tensor  # x - max_v x: [c, V] fp32
+    log_total: torch.Tensor  # log sum_v exp(x - max): [c]; log p = shifted_logits - log_total
 
 
-def student_chunk(model: BalconyModel, hidden: torch.Tensor, p: torch.Tensor, neg_entropy: torch.Tensor,
+def teacher_chunk(model: BalconyModel, hidden: torch.Tensor, weight: torch.Tensor | None) -> TeacherChunk:
+    shifted = lm_logits(model, hidden, weight)  # [c, V] fp32
+    shifted.sub_(shifted.amax(dim=-1, keepdim=True))
+    probs = shifted.exp()
+    total = probs.sum(dim=-1, keepdim=True)  # [c, 1]
+    probs.div_(total)
+    return TeacherChunk(probs, shifted, total.view(-1).log())
+
+
+def student_chunk(model: BalconyModel, hidden: torch.Tensor, teacher: TeacherChunk,
                   weight: torch.Tensor | None, grad_scale: float | None):
-    """Sum over the chunk of KL(p || softmax(z)), and grad_scale x its gradient w.r.t. hidden [c, H]."""
+    """Sum over the chunk of KL(p || softmax(z)), and grad_scale x its gradient w.r.t. hidden [c, H].
+
+    With x and y the teacher's and student's logits less their row maxima,
+    KL = <p, x - y> - log sum exp x + log sum exp y. Taking x - y before the dot product keeps fp32
+    exact where the KL is small beside the entropy (p.log p - p.z subtracts two numbers near the
+    entropy: 10x the error on a tiny model's test)."""
     weight = model.lm_head if weight is None else weight
-    z = lm_logits(model, hidden, weight)  # [c, V] fp32
-    lse = torch.logsumexp(z, dim=-1)  # [c]
-    kl = (neg_entropy - (p * z).sum(-1) + lse).sum()
+    shifted = lm_logits(model, hidden, weight)  # [c, V] fp32
+    shifted.sub_(shifted.amax(dim=-1, keepdim=True))  # y
+    p_dot_diff = row_dot(teacher.probs, teacher.shifted_logits - shifted)  # [c]
+    total = shifted.exp_().sum(dim=-1, keepdim=True)  # shifted now holds exp(y): [c, V]
+    kl = (p_dot_diff - teacher.log_total + total.view(-1).log()).sum()
     if grad_scale is None:
         return kl, None
-    grad_z = z.sub_(lse[:, None]).exp_().sub_(p)  # softmax(z) - p, in place of z: [c, V]
-    grad_hidden = (grad_z.to(weight.dtype) @ weight).float() * grad_scale  # [c, H]
+    # softmax(z) - p, written straight in the head's dtype: one pass instead of three plus a cast
+    grad_z = torch.empty(shifted.shape, dtype=weight.dtype, device=shifted.device)
+    torch.sub(shifted.div_(total), teacher.probs, out=grad_z)
+    grad_hidden = (grad_z @ weight).float() * grad_scale  # [c, H]
     return kl, grad_hidden
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a[i, v] b[i, v] for each row i: [c, V] x [c, V] -> [c], without a [c, V] temporary
+    (a batched matrix product, about twice as fast on CPU as (a * b).sum(-1))."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def distillation_loss(
@@ -66,9 +94,9 @@ def distillation_loss(
     with torch.no_grad():
         for start in range(0, teacher.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            p, neg_entropy = teacher_chunk(model, teacher[rows], head_weight)
+            teacher_part = teacher_chunk(model, teacher[rows], head_weight)
             for k in exits:
-                kl, grad = student_chunk(model, students[k][rows], p, neg_entropy, head_weight, grad_scale)
+                kl, grad = student_chunk(model, students[k][rows], teacher_part, head_weight, grad_scale)
                 sums[k] += kl.cpu()
                 if grad is not None:
                     grads[k][rows] = grad
