@@ -48,6 +48,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
+    if first.get("type") == "json_invalid":  # loc is ("body", character offset): not a parameter
+        detail = (first.get("ctx") or {}).get("error", "")
+        return f"the request body is not valid JSON{': ' + detail if detail else ''}", None
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value").removeprefix("Value error, ")

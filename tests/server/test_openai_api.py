@@ -164,7 +164,8 @@ def test_errors_in_openai_envelope(default_server, body, headers, status, fragme
 def test_malformed_json_is_400(default_server):
     r = httpx.post(default_server.url + "/v1/completions", content=b"{not json",
                    headers={"Content-Type": "application/json"}, timeout=30)
-    assert r.status_code == 400 and "error" in r.json()
+    error = r.json()["error"]
+    assert r.status_code == 400 and "not valid JSON" in error["message"] and error["param"] is None
 
 
 def test_openai_client_raises_typed_errors(default_server):
