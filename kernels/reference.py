@@ -130,14 +130,16 @@ def prefill_attention(
         values = _gather_context(v_cache, block_tables[b], length).transpose(0, 1)
         query_pos = torch.arange(length - q_len, length, device=q.device)  # [q_len]
         mask = torch.arange(length, device=q.device)[None, :] <= query_pos[:, None]  # [q_len, S]
+        # 4-D inputs: on CPU only they reach the fused (flash) kernel; 3-D ones take the math path,
+        # which materialises the scores and was 2.5x slower at 4k context (bf16 and fp32).
         out[start:end] = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1),  # [Hq, q_len, D]
-            keys,
-            values,
+            q[start:end].transpose(0, 1)[None],  # [1, Hq, q_len, D]
+            keys[None],  # [1, Hk, S, D]
+            values[None],
             attn_mask=mask,
             scale=scale,
             enable_gqa=num_heads != num_kv_heads,
-        ).transpose(0, 1)
+        )[0].transpose(0, 1)
     return out
 
 
