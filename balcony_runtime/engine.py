@@ -16,7 +16,7 @@ from balcony_runtime.block_manager import BlockManager
 from balcony_runtime.detokenizer import IncrementalDetokenizer
 from balcony_runtime.errors import RequestError
 from balcony_runtime.kv_cache import KVCache
-from balcony_runtime.latency_model import LoadSnapshot
+from balcony_runtime.latency_model import LoadSnapshot, prompt_pairs
 from balcony_runtime.loader import LoadedModel
 from balcony_runtime.model_runner import ModelRunner, RunResult
 from balcony_runtime.request import Request
@@ -66,6 +66,8 @@ class StepStats:
     deepest_exit: int  # the deepest exit among them (it sets how many layers run)
     num_prefill_tokens: int  # tokens of rows with more than one token this step
     num_decode_rows: int  # rows with exactly one token
+    prefill_pairs: int = 0  # (token, key) pairs the prefill rows attend to
+    context_tokens: int = 0  # cached tokens the decode rows attend to, in all
 
     @classmethod
     def of(cls, plan: SchedulerOutput, seconds: float) -> "StepStats":
@@ -76,6 +78,8 @@ class StepStats:
             deepest_exit=rows[0].request.exit_layer,
             num_prefill_tokens=sum(r.num_tokens for r in rows if r.num_tokens > 1),
             num_decode_rows=sum(1 for r in rows if r.num_tokens == 1),
+            prefill_pairs=sum(prompt_pairs(r.num_tokens, r.start) for r in rows if r.num_tokens > 1),
+            context_tokens=sum(r.start + 1 for r in rows if r.num_tokens == 1),
         )
 
 
@@ -189,18 +193,26 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    def request_needs_prefill(self, request_id: str) -> bool:
+        """True while the request is unfinished and has not produced its first token."""
+        tracked = self._tracked.get(request_id)
+        return tracked is not None and not tracked.request.output_token_ids
+
     def load_snapshot(self) -> "LoadSnapshot":
         running = self.scheduler.running
         remaining = [r.params.max_tokens - len(r.output_token_ids) for r in running]
+        # Tokens not yet in the cache, where more than the one token a decode step feeds.
+        pending = [(r, n) for r in (*running, *self.scheduler.waiting)
+                   if (n := r.num_tokens - r.num_computed_tokens) > 1]
         return LoadSnapshot(
             running_exits=tuple(r.exit_layer for r in running),
             num_waiting=len(self.scheduler.waiting),
             waiting_exits=tuple(r.exit_layer for r in self.scheduler.waiting),
             mean_remaining_tokens=sum(remaining) / len(remaining) if remaining else 0.0,
             max_num_seqs=self.config.max_num_seqs,
-            # Tokens not yet in the cache, where more than the one token a decode step feeds.
-            pending_prefill_tokens=sum(n for r in (*running, *self.scheduler.waiting)
-                                       if (n := r.num_tokens - r.num_computed_tokens) > 1),
+            pending_prefill_tokens=sum(n for r, n in pending),
+            pending_prefill_pairs=sum(prompt_pairs(n, r.num_computed_tokens) for r, n in pending),
+            context_tokens=sum(r.num_tokens for r in (*running, *self.scheduler.waiting)),
         )
 
     @property

@@ -176,7 +176,7 @@ class AsyncEngine:
             stats = engine.last_step
             if stats is not None:
                 self.router.model.observe(stats.seconds, stats.deepest_exit, stats.num_rows,
-                                          stats.num_prefill_tokens)
+                                          stats.num_prefill_tokens, stats.prefill_pairs, stats.context_tokens)
             if outputs:
                 self._loop.call_soon_threadsafe(self._dispatch, outputs, time.monotonic())
 

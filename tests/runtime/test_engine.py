@@ -182,6 +182,14 @@ def test_load_snapshot_counts_prompt_tokens_not_yet_prefilled(tiny_model):
     long_prompt = tiny_model.tokenizer("word " * 60).input_ids
     engine.add_request(long_prompt, SamplingParams(max_tokens=1, temperature=0))
     assert engine.load_snapshot().pending_prefill_tokens == len(long_prompt)
+    n = len(long_prompt)
+    snap = engine.load_snapshot()
+    assert snap.pending_prefill_pairs == n * (n + 1) // 2  # a fresh prompt attends causally to itself
+    assert snap.context_tokens == len(engine.tokenize(PROMPTS[0])) + 1 + n  # the decoding row: prompt + 1 sampled
     engine.step()  # 15 of its tokens join the decode row in a 16-token step
-    assert engine.load_snapshot().pending_prefill_tokens == len(long_prompt) - 15
+    snap = engine.load_snapshot()
+    assert snap.pending_prefill_tokens == n - 15
+    assert snap.pending_prefill_pairs == (n - 15) * 15 + (n - 15) * (n - 14) // 2  # after 15 cached
+    stats = engine.last_step
+    assert stats.prefill_pairs == 15 * 16 // 2 and stats.context_tokens == len(engine.tokenize(PROMPTS[0])) + 1
     assert decoding in {r.request_id for r in engine.scheduler.running}

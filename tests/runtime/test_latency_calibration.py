@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from balcony_runtime.engine import EngineConfig, LLMEngine
 from balcony_runtime.latency_model import calibrate
 
@@ -12,6 +14,13 @@ def test_calibration_measures_every_exit_and_leaves_the_engine_idle(tiny_model):
     assert set(model.costs) == set(engine.exits)
     for cost in model.costs.values():
         assert cost.decode_base_s > 0 and cost.decode_per_row_s >= 0 and cost.prefill_per_token_s >= 0
+        assert cost.prefill_per_pair_s >= 0 and cost.decode_per_context_s >= 0
+    # The attention terms are measured at full depth and shared out by attention layers run.
+    full = model.costs[engine.exits[-1]]
+    for exit_layer, cost in model.costs.items():
+        share = len(engine.model.cache_layers_of(exit_layer)) / len(engine.model.cache_layers_of(engine.exits[-1]))
+        assert cost.prefill_per_pair_s == pytest.approx(full.prefill_per_pair_s * share)
+        assert cost.decode_per_context_s == pytest.approx(full.decode_per_context_s * share)
     # Warm-up burst (capped at max_num_seqs) and measuring requests are all gone, blocks returned.
     assert not engine.has_unfinished()
     assert engine.blocks.num_used_blocks == 0

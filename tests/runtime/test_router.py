@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from balcony_runtime.latency_model import ExitCost, LatencyModel, LoadSnapshot
+from balcony_runtime.latency_model import ExitCost, LatencyModel, LoadSnapshot, prompt_pairs
 from balcony_runtime.router import BudgetUnmeetable, Router
 
 EXITS = (8, 15, 22, 30)
@@ -113,3 +113,43 @@ def test_prompts_queued_ahead_delay_the_prediction_by_their_prefill():
     alone = LoadSnapshot(running_exits=(), num_waiting=2, mean_remaining_tokens=0.0, max_num_seqs=8,
                          waiting_exits=(30, 30))
     assert m.predict(8, 10, 20, ahead) - m.predict(8, 10, 20, alone) == pytest.approx(400 * 0.0001)
+
+
+def test_prompt_pairs_count_causal_attention():
+    # 3 new tokens after 2 cached: they see 3, 4 and 5 keys.
+    assert prompt_pairs(3, cached=2) == 3 + 4 + 5
+    assert prompt_pairs(4) == 1 + 2 + 3 + 4
+    assert prompt_pairs(0, cached=9) == 0
+
+
+def test_attention_terms_grow_prefill_quadratically_and_decode_with_context():
+    m = LatencyModel({e: ExitCost(0.01, 0.001, 0.0001, prefill_per_pair_s=1e-8, decode_per_context_s=1e-6)
+                      for e in EXITS})
+    flat = model()
+    for tokens in (100, 4000):  # the same model without attention terms, plus exactly those terms
+        extra = m.predict(30, tokens, 10, IDLE) - LatencyModel(
+            {e: ExitCost(0.01, 0.001, 0.0001) for e in EXITS}).predict(30, tokens, 10, IDLE)
+        assert extra == pytest.approx(1e-8 * prompt_pairs(tokens) + 10 * 1e-6 * (tokens + 5))
+    assert m.prefill(30, 4000) / m.prefill(30, 1000) > 4.5  # superlinear, unlike flat's 4x
+    assert flat.prefill(30, 4000) / flat.prefill(30, 1000) == pytest.approx(4)
+    # Requests already decoding at long context slow every step a newcomer shares.
+    crowded = LoadSnapshot(running_exits=(30, 30), num_waiting=0, mean_remaining_tokens=5, max_num_seqs=8,
+                           context_tokens=6000)
+    short = LoadSnapshot(running_exits=(30, 30), num_waiting=0, mean_remaining_tokens=5, max_num_seqs=8,
+                         context_tokens=60)
+    assert m.predict(30, 10, 20, crowded) - m.predict(30, 10, 20, short) == pytest.approx(
+        (20 + 0.5) * 1e-6 * 5940)  # 20 decode steps plus the half step of queue wait
+
+
+def test_online_correction_scales_the_attention_terms_with_their_kind_of_step():
+    m = LatencyModel({e: ExitCost(0.01, 0.001, 0.0001, prefill_per_pair_s=1e-8, decode_per_context_s=1e-6)
+                      for e in EXITS})
+    pairs = prompt_pairs(512, cached=1024)  # a second chunk of a long prompt
+    prefill_step = m.decode_step(30, 1) + 2 * m.prefill(30, 512, pairs)  # its prefill twice as slow
+    decode_step = m.decode_step(30, 4, 4000)  # decode steps as predicted
+    for _ in range(200):
+        m.observe(prefill_step, 30, 1, 512, pairs, 0)
+        m.observe(decode_step, 30, 4, 0, 0, 4000)
+    assert m.costs[30].prefill_per_pair_s == pytest.approx(2e-8, rel=0.02)
+    assert m.costs[30].prefill_per_token_s == pytest.approx(2e-4, rel=0.02)
+    assert m.costs[30].decode_per_context_s == pytest.approx(1e-6, rel=0.02)
