@@ -159,6 +159,9 @@ class LLMEngine:
         """Queue a request; raise RequestError if it can never be served as asked."""
         exit_value = self.parse_exit(exit_layer)
         prompt_ids = self.tokenize(prompt)
+        vocab = self.model.arch.vocab_size
+        if any(token >= vocab for token, _ in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
         if not prompt_ids:
             raise RequestError("the prompt is empty")
         total = len(prompt_ids) + params.max_tokens

@@ -4,6 +4,7 @@ Order of operations for one row (the order vLLM and OpenAI use):
 1. Penalties (OpenAI's formula, https://platform.openai.com/docs/advanced-usage, "frequency and
    presence penalties"): with c[j] the number of times token j occurs in the row's generated tokens,
    logit[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty.
+   Then logit_bias: logit[j] += bias[j] for the tokens the request names.
 2. Greedy rows (temperature below _MIN_TEMPERATURE, which includes 0) take the argmax, first index on
    ties. They ignore top-k, top-p and the seed.
 3. Other rows: divide by temperature; top-k keeps the k largest logits; top-p then keeps the smallest
@@ -96,9 +97,11 @@ class Sampler:
         greedy = [i for i, r in enumerate(rows) if r.params.temperature < _MIN_TEMPERATURE]
         sampled = [i for i, r in enumerate(rows) if r.params.temperature >= _MIN_TEMPERATURE]
         has_penalties = any(r.params.has_penalties and r.output_token_ids for r in rows)
-        # The one full-size copy: penalties, temperature and filters all write into it.
-        work = raw.clone(memory_format=torch.contiguous_format) if sampled or has_penalties else raw
+        has_bias = any(r.params.logit_bias for r in rows)
+        # The one full-size copy: penalties, bias, temperature and filters all write into it.
+        work = raw.clone(memory_format=torch.contiguous_format) if sampled or has_penalties or has_bias else raw
         apply_penalties_(work, rows)
+        apply_logit_bias_(work, rows)
         tokens = torch.empty(len(rows), dtype=torch.long, device=device)  # [B]
 
         if greedy:
@@ -157,6 +160,17 @@ def apply_penalties_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     pair_row = pairs // vocab  # [u]
     penalty = count * frequency[pair_row] + presence[pair_row]  # [u]
     logits.view(-1).index_add_(0, pairs, -penalty.to(logits.dtype))
+
+
+def apply_logit_bias_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Add each row's logit_bias to its logits, in place. logits: [B, V]."""
+    biased = [(i, token, value) for i, r in enumerate(rows) for token, value in r.params.logit_bias]
+    if not biased:
+        return
+    vocab = logits.shape[1]
+    flat = torch.tensor([i * vocab + token for i, token, _ in biased], device=logits.device)  # [u]
+    values = torch.tensor([value for _, _, value in biased], device=logits.device, dtype=logits.dtype)
+    logits.view(-1).index_add_(0, flat, values)
 
 
 def probability_weights_(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's cap on top-n logprobs
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,9 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past the tokenizer's end-of-sequence token
     logprobs: int | None = None  # None: no logprobs; n: chosen token's logprob plus top-n
     prompt_logprobs: int | None = None  # None: none; n: each prompt token's logprob plus top-n
+    # (token id, bias) pairs added to the logits before penalties' result is sampled (OpenAI's
+    # logit_bias): -100 in effect bans a token, +100 in effect forces it.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     extra: dict = field(default_factory=dict, compare=False)  # free-form, ignored by the runtime
 
     def __post_init__(self) -> None:
@@ -42,6 +46,13 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
                 raise ValueError(f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {value}")
+        bias = tuple((int(token), float(value)) for token, value in dict(self.logit_bias).items())
+        for token, value in bias:
+            if token < 0:
+                raise ValueError(f"logit_bias token ids must be non-negative, got {token}")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token {token}")
+        object.__setattr__(self, "logit_bias", bias)
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         object.__setattr__(self, "stop", tuple(self.stop))

@@ -23,6 +23,7 @@ def sampling_params(body, max_tokens: int, seed_offset: int, logprobs: int | Non
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             stop=body.stop_list, ignore_eos=body.ignore_eos, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            logit_bias=tuple((int(token), value) for token, value in (body.logit_bias or {}).items()),
         )
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc

@@ -10,7 +10,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from balcony_runtime.sampling_params import MAX_TOP_LOGPROBS
+from balcony_runtime.sampling_params import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 
 
 class StreamOptions(BaseModel):
@@ -34,9 +34,15 @@ class _Common(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: Optional[str] = None
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-sequence")
+    logit_bias: Optional[dict[str, float]] = Field(None, max_length=1024)
 
     @model_validator(mode="after")
     def _check_common(self):
+        for token, value in (self.logit_bias or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token {token}")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop must be at most 4 non-empty strings")
@@ -57,11 +63,10 @@ class CompletionRequest(_Common):
     # Defined by OpenAI, not implemented here: refused when set.
     suffix: Optional[str] = None
     best_of: Optional[int] = None
-    logit_bias: Optional[dict[str, float]] = None
 
     @model_validator(mode="after")
     def _check_unsupported(self):
-        for name in ("suffix", "best_of", "logit_bias"):
+        for name in ("suffix", "best_of"):
             value = getattr(self, name)
             if value is not None and not (name == "best_of" and value == 1):
                 raise ValueError(f"'{name}' is not supported by this server")
@@ -108,11 +113,10 @@ class ChatCompletionRequest(_Common):
     tools: Optional[list] = None
     tool_choice: Optional[Union[str, dict]] = None
     response_format: Optional[dict] = None
-    logit_bias: Optional[dict[str, float]] = None
 
     @model_validator(mode="after")
     def _check_unsupported(self):
-        for name in ("tools", "tool_choice", "logit_bias"):
+        for name in ("tools", "tool_choice"):
             if getattr(self, name) is not None:
                 raise ValueError(f"'{name}' is not supported by this server")
         if self.response_format is not None and self.response_format.get("type") != "text":

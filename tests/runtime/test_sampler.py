@@ -13,6 +13,7 @@ from balcony_runtime.sampler import (
     SampledToken,
     Sampler,
     SamplingRow,
+    apply_logit_bias_,
     apply_penalties_,
     make_generator,
     probability_weights_,
@@ -268,6 +269,41 @@ def test_penalties_decide_greedy_choices():
 def test_penalty_token_ids_are_checked():
     with pytest.raises(ValueError):
         apply_penalties_(torch.zeros(1, 10), [make_row(output=(10,), presence_penalty=1.0)])
+
+
+def test_logit_bias_adds_to_the_named_logits_after_penalties():
+    vocab = 40
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(11))
+    rows = [make_row(logit_bias={3: 2.5, 39: -100}), make_row(), make_row(logit_bias={0: -0.25})]
+    expected = logits.double().numpy().copy()
+    expected[0, 3] += 2.5
+    expected[0, 39] -= 100
+    expected[2, 0] -= 0.25
+    biased = logits.clone()
+    apply_logit_bias_(biased, rows)
+    np.testing.assert_allclose(biased.numpy(), expected, rtol=0, atol=1e-5)
+
+
+def test_logit_bias_forces_and_bans_tokens_but_not_reported_logprobs():
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.0]] * 4)
+    rows = [
+        make_row(temperature=0.0, logit_bias={0: -100}, logprobs=1),  # banned: greedy takes the next
+        make_row(temperature=0.0, logit_bias={3: 100}),  # forced
+        make_row(seed=5, temperature=1.0, logit_bias={2: 100}),  # sampling: forced as well
+        make_row(temperature=0.0, output=(0,), frequency_penalty=2.0, logit_bias={0: 1.5}),  # 5 - 2 + 1.5
+    ]
+    out = sampler(logits, rows)
+    assert [o.token_id for o in out] == [1, 3, 2, 0]
+    raw = np_log_softmax(logits[0].numpy())
+    assert out[0].logprobs.logprob == pytest.approx(raw[1], abs=1e-5)  # raw distribution, as vLLM
+
+
+def test_logit_bias_is_validated():
+    with pytest.raises(ValueError, match="100"):
+        SamplingParams(logit_bias={1: 101.0})
+    with pytest.raises(ValueError, match="non-negative"):
+        SamplingParams(logit_bias={-1: 1.0})
+    assert SamplingParams(logit_bias={"7": 1}).logit_bias == ((7, 1.0),)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -148,6 +148,9 @@ def test_budget_routing(default_server):
         ({"prompt": "hi", "temperature": -1}, {}, 400, "temperature"),
         ({"prompt": "hi", "max_tokens": 100000}, {}, 400, "maximum length"),
         ({"prompt": [999999]}, {}, 400, "token ids"),
+        ({"prompt": "hi", "logit_bias": {"5": 101}}, {}, 400, "[-100, 100]"),
+        ({"prompt": "hi", "logit_bias": {"hello": 1}}, {}, 400, "token ids"),
+        ({"prompt": "hi", "logit_bias": {"999999": 1}}, {}, 400, "logit_bias token ids"),
         ({"prompt": "hi"}, {"X-Balcony-Exit": "7"}, 400, "X-Balcony-Exit"),
         ({"prompt": "hi"}, {"X-Latency-Budget-Ms": "soon"}, 400, "X-Latency-Budget-Ms"),
         ({"prompt": "hi", "model": "gpt-4"}, {}, 404, "does not exist"),
@@ -159,6 +162,23 @@ def test_errors_in_openai_envelope(default_server, body, headers, status, fragme
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and fragment in error["message"]
+
+
+def test_logit_bias_forces_and_bans_tokens(default_server, default_model):
+    client = openai.OpenAI(base_url=default_server.url + "/v1", api_key="unused")
+    forced = default_model.tokenizer.encode(" banana", add_special_tokens=False)[0]
+    out = client.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=4, temperature=0,
+                                    logit_bias={str(forced): 100})
+    assert out.choices[0].text == default_model.tokenizer.decode([forced] * 4)
+    plain = client.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=1, temperature=0)
+    first = default_model.tokenizer.encode(plain.choices[0].text, add_special_tokens=False)[0]
+    banned = client.chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "Say yes."}], max_tokens=3, temperature=0,
+        logit_bias={str(first): -100})
+    assert banned.choices[0].message.content  # chat takes it too
+    out = client.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=1, temperature=0,
+                                    logit_bias={str(first): -100})
+    assert out.choices[0].text != plain.choices[0].text
 
 
 def test_malformed_json_is_400(default_server):
