@@ -93,6 +93,18 @@ def decode_attention(
     keys = k_cache[table].flatten(1, 2)[:, :max_len]  # [B, S, Hk, D]
     values = v_cache[table].flatten(1, 2)[:, :max_len]
     valid = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None]  # [B, S]
+    if q.dtype != torch.float32 and batch * max_len >= 128:
+        # Grouped matrix products, softmax in fp32. For one query token in bf16, torch's CPU SDPA
+        # was 1.3-3.8x slower than this at 16-64 rows and 32-2048 cached tokens (one thread), but
+        # faster on a single short row (1 x 32 tokens: 0.09 against 0.16 ms); in fp32 SDPA was the
+        # faster of the two everywhere, so fp32 keeps it.
+        group = num_heads // num_kv_heads
+        query = q.view(batch, num_kv_heads, group, head_dim)  # [B, Hk, G, D]
+        scores = torch.matmul(query, keys.permute(0, 2, 3, 1)).float() * scale  # [B, Hk, G, S]
+        scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, values.permute(0, 2, 1, 3))  # [B, Hk, G, D]
+        return out.reshape(batch, num_heads, head_dim)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # [B, Hq, 1, D]
         keys.transpose(1, 2),  # [B, Hk, S, D]

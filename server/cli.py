@@ -47,7 +47,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters", default="default",
                    help="balcony adapters directory; 'default' takes the shipped ones, 'none' fresh balconies")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and activations dtype (auto: bfloat16 on GPU, float32 on CPU)")
+                   help="weights and activations dtype (auto: bfloat16 on GPUs and on CPUs with native bf16, else float32)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output in tokens (default: the model's maximum)")
