@@ -227,6 +227,9 @@ def calibrate(engine, exits=None, batch: int = 8, steps: int = 6, prompt_tokens:
 
     deepest = max(exits)
     long_tokens = min(long_prompt_tokens, engine.loaded.max_model_len - params.max_tokens - 1)
+    deepest_layers = len(engine.model.cache_layers_of(deepest))
+    while long_tokens > 2 * prompt_tokens and not engine.blocks.fits_at_all(deepest_layers, long_tokens + params.max_tokens):
+        long_tokens //= 2  # a small KV cache: measure what fits (attention terms stay 0 if nothing does)
     if long_tokens > 2 * prompt_tokens:
         seconds, chunks, long_decode = prefill_then_decode(deepest, filler[:long_tokens])
         long_prefill = max(seconds - chunks * costs[deepest].decode_base_s, 0.0)

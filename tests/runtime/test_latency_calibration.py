@@ -24,3 +24,13 @@ def test_calibration_measures_every_exit_and_leaves_the_engine_idle(tiny_model):
     # Warm-up burst (capped at max_num_seqs) and measuring requests are all gone, blocks returned.
     assert not engine.has_unfinished()
     assert engine.blocks.num_used_blocks == 0
+
+
+def test_calibration_fits_its_long_prompt_into_a_small_kv_cache(tiny_model):
+    # The tiny model takes 256 tokens; give the cache room for about 150 at full depth, so the
+    # long-prompt measurement (capped at the model length, 247 tokens) must shrink instead of failing.
+    layers = len(tiny_model.model.cache_layers_of(tiny_model.model.full_depth))
+    engine = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=10 * layers, max_num_seqs=4))
+    model = calibrate(engine, batch=2, steps=2, prompt_tokens=24, burst=4)
+    assert all(cost.prefill_per_pair_s >= 0 for cost in model.costs.values())
+    assert not engine.has_unfinished() and engine.blocks.num_used_blocks == 0
