@@ -185,39 +185,44 @@ def calibrate(engine, exits=None, batch: int = 8, steps: int = 6, prompt_tokens:
     for rid in warm:
         engine.abort(rid)
 
-    def timed_step() -> float:
-        start = time.perf_counter()
-        engine.step()
-        return time.perf_counter() - start
+    def median_step() -> float:
+        """Median of ``steps`` timed steps: robust to a stall on a busy host."""
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    def prefill(exit_layer: int, prompt: list[int]) -> tuple[str, float, int]:
+        """Queue the prompt and step until it is prefilled (in chunks where it is long): its
+        request id (still running, for decode steps at its context), seconds and steps taken."""
+        rid = engine.add_request(prompt, params, exit_layer)
+        seconds, chunks = 0.0, 0
+        while engine.request_needs_prefill(rid):
+            start = time.perf_counter()
+            engine.step()
+            seconds += time.perf_counter() - start
+            chunks += 1
+        return rid, seconds, chunks
 
     def median_decode(exit_layer: int, prompts: list[list[int]]) -> float:
         """Median decode step of these prompts' rows, after their prefill."""
         ids = [engine.add_request(p, params, exit_layer) for p in prompts]
         while any(engine.request_needs_prefill(rid) for rid in ids):
             engine.step()
-        times = sorted(timed_step() for _ in range(steps))
+        elapsed = median_step()
         for rid in ids:
             engine.abort(rid)
-        return times[len(times) // 2]  # the median: robust to a stall on a busy host
-
-    def prefill_then_decode(exit_layer: int, prompt: list[int]) -> tuple[float, int, float]:
-        """Seconds and steps until the prompt is prefilled (in chunks where it is long), then the
-        median decode step of its one row at that context."""
-        rid = engine.add_request(prompt, params, exit_layer)
-        seconds, chunks = 0.0, 0
-        while engine.request_needs_prefill(rid):
-            seconds += timed_step()
-            chunks += 1
-        times = sorted(timed_step() for _ in range(steps))
-        engine.abort(rid)
-        return seconds, chunks, times[len(times) // 2]
+        return elapsed
 
     costs, short_prefill = {}, {}
     for exit_layer in exits:
         median_decode(exit_layer, [filler[:8]])  # warm-up: first steps at a new shape are slower
         one = median_decode(exit_layer, [filler[:8]])
         many = median_decode(exit_layer, [filler[: 8 + r] for r in range(batch)])
-        seconds, chunks, _ = prefill_then_decode(exit_layer, filler[:prompt_tokens])
+        rid, seconds, chunks = prefill(exit_layer, filler[:prompt_tokens])
+        engine.abort(rid)
         short_prefill[exit_layer] = max(seconds - chunks * one, 0.0)  # less each step's fixed cost
         costs[exit_layer] = ExitCost(
             decode_base_s=one,
@@ -231,7 +236,9 @@ def calibrate(engine, exits=None, batch: int = 8, steps: int = 6, prompt_tokens:
     while long_tokens > 2 * prompt_tokens and not engine.blocks.fits_at_all(deepest_layers, long_tokens + params.max_tokens):
         long_tokens //= 2  # a small KV cache: measure what fits (attention terms stay 0 if nothing does)
     if long_tokens > 2 * prompt_tokens:
-        seconds, chunks, long_decode = prefill_then_decode(deepest, filler[:long_tokens])
+        rid, seconds, chunks = prefill(deepest, filler[:long_tokens])
+        long_decode = median_step()  # one row at the long context
+        engine.abort(rid)
         long_prefill = max(seconds - chunks * costs[deepest].decode_base_s, 0.0)
         # Two prompt lengths, two unknowns: s = per_token * n + per_pair * pairs(n).
         short_pairs, long_pairs = prompt_pairs(prompt_tokens), prompt_pairs(long_tokens)

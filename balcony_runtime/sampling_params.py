@@ -24,7 +24,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past the tokenizer's end-of-sequence token
     logprobs: int | None = None  # None: no logprobs; n: chosen token's logprob plus top-n
     prompt_logprobs: int | None = None  # None: none; n: each prompt token's logprob plus top-n
-    # (token id, bias) pairs added to the logits before penalties' result is sampled (OpenAI's
+    # (token id, bias) pairs added to the logits after penalties, before sampling (OpenAI's
     # logit_bias): -100 in effect bans a token, +100 in effect forces it.
     logit_bias: tuple[tuple[int, float], ...] = ()
     extra: dict = field(default_factory=dict, compare=False)  # free-form, ignored by the runtime

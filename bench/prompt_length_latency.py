@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import time
 from pathlib import Path
 
@@ -44,8 +45,9 @@ def main() -> None:
     model = calibrate(engine)
     calibration_s = time.perf_counter() - start
     flat = copy.deepcopy(model)
-    for cost in flat.costs.values():  # what the linear model would have fitted from a 96-token prompt
-        cost.prefill_per_token_s += cost.prefill_per_pair_s * (96 + 1) / 2
+    short = inspect.signature(calibrate).parameters["prompt_tokens"].default
+    for cost in flat.costs.values():  # what a linear model would have fitted from the short prompt
+        cost.prefill_per_token_s += cost.prefill_per_pair_s * (short + 1) / 2
         cost.prefill_per_pair_s = cost.decode_per_context_s = 0.0
     idle = LoadSnapshot(running_exits=(), num_waiting=0, mean_remaining_tokens=0.0,
                         max_num_seqs=engine.config.max_num_seqs)
