@@ -5,6 +5,7 @@ Free of HTTP concerns: the server wraps it in an async front (server/async_engin
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -16,12 +17,15 @@ from balcony_runtime.block_manager import BlockManager
 from balcony_runtime.detokenizer import IncrementalDetokenizer
 from balcony_runtime.errors import RequestError
 from balcony_runtime.kv_cache import KVCache
-from balcony_runtime.latency_model import LoadSnapshot, prompt_pairs
 from balcony_runtime.loader import LoadedModel
 from balcony_runtime.model_runner import ModelRunner, RunResult
 from balcony_runtime.request import Request
 from balcony_runtime.sampler import TokenLogprobs
 from balcony_runtime.sampling_params import SamplingParams
+from balcony_runtime.routing.calibration import calibrate
+from balcony_runtime.routing.latency_model import LatencyModel, LoadSnapshot, RowLoad
+from balcony_runtime.routing.router import RouteDecision, Router
+from balcony_runtime.routing.step_cost import RowShape, StepShape
 from balcony_runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 
@@ -32,10 +36,16 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV-cache block
     num_kv_blocks: int | None = None  # blocks in the pool; None: sized from kv_cache_memory_gb
     kv_cache_memory_gb: float | None = None  # None: 2 GB on CPU, 90% of free memory on CUDA
+    budget_policy: str = "best-effort"  # no exit meets a budget: "best-effort" (shallowest) or "reject"
+    served_exits: tuple[int, ...] | None = None  # exits requests may use, routed or forced (None: every one)
+    starvation_ratio: float = 1.0  # SchedulerConfig.starvation_ratio
+    deadline_margin: float = 0.1  # SchedulerConfig.deadline_margin
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
             raise ValueError("block_size and num_kv_blocks must be positive")
+        if self.served_exits is not None and not self.served_exits:
+            raise ValueError("served_exits must name at least one exit")
 
 
 @dataclass
@@ -55,6 +65,9 @@ class RequestOutput:
     arrival_time: float
     first_scheduled_time: float | None
     first_token_time: float | None
+    route: RouteDecision | None = None  # how its exit was chosen (None: exit given, no router)
+    latency_s: float | None = None  # arrival to finish, once finished
+    budget_met: bool | None = None  # once finished with a budget: whether latency_s was within it
 
 
 @dataclass(frozen=True)
@@ -62,24 +75,23 @@ class StepStats:
     """The shape and duration of one step: what the latency model learns from."""
 
     seconds: float  # wall time of schedule + forward + sampling
+    shape: StepShape  # what the step ran, as the step-cost model sees it
     num_rows: int  # requests in the step
     deepest_exit: int  # the deepest exit among them (it sets how many layers run)
     num_prefill_tokens: int  # tokens of rows with more than one token this step
-    num_decode_rows: int  # rows with exactly one token
-    prefill_pairs: int = 0  # (token, key) pairs the prefill rows attend to
-    context_tokens: int = 0  # cached tokens the decode rows attend to, in all
+    depth_limit: int | None  # the scheduler ran only rows at or below this exit (None: no limit)
 
     @classmethod
-    def of(cls, plan: SchedulerOutput, seconds: float) -> "StepStats":
+    def of(cls, plan: SchedulerOutput, seconds: float, full_depth: int) -> "StepStats":
         rows = plan.scheduled
+        shapes = [RowShape(r.request.exit_layer, r.num_tokens, r.start, r.completes_sequence) for r in rows]
         return cls(
             seconds=seconds,
+            shape=StepShape.of(shapes, full_depth),
             num_rows=len(rows),
             deepest_exit=rows[0].request.exit_layer,
             num_prefill_tokens=sum(r.num_tokens for r in rows if r.num_tokens > 1),
-            num_decode_rows=sum(1 for r in rows if r.num_tokens == 1),
-            prefill_pairs=sum(prompt_pairs(r.num_tokens, r.start) for r in rows if r.num_tokens > 1),
-            context_tokens=sum(r.start + 1 for r in rows if r.num_tokens == 1),
+            depth_limit=plan.depth_limit,
         )
 
 
@@ -87,6 +99,7 @@ class StepStats:
 class _Tracked:
     request: Request
     detok: IncrementalDetokenizer
+    route: RouteDecision | None = None
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
@@ -102,8 +115,17 @@ class LLMEngine:
         kv = KVCache.allocate(arch, num_blocks, config.block_size, self.model.dtype, self.model.norm.device)
         self.runner = ModelRunner(self.model, kv, self.blocks)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                            config.starvation_ratio, config.deadline_margin),
+            self.blocks,
         )
+        self.router: Router | None = None  # set by calibrate(): budgets need it
+        every = (*self.model.exits, self.model.full_depth)
+        unknown = sorted(set(config.served_exits or ()) - set(every))
+        if unknown:
+            names = ", ".join([*(str(e) for e in self.model.exits), "full"])
+            raise ValueError(f"exits {unknown} are not in this model; it has {names}")
+        self._served = tuple(sorted(set(config.served_exits))) if config.served_exits else every
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self.last_step: StepStats | None = None
@@ -126,18 +148,25 @@ class LLMEngine:
 
     @property
     def exits(self) -> tuple[int, ...]:
-        """Every exit this engine serves, shallow to deep; the last is the full model."""
-        return (*self.model.exits, self.model.full_depth)
+        """The exits this engine serves, shallow to deep (the full depth is the model's layer count):
+        every balcony and the full model, or the operator's choice among them."""
+        return self._served
+
+    def exit_names(self) -> list[str]:
+        full = self.model.full_depth
+        return ["full" if e == full else str(e) for e in self.exits]
 
     def parse_exit(self, exit_layer: int | str | None) -> int:
-        if exit_layer is None or exit_layer == "full":
-            return self.model.full_depth
+        """A served exit from a layer count or 'full'; None is the deepest served exit."""
+        if exit_layer is None:
+            return self.exits[-1]
+        value = self.model.full_depth if exit_layer == "full" else exit_layer
         try:
-            value = int(exit_layer)
+            value = int(value)
         except (TypeError, ValueError):
             value = -1
         if value not in self.exits:
-            raise RequestError(f"unknown exit {exit_layer!r}; this model serves exits {list(self.exits[:-1])} and 'full'")
+            raise RequestError(f"unknown exit {exit_layer!r}; this server serves exits {', '.join(self.exit_names())}")
         return value
 
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
@@ -149,15 +178,48 @@ class LLMEngine:
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
         return ids
 
+    # ---- routing ---------------------------------------------------------------------------
+
+    def calibrate(self, **kwargs) -> Router:
+        """Measure step costs through this (idle) engine and start routing budgets and scheduling
+        deadlines with them. ``kwargs`` go to :func:`routing.calibration.calibrate`."""
+        if self.has_unfinished():
+            raise RequestError("calibration needs an idle engine")
+        step_cost = calibrate(self, **kwargs)
+        latency = LatencyModel(step_cost, self.config.starvation_ratio, self.config.deadline_margin)
+        self.router = Router(latency, self.exits, self.config.budget_policy)
+        self.scheduler.step_cost = step_cost
+        return self.router
+
+    def route(self, prompt_tokens: int, max_tokens: int, budget_ms: float | None,
+              forced_exit: int | None) -> RouteDecision | None:
+        """The exit for a request arriving now (raises BudgetUnmeetable under the reject policy)."""
+        if self.router is None:
+            if budget_ms is not None:
+                raise RequestError("latency budgets need a calibrated engine (LLMEngine.calibrate)")
+            return None
+        return self.router.route(budget_ms, prompt_tokens, max_tokens, self.load_snapshot(), forced_exit)
+
+    # ---- requests --------------------------------------------------------------------------
+
     def add_request(
         self,
         prompt: str | Sequence[int],
         params: SamplingParams = SamplingParams(),
         exit_layer: int | str | None = None,
         request_id: str | None = None,
+        budget_ms: float | None = None,
+        arrival_time: float | None = None,
     ) -> str:
-        """Queue a request; raise RequestError if it can never be served as asked."""
-        exit_value = self.parse_exit(exit_layer)
+        """Queue a request; raise RequestError if it can never be served as asked.
+
+        ``exit_layer`` forces an exit; otherwise a ``budget_ms`` (end-to-end milliseconds from
+        ``arrival_time``, default now) is routed to the deepest exit predicted to meet it, and the
+        scheduler treats arrival + budget as the request's deadline. Neither: full depth.
+        """
+        if budget_ms is not None and not budget_ms > 0:
+            raise RequestError(f"a latency budget must be a positive number of milliseconds, got {budget_ms}")
+        forced = None if exit_layer is None else self.parse_exit(exit_layer)
         prompt_ids = self.tokenize(prompt)
         vocab = self.model.arch.vocab_size
         if any(token >= vocab for token, _ in params.logit_bias):
@@ -170,19 +232,32 @@ class LLMEngine:
                 f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) is {total}, "
                 f"over the model's maximum length of {self.loaded.max_model_len}"
             )
-        num_cache_layers = len(self.model.cache_layers_of(exit_value))
-        if not self.blocks.fits_at_all(num_cache_layers, total):
-            raise RequestError(f"a request of {total} tokens does not fit in the KV cache even alone")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._tracked:
             raise RequestError(f"request id {request_id!r} is already in use")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        # What is left of the budget now (the caller may have spent some since it arrived).
+        left_ms = None if budget_ms is None else budget_ms - 1000 * max(0.0, time.monotonic() - arrival)
+        route = self.route(len(prompt_ids), params.max_tokens, left_ms, forced)
+        if route is not None and budget_ms is not None:
+            route = dataclasses.replace(route, budget_ms=budget_ms)
+        exit_value = route.exit_layer if route is not None else (forced or self.exits[-1])
+        num_cache_layers = len(self.model.cache_layers_of(exit_value))
+        if not self.blocks.fits_at_all(num_cache_layers, total):
+            raise RequestError(f"a request of {total} tokens does not fit in the KV cache even alone")
         request = Request(
-            request_id, prompt_ids, params, exit_value, num_cache_layers, time.monotonic(),
+            request_id, prompt_ids, params, exit_value, num_cache_layers, arrival,
             eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+            deadline=None if budget_ms is None else arrival + budget_ms / 1000,
         )
-        self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.stop))
+        self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.stop), route)
         self.scheduler.add(request)
         return request_id
+
+    def route_of(self, request_id: str) -> RouteDecision | None:
+        """How an unfinished request's exit was chosen (None: unknown, or no router)."""
+        tracked = self._tracked.get(request_id)
+        return None if tracked is None else tracked.route
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks at once; False if it was unknown or already done."""
@@ -201,21 +276,18 @@ class LLMEngine:
         tracked = self._tracked.get(request_id)
         return tracked is not None and not tracked.request.output_token_ids
 
-    def load_snapshot(self) -> "LoadSnapshot":
-        running = self.scheduler.running
-        remaining = [r.params.max_tokens - len(r.output_token_ids) for r in running]
-        # Tokens not yet in the cache, where more than the one token a decode step feeds.
-        pending = [(r, n) for r in (*running, *self.scheduler.waiting)
-                   if (n := r.num_tokens - r.num_computed_tokens) > 1]
+    def load_snapshot(self) -> LoadSnapshot:
+        def row(r: Request) -> RowLoad:
+            uncached = r.num_tokens - r.num_computed_tokens  # 1 for a decoding row: its last sample
+            return RowLoad(r.exit_layer, r.num_tokens, r.num_remaining_steps, uncached if uncached > 1 else 0,
+                           r.deadline)
+
         return LoadSnapshot(
-            running_exits=tuple(r.exit_layer for r in running),
-            num_waiting=len(self.scheduler.waiting),
-            waiting_exits=tuple(r.exit_layer for r in self.scheduler.waiting),
-            mean_remaining_tokens=sum(remaining) / len(remaining) if remaining else 0.0,
+            now=time.monotonic(),
+            running=tuple(row(r) for r in self.scheduler.running),
+            waiting=tuple(row(r) for r in self.scheduler._admission_order()),
             max_num_seqs=self.config.max_num_seqs,
-            pending_prefill_tokens=sum(n for r, n in pending),
-            pending_prefill_pairs=sum(prompt_pairs(n, r.num_computed_tokens) for r, n in pending),
-            context_tokens=sum(r.num_tokens for r in (*running, *self.scheduler.waiting)),
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
         )
 
     @property
@@ -234,8 +306,11 @@ class LLMEngine:
         if plan.is_empty:
             return []
         results = self.runner.run(plan.scheduled)
-        self.scheduler.on_step_done(plan)
-        self.last_step = StepStats.of(plan, time.monotonic() - now)
+        seconds = time.monotonic() - now
+        self.scheduler.on_step_done(plan, seconds)
+        self.last_step = StepStats.of(plan, seconds, self.model.full_depth)
+        if self.router is not None:
+            self.router.model.step_cost.observe(self.last_step.shape, seconds)
         return self._postprocess(plan, results)
 
     def _postprocess(self, plan: SchedulerOutput, results: list[RunResult]) -> list[RequestOutput]:
@@ -268,10 +343,16 @@ class LLMEngine:
                         reason = "stop"
                     elif is_special_stop:
                         new_text += tracked.detok.flush()
+            latency_s = budget_met = None
             if reason is not None:
                 self.scheduler.finish(request, reason)
                 self._tracked.pop(request.request_id)
                 self.runner.release(request.request_id)
+                latency_s = now - request.arrival_time
+                if request.deadline is not None:
+                    budget_met = now <= request.deadline
+                if tracked.route is not None and self.router is not None:
+                    self.router.model.observe_request(tracked.route.expected_ms / 1000, latency_s)
             outputs.append(
                 RequestOutput(
                     request_id=request.request_id,
@@ -287,6 +368,9 @@ class LLMEngine:
                     arrival_time=request.arrival_time,
                     first_scheduled_time=request.first_scheduled_time,
                     first_token_time=request.first_token_time,
+                    route=tracked.route,
+                    latency_s=latency_s,
+                    budget_met=budget_met,
                 )
             )
         return outputs
@@ -306,9 +390,10 @@ class LLMEngine:
         prompts: Iterable[str | Sequence[int]],
         params: SamplingParams = SamplingParams(),
         exit_layer: int | str | None = None,
+        budget_ms: float | None = None,
     ) -> list["CompletedRequest"]:
         """Run prompts to completion together (continuous batching) and return them in order."""
-        ids = [self.add_request(p, params, exit_layer) for p in prompts]
+        ids = [self.add_request(p, params, exit_layer, budget_ms=budget_ms) for p in prompts]
         done: dict[str, CompletedRequest] = {rid: CompletedRequest(rid) for rid in ids}
         while self.has_unfinished():
             for out in self.step():
@@ -328,6 +413,9 @@ class CompletedRequest:
     prompt_logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None
     exit_layer: int | None = None
+    route: RouteDecision | None = None  # how its exit was chosen, when routed
+    latency_s: float | None = None  # arrival to finish
+    budget_met: bool | None = None  # with a budget: whether latency_s was within it
 
     def absorb(self, out: RequestOutput) -> None:
         self.token_ids.extend(out.new_token_ids)
@@ -336,3 +424,6 @@ class CompletedRequest:
         self.prompt_logprobs = out.prompt_logprobs or self.prompt_logprobs
         self.finish_reason = out.finish_reason
         self.exit_layer = out.exit_layer
+        self.route = out.route
+        self.latency_s = out.latency_s if out.finished else self.latency_s
+        self.budget_met = out.budget_met if out.finished else self.budget_met

@@ -31,6 +31,8 @@ class Request:
     first_scheduled_time: float | None = None  # when it first ran (end of its queue wait)
     first_token_time: float | None = None  # when its first output token was sampled
     prompt_logprobs_done: bool = False  # prompt logprobs were computed (they survive preemption)
+    deadline: float | None = None  # time.monotonic() by which it should finish (arrival + budget)
+    waited_s: float = 0.0  # seconds of steps that skipped it (depth-limited) since it last ran
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -46,6 +48,12 @@ class Request:
         if stop <= len(prompt):
             return prompt[start:stop]
         return (prompt + self.output_token_ids)[start:stop]
+
+    @property
+    def num_remaining_steps(self) -> int:
+        """Steps it still needs at least: one per token left to generate (the step that ends its
+        prefill samples the first), and at least one (a prompt-scoring request's prefill)."""
+        return max(1, self.params.max_tokens - len(self.output_token_ids))
 
     @property
     def is_finished(self) -> bool:

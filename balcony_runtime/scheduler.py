@@ -1,29 +1,52 @@
-"""Which requests run in the next step and how many tokens each: continuous batching. No torch.
+"""Which requests run in the next step, how many tokens each, and how deep the step goes. No torch.
 
-Every step: running requests first (a decode is one token; an unfinished prefill continues with its
-next chunk), then waiting requests in arrival order while sequence slots, the step's token budget
-and free cache blocks last. Long prompts are split into chunks so running decodes keep moving. When
-a running request cannot grow, the most recently admitted one is preempted (its blocks freed, its
-tokens recomputed later), so requests that are running are never corrupted.
+Continuous batching: running requests first (a decode is one token; an unfinished prefill continues
+with its next chunk), then waiting requests while sequence slots, the step's token budget and free
+cache blocks last. Long prompts are split into chunks so running decodes keep moving. When a running
+request cannot grow, a victim is preempted (its blocks freed, its tokens recomputed later): the one
+with the latest deadline among those not yet scheduled this step, the newest on a tie.
+
+Deadlines and depth-limited steps. A step is paced by its deepest row, so a shallow request that
+rides with full-depth ones gains nothing from its exit. When a request with a deadline would miss it
+if every remaining step ran at full depth, and could still meet it at its own depth, it is *urgent*:
+the step then runs only the rows whose exit is at or below D, the deepest urgent exit (a prefix of
+the batch ordered deepest first, so the model runs fewer layers and the head once). Requests that
+are fine on full steps never trigger this, nor do hopeless ones (late even at their own pace: they
+have missed, and speeding them only taxes everyone else).
+
+The starvation bound: a row left out of depth-limited steps accumulates their measured time, and
+once that reaches ``starvation_ratio`` times the predicted full step, the next step runs every row.
+So between two of its tokens a request waits at most its own step plus about ``starvation_ratio``
+full steps (plus the one depth-limited step that crossed the line): its decode slows by at most a
+factor of about 1 + starvation_ratio, and only while urgent requests exist.
+
+Waiting requests are admitted preempted-first, then earliest deadline first; a request without a
+budget counts as due ``unbudgeted_horizon_s`` after its arrival, so a stream of budgeted arrivals
+delays it at most that long.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from balcony_runtime.block_manager import BlockManager
 from balcony_runtime.request import Request, RequestStatus
+from balcony_runtime.routing.step_cost import RowShape, StepCostModel
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64  # requests running at once
     max_num_batched_tokens: int = 512  # tokens processed in one step (prefill chunks + decodes)
+    starvation_ratio: float = 1.0  # rows skipped by depth-limited steps wait at most this many full steps
+    deadline_margin: float = 0.1  # a request is urgent when full steps would use more than 1 - this of its time left
+    unbudgeted_horizon_s: float = 30.0  # admission treats a request without a budget as due this long after arrival
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.starvation_ratio < 0 or not 0 <= self.deadline_margin < 1 or self.unbudgeted_horizon_s < 0:
+            raise ValueError("starvation_ratio and unbudgeted_horizon_s must be >= 0, deadline_margin in [0, 1)")
 
 
 @dataclass
@@ -42,6 +65,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest]  # deepest exit first (the model's row order)
     preempted: list[Request] = field(default_factory=list)  # sent back to the queue this step
+    depth_limit: int | None = None  # only rows with exit <= this ran (None: every row could)
 
     @property
     def is_empty(self) -> bool:
@@ -49,11 +73,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, step_cost: StepCostModel | None = None):
         self.config = config
         self.blocks = block_manager
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.step_cost = step_cost  # None: no deadline scheduling (every step may run every row)
+        self.waiting: list[Request] = []  # admission order is chosen at each step (see _admission_order)
+        self.running: list[Request] = []  # admission order
 
     @property
     def num_unfinished(self) -> int:
@@ -73,39 +98,88 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 
+    # ---- priorities ------------------------------------------------------------------------
+
+    def due(self, request: Request) -> float:
+        """When a request should finish: its deadline, or the horizon after arrival without one."""
+        if request.deadline is not None:
+            return request.deadline
+        return request.arrival_time + self.config.unbudgeted_horizon_s
+
+    def _admission_order(self) -> list[Request]:
+        # Preempted requests first (they were running and lost their cache), then earliest due.
+        return sorted(self.waiting, key=lambda r: (r.num_preemptions == 0, self.due(r), r.arrival_time))
+
+    def choose_depth(self, now: float) -> int | None:
+        """The step's depth limit (see the module docstring), or None for a step of every row."""
+        cost, running = self.step_cost, self.running
+        if cost is None or not any(r.deadline is not None for r in running):
+            return None
+        deepest = max(r.exit_layer for r in running)
+        full_step = cost.step_seconds([RowShape(r.exit_layer, 1, r.num_computed_tokens) for r in running])
+        urgent: list[int] = []
+        for r in running:
+            if r.deadline is None or r.exit_layer >= deepest:
+                continue
+            left, steps = r.deadline - now, r.num_remaining_steps
+            if steps * full_step <= left * (1 - self.config.deadline_margin):
+                continue  # fine riding full steps
+            own_step = cost.step_seconds(
+                [RowShape(o.exit_layer, 1, o.num_computed_tokens) for o in running if o.exit_layer <= r.exit_layer]
+            )
+            if steps * own_step > left:
+                continue  # hopeless: it misses even at its own pace
+            urgent.append(r.exit_layer)
+        if not urgent:
+            return None
+        depth = max(urgent)
+        limit = self.config.starvation_ratio * full_step
+        if any(r.waited_s >= limit for r in running if r.exit_layer > depth):
+            return None  # someone deeper has waited its bound: everyone runs
+        return depth
+
+    # ---- the step --------------------------------------------------------------------------
+
     def schedule(self, now: float) -> SchedulerOutput:
+        depth = self.choose_depth(now)
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
 
-        # Running requests, oldest first; a request that cannot grow evicts the newest.
+        # Running requests in admission order; one that cannot grow evicts a victim.
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if depth is not None and request.exit_layer > depth:
+                i += 1
+                continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.blocks.can_grow(request.request_id, request.num_computed_tokens + n):
-                victim = self.running[-1]
+                victim = self._victim(self.running[i:])
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is request:
                     break
             if request.status is not RequestStatus.RUNNING:
-                break  # it preempted itself: nothing newer is left to run
+                continue  # it preempted itself; the next request now sits at index i
             self.blocks.grow(request.request_id, request.num_computed_tokens + n)
             scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n))
             budget -= n
             i += 1
 
-        # Waiting requests in arrival order, while they fit. Preempted ones went back to the front,
-        # but are not readmitted in the step that evicted them.
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        # Waiting requests, while they fit; preempted ones are not readmitted in the step that
+        # evicted them. One that does not fit stops admission (no overtaking by smaller ones).
+        for request in self._admission_order():
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
             if request in preempted:
                 break
+            if depth is not None and request.exit_layer > depth:
+                continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.blocks.can_allocate(request.num_cache_layers, n):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
             self.blocks.allocate(request.request_id, request.num_cache_layers, n)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
@@ -115,7 +189,11 @@ class Scheduler:
             budget -= n
 
         scheduled.sort(key=lambda s: -s.request.exit_layer)  # stable: deepest first
-        return SchedulerOutput(scheduled, preempted)
+        return SchedulerOutput(scheduled, preempted, depth)
+
+    def _victim(self, candidates: list[Request]) -> Request:
+        """The request to preempt among those not yet scheduled this step: latest due, newest on a tie."""
+        return max(reversed(candidates), key=self.due)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -123,9 +201,16 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1
-        self.waiting.appendleft(request)
+        request.waited_s = 0.0
+        self.waiting.append(request)
 
-    def on_step_done(self, output: SchedulerOutput) -> None:
-        """The runner has written this step's tokens into the cache."""
+    def on_step_done(self, output: SchedulerOutput, seconds: float = 0.0) -> None:
+        """The runner has written this step's tokens into the cache; it took ``seconds``."""
+        ran = set()
         for item in output.scheduled:
             item.request.num_computed_tokens = item.start + item.num_tokens
+            item.request.waited_s = 0.0
+            ran.add(item.request.request_id)
+        for request in self.running:
+            if request.request_id not in ran:
+                request.waited_s += seconds

@@ -5,8 +5,8 @@
 Calibrates the latency model the way `balcony serve` does at start-up, then serves one request at a
 time (greedy, ``--max-tokens`` tokens, end-of-sequence ignored) with prompts of each length, at full
 depth and at the shallowest exit, and prints measured end-to-end seconds beside two predictions:
-the calibrated model, and the same model without its attention terms (cost per prefill pair and
-per cached token decoded), i.e. prefill linear in prompt length. transformers' own forward over
+the calibrated model, and the same model with its attention term (cost per (token, key) pair and
+layer) set to zero, i.e. prefill linear in prompt length. transformers' own forward over
 the whole prompt is timed once per length for scale.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import time
 from pathlib import Path
 
@@ -35,22 +34,23 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     from balcony_runtime.engine import EngineConfig, LLMEngine
-    from balcony_runtime.latency_model import LoadSnapshot, calibrate
     from balcony_runtime.loader import load_model
+    from balcony_runtime.routing.latency_model import LatencyModel, LoadSnapshot
+    from balcony_runtime.routing.step_cost import FEATURES
     from balcony_runtime.sampling_params import SamplingParams
 
     loaded = load_model(args.model, dtype=args.dtype)
     engine = LLMEngine(loaded, EngineConfig())
     start = time.perf_counter()
-    model = calibrate(engine)
+    model = engine.calibrate().model
     calibration_s = time.perf_counter() - start
-    flat = copy.deepcopy(model)
-    short = inspect.signature(calibrate).parameters["prompt_tokens"].default
-    for cost in flat.costs.values():  # what a linear model would have fitted from the short prompt
-        cost.prefill_per_token_s += cost.prefill_per_pair_s * (short + 1) / 2
-        cost.prefill_per_pair_s = cost.decode_per_context_s = 0.0
-    idle = LoadSnapshot(running_exits=(), num_waiting=0, mean_remaining_tokens=0.0,
-                        max_num_seqs=engine.config.max_num_seqs)
+    flat_cost = copy.deepcopy(model.step_cost)
+    attention = FEATURES.index("attention_layers")
+    flat_cost.coefficients = tuple(0.0 if i == attention else c for i, c in enumerate(flat_cost.coefficients))
+    flat = LatencyModel(flat_cost)
+    engine.router = None  # measure steps as they come; do not refine the model while measuring it
+    idle = LoadSnapshot(now=0.0, running=(), waiting=(), max_num_seqs=engine.config.max_num_seqs,
+                        max_num_batched_tokens=engine.config.max_num_batched_tokens)
     hf = LlamaForCausalLM.from_pretrained(loaded.path, dtype=loaded.model.dtype).eval()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     rows = []
@@ -64,8 +64,8 @@ def main() -> None:
             t0 = time.perf_counter()
             engine.generate([prompt], params, exit_layer=exit_layer)
             measured = time.perf_counter() - t0
-            predicted = model.predict(exit_layer, length, args.max_tokens, idle)
-            linear = flat.predict(exit_layer, length, args.max_tokens, idle)
+            predicted = model.predict(exit_layer, length, args.max_tokens, idle).full_pace_s
+            linear = flat.predict(exit_layer, length, args.max_tokens, idle).full_pace_s
             rows.append((length, exit_layer, measured, predicted, linear, hf_s))
             print(rows[-1], flush=True)
     lines = [

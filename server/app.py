@@ -19,8 +19,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from balcony_runtime.engine import LLMEngine
 from balcony_runtime.errors import RequestError
-from balcony_runtime.latency_model import calibrate
-from balcony_runtime.router import Router
 from server import chat, completions
 from server.async_engine import AsyncEngine
 from server.errors import APIError, guard_stream, install_error_handlers
@@ -52,11 +50,10 @@ def prepare_engine(build: Callable[[], LLMEngine], state: ServerState) -> AsyncE
     """Load the model, warm it up and calibrate the router (runs in a worker thread)."""
     started = time.monotonic()
     engine = build()
-    latency_model = calibrate(engine)
-    router = Router(latency_model, engine.exits, state.config.budget_policy)
-    log.info("model ready in %.1fs; calibrated step costs: %s", time.monotonic() - started,
-             {e: f"{c.decode_base_s * 1e3:.1f}ms" for e, c in latency_model.costs.items()})
-    return AsyncEngine(engine, router, state.metrics, state.config.max_queued_requests)
+    router = engine.calibrate()
+    log.info("model ready in %.1fs; predicted decode step of one row: %s", time.monotonic() - started,
+             router.model.step_cost.describe(engine.exits))
+    return AsyncEngine(engine, state.metrics, state.config.max_queued_requests)
 
 
 def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: str,
@@ -116,7 +113,7 @@ def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: 
         check_model(body.model)
         received = time.monotonic()
         budget = parse_budget(request.headers.get(BUDGET_HEADER))
-        forced = parse_exit(request.headers.get(EXIT_HEADER), engine.engine.exits)
+        forced = parse_exit(request.headers.get(EXIT_HEADER), engine.engine.exits, engine.engine.model.full_depth)
         try:
             specs = specs_of(engine.engine)
         except (RequestError, ValueError) as exc:

@@ -20,7 +20,7 @@ from typing import AsyncIterator, Callable
 
 from balcony_runtime.engine import LLMEngine, RequestOutput
 from balcony_runtime.errors import BalconyError
-from balcony_runtime.router import RouteDecision, Router
+from balcony_runtime.routing.router import RouteDecision
 from balcony_runtime.sampling_params import SamplingParams
 from server.metrics import ServerMetrics
 
@@ -60,9 +60,8 @@ class Submission:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, router: Router, metrics: ServerMetrics, max_queued: int):
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_queued: int):
         self.engine = engine
-        self.router = router
         self.metrics = metrics
         self.max_queued = max_queued
         # (command, future or None): run by the step loop between steps.
@@ -116,17 +115,12 @@ class AsyncEngine:
         """Runs on the step loop."""
         if self.engine.num_waiting >= self.max_queued:
             raise QueueFull(f"{self.engine.num_waiting} requests are already waiting")
-        load = self.engine.load_snapshot()
-        decision = self.router.route(budget_ms, len(prompt_ids), params.max_tokens, load, forced_exit)
-        # Registered before the engine knows the request, so no output can arrive unclaimed.
+        # The engine routes, and no output can arrive before this returns: both run on this thread.
+        self.engine.add_request(prompt_ids, params, forced_exit, request_id, budget_ms=budget_ms, arrival_time=received)
+        decision = self.engine.route_of(request_id)
         stream = _Stream(asyncio.Queue(), decision, received, len(prompt_ids),
                          exit_label=self.exit_label(decision.exit_layer))
         self._streams[request_id] = stream
-        try:
-            self.engine.add_request(prompt_ids, params, decision.exit_layer, request_id)
-        except BaseException:
-            del self._streams[request_id]
-            raise
         self._update_gauges()
         return Submission(request_id, decision, stream)
 
@@ -173,10 +167,6 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(exc)
                 continue
-            stats = engine.last_step
-            if stats is not None:
-                self.router.model.observe(stats.seconds, stats.deepest_exit, stats.num_rows,
-                                          stats.num_prefill_tokens, stats.prefill_pairs, stats.context_tokens)
             if outputs:
                 self._loop.call_soon_threadsafe(self._dispatch, outputs, time.monotonic())
 
@@ -243,11 +233,8 @@ class AsyncEngine:
                 m.request_success.labels(label, out.finish_reason).inc()
                 decision = stream.decision
                 m.prediction_error.labels(label).observe(abs(seconds - decision.predicted_ms / 1000))
-                self.router.model.observe_request(decision.model_ms / 1000, seconds, decision.batch_rows)
-                if decision.budget_ms is None:
-                    outcome = "none"
-                else:
-                    outcome = "hit" if 1000 * seconds <= decision.budget_ms else "miss"
+                # Judged by the engine against arrival + budget, arrival being when HTTP received it.
+                outcome = {None: "none", True: "hit", False: "miss"}[out.budget_met]
                 m.budget_requests.labels(label, outcome).inc()
             stream.queue.put_nowait(out)
         self._update_gauges()

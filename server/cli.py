@@ -80,17 +80,37 @@ def cmd_generate(args) -> int:
             prompt = loaded.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
-        request_id = engine.add_request(prompt, params, exit_layer=args.exit)
+        if args.budget_ms is not None:
+            if args.exit is not None:
+                raise ValueError("give --exit or --budget-ms, not both")
+            print("balcony generate: measuring step costs for the budget...", file=sys.stderr)
+            engine.calibrate()
+        request_id = engine.add_request(prompt, params, exit_layer=args.exit, budget_ms=args.budget_ms)
     except (BalconyError, ValueError) as exc:
         print(f"balcony generate: {exc}", file=sys.stderr)
         return 2
+    last = None
     while engine.has_unfinished():
         for out in engine.step():
             if out.request_id == request_id:
                 sys.stdout.write(out.new_text)
                 sys.stdout.flush()
+                last = out
     sys.stdout.write("\n")
+    if last is not None:
+        print(generation_summary(last, engine), file=sys.stderr)
     return 0
+
+
+def generation_summary(out, engine) -> str:
+    """One line for stderr: which exit ran, how long it took, and the budget's verdict."""
+    name = "full" if out.exit_layer == engine.model.full_depth else str(out.exit_layer)
+    line = f"[exit {name}, {out.num_output_tokens} tokens, {1000 * (out.latency_s or 0):.0f} ms"
+    route = out.route
+    if route is not None and route.budget_ms is not None:
+        verdict = "met" if out.budget_met else "missed"
+        line += f", budget {route.budget_ms:.0f} ms {verdict} (predicted {route.predicted_ms:.0f} ms)"
+    return line + "]"
 
 
 def cmd_bench(args) -> int:
@@ -130,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
     add_model_options(gen)
     gen.add_argument("prompt", help="the prompt text")
-    gen.add_argument("--exit", default="full", help="exit layer count (e.g. 8, 15, 22) or 'full'")
+    gen.add_argument("--exit", default=None, help="exit layer count (e.g. 8, 15, 22) or 'full' (default: full)")
+    gen.add_argument("--budget-ms", type=float, default=None,
+                     help="end-to-end latency budget: the deepest exit predicted to meet it (measures step costs first)")
     gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")

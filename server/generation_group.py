@@ -15,7 +15,7 @@ from typing import AsyncIterator
 
 from balcony_runtime.engine import CompletedRequest, RequestOutput
 from balcony_runtime.errors import RequestError
-from balcony_runtime.router import BudgetUnmeetable, RouteDecision
+from balcony_runtime.routing.router import BudgetUnmeetable, RouteDecision
 from balcony_runtime.sampling_params import SamplingParams
 from server.async_engine import AsyncEngine, Draining, EngineFailed, QueueFull, Submission
 from server.errors import APIError
@@ -80,6 +80,7 @@ class GenerationGroup:
             "exit_layers": d.exit_layer,
             "budget_ms": d.budget_ms,
             "predicted_ms": round(d.predicted_ms, 1),
+            "predicted_fit": d.predicted_fit,
             "measured_ms": None if measured_ms is None else round(measured_ms, 1),
             "forced": d.forced,
         }
@@ -134,7 +135,8 @@ def _as_api_error(exc: BaseException) -> BaseException:
                         code="queue_full", headers={"Retry-After": "1"})
     if isinstance(exc, BudgetUnmeetable):
         return APIError(429, str(exc), "rate_limit_error", param="X-Latency-Budget-Ms",
-                        code="budget_unmeetable", headers={"Retry-After": "1"})
+                        code="budget_unmeetable",
+                        headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
     if isinstance(exc, Draining):
         return APIError(503, "the server is shutting down", "unavailable_error", code="draining")
     if isinstance(exc, EngineFailed):

@@ -23,16 +23,16 @@ def parse_budget(value: str | None) -> float | None:
     return budget
 
 
-def parse_exit(value: str | None, exits: tuple[int, ...]) -> int | None:
-    """A forced exit: a balcony's layer count, or 'full'. ``exits`` ends with the full depth."""
+def parse_exit(value: str | None, exits: tuple[int, ...], full_depth: int) -> int | None:
+    """A forced exit: a served balcony's layer count, or 'full' where the full model is served."""
     if value is None or value.strip() == "":
         return None
     text = value.strip().lower()
-    if text == "full":
-        return exits[-1]
+    if text == "full" and full_depth in exits:
+        return full_depth
     if text.isdigit() and int(text) in exits:
         return int(text)
-    names = ", ".join([*(str(e) for e in exits[:-1]), "full"])
+    names = ", ".join(exit_name(e, full_depth) for e in exits)
     raise APIError(400, f"{EXIT_HEADER} must be one of {names}, got {value!r}", param=EXIT_HEADER)
 
 

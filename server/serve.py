@@ -14,7 +14,7 @@ import sys
 import uvicorn
 
 from server.app import create_app
-from server.serve_options import ServeConfig
+from server.serve_options import ServeConfig, parse_exit_list
 
 log = logging.getLogger("balcony.server")
 
@@ -54,7 +54,8 @@ def serve(args) -> int:
         config = ServeConfig(
             host=args.host, port=args.port, api_key=args.api_key or None, max_num_seqs=args.max_num_seqs,
             max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout,
-            budget_policy=args.budget_policy, served_model_name=args.served_model_name, log_level=args.log_level,
+            budget_policy=args.budget_policy, exits=args.exits, served_model_name=args.served_model_name,
+            log_level=args.log_level,
         )
     except ValueError as exc:
         print(f"balcony serve: {exc}", file=sys.stderr)
@@ -63,7 +64,9 @@ def serve(args) -> int:
 
     def build() -> LLMEngine:
         loaded = load_from_args(args)
-        return LLMEngine(loaded, EngineConfig(max_num_seqs=config.max_num_seqs, num_kv_blocks=args.num_kv_blocks))
+        served = parse_exit_list(config.exits, loaded.model.full_depth)
+        return LLMEngine(loaded, EngineConfig(max_num_seqs=config.max_num_seqs, num_kv_blocks=args.num_kv_blocks,
+                                             budget_policy=config.budget_policy, served_exits=served))
 
     failed: list[BaseException] = []
 

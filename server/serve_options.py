@@ -15,6 +15,7 @@ class ServeConfig:
     max_queued_requests: int = 256  # waiting requests beyond which new ones get 429
     shutdown_timeout: float = 30.0  # seconds to finish in-flight requests after SIGTERM
     budget_policy: str = "best-effort"  # when no exit meets a budget: best-effort or reject
+    exits: str = "all"  # exits served, e.g. "22,full" ("all": every exit the adapters have, and full)
     served_model_name: str | None = None  # model name in the API (default: the model source)
     log_level: str = "info"
 
@@ -25,6 +26,23 @@ class ServeConfig:
             raise ValueError("max_num_seqs must be positive, max_queued_requests and shutdown_timeout >= 0")
         if self.budget_policy not in ("best-effort", "reject"):
             raise ValueError(f"budget_policy must be best-effort or reject, got {self.budget_policy!r}")
+        parse_exit_list(self.exits, full_depth=10**6)  # syntax only; the model checks the values
+
+
+def parse_exit_list(text: str, full_depth: int) -> tuple[int, ...] | None:
+    """'22,full' -> (22, full_depth); 'all' -> None (every exit)."""
+    if text.strip().lower() in ("all", ""):
+        return None
+    exits = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if item == "full":
+            exits.append(full_depth)
+        elif item.isdigit() and int(item) > 0:
+            exits.append(int(item))
+        else:
+            raise ValueError(f"--exits takes layer counts and 'full' separated by commas, or 'all'; got {item!r}")
+    return tuple(exits)
 
 
 def add_serve_options(p: argparse.ArgumentParser) -> None:
@@ -39,5 +57,7 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="seconds to finish in-flight requests after SIGTERM")
     p.add_argument("--budget-policy", default=d.budget_policy, choices=["best-effort", "reject"],
                    help="when no exit can meet a request's latency budget")
+    p.add_argument("--exits", default=d.exits,
+                   help="exits requests may use, routed by budget or forced, e.g. '22,full' (default: all)")
     p.add_argument("--served-model-name", default=d.served_model_name, help="model name in the API")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])

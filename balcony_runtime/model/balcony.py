@@ -23,6 +23,11 @@ class Balcony(nn.Module):
         self.layer = DecoderLayer(arch, dtype, device)
         self.norm = nn.Parameter(torch.ones(arch.hidden_size, dtype=dtype, device=device))
 
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor, attend, ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """The balcony's decoder layer on the exit state (hidden + residual, [T, H] each); returns
+        (out, residual) for the balcony's final norm."""
+        return self.layer(hidden, residual, attend, ops)
+
     @torch.no_grad()
     def init_from_backbone(self, layers: nn.ModuleList, random: bool = False, std: float = 0.02) -> None:
         """Copy the last backbone layer (the paper's default) or draw random weights (its ablation)."""

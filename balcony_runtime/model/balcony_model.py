@@ -4,8 +4,9 @@ Forward over a :class:`ForwardBatch` (rows ordered deepest exit first):
 
     h = embed(tokens)
     for layer l: run it on the rows whose exit is deeper than l (a prefix of the batch)
-        after layer k-1, rows exiting at k run balcony k, its norm and the shared head
-    rows at full depth: final norm and head
+        after layer k-1, rows exiting at k run balcony k and its norm
+    rows at full depth: the final norm
+    every wanted token of every exit: the shared head, once
 
 so a step costs what its rows' depths cost, not the deepest depth times the batch.
 """
@@ -89,9 +90,13 @@ class BalconyModel(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
 
-    def head(self, hidden: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-        """Final norm and the shared LM head: [N, H] -> fp32 logits [N, V]."""
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """An exit's final norm (the backbone's or a balcony's) over hidden + residual: [N, H]."""
         normed, _ = self.ops.rms_norm(hidden, norm, self.arch.rms_norm_eps, residual)
+        return normed
+
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """The shared LM head: normed [N, H] -> fp32 logits [N, V]."""
         return F.linear(normed, self.lm_head).float()
 
     def _paged_attend(
@@ -127,17 +132,21 @@ class BalconyModel(nn.Module):
         rows_deeper_than = [sum(1 for e in exits if e > l) for l in range(L + 1)]
         hidden = F.embedding(batch.input_ids, self.embed_tokens)  # [T, H]
         residual: torch.Tensor | None = None
-        logits: list[torch.Tensor] = []
+        # Normed states of the wanted tokens, one entry per exit group. The head (the largest matrix
+        # of a small model: 28M of SmolLM2-135M's parameters) then runs once per step over all of
+        # them, so a mixed batch reads it once instead of once per exit.
+        normed: list[torch.Tensor] = []
+        logits_indices = torch.tensor(batch.logits_indices, dtype=torch.int64, device=hidden.device)  # [N]
 
         def emit(rows: slice, out: torch.Tensor, res: torch.Tensor, norm: torch.Tensor) -> None:
-            """Logits of the wanted tokens among ``rows``, whose hidden states are out + res."""
+            """Normed states of the wanted tokens among ``rows``, whose hidden states are out + res."""
             start, stop = offsets[rows.start], offsets[rows.stop]
             lo = bisect_left(batch.logits_indices, start)
             hi = bisect_left(batch.logits_indices, stop)
             if lo == hi:
                 return
-            local = torch.tensor(batch.logits_indices[lo:hi], device=out.device) - start
-            logits.append(self.head(out[local], res[local], norm))
+            local = logits_indices[lo:hi] - start  # [n] token indices within these rows
+            normed.append(self.final_norm(out[local], res[local], norm))
 
         for l, layer in enumerate(self.layers):
             rows = rows_deeper_than[l]
@@ -150,15 +159,18 @@ class BalconyModel(nn.Module):
             hidden, residual = layer(hidden, residual, attend, self.ops)
             exiting = slice(rows_deeper_than[l + 1], rows)  # rows whose exit is l + 1
             if l + 1 < L and exiting.start < exiting.stop:
-                # Exiting rows are the batch's last rows: their logits are collected shallow exit
+                # Exiting rows are the batch's last rows: their states are collected shallow exit
                 # first and the list is flipped at the end to follow token order.
                 balcony = self.balconies[str(l + 1)]
                 tok = slice(offsets[exiting.start], offsets[exiting.stop])
                 attend = self._paged_attend(batch, self.cache_layers_of(l + 1)[-1], exiting, kv_cache)
-                out, res = balcony.layer(hidden[tok], residual[tok], attend, self.ops)
+                out, res = balcony(hidden[tok], residual[tok], attend, self.ops)
                 emit(exiting, out, res, balcony.norm)
         full_rows = rows_deeper_than[L - 1]
         if full_rows:
             emit(slice(0, full_rows), hidden, residual, self.norm)
-        logits.reverse()
-        return torch.cat(logits) if logits else torch.empty(0, self.arch.vocab_size, device=self.norm.device)
+        if not normed:
+            return torch.empty(0, self.arch.vocab_size, device=self.norm.device)
+        # Groups were collected shallow exit first (the batch's last rows); flip to token order.
+        normed.reverse()
+        return self.head(torch.cat(normed))  # [N, V]

@@ -72,7 +72,7 @@ def backbone_pass(model: BalconyModel, input_ids: torch.Tensor, keep: set[int]) 
 def balcony_normed(model: BalconyModel, k: int, states: BackboneStates) -> torch.Tensor:
     """Balcony k on the detached exit state, then its final norm: [T, H], ready for the LM head."""
     balcony = model.balconies[str(k)]
-    out, res = balcony.layer(*states.at_exit[k], states.attend, model.ops)
+    out, res = balcony(*states.at_exit[k], states.attend, model.ops)
     normed, _ = model.ops.rms_norm(out, balcony.norm, model.arch.rms_norm_eps, res)
     return normed
 

@@ -178,18 +178,20 @@ def test_load_snapshot_counts_prompt_tokens_not_yet_prefilled(tiny_model):
     decoding = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=30, temperature=0))
     engine.step()  # its short prompt is prefilled and its first token sampled
     assert engine.scheduler.running[0].output_token_ids
-    assert engine.load_snapshot().pending_prefill_tokens == 0  # a decoding request feeds one token a step
+    prompt0 = len(engine.tokenize(PROMPTS[0]))
+    (row,) = engine.load_snapshot().running
+    assert row.pending_prefill_tokens == 0 and row.context_tokens == prompt0 + 1 and row.remaining_steps == 29
     long_prompt = tiny_model.tokenizer("word " * 60).input_ids
-    engine.add_request(long_prompt, SamplingParams(max_tokens=1, temperature=0))
-    assert engine.load_snapshot().pending_prefill_tokens == len(long_prompt)
     n = len(long_prompt)
-    snap = engine.load_snapshot()
-    assert snap.pending_prefill_pairs == n * (n + 1) // 2  # a fresh prompt attends causally to itself
-    assert snap.context_tokens == len(engine.tokenize(PROMPTS[0])) + 1 + n  # the decoding row: prompt + 1 sampled
+    engine.add_request(long_prompt, SamplingParams(max_tokens=1, temperature=0), exit_layer=2)
+    (queued,) = engine.load_snapshot().waiting
+    assert queued.pending_prefill_tokens == n and queued.exit_layer == 2 and queued.deadline is None
     engine.step()  # 15 of its tokens join the decode row in a 16-token step
     snap = engine.load_snapshot()
-    assert snap.pending_prefill_tokens == n - 15
-    assert snap.pending_prefill_pairs == (n - 15) * 15 + (n - 15) * (n - 14) // 2  # after 15 cached
-    stats = engine.last_step
-    assert stats.prefill_pairs == 15 * 16 // 2 and stats.context_tokens == len(engine.tokenize(PROMPTS[0])) + 1
+    assert [r.pending_prefill_tokens for r in snap.running] == [0, n - 15]
+    shape = engine.last_step.shape  # the decode row at full depth, 15 prefill tokens at exit 2 (3 layers)
+    full = engine.model.full_depth
+    assert shape.decode_token_layers == full and shape.prefill_token_layers == 15 * 3
+    assert shape.layers == full + 1 and shape.head_rows == 1  # the chunk does not end its prompt: no head
+    assert shape.attention_layers == full * (prompt0 + 1) + 3 * 15 * 16 // 2
     assert decoding in {r.request_id for r in engine.scheduler.running}

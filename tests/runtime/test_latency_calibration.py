@@ -1,36 +1,61 @@
-"""Start-up calibration of the latency model through the real engine (tiny model)."""
+"""Start-up calibration through the real engine (tiny model), on a quiet and on a busy machine."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import time
 
 import pytest
 
 from balcony_runtime.engine import EngineConfig, LLMEngine
-from balcony_runtime.latency_model import calibrate
+from balcony_runtime.routing.step_cost import RowShape
+from balcony_runtime.sampling_params import SamplingParams
 
 
-def test_calibration_measures_every_exit_and_leaves_the_engine_idle(tiny_model):
+@pytest.fixture
+def cpu_hog():
+    """Two busy processes beside the test (this machine has two cores): a loaded host."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    yield
+    for hog in hogs:
+        hog.kill()
+        hog.wait()
+
+
+def test_calibration_under_a_cpu_hog_is_monotone_and_predicts_within_2x(tiny_model, cpu_hog):
     engine = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=1024, max_num_seqs=12))
-    model = calibrate(engine, batch=4, steps=2, prompt_tokens=24, burst=40)
-    assert set(model.costs) == set(engine.exits)
-    for cost in model.costs.values():
-        assert cost.decode_base_s > 0 and cost.decode_per_row_s >= 0 and cost.prefill_per_token_s >= 0
-        assert cost.prefill_per_pair_s >= 0 and cost.decode_per_context_s >= 0
-    # The attention terms are measured at full depth and shared out by attention layers run.
-    full = model.costs[engine.exits[-1]]
-    for exit_layer, cost in model.costs.items():
-        share = len(engine.model.cache_layers_of(exit_layer)) / len(engine.model.cache_layers_of(engine.exits[-1]))
-        assert cost.prefill_per_pair_s == pytest.approx(full.prefill_per_pair_s * share)
-        assert cost.decode_per_context_s == pytest.approx(full.decode_per_context_s * share)
-    # Warm-up burst (capped at max_num_seqs) and measuring requests are all gone, blocks returned.
-    assert not engine.has_unfinished()
-    assert engine.blocks.num_used_blocks == 0
+    router = engine.calibrate(batch=4, steps=3, prompt_tokens=24, burst=12)
+    step_cost = router.model.step_cost
+    assert all(c >= 0 for c in step_cost.coefficients)
+    for rows in (1, 4, 12):
+        steps = [step_cost.step_seconds([RowShape(e, 1, 40)] * rows) for e in engine.exits]
+        assert steps == sorted(steps) and steps[0] < steps[-1], steps
+    # Warm-up burst and measuring requests are gone, their blocks returned.
+    assert not engine.has_unfinished() and engine.blocks.num_used_blocks == 0
+
+    # One request per exit, alone, measured against its prediction.
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    for e in engine.exits:
+        predicted = router.model.predict(e, 12, params.max_tokens, engine.load_snapshot()).full_pace_s
+        start = time.perf_counter()
+        engine.generate([list(range(5, 17))], params, exit_layer=e)
+        measured = time.perf_counter() - start
+        assert predicted / 2 <= measured <= 2 * predicted, (e, predicted, measured)
 
 
 def test_calibration_fits_its_long_prompt_into_a_small_kv_cache(tiny_model):
     # The tiny model takes 256 tokens; give the cache room for about 150 at full depth, so the
-    # long-prompt measurement (capped at the model length, 247 tokens) must shrink instead of failing.
+    # long-prompt measurement (capped at the model length) must shrink instead of failing.
     layers = len(tiny_model.model.cache_layers_of(tiny_model.model.full_depth))
     engine = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=10 * layers, max_num_seqs=4))
-    model = calibrate(engine, batch=2, steps=2, prompt_tokens=24, burst=4)
-    assert all(cost.prefill_per_pair_s >= 0 for cost in model.costs.values())
+    router = engine.calibrate(batch=2, steps=2, prompt_tokens=24, burst=4)
+    assert all(c >= 0 for c in router.model.step_cost.coefficients)
     assert not engine.has_unfinished() and engine.blocks.num_used_blocks == 0
+
+
+def test_calibration_refuses_a_busy_engine(tiny_model):
+    engine = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=256))
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=2))
+    with pytest.raises(Exception, match="idle"):
+        engine.calibrate()

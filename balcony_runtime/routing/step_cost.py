@@ -1,0 +1,162 @@
+"""What a step costs, as one non-negative linear function of what it runs, fitted over every exit.
+
+A step's time is modelled as
+
+    fixed + per_layer * layers run + per_token_layer * (each decoding row's layers)
+          + per_prefill_token_layer * (each prefill token's layers) + per_head_row * rows sampled
+          + per_attention_layer * (each (token, key) pair attended, times the layers that attend)
+
+with every coefficient >= 0. "Layers run" counts each decoder layer once, however many rows run it
+(its weights are read once: on a CPU or a small batch this is most of the time); a balcony is one
+more layer. Since a row at a deeper exit runs more layers, and no term can be negative, a deeper
+exit is never predicted cheaper: per-exit costs measured one by one can invert on a busy machine
+(a stall in one exit's measurement), one joint fit cannot.
+
+The fit is non-negative least squares on relative error, over the calibration steps and a window of
+recent live steps, refitted every few steps: the model follows a machine that slows down or speeds
+up, and a shape seen at start-up stays known. No torch: the scheduler and router use it on the CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+FEATURES = ("fixed", "layers", "decode_token_layers", "prefill_token_layers", "head_rows", "attention_layers")
+
+
+@dataclass(frozen=True)
+class RowShape:
+    """One row of a step, as the cost model sees it."""
+
+    exit_layer: int  # backbone layers before its exit (the full depth for the full model)
+    num_tokens: int  # tokens fed this step (1 for a decode)
+    num_cached: int  # tokens already in its cache before this step
+    samples: bool = True  # this step ends its known tokens, so it goes through the head
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The features of one step (see the module docstring): what the cost model is linear in."""
+
+    layers: int  # distinct decoder layers run: the deepest row's backbone layers + one per balcony group
+    decode_token_layers: int  # sum over decoding rows of the layers each runs
+    prefill_token_layers: int  # sum over prefill tokens of the layers each runs
+    head_rows: int  # rows through the LM head
+    attention_layers: int  # sum over rows of (token, key) pairs attended times layers run
+
+    @classmethod
+    def of(cls, rows: Iterable[RowShape], full_depth: int) -> "StepShape":
+        rows = list(rows)
+        deepest = max((r.exit_layer for r in rows), default=0)
+        balcony_groups = {r.exit_layer for r in rows if r.exit_layer < full_depth}
+        decode = prefill = heads = attention = 0
+        for r in rows:
+            layers = layers_run(r.exit_layer, full_depth)
+            if r.num_tokens == 1:
+                decode += layers
+            else:
+                prefill += layers * r.num_tokens
+            heads += int(r.samples)
+            attention += layers * attention_pairs(r.num_tokens, r.num_cached)
+        return cls(min(deepest, full_depth) + len(balcony_groups), decode, prefill, heads, attention)
+
+    def features(self) -> tuple[float, ...]:
+        return (1.0, self.layers, self.decode_token_layers, self.prefill_token_layers, self.head_rows,
+                self.attention_layers)
+
+
+def layers_run(exit_layer: int, full_depth: int) -> int:
+    """Decoder layers a row at ``exit_layer`` runs: k backbone layers and its balcony, or all L."""
+    return full_depth if exit_layer >= full_depth else exit_layer + 1
+
+
+def attention_pairs(tokens: int, cached: int = 0) -> int:
+    """(query, key) pairs causal attention visits when ``tokens`` new tokens follow ``cached`` ones."""
+    return tokens * cached + tokens * (tokens + 1) // 2
+
+
+def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin ||a x - b|| subject to x >= 0, exactly, for the few columns this model has.
+
+    The solution is the unconstrained least-squares solution on its own support, so trying every
+    support (2^6 = 64 small solves) and keeping the best non-negative one is exact and needs no
+    iteration tolerance. Columns are scaled to unit norm first (features span 1 to 10^8).
+    """
+    n = a.shape[1]
+    scale = np.linalg.norm(a, axis=0)
+    scale[scale == 0] = 1.0
+    a = a / scale
+    best, best_residual = np.zeros(n), float(np.sum(b * b))
+    for size in range(1, n + 1):
+        for support in itertools.combinations(range(n), size):
+            cols = list(support)
+            x, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+            if np.any(x < 0):
+                continue
+            residual = float(np.sum((a[:, cols] @ x - b) ** 2))
+            if residual < best_residual:
+                best = np.zeros(n)
+                best[cols] = x
+                best_residual = residual
+    return best / scale
+
+
+@dataclass
+class StepCostModel:
+    """Seconds of a step from its :class:`StepShape`; learns from calibration and live steps."""
+
+    full_depth: int  # the backbone's layer count
+    coefficients: tuple[float, ...] = (0.0,) * len(FEATURES)  # seconds per unit of each feature
+    window: int = 512  # live steps remembered for refitting
+    refit_every: int = 16  # live steps between refits
+    anchor_weight: float = 0.5  # weight of calibration steps once live steps fill part of the window
+    anchors: list[tuple[tuple[float, ...], float]] = field(default_factory=list)  # calibration (features, s)
+    recent: deque = field(default_factory=deque)  # live (features, seconds)
+    _since_fit: int = 0
+
+    def __post_init__(self) -> None:
+        self.recent = deque(self.recent, maxlen=self.window)
+
+    def seconds(self, shape: StepShape) -> float:
+        return float(np.dot(self.coefficients, shape.features()))
+
+    def step_seconds(self, rows: Sequence[RowShape]) -> float:
+        """Predicted seconds of a step running ``rows`` (0 for no rows)."""
+        return self.seconds(StepShape.of(rows, self.full_depth)) if rows else 0.0
+
+    def fit(self, samples: Iterable[tuple[StepShape, float]]) -> None:
+        """Replace the calibration steps with ``samples`` and fit on them."""
+        self.anchors = [(shape.features(), seconds) for shape, seconds in samples if seconds > 0]
+        self.recent.clear()
+        self._refit()
+
+    def observe(self, shape: StepShape, seconds: float) -> None:
+        """One measured live step; refits every ``refit_every`` of them."""
+        if seconds <= 0:
+            return
+        self.recent.append((shape.features(), seconds))
+        self._since_fit += 1
+        if self._since_fit >= self.refit_every:
+            self._refit()
+
+    def _refit(self) -> None:
+        self._since_fit = 0
+        # Calibration steps weigh less once the live window holds as many: they keep every exit and
+        # shape identified, while the live steps say what the machine costs now.
+        anchor_w = self.anchor_weight if len(self.recent) >= len(self.anchors) else 1.0
+        rows = [(f, s, anchor_w) for f, s in self.anchors] + [(f, s, 1.0) for f, s in list(self.recent)]
+        if not rows:
+            return
+        features = np.array([f for f, _, _ in rows], dtype=np.float64)  # [N, F]
+        seconds = np.array([s for _, s, _ in rows], dtype=np.float64)  # [N]
+        weights = np.array([w for _, _, w in rows], dtype=np.float64) / seconds  # relative error
+        self.coefficients = tuple(float(c) for c in nnls(features * weights[:, None], seconds * weights))
+
+    def describe(self, exits: Sequence[int]) -> dict[str, str]:
+        """One row's decode step at each exit (context 128), for logs: increasing by construction."""
+        return {str(e): f"{1e3 * self.step_seconds([RowShape(e, 1, 128)]):.1f}ms" for e in exits}
