@@ -285,7 +285,7 @@ class LLMEngine:
         return LoadSnapshot(
             now=time.monotonic(),
             running=tuple(row(r) for r in self.scheduler.running),
-            waiting=tuple(row(r) for r in self.scheduler._admission_order()),
+            waiting=tuple(row(r) for r in self.scheduler.admission_order()),
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
         )

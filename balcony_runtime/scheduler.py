@@ -77,7 +77,7 @@ class Scheduler:
         self.config = config
         self.blocks = block_manager
         self.step_cost = step_cost  # None: no deadline scheduling (every step may run every row)
-        self.waiting: list[Request] = []  # admission order is chosen at each step (see _admission_order)
+        self.waiting: list[Request] = []  # admission order is chosen at each step (see admission_order)
         self.running: list[Request] = []  # admission order
 
     @property
@@ -106,8 +106,9 @@ class Scheduler:
             return request.deadline
         return request.arrival_time + self.config.unbudgeted_horizon_s
 
-    def _admission_order(self) -> list[Request]:
-        # Preempted requests first (they were running and lost their cache), then earliest due.
+    def admission_order(self) -> list[Request]:
+        """Waiting requests in the order they are admitted: preempted ones first (they were running
+        and lost their cache), then earliest due."""
         return sorted(self.waiting, key=lambda r: (r.num_preemptions == 0, self.due(r), r.arrival_time))
 
     def choose_depth(self, now: float) -> int | None:
@@ -169,7 +170,7 @@ class Scheduler:
 
         # Waiting requests, while they fit; preempted ones are not readmitted in the step that
         # evicted them. One that does not fit stops admission (no overtaking by smaller ones).
-        for request in self._admission_order():
+        for request in self.admission_order():
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if request in preempted:

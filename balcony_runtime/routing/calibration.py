@@ -12,24 +12,26 @@ import time
 from balcony_runtime.routing.step_cost import StepCostModel, StepShape
 
 
-def calibrate(engine, batch: int = 8, steps: int = 4, prompt_tokens: int = 96, burst: int = 32,
+def calibrate(engine, batch: int = 8, steps: int = 3, prompt_tokens: int = 96, burst: int = 16,
               long_prompt_tokens: int = 1024) -> StepCostModel:
     """Measure through ``engine`` (which must be idle) and return a fitted :class:`StepCostModel`.
 
-    Shapes: a warm-up burst (discarded: first steps at a new shape are slower), then per exit decode
-    steps of one row and of ``batch`` rows and a ``prompt_tokens`` prefill; a batch spread over every
-    exit; at full depth a ``long_prompt_tokens`` prompt (shrunk to what the cache holds) and decode
-    steps at its context, for the attention terms. Every request used is aborted afterwards.
+    Shapes: a warm-up burst at full depth (not recorded); per exit, a ``prompt_tokens`` prefill then
+    decode steps of one row, and a prefill of ``batch`` short prompts then their decode steps; a
+    batch spread over every exit; at full depth a ``long_prompt_tokens`` prompt (shrunk to what the
+    cache holds) and decode steps at its context, for the attention term. The first decode step
+    after each prefill is not recorded (a new shape's first step is slower). Every request used is
+    aborted afterwards.
     """
     from balcony_runtime.sampling_params import SamplingParams
 
     exits = engine.exits
     batch = max(2, min(batch, engine.config.max_num_seqs))
-    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=steps + 3, temperature=0, ignore_eos=True)
     filler = [1000 + (i % 500) for i in range(max(prompt_tokens, long_prompt_tokens))]
     samples: list[tuple[StepShape, float]] = []
 
-    def step(record: bool = True) -> None:
+    def step(record: bool) -> None:
         start = time.perf_counter()
         engine.step()
         seconds = time.perf_counter() - start
@@ -40,18 +42,17 @@ def calibrate(engine, batch: int = 8, steps: int = 4, prompt_tokens: int = 96, b
         ids = [engine.add_request(p, params, e) for p, e in prompts_and_exits]
         while any(engine.request_needs_prefill(rid) for rid in ids):
             step(record)
+        step(record=False)
         for _ in range(decode_steps):
             step(record)
         for rid in ids:
             engine.abort(rid)
 
     warm = max(1, min(burst, engine.config.max_num_seqs))
-    run([(filler[: 8 + i % 24], exits[-1]) for i in range(warm)], 2, record=False)
+    run([(filler[: 8 + i % 24], exits[-1]) for i in range(warm)], 0, record=False)
     for e in exits:
-        run([(filler[:8], e)], 1, record=False)  # this exit's first steps
-        run([(filler[:8], e)], steps)
+        run([(filler[:prompt_tokens], e)], steps)
         run([(filler[: 8 + r], e) for r in range(batch)], steps)
-        run([(filler[:prompt_tokens], e)], 0)
     run([(filler[: 8 + r], exits[r % len(exits)]) for r in range(batch)], steps)
 
     deepest = exits[-1]

@@ -132,7 +132,9 @@ def test_budget_routing(default_server):
     # (or is the shallowest exit, a predicted miss).
     between = (full["predicted_ms"] + shallow["predicted_ms"]) / 2
     exit_name, info = ask(**{"X-Latency-Budget-Ms": str(between)})
-    assert info["predicted_ms"] <= between or exit_name == "8"
+    assert info["predicted_fit"] is True or (exit_name == "8" and info["predicted_fit"] is False)
+    if info["predicted_fit"]:
+        assert info["predicted_ms"] <= between
     _, plain = ask()
     assert plain["exit"] == "full" and plain["budget_ms"] is None
     assert default_server.metric("balcony:budget_requests_total", outcome="miss") >= 1
@@ -211,3 +213,26 @@ def test_choices_that_finish_before_their_reader_starts_are_not_lost(default_ser
         finished = [c for line in lines[:-1] for c in json.loads(line.removeprefix("data: "))["choices"]
                     if c["finish_reason"]]
         assert sorted(c["index"] for c in finished) == list(range(8))
+
+
+def test_served_exits_limit_routing_forcing_and_the_model_card(start):
+    server = start("--exits", "22,full")
+    client = server.openai()
+    (model,) = client.models.list().data
+    assert [e["exit"] for e in model.model_extra["balcony"]["exits"]] == ["22", "full"]
+    raw = client.completions.with_raw_response.create(
+        model="smollm2-135m", prompt=PROMPT, max_tokens=4, temperature=0, extra_headers={"X-Latency-Budget-Ms": "1"})
+    assert raw.headers["X-Balcony-Exit"] == "22"  # the shallowest served exit, a predicted miss
+    with server.client() as http:
+        r = http.post("/v1/completions", json={"model": "smollm2-135m", "prompt": "hi", "max_tokens": 2},
+                      headers={"X-Balcony-Exit": "8"})
+    assert r.status_code == 400 and "22, full" in r.json()["error"]["message"]
+
+
+def test_bad_exits_option_fails_at_start(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--exits", "8,deep"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--exits" in done.stderr
