@@ -352,7 +352,8 @@ class LLMEngine:
                 if request.deadline is not None:
                     budget_met = now <= request.deadline
                 if tracked.route is not None and self.router is not None:
-                    self.router.model.observe_request(tracked.route.expected_ms / 1000, latency_s)
+                    route = tracked.route
+                    self.router.model.observe_request(route.expected_ms / 1000, latency_s, route.batch_rows)
             outputs.append(
                 RequestOutput(
                     request_id=request.request_id,

@@ -71,24 +71,43 @@ class LatencyModel:
     starvation_ratio: float = 1.0  # the scheduler's (SchedulerConfig.starvation_ratio)
     deadline_margin: float = 0.1  # the scheduler's (SchedulerConfig.deadline_margin)
     # Measured / expected end-to-end seconds of recent requests: what the step model misses
-    # (arrivals that join later, other prompts' prefill chunks, host work between steps).
-    e2e_ratios: deque = field(default_factory=lambda: deque(maxlen=256))
-    min_e2e_samples: int = 16  # below this many finished requests, no correction
+    # (arrivals that join later, other prompts' prefill chunks, host work between steps), learnt
+    # per admission class (the batch a request joined, to a factor of 2): a request admitted into a
+    # small batch is slowed far more by later arrivals than one admitted into a full one.
+    e2e_ratios: dict = field(default_factory=dict)  # e2e_class -> deque of measured / expected
+    e2e_window: int = 64  # finished requests remembered per class: recent enough to follow the load
+    min_e2e_samples: int = 8  # below this many in a class, every class pooled; below it pooled, no correction
 
     @property
     def full_depth(self) -> int:
         return self.step_cost.full_depth
 
-    def e2e_factor(self, quantile: float) -> float:
-        """The ``quantile`` of measured / expected over recent requests (1 until enough are known)."""
-        ratios = sorted(list(self.e2e_ratios))
+    @staticmethod
+    def e2e_class(rows: int) -> int:
+        """Admission class: rows 1, 2-3, 4-7, 8-15, ... of the batch a request joins."""
+        return max(1, rows).bit_length()
+
+    @staticmethod
+    def batch_rows(load: LoadSnapshot) -> int:
+        """Rows of the batch a request arriving now joins: running and queued requests, and itself."""
+        return min(len(load.rows) + 1, load.max_num_seqs)
+
+    def e2e_factor(self, quantile: float, rows: int) -> float:
+        """The ``quantile`` of measured / expected for requests admitted into a batch of ``rows``
+        (its class; every class pooled while it has too few; 1 while all have too few)."""
+        ratios = list(self.e2e_ratios.get(self.e2e_class(rows), ()))
+        if len(ratios) < self.min_e2e_samples:
+            ratios = [r for window in list(self.e2e_ratios.values()) for r in list(window)]
         if len(ratios) < self.min_e2e_samples:
             return 1.0
+        ratios.sort()
         return ratios[min(len(ratios) - 1, int(quantile * len(ratios)))]
 
-    def observe_request(self, expected_s: float, measured_s: float) -> None:
+    def observe_request(self, expected_s: float, measured_s: float, rows: int) -> None:
+        """Learn from one finished request: ``expected_s`` as routed, ``rows`` its admission batch."""
         if expected_s > 0 and measured_s > 0:
-            self.e2e_ratios.append(measured_s / expected_s)
+            window = self.e2e_ratios.setdefault(self.e2e_class(rows), deque(maxlen=self.e2e_window))
+            window.append(measured_s / expected_s)
 
     def pace(self, rows: list[RowShape], exit_layer: int) -> tuple[float, float]:
         """(full step, best pace) for a row at ``exit_layer`` decoding among ``rows`` (itself included)."""

@@ -36,6 +36,7 @@ class RouteDecision:
     predicted_fit: bool | None  # whether the chosen exit was predicted to meet the budget (None without one)
     forced: bool  # the client named the exit itself
     expected_ms: float = 0.0  # the model's uncorrected expectation (what the correction learns against)
+    batch_rows: int = 1  # rows of the batch it was predicted to join (the correction's class)
 
 
 @dataclass
@@ -60,7 +61,8 @@ class Router:
         forced_exit: int | None = None,
     ) -> RouteDecision:
         model = self.model
-        median, high = model.e2e_factor(0.5), max(1.0, model.e2e_factor(self.feasibility_quantile))
+        rows = model.batch_rows(load)
+        median, high = model.e2e_factor(0.5, rows), max(1.0, model.e2e_factor(self.feasibility_quantile, rows))
         budget_s = None if budget_ms is None else budget_ms / 1000
         predictions: dict[int, Prediction] = {}
 
@@ -74,7 +76,7 @@ class Router:
 
         def decide(e: int, fit: bool | None, forced: bool) -> RouteDecision:
             expected = predict(e).expected_s(budget_s, model.deadline_margin)
-            return RouteDecision(e, budget_ms, 1000 * expected * median, fit, forced, 1000 * expected)
+            return RouteDecision(e, budget_ms, 1000 * expected * median, fit, forced, 1000 * expected, rows)
 
         if forced_exit is not None:
             return decide(forced_exit, None if budget_s is None else feasible(forced_exit), forced=True)

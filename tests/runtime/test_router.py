@@ -169,3 +169,19 @@ def test_an_exit_that_would_make_an_admitted_request_late_is_not_feasible():
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="budget policy"):
         Router(LatencyModel(cost()), EXITS, "sometimes")
+
+
+def test_end_to_end_correction_is_learnt_per_admission_class_and_scales_predictions():
+    m = LatencyModel(cost())
+    assert m.e2e_factor(0.5, 1) == 1.0  # nothing learnt yet
+    for i in range(8):
+        m.observe_request(1.0, 2.0 + 0.01 * i, rows=1)  # alone: later arrivals doubled the time
+    for i in range(8):
+        m.observe_request(1.0, 1.1, rows=12)  # admitted into a big batch: close to predicted
+    assert m.e2e_factor(0.5, 1) == pytest.approx(2.04)
+    assert m.e2e_factor(0.5, 12) == pytest.approx(1.1)
+    assert m.e2e_factor(0.9, 40) > 1.1  # an unseen class pools every class
+    r = Router(m, EXITS)
+    decision = r.route(None, 20, 50, idle())
+    assert decision.batch_rows == 1
+    assert decision.predicted_ms == pytest.approx(decision.expected_ms * m.e2e_factor(0.5, 1))
