@@ -1,6 +1,6 @@
 """Cost of a mixed-depth decode step against homogeneous ones.
 
-    python bench/mixed_batch.py [--dtype bfloat16] [--batches 1 4 16 64] [--context 64] [--steps 9]
+    python bench/mixed_batch.py [--dtype auto] [--batches 1 4 16 64] [--context 64] [--steps 9] [--rounds 3]
                                 [--threads 1] [--out docs/benchmarks.md]
 
 For each batch size, three compositions of decode rows, each row with ``--context`` tokens cached:
@@ -50,16 +50,22 @@ def compositions(exits: tuple[int, ...], batch: int) -> dict[str, list[int]]:
     }
 
 
-def run(dtype: str, batches: list[int], context: int, steps: int) -> str:
+def run(dtype: str, batches: list[int], context: int, steps: int, rounds: int) -> str:
     loaded = load_model(adapters=None, dtype=dtype, device="cpu")
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=max(512, context * 8)))
     median_decode_step(engine, [engine.exits[-1]] * 4, context, 3)  # warm-up
-    lines = [f"Mixed-depth decode step, {dtype}, context {context}, median of {steps} steps; "
+    dtype = str(loaded.model.dtype).removeprefix("torch.")
+    lines = [f"Mixed-depth decode step, {dtype}, context {context}, median of {rounds} rounds of {steps} steps; "
              f"{machine_line(loaded, context)}", "",
              "| batch | composition | step ms | / all full |", "|---|---|---|---|"]
     for batch in batches:
-        rows = {name: median_decode_step(engine, exits, context, steps)
-                for name, exits in compositions(engine.exits, batch).items()}
+        # Compositions measured in turn, ``rounds`` times over: a burst of other load on the machine
+        # then hits every composition alike instead of one.
+        runs: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            for name, exits in compositions(engine.exits, batch).items():
+                runs.setdefault(name, []).append(median_decode_step(engine, exits, context, steps))
+        rows = {name: statistics.median(times) for name, times in runs.items()}
         full = rows["all full"]
         lines += [f"| {batch} | {name} | {1e3 * s:.1f} | {s / full:.2f} |" for name, s in rows.items()]
     return "\n".join(lines)
@@ -69,19 +75,20 @@ def main() -> None:
     from decode_throughput import write_section  # bench/ is on sys.path when run as a script
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="as `balcony serve --dtype` (default %(default)s)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--steps", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=3, help="times each composition is measured, in turn")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    table = run(args.dtype, args.batches, args.context, args.steps)
+    table = run(args.dtype, args.batches, args.context, args.steps, args.rounds)
     print(table)
     command = (f"python bench/mixed_batch.py --dtype {args.dtype} --batches {' '.join(map(str, args.batches))} "
-               f"--context {args.context} --steps {args.steps}" + (f" --threads {args.threads}" if args.threads else ""))
+               f"--context {args.context} --steps {args.steps} --rounds {args.rounds}" + (f" --threads {args.threads}" if args.threads else ""))
     write_section(args.out, "mixed-batch", table, command)
 
 

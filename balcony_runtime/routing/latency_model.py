@@ -58,11 +58,12 @@ class Prediction:
     pace_best_s: float  # seconds between its tokens when urgent
 
     def expected_s(self, budget_s: float | None, margin: float) -> float:
-        """What to expect: full steps while they meet the budget, else the scheduler paces it to
-        finish ``margin`` ahead of the deadline, never faster than its best pace."""
-        if budget_s is None or self.full_pace_s <= budget_s * (1 - margin):
+        """What to expect: full steps while they meet the budget; if only its best pace does, the
+        scheduler paces it to finish ``margin`` ahead of the deadline; if not even that, it gets
+        no priority (the scheduler does not speed up a request that will be late) and rides full steps."""
+        if budget_s is None or self.full_pace_s <= budget_s * (1 - margin) or self.best_pace_s > budget_s:
             return self.full_pace_s
-        return min(self.full_pace_s, max(self.best_pace_s, budget_s * (1 - margin)))
+        return max(self.best_pace_s, budget_s * (1 - margin))
 
 
 @dataclass
