@@ -54,7 +54,8 @@ def serve(args) -> int:
         config = ServeConfig(
             host=args.host, port=args.port, api_key=args.api_key or None, max_num_seqs=args.max_num_seqs,
             max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout,
-            budget_policy=args.budget_policy, exits=args.exits, served_model_name=args.served_model_name,
+            budget_policy=args.budget_policy, exits=args.exits, starvation_ratio=args.starvation_ratio,
+            served_model_name=args.served_model_name,
             log_level=args.log_level,
         )
     except ValueError as exc:
@@ -66,7 +67,8 @@ def serve(args) -> int:
         loaded = load_from_args(args)
         served = parse_exit_list(config.exits, loaded.model.full_depth)
         return LLMEngine(loaded, EngineConfig(max_num_seqs=config.max_num_seqs, num_kv_blocks=args.num_kv_blocks,
-                                             budget_policy=config.budget_policy, served_exits=served))
+                                             budget_policy=config.budget_policy, served_exits=served,
+                                             starvation_ratio=config.starvation_ratio))
 
     failed: list[BaseException] = []
 

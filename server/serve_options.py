@@ -16,6 +16,7 @@ class ServeConfig:
     shutdown_timeout: float = 30.0  # seconds to finish in-flight requests after SIGTERM
     budget_policy: str = "best-effort"  # when no exit meets a budget: best-effort or reject
     exits: str = "all"  # exits served, e.g. "22,full" ("all": every exit the adapters have, and full)
+    starvation_ratio: float = 1.0  # requests left out of depth-limited steps wait at most this many full steps
     served_model_name: str | None = None  # model name in the API (default: the model source)
     log_level: str = "info"
 
@@ -27,6 +28,8 @@ class ServeConfig:
         if self.budget_policy not in ("best-effort", "reject"):
             raise ValueError(f"budget_policy must be best-effort or reject, got {self.budget_policy!r}")
         parse_exit_list(self.exits, full_depth=10**6)  # syntax only; the model checks the values
+        if not self.starvation_ratio >= 0:
+            raise ValueError(f"starvation_ratio must be >= 0, got {self.starvation_ratio}")
 
 
 def parse_exit_list(text: str, full_depth: int) -> tuple[int, ...] | None:
@@ -59,5 +62,8 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="when no exit can meet a request's latency budget")
     p.add_argument("--exits", default=d.exits,
                    help="exits requests may use, routed by budget or forced, e.g. '22,full' (default: all)")
+    p.add_argument("--starvation-ratio", type=float, default=d.starvation_ratio,
+                   help="how long a request may be left out of the depth-limited steps that serve tight "
+                        "budgets, in full steps: its decode slows by at most about 1 + this (default %(default)s)")
     p.add_argument("--served-model-name", default=d.served_model_name, help="model name in the API")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])

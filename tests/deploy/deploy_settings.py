@@ -47,11 +47,13 @@ CONTRACT_FLAGS: dict[str, set[str] | None] = {
     "--num-kv-blocks": None,
     "--shutdown-timeout": None,
     "--budget-policy": {"best-effort", "reject"},
+    "--exits": None,
+    "--starvation-ratio": None,
     "--served-model-name": None,
     "--log-level": {"debug", "info", "warning", "error"},
 }
 INTEGER_FLAGS = {"--port", "--max-num-seqs", "--max-queued-requests", "--max-model-len", "--num-kv-blocks"}
-NUMBER_FLAGS = {"--shutdown-timeout"}
+NUMBER_FLAGS = {"--shutdown-timeout", "--starvation-ratio"}
 
 
 @dataclass(frozen=True)
