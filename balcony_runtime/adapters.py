@@ -18,7 +18,8 @@ from balcony_runtime.errors import AdapterError
 
 META_FILE = "balcony.json"
 WEIGHTS_FILE = "balcony.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a balcony may hold a lens map (lens.weight [H, H], lens.bias [H])
+READABLE_VERSIONS = (1, 2)  # version 1 (no lens maps) reads unchanged
 
 
 @dataclass
@@ -41,7 +42,8 @@ def save_adapters(
     directory: Path, meta: AdapterMeta, balconies: dict[int, dict[str, torch.Tensor]], dtype: torch.dtype
 ) -> None:
     """Write adapters: ``balconies`` maps an exit layer to its tensors under transformers names
-    (``input_layernorm.weight``, ``self_attn.q_proj.weight``, ..., and ``norm.weight``)."""
+    (``input_layernorm.weight``, ``self_attn.q_proj.weight``, ..., ``norm.weight``, and for a balcony
+    with a lens map ``lens.weight`` / ``lens.bias``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -49,7 +51,7 @@ def save_adapters(
         for k, named in balconies.items()
         for name, t in named.items()
     }
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "balcony", "version": "1"})
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "balcony", "version": str(FORMAT_VERSION)})
     (directory / META_FILE).write_text(json.dumps(asdict(meta), indent=2) + "\n")
 
 
@@ -65,8 +67,10 @@ def load_adapters(directory: Path) -> tuple[AdapterMeta, dict[int, dict[str, tor
         meta = AdapterMeta(**raw)
     except (json.JSONDecodeError, TypeError) as exc:
         raise AdapterError(f"{meta_path} is not a valid balcony.json: {exc}") from exc
-    if meta.format_version != FORMAT_VERSION:
-        raise AdapterError(f"{meta_path} has format version {meta.format_version}; this build reads {FORMAT_VERSION}")
+    if meta.format_version not in READABLE_VERSIONS:
+        raise AdapterError(
+            f"{meta_path} has format version {meta.format_version}; this build reads {list(READABLE_VERSIONS)}"
+        )
     try:
         flat = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -151,7 +151,11 @@ def _load_balcony(balcony, tensors: dict[str, torch.Tensor], exit_layer: int) ->
         balcony.layer.load_hf(tensors, "")
         with torch.no_grad():
             balcony.norm.copy_(tensors["norm.weight"])
-    except (KeyError, RuntimeError) as exc:
+        # format 2: an optional lens map in front of the layer (absent: identity, as in format 1)
+        if ("lens.weight" in tensors) != ("lens.bias" in tensors):
+            raise KeyError("lens.bias" if "lens.weight" in tensors else "lens.weight")
+        balcony.set_lens(tensors.get("lens.weight"), tensors.get("lens.bias"))
+    except (KeyError, RuntimeError, ValueError) as exc:
         raise AdapterError(f"balcony at exit {exit_layer} has missing or misshapen weights: {exc}") from exc
 
 
@@ -161,4 +165,7 @@ def balcony_state(model: BalconyModel) -> dict[int, dict[str, torch.Tensor]]:
     for k in model.exits:
         balcony = model.balconies[str(k)]
         out[k] = {**balcony.layer.hf_state_dict(), "norm.weight": balcony.norm.detach()}
+        if balcony.lens is not None:
+            out[k]["lens.weight"] = balcony.lens.weight.detach()  # [H, H]
+            out[k]["lens.bias"] = balcony.lens.bias.detach()  # [H]
     return out

@@ -41,8 +41,19 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     add_data_options(p, "share of documents (by document) kept out of training (default %(default)s)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model source (default %(default)s)")
     p.add_argument("--exits", type=parse_exits, default=None, help="balcony exits, e.g. 8,15,22 (default: the model's)")
-    p.add_argument("--init", default="last", choices=["last", "random"],
-                   help="balcony initialisation: copy of the last backbone layer (the paper's) or random")
+    p.add_argument("--init", default="last", choices=["last", "random", "lens"],
+                   help="balcony initialisation: copy of the last backbone layer (the paper's), random, or lens: "
+                        "the copy behind an affine map fitted in closed form (ridge least squares from the "
+                        "state after k layers to the last layer's input, over --lens-tokens of the data)")
+    p.add_argument("--lens-tokens", type=int, default=131072,
+                   help="--init lens: training-stream tokens the fit reads, from --first-sequence (default %(default)s)")
+    p.add_argument("--lens-norm", default="final", choices=["final", "exit"],
+                   help="--init lens: balcony final norm copied from the backbone's final norm or from layers[k]'s input norm")
+    p.add_argument("--lens-weighting", default="none", choices=["none", "relative"],
+                   help="--init lens: plain least squares, or each token's error relative to its target's size "
+                        "(so attention-sink tokens with huge residuals do not dominate)")
+    p.add_argument("--lens-heldout-every", type=int, default=10,
+                   help="--init lens: every n-th fit batch is held out to choose the ridge strength (default %(default)s)")
     p.add_argument("--init-from", default=None, metavar="ADAPTERS",
                    help="start from trained adapters (e.g. balcony_runtime/shipped_adapters/smollm2-135m) "
                         "with a fresh schedule: continued training")
@@ -87,7 +98,8 @@ def cmd_train(args) -> int:
     try:
         config = TrainConfig(
             data=data_config(args), output_dir=args.output_dir, model=args.model, exits=args.exits,
-            init=args.init, init_from=args.init_from, first_sequence=args.first_sequence, device=args.device, autocast=args.autocast, micro_batch_size=args.micro_batch_size,
+            init=args.init, init_from=args.init_from, lens_tokens=args.lens_tokens, lens_norm=args.lens_norm,
+            lens_heldout_every=args.lens_heldout_every, lens_weighting=args.lens_weighting, first_sequence=args.first_sequence, device=args.device, autocast=args.autocast, micro_batch_size=args.micro_batch_size,
             grad_accum=args.grad_accum, total_tokens=args.tokens, max_steps=args.max_steps,
             stop_after=args.stop_after, lr=args.lr, weight_decay=args.weight_decay,
             warmup_fraction=args.warmup_fraction, clip_norm=args.clip_norm, kl_chunk=args.kl_chunk,

@@ -15,7 +15,11 @@ class TrainConfig:
     output_dir: str  # checkpoint/, adapters/ and log.jsonl go here
     model: str = DEFAULT_MODEL  # model source (alias, HF directory, .gguf, hub id)
     exits: tuple[int, ...] | None = None  # None: the model's default exits (8, 15, 22 for the default)
-    init: str = "last"  # balcony initialisation: "last" (copy of the last backbone layer) or "random"
+    init: str = "last"  # balcony initialisation: "last" (copy of the last layer), "random", or "lens" (closed-form fit)
+    lens_tokens: int = 131072  # init="lens": tokens of the training stream the closed-form fit reads
+    lens_norm: str = "final"  # init="lens": balcony final norm copied from the backbone's ("final") or layers[k]'s ("exit")
+    lens_weighting: str = "none"  # init="lens": per-token weights of the fit ("none" or "relative": 1 / mean(y^2))
+    lens_heldout_every: int = 10  # init="lens": every n-th fit batch is held out to choose the ridge strength
     init_from: str | None = None  # adapters directory to start from instead (warm start with a new schedule)
     device: str = "auto"  # cpu, cuda, or auto (cuda:<LOCAL_RANK> under torchrun when available)
     autocast: str = "auto"  # bf16 autocast: "auto" (where the device supports it), "bf16" or "off"
@@ -42,9 +46,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.init_from is not None and self.init != "last":
-            raise ValueError("give either init_from (start from trained adapters) or init='random', not both")
-        if self.init not in ("last", "random"):
-            raise ValueError(f"init must be 'last' or 'random', got {self.init!r}")
+            raise ValueError("give either init_from (start from trained adapters) or init='random'/'lens', not both")
+        if self.init not in ("last", "random", "lens"):
+            raise ValueError(f"init must be 'last', 'random' or 'lens', got {self.init!r}")
+        if self.init == "lens" and (self.lens_tokens < 1 or self.lens_norm not in ("final", "exit")):
+            raise ValueError("init='lens' needs lens_tokens >= 1 and lens_norm 'final' or 'exit'")
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"autocast must be auto, bf16 or off, got {self.autocast!r}")
         if (self.total_tokens is None) == (self.max_steps is None):

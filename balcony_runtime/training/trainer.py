@@ -24,12 +24,15 @@ import torch.distributed as dist
 from balcony_runtime.adapters import AdapterMeta, load_adapters, save_adapters
 from balcony_runtime.loader import DTYPES, LoadedModel, balcony_state, load_model
 from balcony_runtime.training.checkpoint import (
-    load_checkpoint, named_balcony_parameters, save_checkpoint,
+    CHECKPOINT_DIR, load_checkpoint, named_balcony_parameters, save_checkpoint,
 )
 from balcony_runtime.training.config import TrainConfig
 from balcony_runtime.training.data import DataError, training_stream
 from balcony_runtime.training.dense_forward import backbone_pass
+from balcony_runtime.training.lens import apply_lens, fit_lens
 from balcony_runtime.training.loss import distillation_loss
+
+LENS_REPORT = "lens_fit.json"  # the closed-form fit's report, beside the checkpoint
 
 
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -144,6 +147,33 @@ def prepare_model(config: TrainConfig, device: torch.device) -> LoadedModel:
     return loaded
 
 
+def init_lens(config: TrainConfig, loaded: LoadedModel, stream, output: Path, env, log) -> None:
+    """--init lens: fit the balconies' lens maps in closed form over config.lens_tokens of the training
+    stream (from first_sequence), or, when resuming, give them empty maps for the checkpoint to fill."""
+    model = loaded.model
+    if config.resume and (output / CHECKPOINT_DIR / "state.json").is_file():
+        for k in model.exits:
+            b = model.balconies[str(k)]
+            b.set_lens(torch.zeros(model.arch.hidden_size, model.arch.hidden_size), torch.zeros(model.arch.hidden_size))
+    else:
+        mb, seq_len = config.micro_batch_size, config.data.seq_len
+        batches_needed = max(1, math.ceil(config.lens_tokens / (mb * seq_len)))
+        batches = (stream.batch(config.first_sequence + i * mb, mb).to(env.device) for i in range(batches_needed))
+        amp, _ = precision(config, model, env.device)
+        fit = fit_lens(model, batches, model.exits, config.lens_heldout_every, amp=amp, log=log,
+                       weighting=config.lens_weighting)
+        apply_lens(model, fit, config.lens_norm)
+        fit.report.update({"norm": config.lens_norm, "autocast_bf16": amp is not contextlib.nullcontext,
+                           "first_sequence": config.first_sequence, "sequences": batches_needed * mb})
+        if env.rank == 0:
+            (output / LENS_REPORT).write_text(json.dumps(fit.report, indent=1) + "\n")
+        lam = ", ".join(f"{k}: {v['lambda']:g}" for k, v in fit.report["exits"].items())
+        log(f"lens fit: {fit.report['fit_tokens']:,} + {fit.report['heldout_tokens']:,} held-out tokens, "
+            f"{fit.report['wall_s']} s; ridge lambda per exit {lam}")
+    for _, p in named_balcony_parameters(model):
+        p.requires_grad_(True)
+
+
 def train(config: TrainConfig, loaded: LoadedModel | None = None, log=print) -> dict:
     """Run (or resume) training; returns the final trainer state. Exports adapters when the schedule ends."""
     env = Distributed(config.device)
@@ -155,11 +185,13 @@ def train(config: TrainConfig, loaded: LoadedModel | None = None, log=print) -> 
     if config.data.seq_len > loaded.max_model_len:
         raise DataError(f"sequence length {config.data.seq_len} exceeds the model's {loaded.max_model_len} positions")
     stream = training_stream(config.data, loaded.tokenizer)
+    if config.init == "lens" and not config.init_from:
+        init_lens(config, loaded, stream, output, env, log)
 
     seq_len = config.data.seq_len
     sequences_per_step = config.micro_batch_size * config.grad_accum * env.world
     tokens_per_step = sequences_per_step * seq_len
-    total_steps = config.max_steps or math.ceil(config.total_tokens / tokens_per_step)
+    total_steps = config.max_steps if config.max_steps is not None else math.ceil(config.total_tokens / tokens_per_step)
     params = [p for _, p in named_balcony_parameters(model)]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
 
@@ -269,6 +301,7 @@ def export_adapters(loaded: LoadedModel, config: TrainConfig, state: dict, direc
         "steps": state["step"],
         "wall_s": round(state["wall_s"], 1),
         **prior_training(config, state),
+        **lens_report(config),
         **config.extra_meta,
     }
     meta = AdapterMeta(
@@ -279,6 +312,13 @@ def export_adapters(loaded: LoadedModel, config: TrainConfig, state: dict, direc
     save_adapters(directory, meta, balcony_state(loaded.model), DTYPES[config.adapter_dtype])
 
 
+def lens_report(config: TrainConfig) -> dict:
+    path = Path(config.output_dir) / LENS_REPORT
+    if config.init != "lens" or config.init_from or not path.is_file():
+        return {}
+    return {"lens_fit": json.loads(path.read_text())}
+
+
 def prior_training(config: TrainConfig, state: dict) -> dict:
     """For a warm start: what the starting adapters had already seen, so totals stay honest."""
     if not config.init_from:
@@ -286,8 +326,11 @@ def prior_training(config: TrainConfig, state: dict) -> dict:
     before, _ = load_adapters(Path(config.init_from))
     seen, wall = before.training.get("tokens_seen_total", before.training.get("tokens_seen", 0)), \
         before.training.get("wall_s_total", before.training.get("wall_s", 0.0))
-    return {"initialised_from": {"adapters": str(config.init_from), "command": before.training.get("command", ""),
-                                 "tokens_seen": seen, "wall_s": wall},
+    start = {"adapters": str(config.init_from), "command": before.training.get("command", ""),
+             "tokens_seen": seen, "wall_s": wall}
+    if "lens_fit" in before.training:  # a closed-form start: its fit report travels with the adapters
+        start["lens_fit"] = before.training["lens_fit"]
+    return {"initialised_from": start,
             "tokens_seen_total": seen + state["tokens_seen"],
             "wall_s_total": round(wall + state["wall_s"], 1)}
 

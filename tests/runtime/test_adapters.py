@@ -75,3 +75,56 @@ def test_meta_is_plain_json(tiny_model, tmp_path):
     save_from(tiny_model, tmp_path)
     raw = json.loads((tmp_path / "balcony.json").read_text())
     assert raw["exits"] == [1, 2, 3] and raw["backbone_fingerprint"] == tiny_model.fingerprint
+
+
+def give_lenses(model, seed: int = 5) -> None:
+    g = torch.Generator().manual_seed(seed)
+    h = model.arch.hidden_size
+    for k in model.exits:
+        model.balconies[str(k)].set_lens(torch.eye(h) + 0.1 * torch.randn(h, h, generator=g),
+                                         0.1 * torch.randn(h, generator=g))
+
+
+def test_lens_maps_round_trip_and_version_1_still_loads(tiny_model_dir, tmp_path):
+    import safetensors.torch
+
+    loaded = load_model(str(tiny_model_dir), adapters=None, exits=(1, 2, 3), dtype="float32", device="cpu")
+    give_lenses(loaded.model)
+    save_from(loaded, tmp_path / "v2")
+    assert json.loads((tmp_path / "v2" / "balcony.json").read_text())["format_version"] == 2
+    names = safetensors.torch.load_file(str(tmp_path / "v2" / "balcony.safetensors")).keys()
+    assert {"balcony.1.lens.weight", "balcony.1.lens.bias"} <= set(names)
+    reloaded = load_model(str(tiny_model_dir), adapters=tmp_path / "v2", dtype="float32", device="cpu")
+    for k in loaded.model.exits:
+        ours, theirs = loaded.model.balconies[str(k)], reloaded.model.balconies[str(k)]
+        assert torch.equal(ours.lens.weight, theirs.lens.weight) and torch.equal(ours.lens.bias, theirs.lens.bias)
+    # a version-1 directory (no maps): loads, balconies without maps
+    plain = load_model(str(tiny_model_dir), adapters=None, exits=(1, 2, 3), dtype="float32", device="cpu")
+    save_from(plain, tmp_path / "v1")
+    meta = json.loads((tmp_path / "v1" / "balcony.json").read_text())
+    (tmp_path / "v1" / "balcony.json").write_text(json.dumps(meta | {"format_version": 1}))
+    old = load_model(str(tiny_model_dir), adapters=tmp_path / "v1", dtype="float32", device="cpu")
+    assert old.adapters.format_version == 1
+    assert all(old.model.balconies[str(k)].lens is None for k in old.model.exits)
+    # half a map is refused clearly
+    flat = safetensors.torch.load_file(str(tmp_path / "v2" / "balcony.safetensors"))
+    del flat["balcony.2.lens.bias"]
+    safetensors.torch.save_file(flat, str(tmp_path / "v2" / "balcony.safetensors"))
+    with pytest.raises(AdapterError, match="exit 2 has missing or misshapen"):
+        load_model(str(tiny_model_dir), adapters=tmp_path / "v2", dtype="float32", device="cpu")
+
+
+def test_serving_forward_with_lens_matches_dense_forward(tiny_model_dir, harness):
+    from balcony_runtime.training.dense_forward import backbone_pass, balcony_normed, lm_logits
+
+    loaded = load_model(str(tiny_model_dir), adapters=None, exits=(1, 2, 3), dtype="float32", device="cpu")
+    model = loaded.model
+    give_lenses(model)
+    model.balconies["3"].set_lens(None)  # a mix: exits 1, 2 with a map, exit 3 without
+    ids = loaded.tokenizer.encode("The balcony reads the state after k layers through its lens map.")
+    states = backbone_pass(model, torch.tensor([ids]), set(model.exits))
+    h = harness(loaded)
+    for k in model.exits:
+        dense = lm_logits(model, balcony_normed(model, k, states))  # [T, V]
+        (paged,) = h.feed([(h.new_request(ids, k), len(ids))])
+        torch.testing.assert_close(paged.float(), dense, atol=1e-4 * dense.abs().max().item(), rtol=0)
