@@ -167,6 +167,7 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(exc)
                 continue
+            self._update_gauges()  # blocks and queues changed with the step, outputs or not
             if outputs:
                 self._loop.call_soon_threadsafe(self._dispatch, outputs, time.monotonic())
 
