@@ -7,6 +7,7 @@ import pytest
 from balcony_runtime.engine import EngineConfig, LLMEngine
 from balcony_runtime.errors import RequestError
 from balcony_runtime.routing.router import BudgetUnmeetable
+from balcony_runtime.routing.step_cost import StepCostModel
 from balcony_runtime.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -81,19 +82,28 @@ def test_depth_limited_steps_run_and_change_no_token(engine):
     alone = [engine.generate([p], deep_params, exit_layer="full")[0].token_ids for p in prompts[:3]]
     shallow_alone = engine.generate([prompts[3]], GREEDY, exit_layer=1)[0].token_ids
 
-    deep_ids = [engine.add_request(p, deep_params, exit_layer="full") for p in prompts[:3]]
-    tokens: dict[str, list[int]] = {rid: [] for rid in deep_ids}
-    for out in engine.step():  # their prefill
-        tokens[out.request_id] += out.new_token_ids
-    # A deadline it can only meet in steps without the deep rows: 0.6 of its full-step pace.
-    full_step = engine.last_step.seconds
-    tight = engine.add_request(prompts[3], GREEDY, exit_layer=1, budget_ms=1000 * full_step * GREEDY.max_tokens * 0.6)
-    tokens[tight] = []
-    limits = []
-    while engine.has_unfinished():
-        for out in engine.step():
+    # The scheduler judges urgency on a step-cost model of its own, here one second per layer run:
+    # a full step of these rows (4 backbone layers + balcony 1) 5 s, an exit-1 step 2 s. With 40 s
+    # for 12 tokens the shallow request misses on full steps (60 s) and makes it alone (24 s),
+    # whatever this machine's real step times are.
+    measured = engine.scheduler.step_cost
+    engine.scheduler.step_cost = StepCostModel(engine.model.full_depth, coefficients=(0.0, 1.0, 0.0, 0.0, 0.0, 0.0))
+    try:
+        deep_ids = [engine.add_request(p, deep_params, exit_layer="full") for p in prompts[:3]]
+        tokens: dict[str, list[int]] = {rid: [] for rid in deep_ids}
+        for out in engine.step():  # their prefill
             tokens[out.request_id] += out.new_token_ids
-        limits.append(engine.last_step.depth_limit)
-    assert 1 in limits  # steps that ran the exit-1 rows only
+        tight = engine.add_request(prompts[3], GREEDY, exit_layer=1, budget_ms=40_000)
+        tokens[tight] = []
+        limits = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+            limits.append(engine.last_step.depth_limit)
+    finally:
+        engine.scheduler.step_cost = measured
+    # Steps that ran the exit-1 row only, while it was behind its schedule (once ahead of it, it
+    # rides full steps again until it falls behind), and full steps for the deep rows.
+    assert 1 in limits and None in limits
     assert [tokens[rid] for rid in deep_ids] == alone
     assert tokens[tight] == shallow_alone
