@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from balcony_runtime.engine import EngineConfig, LLMEngine
 from balcony_runtime.routing.step_cost import RowShape
@@ -15,12 +16,16 @@ from balcony_runtime.sampling_params import SamplingParams
 
 @pytest.fixture
 def cpu_hog():
-    """Two busy processes beside the test (this machine has two cores): a loaded host."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    """A busy process beside the test, and torch on one thread: a loaded host whose load is steady
+    (two torch threads against a hog stall at every barrier the hog's core reaches first, which
+    makes single requests vary by more than 2x and says nothing about the model)."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
-    for hog in hogs:
-        hog.kill()
-        hog.wait()
+    torch.set_num_threads(threads)
+    hog.kill()
+    hog.wait()
 
 
 def test_calibration_under_a_cpu_hog_is_monotone_and_predicts_within_2x(tiny_model, cpu_hog):
@@ -34,14 +39,17 @@ def test_calibration_under_a_cpu_hog_is_monotone_and_predicts_within_2x(tiny_mod
     # Warm-up burst and measuring requests are gone, their blocks returned.
     assert not engine.has_unfinished() and engine.blocks.num_used_blocks == 0
 
-    # One request per exit, alone, measured against its prediction.
+    # Requests at each exit, alone, measured against the prediction (median of three).
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     for e in engine.exits:
         predicted = router.model.predict(e, 12, params.max_tokens, engine.load_snapshot()).full_pace_s
-        start = time.perf_counter()
-        engine.generate([list(range(5, 17))], params, exit_layer=e)
-        measured = time.perf_counter() - start
-        assert predicted / 2 <= measured <= 2 * predicted, (e, predicted, measured)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            engine.generate([list(range(5, 17))], params, exit_layer=e)
+            times.append(time.perf_counter() - start)
+        measured = sorted(times)[1]
+        assert predicted / 2 <= measured <= 2 * predicted, (e, predicted, times)
 
 
 def test_calibration_fits_its_long_prompt_into_a_small_kv_cache(tiny_model):
