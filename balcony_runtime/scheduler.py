@@ -117,7 +117,9 @@ class Scheduler:
         if cost is None or not any(r.deadline is not None for r in running):
             return None
         deepest = max(r.exit_layer for r in running)
-        full_step = cost.step_seconds([RowShape(r.exit_layer, 1, r.num_computed_tokens) for r in running])
+        rows = [RowShape(r.exit_layer, 1, r.num_computed_tokens) for r in running]
+        full_step = cost.step_seconds(rows)
+        own_steps: dict[int, float] = {}  # exit -> a step of the rows at or below it (shared by its requests)
         urgent: list[int] = []
         for r in running:
             if r.deadline is None or r.exit_layer >= deepest:
@@ -125,10 +127,9 @@ class Scheduler:
             left, steps = r.deadline - now, r.num_remaining_steps
             if steps * full_step <= left * (1 - self.config.deadline_margin):
                 continue  # fine riding full steps
-            own_step = cost.step_seconds(
-                [RowShape(o.exit_layer, 1, o.num_computed_tokens) for o in running if o.exit_layer <= r.exit_layer]
-            )
-            if steps * own_step > left:
+            if r.exit_layer not in own_steps:
+                own_steps[r.exit_layer] = cost.step_seconds([o for o in rows if o.exit_layer <= r.exit_layer])
+            if steps * own_steps[r.exit_layer] > left:
                 continue  # hopeless: it misses even at its own pace
             urgent.append(r.exit_layer)
         if not urgent:

@@ -23,6 +23,7 @@ from balcony_runtime.errors import BalconyError
 from balcony_runtime.routing.router import RouteDecision
 from balcony_runtime.sampling_params import SamplingParams
 from server.metrics import ServerMetrics
+from server.routing_headers import exit_name
 
 log = logging.getLogger("balcony.engine")
 
@@ -90,7 +91,7 @@ class AsyncEngine:
         return len(self._streams)
 
     def exit_label(self, exit_layer: int) -> str:
-        return "full" if exit_layer == self.engine.model.full_depth else str(exit_layer)
+        return exit_name(exit_layer, self.engine.model.full_depth)
 
     # ---- requests --------------------------------------------------------------------------
 

@@ -104,8 +104,9 @@ def cmd_generate(args) -> int:
 
 def generation_summary(out, engine) -> str:
     """One line for stderr: which exit ran, how long it took, and the budget's verdict."""
-    name = "full" if out.exit_layer == engine.model.full_depth else str(out.exit_layer)
-    line = f"[exit {name}, {out.num_output_tokens} tokens, {1000 * (out.latency_s or 0):.0f} ms"
+    from server.routing_headers import exit_name
+
+    line = f"[exit {exit_name(out.exit_layer, engine.model.full_depth)}, {out.num_output_tokens} tokens, {1000 * (out.latency_s or 0):.0f} ms"
     route = out.route
     if route is not None and route.budget_ms is not None:
         verdict = "met" if out.budget_met else "missed"
