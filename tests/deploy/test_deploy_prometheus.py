@@ -10,7 +10,7 @@ import metric_names as mn
 from deploy_support import REPO, require_tool
 
 OBSERVABILITY = REPO / "deploy/observability"
-INSTALL = "apt-get install -y prometheus (Debian's package carries promtool)"
+INSTALL = "bash tests/install_system_tools.sh (Debian's prometheus package carries promtool)"
 
 
 def promtool(*args, cwd=REPO):

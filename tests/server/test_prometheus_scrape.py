@@ -1,6 +1,6 @@
 """A real Prometheus scrapes a live server's /metrics; PromQL returns exactly the requests sent.
 
-Prometheus is the Debian package `prometheus` (CI installs it in .ci/run). It runs as a subprocess
+Prometheus is the Debian package `prometheus` (README's test command installs it: tests/install_system_tools.sh). It runs as a subprocess
 with its own config (1 s scrapes of the test server), its own TSDB in tmp and a loopback port.
 """
 
@@ -30,7 +30,7 @@ def free_port() -> int:
 def start_prometheus(tmp_path, target_port: int) -> tuple[subprocess.Popen, str]:
     binary = shutil.which("prometheus")
     if binary is None:
-        pytest.fail("prometheus is not on PATH (apt-get install prometheus; .ci/run does)")
+        pytest.fail("prometheus is not on PATH (bash tests/install_system_tools.sh installs it)")
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
