@@ -54,6 +54,8 @@ from statistics import mean, median
 
 import httpx
 
+from live_server import start_server, stop_server
+
 PROMPTS = [
     "The history of the printing press begins",
     "def quicksort(items):",
@@ -213,37 +215,9 @@ def shallowest_exit(model_info: dict) -> str:
     return str(exits[0]["exit"]) if exits else "8"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", args.dtype, "--adapters", args.adapters, "--num-kv-blocks", str(args.num_kv_blocks),
-           "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    started = time.monotonic()
-    deadline = started + args.ready_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                print(f"server ready in {time.monotonic() - started:.0f} s (load, warm-up, calibration)",
-                      file=sys.stderr)
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit(f"server not ready after {args.ready_timeout:g} s (see {log_path})")
+def start_load_test_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
+    return start_server(["--dtype", args.dtype, "--adapters", args.adapters, "--num-kv-blocks", str(args.num_kv_blocks),
+                         "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"], log_path, args.ready_timeout)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -276,15 +250,6 @@ class Meter:
         wall, self.own, self.server, busy = (b - a for a, b in zip(self._start, self._read()))
         self.wall = wall
         self.others_share = max(0.0, busy - self.own - self.server) / (wall * os.cpu_count())
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 # ---- engine only and transformers --------------------------------------------------------------
@@ -531,7 +496,7 @@ def main() -> None:
     process = loaded = None
     if args.url is None:
         log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"balcony-load-test-{os.getpid()}.log"
-        process, url = start_server(args, log_path)
+        process, url = start_load_test_server(args, log_path)
     else:
         url = args.url.rstrip("/")
     pid = process.pid if process else None

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from balcony_runtime.model.balcony_model import BalconyModel
 from balcony_runtime.model.decoder_layer import Attend
+from kernels.dispatch import TORCH_OPS, KernelOps
 
 
 def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -69,11 +70,17 @@ def backbone_pass(model: BalconyModel, input_ids: torch.Tensor, keep: set[int]) 
     return BackboneStates(at_exit, (hidden, residual), attend)
 
 
+def differentiable_ops(model: BalconyModel) -> KernelOps:
+    """The ops for computations gradients flow through: the Triton kernels are forward-only
+    (they serve inference), so under autograd the exact torch references stand in for them."""
+    return TORCH_OPS if torch.is_grad_enabled() else model.ops
+
+
 def balcony_normed(model: BalconyModel, k: int, states: BackboneStates) -> torch.Tensor:
     """Balcony k on the detached exit state, then its final norm: [T, H], ready for the LM head."""
-    balcony = model.balconies[str(k)]
-    out, res = balcony(*states.at_exit[k], states.attend, model.ops)
-    normed, _ = model.ops.rms_norm(out, balcony.norm, model.arch.rms_norm_eps, res)
+    balcony, ops = model.balconies[str(k)], differentiable_ops(model)
+    out, res = balcony(*states.at_exit[k], states.attend, ops)
+    normed, _ = ops.rms_norm(out, balcony.norm, model.arch.rms_norm_eps, res)
     return normed
 
 

@@ -1,0 +1,64 @@
+"""Greedy answers to ten varied chat prompts at every exit, side by side with the full model's.
+
+Reads as a user would: the chat template applied, temperature 0, the same tokens at every exit
+(one batch per exit through LLMEngine). Writes a markdown section (prompt, then one line per exit).
+
+    python bench/exit_samples.py --adapters default --max-tokens 48 --out -
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Explain in two sentences why the sky is blue.",
+    "Give me three tips for sleeping better.",
+    "Write a short poem about the sea.",
+    "What is photosynthesis?",
+    "How do I reverse a list in Python?",
+    "Who wrote Romeo and Juliet?",
+    "Suggest a name for a small bakery.",
+    "What are the benefits of regular exercise?",
+    "Summarize the story of Cinderella in one paragraph.",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapters", default="default", help="adapters directory, or 'default'")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--out", default="-", help="markdown file to write, '-' for stdout")
+    args = parser.parse_args()
+
+    from balcony_runtime.engine import EngineConfig, LLMEngine
+    from balcony_runtime.loader import load_model
+    from balcony_runtime.sampling_params import SamplingParams
+
+    loaded = load_model(adapters=args.adapters, dtype=args.dtype)
+    engine = LLMEngine(loaded, EngineConfig())
+    prompts = [loaded.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                    add_generation_prompt=True) for p in PROMPTS]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    answers = {name: engine.generate(prompts, params, exit_layer=name) for name in engine.exit_names()}
+    lines = [f"Greedy answers, chat template, {args.max_tokens} tokens at most, adapters `{args.adapters}` "
+             f"(`python bench/exit_samples.py --adapters {args.adapters} --max-tokens {args.max_tokens}`).", ""]
+    for i, prompt in enumerate(PROMPTS):
+        lines.append(f"**{prompt}**")
+        lines.append("")
+        for name, outs in answers.items():
+            text = " ".join(outs[i].text.split())  # one line: newlines would break the list
+            lines.append(f"- {name}: {text}")
+        lines.append("")
+    text = "\n".join(lines)
+    if args.out == "-":
+        print(text)
+    else:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

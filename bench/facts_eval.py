@@ -1,0 +1,79 @@
+"""The multiple-choice facts suite (bench/tasks/balcony_facts) at every exit, through the server.
+
+For each exit a fresh `balcony serve --exits E` serves only that exit, and lm-evaluation-harness
+scores the suite against it with its `local-completions` backend (log-likelihood of each choice,
+from the completions API's echo + logprobs), exactly as a user would run lm-eval against the server.
+lm-eval is not a dependency of this project: install it anywhere and pass its executable.
+
+    pip install "lm_eval[api]"          # e.g. in a separate venv
+    python bench/facts_eval.py --lm-eval /path/to/bin/lm_eval --adapters default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from live_server import start_server, stop_server
+
+REPO = Path(__file__).resolve().parents[1]
+TASK = "balcony_facts"
+
+
+def model_dir() -> str:
+    """The cached Hugging Face copy of the default model (its tokenizer is what lm-eval tokenizes with)."""
+    from balcony_runtime.model_source import DEFAULT_MODEL, resolve_model
+
+    return str(resolve_model(DEFAULT_MODEL).path)
+
+
+def score(lm_eval: str, url: str, model: str, tokenizer: str, out_dir: Path) -> dict[str, float]:
+    args = (f"model={model},base_url={url}/v1/completions,tokenizer_backend=huggingface,tokenizer={tokenizer},"
+            "num_concurrent=4,max_retries=2,tokenized_requests=False")
+    subprocess.run([lm_eval, "--model", "local-completions", "--model_args", args, "--include_path",
+                    str(REPO / "bench/tasks"), "--tasks", TASK, "--output_path", str(out_dir)],
+                   check=True, cwd=REPO)
+    results = sorted(out_dir.rglob("results_*.json"))[-1]
+    metrics = json.loads(results.read_text())["results"][TASK]
+    return {k.split(",")[0]: v for k, v in metrics.items() if k.startswith(("acc,", "acc_norm,", "acc_stderr,"))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lm-eval", required=True, help="the lm_eval executable")
+    parser.add_argument("--adapters", default="default", help="balcony serve --adapters")
+    parser.add_argument("--exits", default="8,15,22,full", help="exits to score, one server each")
+    parser.add_argument("--model-name", default="smollm2-135m", help="the served model id")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the cached default model)")
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args()
+    tokenizer = args.tokenizer or model_dir()
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for exit_name in args.exits.split(","):
+            log = Path(tmp) / f"serve-{exit_name}.log"
+            process, url = start_server(["--adapters", args.adapters, "--exits", exit_name, "--log-level", "warning"],
+                                        log, args.ready_timeout)
+            try:
+                rows[exit_name] = score(args.lm_eval, url, args.model_name, tokenizer, Path(tmp) / exit_name)
+            finally:
+                stop_server(process)
+    n = sum(1 for _ in open(REPO / "bench/tasks/balcony_facts/facts.jsonl"))
+    print(f"\n{TASK} ({n} items, 4 choices), adapters {args.adapters}\n")
+    print("| exit | acc | acc_norm | acc - full |")
+    print("|---|---|---|---|")
+    full = rows.get("full", {}).get("acc")
+    for exit_name, m in rows.items():
+        gap = "" if full is None else f"{m['acc'] - full:+.3f}"
+        print(f"| {exit_name} | {m['acc']:.3f} ± {m.get('acc_stderr', 0):.3f} | {m['acc_norm']:.3f} | {gap} |")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"adapters": args.adapters, "results": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
