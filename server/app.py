@@ -95,6 +95,16 @@ def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: 
             raise APIError(401, "missing or invalid API key (Authorization: Bearer ...)",
                            "authentication_error", code="invalid_api_key")
 
+    def require_json(request: Request) -> None:
+        # 415, not 400: the body may be fine, the header framing it is not, and 415 names exactly
+        # that. Without this check the body reaches validation as bytes and pydantic answers with
+        # "Input should be a valid dictionary", which points nowhere near the cause.
+        sent = request.headers.get("content-type")
+        if not is_json(sent):
+            got = f"got Content-Type: {sent}" if sent else "no Content-Type header was sent"
+            raise APIError(415, f"the request body must be JSON, sent with 'Content-Type: application/json' ({got})",
+                           param="Content-Type", code="unsupported_media_type")
+
     def engine_or_503() -> AsyncEngine:
         if state.draining:
             raise APIError(503, "the server is shutting down", "unavailable_error", code="draining")
@@ -103,10 +113,13 @@ def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: 
             raise APIError(503, message, "unavailable_error", code="not_ready", headers={"Retry-After": "5"})
         return state.engine
 
+    def no_such_model(name: str) -> APIError:
+        return APIError(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}",
+                        "not_found_error", param="model", code="model_not_found")
+
     def check_model(name: str) -> None:
         if name != state.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {state.model_name!r}",
-                           "not_found_error", param="model", code="model_not_found")
+            raise no_such_model(name)
 
     async def run(request: Request, body, specs_of, respond, stream_respond):
         engine = engine_or_503()
@@ -127,30 +140,41 @@ def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: 
         result = await _until_disconnect(request, respond(body, group, engine.engine.tokenizer, state.model_name))
         return JSONResponse(result, headers=headers)
 
-    @app.post("/v1/completions", dependencies=[Depends(require_key)])
+    @app.post("/v1/completions", dependencies=[Depends(require_key), Depends(require_json)])
     async def create_completion(body: CompletionRequest, request: Request):
         return await run(request, body, lambda e: completions.build_specs(body, e.tokenize),
                          completions.complete, completions.stream_completion)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_key), Depends(require_json)])
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await run(request, body,
                          lambda e: chat.build_specs(body, e.tokenizer, e.loaded.max_model_len),
                          chat.chat_complete, chat.stream_chat)
 
-    @app.get("/v1/models", dependencies=[Depends(require_key)])
-    async def list_models():
+    def model_cards() -> list[dict]:
         engine = engine_or_503().engine
         evaluation = (engine.loaded.adapters.evaluation if engine.loaded.adapters else {}) or {}
         exits = [{"exit": "full" if e == engine.model.full_depth else str(e), "layers": e,
                   "quality": evaluation.get(str(e)) or evaluation.get("full" if e == engine.model.full_depth else str(e))}
                  for e in engine.exits]
-        return {"object": "list", "data": [{
+        return [{
             "id": state.model_name, "object": "model", "created": state.created, "owned_by": "balcony-serve",
             "root": engine.loaded.identity, "max_model_len": engine.loaded.max_model_len,
             "balcony": {"full_depth": engine.model.full_depth, "exits": exits,
                         "trained_adapters": engine.loaded.adapters is not None},
-        }]}
+        }]
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def list_models():
+        return {"object": "list", "data": model_cards()}
+
+    # ":path" because model ids are often hub ids, with a '/' in them.
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(require_key)])
+    async def retrieve_model(model_id: str):
+        for card in model_cards():
+            if card["id"] == model_id:
+                return card
+        raise no_such_model(model_id)
 
     @app.get("/health")
     async def health():
@@ -168,6 +192,12 @@ def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: 
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+def is_json(content_type: str | None) -> bool:
+    """application/json or any application/*+json, parameters (charset) aside."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 async def _until_disconnect(request: Request, work):

@@ -6,19 +6,46 @@ import json
 import time
 from typing import AsyncIterator
 
+from jinja2 import TemplateError
+
 from balcony_runtime.sampler import TokenLogprobs
 from server.completions import sampling_params
 from server.errors import APIError
-from server.generation_group import ChoiceResult, ChoiceSpec, GenerationGroup
-from server.protocol import ChatCompletionRequest
+from server.generation_group import ChoiceResult, ChoiceSpec, GenerationGroup, usage
+from server.protocol import ChatCompletionRequest, ChatMessage
+
+
+def template_message(m: ChatMessage) -> dict:
+    """One message as transformers' chat templates take it: tool calls and tool results pass
+    through, for templates that render them (the others show only role and content)."""
+    message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.tool_calls:
+        message["tool_calls"] = [{"id": c.id, "type": c.type,
+                                  "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                                 for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        message["tool_call_id"] = m.tool_call_id
+    return message
+
+
+def _arguments(text: str):
+    # transformers' templates expect arguments as a mapping (they render it with tojson), while
+    # OpenAI sends the model's JSON text; text that is not a JSON object passes through as is.
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 def chat_prompt_ids(body: ChatCompletionRequest, tokenizer) -> list[int]:
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in body.messages]
+    messages = [template_message(m) for m in body.messages]
     if getattr(tokenizer, "chat_template", None) is None:
         raise APIError(400, "this model has no chat template; use /v1/completions")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:  # templates raise to refuse a conversation (say, roles out of order)
+        raise APIError(400, f"the model's chat template refused these messages: {exc}", param="messages") from exc
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -37,12 +64,6 @@ def chat_logprobs(tokenizer, entries: list[TokenLogprobs]) -> dict:
 
     return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
                         for e in entries]}
-
-
-def usage(results: list[ChoiceResult]) -> dict:
-    prompt = len(results[0].spec.prompt_ids)
-    completion = sum(len(r.token_ids) for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 async def chat_complete(body: ChatCompletionRequest, group: GenerationGroup, tokenizer, model_name: str) -> dict:
@@ -70,6 +91,8 @@ async def stream_chat(body: ChatCompletionRequest, group: GenerationGroup, token
                for i, (rid, spec) in enumerate(zip(group.request_ids, group.specs))]
 
     def chunk(choices: list[dict], **extra) -> str:
+        if body.continuous_usage:
+            extra.setdefault("usage", usage(results))
         payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                    "choices": choices, **extra}
         return f"data: {json.dumps(payload)}\n\n"
@@ -87,6 +110,6 @@ async def stream_chat(body: ChatCompletionRequest, group: GenerationGroup, token
         logprobs = chat_logprobs(tokenizer, out.new_logprobs) if body.logprobs and out.new_logprobs else None
         yield chunk([{"index": index, "delta": delta, "logprobs": logprobs,
                       "finish_reason": out.finish_reason if out.finished else None}])
-    if body.stream_options is not None and body.stream_options.include_usage:
+    if body.include_usage:
         yield chunk([], usage=usage(results), balcony=group.balcony_info(group.measured_ms()))
     yield "data: [DONE]\n\n"

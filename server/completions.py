@@ -9,7 +9,7 @@ from typing import AsyncIterator
 from balcony_runtime.sampler import TokenLogprobs
 from balcony_runtime.sampling_params import SamplingParams
 from server.errors import APIError
-from server.generation_group import ChoiceResult, ChoiceSpec, GenerationGroup
+from server.generation_group import ChoiceResult, ChoiceSpec, GenerationGroup, usage
 from server.protocol import CompletionRequest
 
 
@@ -90,16 +90,13 @@ async def complete(body: CompletionRequest, group: GenerationGroup, tokenizer, m
             text = tokenizer.decode(r.spec.prompt_ids) + text
         choices.append({"index": r.index, "text": text, "logprobs": choice_logprobs(tokenizer, body, r),
                         "finish_reason": r.finish_reason})
-    prompt_tokens = sum(len(r.spec.prompt_ids) for r in results if r.index % body.n == 0)
-    completion_tokens = sum(len(r.token_ids) for r in results)
     return {
         "id": f"cmpl-{group.id}",
         "object": "text_completion",
         "created": int(time.time()),
         "model": model_name,
         "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": usage(results),
         "balcony": group.balcony_info(group.measured_ms()),
     }
 
@@ -112,6 +109,8 @@ async def stream_completion(body: CompletionRequest, group: GenerationGroup, tok
     first = True
 
     def chunk(choices: list[dict], **extra) -> str:
+        if body.continuous_usage:
+            extra.setdefault("usage", usage(results))
         payload = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
                    "choices": choices, **extra}
         return f"data: {json.dumps(payload)}\n\n"
@@ -136,10 +135,6 @@ async def stream_completion(body: CompletionRequest, group: GenerationGroup, tok
             first = False
         else:
             yield chunk([choice])
-    if body.stream_options is not None and body.stream_options.include_usage:
-        prompt_tokens = sum(len(r.spec.prompt_ids) for r in results if r.index % body.n == 0)
-        completion_tokens = sum(len(r.token_ids) for r in results)
-        yield chunk([], usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                               "total_tokens": prompt_tokens + completion_tokens},
-                    balcony=group.balcony_info(group.measured_ms()))
+    if body.include_usage:
+        yield chunk([], usage=usage(results), balcony=group.balcony_info(group.measured_ms()))
     yield "data: [DONE]\n\n"

@@ -48,11 +48,20 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    if first.get("type") == "json_invalid":  # loc is ("body", character offset): not a parameter
+    kind = first.get("type")
+    if kind == "json_invalid":  # loc is ("body", character offset): not a parameter
         detail = (first.get("ctx") or {}).get("error", "")
-        return f"the request body is not valid JSON{': ' + detail if detail else ''}", None
+        at = first.get("loc", ())[1:]
+        where = f" at character {at[0]}" if at else ""
+        return f"the request body is not valid JSON{': ' + detail if detail else ''}{where}", None
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
     param = ".".join(loc) or None
+    if param is None and kind == "missing":  # the body itself
+        return "the request body is empty; send a JSON object", None
+    if param is None and kind in ("model_attributes_type", "dict_type", "model_type"):
+        return "the request body must be a JSON object", None
+    if kind == "extra_forbidden":  # pydantic's "Extra inputs are not permitted" hides what was wrong
+        return f"{param}: unrecognized field", param
     msg = first.get("msg", "invalid value").removeprefix("Value error, ")
     return (f"{param}: {msg}" if param else msg), param
 

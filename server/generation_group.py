@@ -127,6 +127,14 @@ class GenerationGroup:
         return results
 
 
+def usage(results: list[ChoiceResult]) -> dict:
+    """OpenAI's token counts, so far while streaming: each prompt once (its choices share it) and
+    every choice's generated tokens."""
+    prompt = sum({r.spec.prompt_index: len(r.spec.prompt_ids) for r in results}.values())
+    completion = sum(len(r.token_ids) for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 def _as_api_error(exc: BaseException) -> BaseException:
     if isinstance(exc, APIError):
         return exc

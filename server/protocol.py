@@ -1,7 +1,9 @@
 """OpenAI request and response schemas (pydantic: the HTTP edge only).
 
 Fields OpenAI defines that this server does not implement are refused with a 400 rather than
-silently ignored; unknown fields are refused too (``extra="forbid"``).
+silently ignored; unknown fields are refused too (``extra="forbid"``). The exceptions are hints and
+bookkeeping that change no output (``store``, ``metadata``, ``service_tier``...): real clients send
+them on every request, so they are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from balcony_runtime.sampling_params import MAX_TOP_LOGPROBS
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    include_usage: bool = False  # a final usage-only chunk
+    # vLLM's: every chunk also carries the usage so far; as in vLLM, only together with include_usage.
+    continuous_usage_stats: Optional[bool] = False
+    # OpenAI's: pads chunks against length side channels; a hint, ignored here.
+    include_obfuscation: Optional[bool] = None
 
 
 class _Common(BaseModel):
@@ -48,6 +54,14 @@ class _Common(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
         return self
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
     @property
     def stop_list(self) -> tuple[str, ...]:
@@ -85,20 +99,67 @@ class CompletionRequest(_Common):
         return list(p)
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    """A tool call an earlier assistant turn made, sent back as history."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+# Fields only an assistant message may carry. The openai SDK's ``message.model_dump()`` sends them
+# all, mostly as null, so a reply appended to the history comes back with them.
+_ASSISTANT_ONLY = ("tool_calls", "refusal", "annotations", "audio", "function_call")
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[dict]]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Optional[Union[str, list[dict]]] = None  # null only on assistant messages
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    refusal: Optional[str] = None
+    annotations: Optional[list[dict]] = None  # citations on an earlier reply: nothing to render
+    audio: Optional[dict] = None  # a reference to an earlier audio reply: refused when set
+    function_call: Optional[dict] = None  # tool_calls' deprecated predecessor: refused when set
+    tool_call_id: Optional[str] = None  # tool messages: the call this message answers
+
+    @model_validator(mode="after")
+    def _check_role_fields(self):
+        if self.role != "assistant":
+            for name in _ASSISTANT_ONLY:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"'{name}' is only allowed on assistant messages")
+            if self.content is None:
+                raise ValueError(f"{self.role} messages need content")
+        if self.audio is not None:
+            raise ValueError("'audio' is not supported by this server")
+        if self.function_call is not None:
+            raise ValueError("'function_call' is not supported by this server; send tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("'tool_call_id' is required on tool messages and allowed only there")
+        return self
 
     def text(self) -> str:
+        """The text the chat template renders. Null content (an assistant turn that only called
+        tools, or declined) renders as empty, as in vLLM, or as the refusal when there is one."""
+        if self.content is None:
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
         parts = []
         for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = "refusal" if part.get("type") == "refusal" and self.role == "assistant" else "text"
+            if part.get("type") != kind or not isinstance(part.get(kind), str):
                 raise ValueError("only text content parts are supported")
-            parts.append(part["text"])
+            parts.append(part[kind])
         return "".join(parts)
 
 
@@ -112,6 +173,13 @@ class ChatCompletionRequest(_Common):
     tools: Optional[list] = None
     tool_choice: Optional[Union[str, dict]] = None
     response_format: Optional[dict] = None
+    # Hints and bookkeeping that change no output here: accepted and ignored.
+    store: Optional[bool] = None
+    metadata: Optional[dict[str, str]] = None
+    service_tier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
+    safety_identifier: Optional[str] = None
+    parallel_tool_calls: Optional[bool] = None  # only means something with tools, refused above
 
     @model_validator(mode="after")
     def _check_unsupported(self):
