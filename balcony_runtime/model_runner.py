@@ -1,17 +1,28 @@
-"""Scheduled requests -> tensors -> model -> sampler -> per-request results. Owns every tensor."""
+"""Scheduled requests -> tensors -> model -> sampler -> per-request results. Owns every tensor.
+
+The batch state persists between steps (input_batch.InputBatch): a running request keeps its row,
+and its block tables change only by the blocks it gained. The rest of a step's input is built from
+one short host array per row (start, tokens) with numpy and staged to the device in one copy each.
+Rows of one exit group may sit in a different order than the scheduler listed them (so a row that
+leaves or joins moves only itself); results come back in the scheduler's order.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from balcony_runtime.block_manager import BlockManager
+from balcony_runtime.input_batch import InputBatch
 from balcony_runtime.kv_cache import KVCache
 from balcony_runtime.model.balcony_model import BalconyModel
 from balcony_runtime.model.forward_batch import ForwardBatch
+from balcony_runtime.request import Request
 from balcony_runtime.sampler import Sampler, SampledToken, SamplingRow, TokenLogprobs, make_generator, prompt_logprobs
 from balcony_runtime.scheduler import ScheduledRequest
+from balcony_runtime.staging import to_device
 
 
 @dataclass
@@ -22,6 +33,14 @@ class RunResult:
     prompt_logprobs: list[TokenLogprobs]  # logprobs of prompt tokens start+1.. covered by this chunk
 
 
+@dataclass
+class StepLayout:
+    """How the rows of a prepared batch map back to the scheduled requests."""
+
+    order: list[int]  # order[b]: index into the scheduled list of batch row b
+    prompt_targets: dict[int, list[int]]  # batch row -> prompt tokens its prompt logits score, in order
+
+
 class ModelRunner:
     def __init__(self, model: BalconyModel, kv_cache: KVCache, block_manager: BlockManager):
         self.model = model
@@ -29,99 +48,117 @@ class ModelRunner:
         self.blocks = block_manager
         self.device = model.norm.device
         self.sampler = Sampler()
+        self.input_batch = InputBatch(model.cache_layers_of, model.num_cache_layers, self.device)
         self._generators: dict[str, torch.Generator | None] = {}
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self.input_batch.remove(request_id)
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledRequest]) -> list[RunResult]:
-        batch, prompt_spans = self.prepare(scheduled)
+        batch, layout = self.prepare(scheduled)
         logits = self.model(batch, self.kv_cache.as_tuple())  # [len(logits_indices), V] fp32
-        results: list[RunResult] = []
+        results = [RunResult(None, []) for _ in scheduled]
         rows: list[SamplingRow] = []
+        sampling: list[int] = []  # scheduled index of each sampling row
         sample_logit_rows: list[int] = []
         cursor = 0
-        for item, (num_prompt_logits, targets) in zip(scheduled, prompt_spans):
-            plp: list[TokenLogprobs] = []
-            if num_prompt_logits:
-                span = logits[cursor : cursor + num_prompt_logits]  # [n, V]
-                target = torch.tensor(targets, device=span.device)
-                plp = prompt_logprobs(span, target, item.request.params.prompt_logprobs)
-                cursor += num_prompt_logits
-            results.append(RunResult(None, plp))
+        for b, i in enumerate(layout.order):
+            item = scheduled[i]
+            targets = layout.prompt_targets.get(b)
+            if targets:
+                span = logits[cursor : cursor + len(targets)]  # [n, V]
+                target = to_device(targets, torch.long, span.device)
+                results[i].prompt_logprobs = prompt_logprobs(span, target, item.request.params.prompt_logprobs)
+                cursor += len(targets)
             if item.completes_sequence:
                 request = item.request
                 rows.append(SamplingRow(request.params, request.output_token_ids, self._generator(request)))
+                sampling.append(i)
                 sample_logit_rows.append(cursor)
                 cursor += 1
         if rows:
-            sampled = self.sampler(logits[sample_logit_rows], rows)
-            it = iter(sampled)
-            for item, result in zip(scheduled, results):
-                if item.completes_sequence:
-                    result.sampled = next(it)
+            if len(rows) == logits.shape[0]:  # no prompt logits: the sampled rows are all of them
+                to_sample = logits
+            else:
+                to_sample = logits[to_device(sample_logit_rows, torch.long, logits.device)]
+            for i, token in zip(sampling, self.sampler(to_sample, rows)):
+                results[i].sampled = token
         return results
 
-    def _generator(self, request) -> torch.Generator | None:
+    def _generator(self, request: Request) -> torch.Generator | None:
         if request.request_id not in self._generators:
             self._generators[request.request_id] = make_generator(request.params.seed, self.device)
         return self._generators[request.request_id]
 
-    def prepare(self, scheduled: list[ScheduledRequest]) -> tuple[ForwardBatch, list[tuple[int, list[int]]]]:
-        model, block_size = self.model, self.blocks.block_size
+    def prepare(self, scheduled: list[ScheduledRequest]) -> tuple[ForwardBatch, StepLayout]:
+        """The model's input for these requests (ordered deepest exit first, as the scheduler
+        orders them); batch row b holds scheduled[layout.order[b]]."""
+        block_size = self.blocks.block_size
+        tables = [self.blocks.block_tables(item.request.request_id) for item in scheduled]
+        exits = [item.request.exit_layer for item in scheduled]
+        order = self.input_batch.arrange([item.request.request_id for item in scheduled], exits, tables)
+        num_blocks = self.input_batch.update_blocks([tables[i] for i in order])
+        rows = [scheduled[i] for i in order]
+
         input_ids: list[int] = []
-        positions: list[int] = []
-        query_lens: list[int] = []
-        context_lens: list[int] = []
+        starts = np.fromiter((item.start for item in rows), dtype=np.int64, count=len(rows))  # [B]
+        query_lens = [item.num_tokens for item in rows]
         logits_indices: list[int] = []
-        prompt_spans: list[tuple[int, list[int]]] = []
-        tables_per_row: list[tuple[list[int], list[list[int]]]] = []
-        for item in scheduled:
+        prompt_targets: dict[int, list[int]] = {}
+        for b, item in enumerate(rows):
             request, start, n = item.request, item.start, item.num_tokens
             offset = len(input_ids)
-            input_ids.extend(request.token_ids(start, start + n))
-            positions.extend(range(start, start + n))
-            query_lens.append(n)
-            context_lens.append(start + n)
+            input_ids += _tokens(request, start, start + n)
             # Prompt logprobs: logits at position p score prompt token p + 1.
-            targets: list[int] = []
             if request.params.prompt_logprobs is not None and not request.prompt_logprobs_done:
                 last = min(start + n, request.num_prompt_tokens - 1)
-                targets = request.prompt_token_ids[start + 1 : last + 1]
-                logits_indices.extend(offset + p - start for p in range(start, last))
-            prompt_spans.append((len(targets), targets))
+                if last > start:
+                    prompt_targets[b] = request.prompt_token_ids[start + 1 : last + 1]
+                    logits_indices.extend(range(offset, offset + last - start))
             if item.completes_sequence:
                 logits_indices.append(offset + n - 1)
-            tables_per_row.append(
-                (model.cache_layers_of(request.exit_layer), self.blocks.block_tables(request.request_id))
-            )
 
-        max_blocks = max(len(tables[0]) for _, tables in tables_per_row)
-        block_tables = torch.zeros(model.num_cache_layers, len(scheduled), max_blocks, dtype=torch.int32)
-        for row, (layers, tables) in enumerate(tables_per_row):
-            block_tables[layers, row, : len(tables[0])] = torch.tensor(tables, dtype=torch.int32)
-        positions_t = torch.tensor(positions, dtype=torch.int64)
-        query_lens_t = torch.tensor(query_lens, dtype=torch.int64)
-        token_rows = torch.repeat_interleave(torch.arange(len(scheduled)), query_lens_t)  # [T]
+        num_rows, num_tokens = len(rows), len(input_ids)
+        is_decode = num_tokens == num_rows
+        lens = np.asarray(query_lens, dtype=np.int64)  # [B]
+        cu = np.zeros(num_rows + 1, dtype=np.int64)  # [B + 1]
+        np.cumsum(lens, out=cu[1:])
+        if is_decode:
+            token_rows, positions = np.arange(num_rows), starts  # [T], [T]
+        else:
+            token_rows = np.repeat(np.arange(num_rows), lens)  # [T]
+            positions = np.arange(num_tokens) - cu[token_rows] + starts[token_rows]  # [T]
+        device = self.device
+        positions_t = to_device(positions, torch.int64, device)  # [T]
+        block_tables = self.input_batch.view(num_rows, num_blocks)  # [C, B, max_blocks], a view
         # Slot of each token at every cache layer; rows that skip a layer point at block 0 but are
         # never read or written there (the model slices them away).
-        blocks = block_tables[:, token_rows, positions_t // block_size].long()  # [C, T]
-        slot_mapping = blocks * block_size + positions_t % block_size  # [C, T]
-        cu = torch.zeros(len(scheduled) + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(query_lens_t, 0)
-        device = self.device
+        blocks = block_tables[:, to_device(token_rows, torch.int64, device), positions_t // block_size]  # [C, T]
+        slot_mapping = blocks.long() * block_size + positions_t % block_size  # [C, T]
         batch = ForwardBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
-            positions=positions_t.to(device),
-            exits=[item.request.exit_layer for item in scheduled],
+            input_ids=to_device(input_ids, torch.int64, device),
+            positions=positions_t,
+            exits=[item.request.exit_layer for item in rows],
             query_lens=query_lens,
-            cu_query_lens=cu.to(device),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-            block_tables=block_tables.to(device),
-            slot_mapping=slot_mapping.to(device),
+            cu_query_lens=to_device(cu, torch.int32, device),
+            context_lens=to_device(starts + lens, torch.int32, device),
+            block_tables=block_tables,
+            slot_mapping=slot_mapping,
             logits_indices=logits_indices,
-            is_decode=all(n == 1 for n in query_lens),
-            max_query_len=max(query_lens),
+            is_decode=is_decode,
+            max_query_len=int(lens.max()),
         )
-        return batch, prompt_spans
+        return batch, StepLayout(order, prompt_targets)
+
+
+def _tokens(request: Request, start: int, stop: int) -> list[int]:
+    """Tokens ``start:stop`` of prompt + output, without joining the two lists (a decode step reads
+    one token, not the whole context)."""
+    prompt, num_prompt = request.prompt_token_ids, request.num_prompt_tokens
+    if start >= num_prompt:
+        return request.output_token_ids[start - num_prompt : stop - num_prompt]
+    if stop <= num_prompt:
+        return prompt[start:stop]
+    return prompt[start:] + request.output_token_ids[: stop - num_prompt]

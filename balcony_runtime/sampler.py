@@ -24,7 +24,10 @@ log_softmax(logits), before penalties, temperature and filters, as vLLM reports 
 Top-p needs the tokens in order of probability. A full sort of 16 x 49152 costs about 30 ms on two CPU
 cores, so the nucleus is searched in the top 64 candidates first, then 512, then 4096 (torch.topk),
 and only rows whose nucleus is larger still are fully sorted. Real next-token distributions are
-peaked, so most rows finish in the first round. Reductions over the vocabulary (the top-p mass, the
+peaked, so most rows finish in the first round. That search reads the device to shrink its shapes, free on a CPU but a
+host sync on an accelerator, where one full sort of the top-p rows finds the same nucleus instead
+(Sampler.sync_free). Which rows filter and the largest top-k come from the rows' parameters on the
+host, so greedy, top-k and top-p rows read nothing back before the sampled tokens. Reductions over the vocabulary (the top-p mass, the
 block sums of the sampler) may round differently when torch splits a row across threads, so "the
 same token whatever the batch" holds up to the last bit of a float sum, which moves a draw only
 when it lands within about 1e-7 of a boundary.
@@ -36,9 +39,11 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from balcony_runtime.sampling_params import SamplingParams
+from balcony_runtime.staging import to_device
 
 _MIN_LOG_WEIGHT = -87.0  # exp(-87) = 1.6e-38, just above fp32's smallest normal number
 _MIN_TEMPERATURE = 1e-5  # below this a row is greedy (as in vLLM): logits / T would overflow
@@ -86,14 +91,27 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
 class Sampler:
     """Stateless: every call reads only its logits and rows (the RNG state lives in the generators)."""
 
+    def __init__(self, sync_free: bool | None = None):
+        # On a CPU the host reads the "device's" values for free, so top-p narrows its search to
+        # the rows and candidates that need it (data-dependent shapes). On an accelerator each such
+        # read is a host sync, so there top-p sorts every nucleus row once instead. None: decided
+        # by the logits' device.
+        self.sync_free = sync_free
+
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
-        """Sample one token per row. logits: [B, V], any float dtype (computed in fp32)."""
+        """Sample one token per row. logits: [B, V], any float dtype (computed in fp32).
+
+        Every index and parameter comes from the rows on the host, so greedy, top-k, top-p and
+        temperature rows read nothing back from the device until the one transfer of the tokens at
+        the end (penalties and logprobs, when asked for, read more).
+        """
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [{len(rows)}, V], got {list(logits.shape)}")
         if not rows:
             return []
         raw = logits.float()  # [B, V]; may alias the caller's tensor, so never written
         device = raw.device
+        sync_free = device.type != "cpu" if self.sync_free is None else self.sync_free
         greedy = [i for i, r in enumerate(rows) if r.params.temperature < _MIN_TEMPERATURE]
         sampled = [i for i, r in enumerate(rows) if r.params.temperature >= _MIN_TEMPERATURE]
         has_penalties = any(r.params.has_penalties and r.output_token_ids for r in rows)
@@ -102,33 +120,37 @@ class Sampler:
         work = raw.clone(memory_format=torch.contiguous_format) if sampled or has_penalties or has_bias else raw
         apply_penalties_(work, rows)
         apply_logit_bias_(work, rows)
-        tokens = torch.empty(len(rows), dtype=torch.long, device=device)  # [B]
 
-        if greedy:
-            greedy_idx = torch.tensor(greedy, device=device)
+        if not sampled:
+            tokens = work.argmax(dim=-1)  # [B]
+        else:
+            tokens = torch.empty(len(rows), dtype=torch.long, device=device)  # [B]
+        if greedy and sampled:
+            greedy_idx = to_device(greedy, torch.long, device)
             tokens[greedy_idx] = _select_rows(work, greedy_idx).argmax(dim=-1)
 
         if sampled:
-            sampled_idx = torch.tensor(sampled, device=device)
+            sampled_idx = to_device(sampled, torch.long, device)
             sampled_rows = [rows[i] for i in sampled]
             scaled = _select_rows(work, sampled_idx)  # [S, V]; `work` itself when every row samples
-            temperature = torch.tensor([r.params.temperature for r in sampled_rows], device=device)
-            scaled.div_(temperature[:, None])
-            top_k = torch.tensor([r.params.top_k for r in sampled_rows], device=device)
-            top_p = torch.tensor([r.params.top_p for r in sampled_rows], device=device)
-            weights = probability_weights_(scaled, top_k, top_p)  # [S, V], in place of `scaled`
+            # Built on the host, where the filters read them, then staged once each.
+            temperature = np.array([r.params.temperature for r in sampled_rows], dtype=np.float32)  # [S]
+            top_k = np.array([r.params.top_k for r in sampled_rows], dtype=np.int64)  # [S]
+            top_p = np.array([r.params.top_p for r in sampled_rows], dtype=np.float32)  # [S]
+            scaled.div_(to_device(temperature, torch.float32, device)[:, None])
+            weights = _probability_weights_(scaled, top_k, top_p, sync_free)  # [S, V], in place of `scaled`
             uniform = _uniforms([r.generator for r in sampled_rows], device)  # [S]
             tokens[sampled_idx] = _inverse_cdf_sample(weights, uniform)
 
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
         wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if wanted:
-            wanted_idx = torch.tensor(wanted, device=device)
+            wanted_idx = to_device(wanted, torch.long, device)
             raw_logprobs = torch.log_softmax(_select_rows(raw, wanted_idx), dim=-1)  # [W, V]
             counts = [rows[i].params.logprobs for i in wanted]
             for i, lp in zip(wanted, _token_logprobs(raw_logprobs, tokens[wanted_idx], counts)):
                 logprobs[i] = lp
-        return [SampledToken(t, lp) for t, lp in zip(tokens.tolist(), logprobs)]
+        return [SampledToken(t, lp) for t, lp in zip(tokens.tolist(), logprobs)]  # the one transfer
 
 
 def apply_penalties_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -143,20 +165,18 @@ def apply_penalties_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         return
     device = logits.device
     vocab = logits.shape[1]
-    flat = torch.tensor(
-        list(itertools.chain.from_iterable(rows[i].output_token_ids for i in penalized)),
-        dtype=torch.long,
-        device=device,
-    )  # [n], every generated token of every penalized row
-    if int(flat.min()) < 0 or int(flat.max()) >= vocab:
+    tokens = list(itertools.chain.from_iterable(rows[i].output_token_ids for i in penalized))
+    if min(tokens) < 0 or max(tokens) >= vocab:  # checked on the host: no device read
         raise ValueError(f"output token ids must lie in [0, {vocab})")
+    flat = to_device(tokens, torch.long, device)  # [n], every generated token of every penalized row
     row = torch.repeat_interleave(
-        torch.tensor(penalized, device=device),
-        torch.tensor([len(rows[i].output_token_ids) for i in penalized], device=device),
+        to_device(penalized, torch.long, device),
+        to_device([len(rows[i].output_token_ids) for i in penalized], torch.long, device),
     )  # [n], the batch row of each token
+    # torch.unique has a data-dependent size: a sync on an accelerator, paid only by penalty rows.
     pairs, count = torch.unique(row * vocab + flat, return_counts=True)  # [u], flat (row, token) ids
-    frequency = torch.tensor([r.params.frequency_penalty for r in rows], device=device)  # [B]
-    presence = torch.tensor([r.params.presence_penalty for r in rows], device=device)  # [B]
+    frequency = to_device([r.params.frequency_penalty for r in rows], torch.float32, device)  # [B]
+    presence = to_device([r.params.presence_penalty for r in rows], torch.float32, device)  # [B]
     pair_row = pairs // vocab  # [u]
     penalty = count * frequency[pair_row] + presence[pair_row]  # [u]
     logits.view(-1).index_add_(0, pairs, -penalty.to(logits.dtype))
@@ -168,12 +188,14 @@ def apply_logit_bias_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     if not biased:
         return
     vocab = logits.shape[1]
-    flat = torch.tensor([i * vocab + token for i, token, _ in biased], device=logits.device)  # [u]
-    values = torch.tensor([value for _, _, value in biased], device=logits.device, dtype=logits.dtype)
+    flat = to_device([i * vocab + token for i, token, _ in biased], torch.long, logits.device)  # [u]
+    values = to_device([value for _, _, value in biased], logits.dtype, logits.device)  # [u]
     logits.view(-1).index_add_(0, flat, values)
 
 
-def probability_weights_(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def probability_weights_(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, sync_free: bool = False
+) -> torch.Tensor:
     """Turn temperature-scaled logits, in place, into unnormalised probabilities (the best token's
     weight is 1), with every token outside the row's top-k, and then outside its nucleus, set to 0.
 
@@ -181,41 +203,79 @@ def probability_weights_(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch
     measured on the distribution left by top-k. Ties with the last kept token are kept. Weights are
     exp(max(logit - max_logit, -87)): the floor keeps exp out of fp32 denormals, which cost 8x on
     CPU, and only lifts tokens e^87 times less likely than the best to that ratio. Returns `logits`.
+    ``sync_free``: find every nucleus with one full sort instead of the narrowing candidate search
+    (same tokens kept; no device value is read on the host).
     """
+    return _probability_weights_(logits, top_k.cpu().long().numpy(), top_p.cpu().float().numpy(), sync_free)
+
+
+def _probability_weights_(logits: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, sync_free: bool) -> torch.Tensor:
+    """probability_weights_ with top_k [N] int64 and top_p [N] fp32 as host arrays: which rows
+    filter, and the largest k, are read there instead of from the device."""
     vocab = logits.shape[1]
+    device = logits.device
     weights = logits.sub_(logits.amax(dim=-1, keepdim=True)).clamp_min_(_MIN_LOG_WEIGHT).exp_()  # [N, V]
-    k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)  # [N], in 1..V
+    k_host = np.where((top_k <= 0) | (top_k > vocab), vocab, top_k)  # [N], in 1..V
+    k = to_device(k_host, torch.long, device)  # [N]
     threshold = torch.zeros_like(weights[:, 0])  # [N]; weights below it are dropped
 
-    k_rows = (k < vocab).nonzero().squeeze(1)
-    if k_rows.numel():
+    k_rows_host = np.flatnonzero(k_host < vocab)  # on the host: no device read
+    if k_rows_host.size:
+        k_rows = to_device(k_rows_host, torch.long, device)
         k_sub = k[k_rows]
-        candidates = _select_rows(weights, k_rows).topk(int(k_sub.max()), dim=-1).values  # [Nk, kmax]
+        kmax = int(k_host[k_rows_host].max())
+        candidates = _select_rows(weights, k_rows).topk(kmax, dim=-1).values  # [Nk, kmax]
         threshold[k_rows] = candidates.gather(1, (k_sub - 1)[:, None]).squeeze(1)
         weights.masked_fill_(weights < threshold[:, None], 0.0)
 
-    pending = (top_p < 1).nonzero().squeeze(1)
-    if pending.numel():
-        wanted_mass = _select_rows(weights, pending).sum(dim=-1) * top_p[pending]  # [Np], after top-k
-        for size in (*_TOP_P_CANDIDATES, vocab):
-            size = min(size, vocab)
-            subset = _select_rows(weights, pending)  # [Np, V]
-            if size < vocab:
-                best = subset.topk(size, dim=-1).values  # [Np, size], descending
-            else:
-                best = subset.sort(dim=-1, descending=True).values  # [Np, V]
-            mass_before = torch.nn.functional.pad(best.cumsum(dim=-1)[:, :-1], (1, 0))  # [Np, size]
-            # A token is in the nucleus if the tokens more likely than it hold less than top_p.
-            keep = (mass_before < wanted_mass[:, None]).sum(dim=-1)  # [Np], >= 1
-            keep = torch.minimum(keep, k[pending])
-            done = (keep < size) | (size == vocab)  # else the nucleus may reach past the candidates
-            cut = best.gather(1, (keep - 1)[:, None]).squeeze(1)  # [Np]
-            threshold[pending[done]] = cut[done]
-            pending, wanted_mass = pending[~done], wanted_mass[~done]
-            if not pending.numel():
-                break
+    pending_host = np.flatnonzero(top_p < 1)
+    if pending_host.size:
+        pending = to_device(pending_host, torch.long, device)
+        p_pending = to_device(top_p[pending_host], torch.float32, device)  # [Np]
+        wanted_mass = _select_rows(weights, pending).sum(dim=-1) * p_pending  # [Np], after top-k
+        if sync_free:
+            _nucleus_by_sort(weights, pending, wanted_mass, k, threshold)
+        else:
+            _nucleus_by_candidates(weights, pending, wanted_mass, k, threshold)
         weights.masked_fill_(weights < threshold[:, None], 0.0)
     return weights
+
+
+def _nucleus_cut(best: torch.Tensor, wanted_mass: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From weights sorted descending [Np, size]: (how many tokens the nucleus keeps [Np], the
+    weight of the last one kept [Np])."""
+    mass_before = torch.nn.functional.pad(best.cumsum(dim=-1)[:, :-1], (1, 0))  # [Np, size]
+    # A token is in the nucleus if the tokens more likely than it hold less than top_p.
+    keep = (mass_before < wanted_mass[:, None]).sum(dim=-1)  # [Np], >= 1
+    keep = torch.minimum(keep, k)
+    return keep, best.gather(1, (keep - 1)[:, None]).squeeze(1)
+
+
+def _nucleus_by_candidates(weights, pending, wanted_mass, k, threshold) -> None:
+    """Nucleus thresholds of rows ``pending`` into ``threshold``: the top 64 candidates first, then
+    512, then 4096, and a full sort only for rows whose nucleus is larger still (reads the device)."""
+    vocab = weights.shape[1]
+    for size in (*_TOP_P_CANDIDATES, vocab):
+        size = min(size, vocab)
+        subset = _select_rows(weights, pending)  # [Np, V]
+        if size < vocab:
+            best = subset.topk(size, dim=-1).values  # [Np, size], descending
+        else:
+            best = subset.sort(dim=-1, descending=True).values  # [Np, V]
+        keep, cut = _nucleus_cut(best, wanted_mass, k[pending])
+        done = (keep < size) | (size == vocab)  # else the nucleus may reach past the candidates
+        threshold[pending[done]] = cut[done]
+        pending, wanted_mass = pending[~done], wanted_mass[~done]
+        if not pending.numel():
+            break
+
+
+def _nucleus_by_sort(weights, pending, wanted_mass, k, threshold) -> None:
+    """Nucleus thresholds of rows ``pending`` into ``threshold`` from one full sort: no shape
+    depends on the data, so nothing is read back (as vLLM's top-p on a GPU)."""
+    best = _select_rows(weights, pending).sort(dim=-1, descending=True).values  # [Np, V]
+    _, cut = _nucleus_cut(best, wanted_mass, k[pending])
+    threshold[pending] = cut
 
 
 def _select_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -231,14 +291,14 @@ def _uniforms(generators: list[torch.Generator | None], device: torch.device) ->
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:
         draws = torch.rand(len(unseeded), dtype=torch.float64, device=device)  # one global-RNG call
-        out[torch.tensor(unseeded, device=device)] = draws
+        out[to_device(unseeded, torch.long, device)] = draws
     seeded = [i for i, g in enumerate(generators) if g is not None]
     if seeded:
         draws = [
             torch.rand((), dtype=torch.float64, device=generators[i].device, generator=generators[i])
             for i in seeded
         ]
-        out[torch.tensor(seeded, device=device)] = torch.stack(draws).to(device)
+        out[to_device(seeded, torch.long, device)] = torch.stack(draws).to(device)
     return out
 
 

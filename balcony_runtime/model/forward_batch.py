@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,9 +27,14 @@ class ForwardBatch:
     is_decode: bool  # every row has exactly one token: the decode kernel applies
     max_query_len: int  # longest row in this step
 
+    # cu_query_lens on the host, computed once: the model reads it at every layer.
+    _cu_host: list[int] | None = field(default=None, init=False, repr=False, compare=False)
+
     @property
     def cu_query_lens_host(self) -> list[int]:
-        offsets = [0]
-        for n in self.query_lens:
-            offsets.append(offsets[-1] + n)
-        return offsets
+        if self._cu_host is None:
+            offsets = [0]
+            for n in self.query_lens:
+                offsets.append(offsets[-1] + n)
+            self._cu_host = offsets
+        return self._cu_host

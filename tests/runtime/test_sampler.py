@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from balcony_runtime.sampler import (
     SampledToken,
@@ -172,15 +173,17 @@ def test_top_p_draws_exactly_the_nucleus(temperature, top_k, top_p):
     assert drawn == nucleus
 
 
-def test_probability_weights_keep_exactly_the_numpy_nucleus_on_a_real_vocabulary():
-    """Covers every round of the candidate search: nuclei under 64, under 512, under 4096, larger."""
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_probability_weights_keep_exactly_the_numpy_nucleus_on_a_real_vocabulary(sync_free):
+    """Covers every round of the candidate search: nuclei under 64, under 512, under 4096, larger;
+    and the accelerator's one full sort (sync_free) keeps the same tokens."""
     vocab = 49152
     g = torch.Generator().manual_seed(5)
     scales = [0.3, 1.0, 3.0, 3.5, 4.5, 6.0, 1.0, 2.5, 4.0, 10.0]
     logits = torch.stack([torch.randn(vocab, generator=g) * s for s in scales])  # [10, V]
     top_p = torch.tensor([0.9, 0.95, 0.9, 0.8, 0.95, 0.5, 0.99, 0.8, 1.0, 0.97])
     top_k = torch.tensor([0, 0, 0, 0, 0, 0, 20000, 100, 30, -1])
-    weights = probability_weights_(logits.clone(), top_k, top_p)
+    weights = probability_weights_(logits.clone(), top_k, top_p, sync_free)
     sizes = []
     for i in range(len(scales)):
         nucleus, margin = np_nucleus(logits[i].numpy(), int(top_k[i]), float(top_p[i]))
@@ -405,6 +408,65 @@ def test_strided_logits():
     for view in (full[:2, -1, :], torch.randn(500, 2, generator=g).t()):  # gaps; transposed
         assert not view.is_contiguous()
         assert sample(view) == sample(view.contiguous())
+
+
+class DeviceReads(TorchDispatchMode):
+    """Records the ops that make an accelerator's host wait: reading a value (item, int, bool),
+    shapes that depend on values (nonzero, unique, masked_select, boolean-mask indexing)."""
+
+    READS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "equal", "is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        boolean_index = name.startswith("index") and any(
+            isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in a)
+            for a in args
+        )
+        if boolean_index or any(r in name for r in self.READS):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_greedy_and_unseeded_filters_read_nothing_back_before_the_tokens():
+    logits = torch.randn(8, 3000, generator=torch.Generator().manual_seed(13)) * 3
+    rows = [
+        make_row(temperature=0.0),
+        make_row(temperature=0.8),
+        make_row(top_k=20),
+        make_row(top_p=0.9),
+        make_row(top_k=50, top_p=0.5, temperature=1.3),
+        make_row(temperature=0.0, top_p=0.3),
+        make_row(top_k=-1, top_p=0.99),
+        make_row(temperature=0.5, top_k=3000),
+    ]
+    for batch in (rows[:1] * 8, rows):  # greedy only, then everything mixed
+        reads = DeviceReads()
+        with reads:
+            out = Sampler(sync_free=True)(logits, batch)
+        assert reads.reads == [], reads.reads
+        assert len(out) == 8
+    reads = DeviceReads()
+    with reads:
+        Sampler(sync_free=False)(logits, rows)  # the CPU's narrowing search does read: the recorder sees it
+    assert reads.reads
+
+
+def test_sync_free_sampling_draws_the_same_tokens():
+    """Greedy and seeded rows choose the same tokens with either nucleus search."""
+    logits = torch.randn(12, 4000, generator=torch.Generator().manual_seed(14)) * 4
+    params = [dict(temperature=0.0), dict(seed=1, top_p=0.9), dict(seed=2, top_k=40, top_p=0.7),
+              dict(seed=3, temperature=1.5, top_p=0.95), dict(seed=4), dict(seed=5, top_p=0.2)]
+    for _ in range(5):
+        tokens = []
+        for sync_free in (False, True):
+            rows = [make_row(**p) for p in params * 2]
+            tokens.append([t.token_id for t in Sampler(sync_free=sync_free)(logits, rows)])
+        assert tokens[0] == tokens[1]
+        logits = logits.roll(1, dims=0)
 
 
 def test_empty_batch_and_shape_checks():

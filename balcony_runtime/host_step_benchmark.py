@@ -1,0 +1,127 @@
+"""Host time of a decode step: the engine with the model's forward replaced by a stub.
+
+Schedule, prepare, sample, detokenize and post-process all run for real; the stub only returns
+logits of the right shape, so what is timed is the work the host does around the forward (on a GPU,
+what decides whether the device waits). The stub's logits cover ``vocab`` real token ids: the
+sampler's arithmetic over the vocabulary is device work, and on a CPU it would swamp the host work
+the benchmark is about (an argmax over 256 x 49152 logits is several milliseconds on two cores).
+Shared by bench/host_step.py and, when wired, ``balcony bench --host-only``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from balcony_runtime.engine import EngineConfig, LLMEngine
+from balcony_runtime.loader import LoadedModel
+from balcony_runtime.model.forward_batch import ForwardBatch
+from balcony_runtime.sampling_params import SamplingParams
+
+_PHASES = ("schedule", "prepare", "forward", "sample", "postprocess")
+
+
+class StubModel(torch.nn.Module):
+    """A BalconyModel's structure (exits, cache layers, device) with a forward that returns fixed
+    logits of the right shape. Its KV cache is one element per head, since nothing reads it."""
+
+    def __init__(self, real, vocab: int, seed: int = 0):
+        super().__init__()
+        self.real = real
+        self.arch = dataclasses.replace(real.arch, num_kv_heads=1, head_dim=1)
+        self.exits, self.dtype = real.exits, torch.float16
+        self.norm = torch.nn.Parameter(torch.zeros(1, device=real.norm.device), requires_grad=False)
+        g = torch.Generator().manual_seed(seed)
+        self.vocab = vocab
+        self.table = torch.randn(4096, vocab, generator=g).to(real.norm.device)  # rows of logits to hand out
+
+    full_depth = property(lambda self: self.real.full_depth)
+    num_cache_layers = property(lambda self: self.real.num_cache_layers)
+
+    def cache_layers_of(self, exit_layer: int) -> list[int]:
+        return self.real.cache_layers_of(exit_layer)
+
+    def forward(self, batch: ForwardBatch, kv_cache) -> torch.Tensor:
+        n = len(batch.logits_indices)
+        return self.table[:n] if n <= len(self.table) else self.table[torch.arange(n) % len(self.table)]  # [N, V]
+
+
+@dataclass(frozen=True)
+class HostStep:
+    rows: int
+    context: int
+    step_ms: float  # median wall time of engine.step() over the decode steps
+    step_cpu_ms: float  # median CPU time of this thread per step: the host work, even on a busy machine
+    phase_ms: dict  # phase -> median CPU milliseconds of this thread per step
+
+
+def measure_host_step(
+    loaded: LoadedModel, rows: int, context: int, steps: int = 30, vocab: int = 512,
+    params: SamplingParams | None = None, block_size: int = 16, exit_layer=None,
+) -> HostStep:
+    """Median host milliseconds per decode step with ``rows`` requests at ``context`` tokens each."""
+    stub = StubModel(loaded.model, vocab)
+    # Real token ids whose text is mostly whole characters, so the detokenizer works as in serving.
+    token_pool = list(range(256, 256 + vocab))
+    budget = max(8192, rows)  # tokens per step
+    # Rows prefilled first decode while the others prefill: none may finish before the timed steps end.
+    prefill_steps = -(-rows * context // (budget - rows)) + 1
+    params = params or SamplingParams(max_tokens=prefill_steps + steps + 2, temperature=0, ignore_eos=True)
+    length = context + params.max_tokens
+    stub_loaded = dataclasses.replace(loaded, model=stub, max_model_len=length)
+    per_row_blocks = stub.num_cache_layers * -(-length // block_size)
+    config = EngineConfig(max_num_seqs=rows, max_num_batched_tokens=budget, block_size=block_size,
+                          num_kv_blocks=rows * per_row_blocks)
+    engine = LLMEngine(stub_loaded, config)
+    rng = random.Random(0)
+    for _ in range(rows):
+        engine.add_request([rng.choice(token_pool) for _ in range(context)], params, exit_layer=exit_layer)
+    while any(not t.request.output_token_ids for t in engine._tracked.values()):
+        engine.step()  # prefill, in chunks of the token budget
+
+    times = {p: [] for p in _PHASES}
+    _wrap(engine, times)
+    totals, cpu = [], []
+    assert all(len(t.request.output_token_ids) + steps <= params.max_tokens for t in engine._tracked.values())
+    for _ in range(steps):
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        engine.step()
+        totals.append(time.perf_counter() - start)
+        cpu.append(time.thread_time() - start_cpu)
+    return HostStep(rows, context, 1e3 * statistics.median(totals), 1e3 * statistics.median(cpu),
+                    {p: 1e3 * statistics.median(v) for p, v in times.items() if v})
+
+
+def _wrap(engine: LLMEngine, times: dict) -> None:
+    """Time the step's phases by wrapping the objects' bound methods (instance attributes)."""
+
+    def timed(fn, phase):
+        def call(*args, **kwargs):
+            start = time.thread_time()
+            out = fn(*args, **kwargs)
+            times[phase].append(time.thread_time() - start)
+            return out
+        return call
+
+    runner = engine.runner
+    engine.scheduler.schedule = timed(engine.scheduler.schedule, "schedule")
+    runner.prepare = timed(runner.prepare, "prepare")
+    runner.model = _TimedModel(runner.model, timed)
+    runner.sampler = timed(runner.sampler, "sample")
+    engine._postprocess = timed(engine._postprocess, "postprocess")
+
+
+class _TimedModel:
+    def __init__(self, model, timed):
+        self._model, self._call = model, timed(model, "forward")
+
+    def __call__(self, *args):
+        return self._call(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)

@@ -1,0 +1,205 @@
+"""The rows of running requests, kept from step to step, with their block tables on the device.
+
+The shape of vLLM v1's InputBatch. A request keeps a row (a slot) while it runs. Its block table at
+every cache layer it writes lives in one persistent tensor [num_cache_layers, rows, max_blocks] on the
+device, written only where the block manager added blocks since the last step (a re-allocated
+request, after a preemption, is rewritten whole). Each step the scheduled requests are arranged to
+fill slots 0..B-1 grouped by exit, deepest first, the order the model needs; a request already inside
+its group's range stays put and only the others move in, so a step moves the rows that joined, left
+or changed group, not every row. The model reads a view of the tensor's first B rows: nothing of size
+rows x context is built or copied per step. Entries past a row's blocks, and at the cache layers its
+exit skips, are 0, as the model expects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from balcony_runtime.staging import to_device
+
+
+@dataclass
+class _Row:
+    request_id: str
+    exit_layer: int  # backbone layers it runs (its cache layers follow from it)
+    tables: list[list[int]]  # the block manager's own lists: a new object means re-allocated
+
+
+class InputBatch:
+    def __init__(
+        self,
+        cache_layers_of: Callable[[int], Sequence[int]],
+        num_cache_layers: int,
+        device: torch.device,
+        rows: int = 16,
+        blocks: int = 16,
+    ):
+        self.cache_layers_of = cache_layers_of  # exit -> cache layers, in the block manager's order
+        self.device = device
+        self.slots: list[_Row | None] = [None] * rows  # slot -> the request holding it
+        self.slot_of: dict[str, int] = {}  # request id -> its slot
+        self.written = np.zeros(rows, dtype=np.int64)  # [rows] blocks per layer already in block_table
+        self.block_table = torch.zeros(num_cache_layers, rows, blocks, dtype=torch.int32, device=device)
+        self._layers: dict[int, np.ndarray] = {}  # exit -> cache layers, as an index array
+        self._last_ids: list[str] = []  # the request ids of the last arrangement, in slot order
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slots)
+
+    def remove(self, request_id: str) -> None:
+        """Free a finished or aborted request's slot (its row is zeroed when the slot is reused)."""
+        slot = self.slot_of.pop(request_id, None)
+        if slot is not None:
+            self.slots[slot] = None
+            self._last_ids = []
+
+    # ---- one step --------------------------------------------------------------------------
+
+    def arrange(self, request_ids: list[str], exits: list[int], tables: list[list[list[int]]]) -> list[int]:
+        """Place the step's requests in slots 0..B-1, each inside its exit group; returns ``order``:
+        order[b] is the index (into the arguments) of the request in slot b.
+
+        ``exits`` must be non-increasing (the scheduler's order), so group g spans the same index
+        range in the arguments and in the slots."""
+        if request_ids == self._last_ids:
+            return list(range(len(request_ids)))  # the same requests in the same slots as last step
+        n = len(request_ids)
+        self._reserve_slots(n)
+        target: list[int | None] = [None] * n  # slot -> argument index
+        unplaced: dict[int, list[int]] = {}  # exit -> argument indices that must move in
+        for i in range(n):
+            slot = self.slot_of.get(request_ids[i])
+            if slot is not None and slot < n and exits[slot] == exits[i]:  # already inside its group
+                target[slot] = i
+            else:
+                unplaced.setdefault(exits[i], []).append(i)
+        for slot in range(n):
+            if target[slot] is None:
+                target[slot] = unplaced[exits[slot]].pop(0)
+
+        old = list(self.slots)
+        staying = set(request_ids)
+        src, dst, fresh = [], [], []
+        vacated = []  # slots at or past n left by requests moving in: homes for displaced rows
+        for slot, i in enumerate(target):
+            rid = request_ids[i]
+            was = self.slot_of.get(rid)
+            if was == slot:
+                continue
+            if was is None:
+                fresh.append(slot)
+            else:
+                src.append(was)
+                dst.append(slot)
+                if was >= n:
+                    vacated.append(was)
+        # Requests in slots 0..n-1 that do not run this step (depth-limited, preempted) move out.
+        displaced = [s for s in range(n) if old[s] is not None and old[s].request_id not in staying]
+        if displaced:
+            vacated += [s for s in range(n, self.num_slots) if old[s] is None]
+            while len(vacated) < len(displaced):
+                first = self._grow_slots()
+                vacated += range(first, self.num_slots)
+                old += [None] * (self.num_slots - first)
+            for s, home in zip(displaced, vacated):
+                src.append(s)
+                dst.append(home)
+
+        if src:
+            for s, d in zip(src, dst):
+                self.slots[d] = old[s]
+                self.slot_of[old[s].request_id] = d
+            for s in set(src) - set(dst):
+                self.slots[s] = None
+            src_t, dst_t = to_device(src, torch.long, self.device), to_device(dst, torch.long, self.device)
+            self.block_table[:, dst_t] = self.block_table[:, src_t]  # [C, moved, W]; the right side is read first
+            self.written[dst] = self.written[src]
+        for slot in fresh:
+            i = target[slot]
+            self.slots[slot] = _Row(request_ids[i], exits[i], tables[i])
+            self.slot_of[request_ids[i]] = slot
+        self._zero(fresh)
+        self._last_ids = [request_ids[i] for i in target]
+        return target  # type: ignore[return-value]
+
+    def update_blocks(self, tables: list[list[list[int]]]) -> int:
+        """Write the blocks each of slots 0..B-1 gained since the last step; ``tables`` in slot order
+        (the block manager's lists). Returns the most blocks any of these rows has per layer."""
+        n = len(tables)
+        rows = self.slots
+        reset = [b for b in range(n) if tables[b] is not rows[b].tables]  # re-allocated after a preemption
+        for b in reset:
+            rows[b].tables = tables[b]
+        self._zero(reset)
+        have = np.fromiter((len(t[0]) for t in tables), dtype=np.int64, count=n)  # [B]
+        most = int(have.max()) if n else 0
+        if most > self.block_table.shape[2]:
+            self._grow_blocks(most)
+        grow = np.flatnonzero(have > self.written[:n])
+        if grow.size:
+            self._write(grow, have, tables)
+        return most
+
+    def view(self, num_rows: int, num_blocks: int) -> torch.Tensor:
+        """The block tables of slots 0..num_rows-1: [C, num_rows, num_blocks], a view (no copy)."""
+        return self.block_table[:, :num_rows, :num_blocks]
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _write(self, grow: np.ndarray, have: np.ndarray, tables: list[list[list[int]]]) -> None:
+        """Copy the new block ids of rows ``grow`` into block_table with one indexed write."""
+        _, slots, width = self.block_table.shape
+        values: list[int] = []
+        index: list[np.ndarray] = []
+        for b in grow.tolist():
+            old, new = int(self.written[b]), int(have[b])
+            for table in tables[b]:
+                values.extend(table[old:new])
+            layers = self._layer_offsets(self.slots[b].exit_layer)  # [L_b]
+            index.append((layers[:, None] + (b * width + np.arange(old, new))[None, :]).ravel())  # [L_b * k]
+            self.written[b] = new
+        flat = to_device(np.concatenate(index), torch.long, self.device)  # into block_table.view(-1)
+        self.block_table.view(-1)[flat] = to_device(values, torch.int32, self.device)
+
+    def _layer_offsets(self, exit_layer: int) -> np.ndarray:
+        """Flat offsets of an exit's cache layers in block_table: layer * rows * width."""
+        if exit_layer not in self._layers:
+            _, slots, width = self.block_table.shape
+            self._layers[exit_layer] = np.asarray(self.cache_layers_of(exit_layer), dtype=np.int64) * slots * width
+        return self._layers[exit_layer]
+
+    def _zero(self, slots: list[int]) -> None:
+        if slots:
+            self.block_table[:, to_device(slots, torch.long, self.device)] = 0
+            self.written[slots] = 0
+
+    def _reserve_slots(self, n: int) -> None:
+        while self.num_slots < n:
+            self._grow_slots()
+
+    def _grow_slots(self) -> int:
+        """Double the slots; returns the first new one."""
+        first = self.num_slots
+        grown = torch.zeros(
+            self.block_table.shape[0], 2 * first, self.block_table.shape[2], dtype=torch.int32, device=self.device
+        )
+        grown[:, :first] = self.block_table
+        self.block_table = grown
+        self.slots += [None] * first
+        self.written = np.concatenate([self.written, np.zeros(first, dtype=np.int64)])
+        self._layers.clear()
+        return first
+
+    def _grow_blocks(self, at_least: int) -> None:
+        width = self.block_table.shape[2]
+        while width < at_least:
+            width *= 2
+        grown = torch.zeros(*self.block_table.shape[:2], width, dtype=torch.int32, device=self.device)
+        grown[:, :, : self.block_table.shape[2]] = self.block_table
+        self.block_table = grown
+        self._layers.clear()

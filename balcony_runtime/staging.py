@@ -1,0 +1,28 @@
+"""Host values onto the device without stalling the host.
+
+A plain ``torch.tensor(values, device="cuda")`` copies from pageable memory and then waits for the
+stream, so every small index or parameter tensor built mid-step is a host sync. Here host data goes
+through pinned memory with a non-blocking copy: the host enqueues it and moves on. The pinned block
+comes from torch's caching host allocator, which does not hand it out again until the copy that read
+it has finished, so the host may build the next step's data at once. On a CPU "device" the host
+values are the device values and nothing is copied (numpy arrays are shared, not copied).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def to_device(values: Sequence | np.ndarray | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor of ``dtype`` on ``device``; from pinned memory, non-blocking, on CUDA."""
+    host = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        pinned = torch.empty(host.shape, dtype=dtype, pin_memory=True)
+        pinned.copy_(host)
+        return pinned.to(device, non_blocking=True)
+    return host.to(device)

@@ -1,0 +1,96 @@
+"""Host milliseconds per decode step (the model's forward stubbed), now and at an older revision.
+
+    python bench/host_step.py                       # the default shapes, this checkout
+    python bench/host_step.py --baseline HEAD       # and the runner, sampler and detokenizer of HEAD
+    python bench/host_step.py --shape 64x256 --steps 50
+
+Prints a markdown table: median milliseconds per engine.step(), as CPU time of the stepping thread
+(the host work, robust to a busy machine) and as wall time, and the CPU time of each phase
+(schedule, prepare, forward stub, sample, postprocess with detokenization). See balcony_runtime/host_step_benchmark.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from balcony_runtime import engine as engine_module  # noqa: E402
+from balcony_runtime.host_step_benchmark import measure_host_step  # noqa: E402
+from balcony_runtime.loader import load_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = ((64, 256), (256, 1024), (256, 4096))
+OLD_FILES = ("sampler", "detokenizer", "model_runner")  # the step's host side, loaded in this order
+
+
+def old_modules(revision: str) -> dict[str, types.ModuleType]:
+    """The runner, sampler and detokenizer of ``revision`` as standalone modules (each importing
+    the others' old versions)."""
+    modules: dict[str, types.ModuleType] = {}
+    for name in OLD_FILES:
+        source = subprocess.run(["git", "show", f"{revision}:balcony_runtime/{name}.py"], cwd=ROOT,
+                                check=True, capture_output=True, text=True).stdout
+        for dep in modules:
+            source = source.replace(f"from balcony_runtime.{dep} import", f"from _old_{dep} import")
+        spec = importlib.util.spec_from_loader(f"_old_{name}", loader=None)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"_old_{name}"] = module
+        exec(compile(source, f"{revision}:balcony_runtime/{name}.py", "exec"), module.__dict__)
+        modules[name] = module
+    return modules
+
+
+@contextlib.contextmanager
+def engine_with(modules: dict[str, types.ModuleType] | None):
+    """The engine module using ``modules``' runner and detokenizer (None: this checkout's)."""
+    if modules is None:
+        yield
+        return
+    saved = engine_module.ModelRunner, engine_module.IncrementalDetokenizer
+    engine_module.ModelRunner = modules["model_runner"].ModelRunner
+    engine_module.IncrementalDetokenizer = modules["detokenizer"].IncrementalDetokenizer
+    try:
+        yield
+    finally:
+        engine_module.ModelRunner, engine_module.IncrementalDetokenizer = saved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", action="append", help="ROWSxCONTEXT (repeatable; default the three goal shapes)")
+    parser.add_argument("--steps", type=int, default=30, help="decode steps timed per shape (median reported)")
+    parser.add_argument("--vocab", type=int, default=512, help="width of the stub's logits")
+    parser.add_argument("--baseline", help="git revision whose runner, sampler and detokenizer to time as well")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shape] if args.shape else SHAPES
+    loaded = load_model("smollm2-135m", adapters=None, dtype="float32", device="cpu")
+    versions = [("this checkout", None)]
+    if args.baseline:
+        versions.insert(0, (args.baseline, old_modules(args.baseline)))
+    print(f"{loaded.identity}, {loaded.model.num_cache_layers} cache layers, block size 16, greedy, "
+          f"stub vocab {args.vocab}, {args.steps} decode steps, torch {torch.__version__}, {args.threads} thread(s)\n")
+    print("| code | rows x context | step CPU ms | step wall ms | schedule | prepare | forward stub | sample | postprocess |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for rows, context in shapes:
+        for label, modules in versions:
+            with engine_with(modules):
+                r = measure_host_step(loaded, rows, context, steps=args.steps, vocab=args.vocab)
+            p = r.phase_ms
+            print(f"| {label} | {rows} x {context} | {r.step_cpu_ms:.3f} | {r.step_ms:.3f} | {p['schedule']:.3f} | {p['prepare']:.3f} | "
+                  f"{p['forward']:.3f} | {p['sample']:.3f} | {p['postprocess']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The persistent batch state against block tables built from scratch: requests join, leave, skip
+steps, grow and get re-allocated, in random order; only changed rows move."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from balcony_runtime.block_manager import BlockManager
+from balcony_runtime.input_batch import InputBatch
+
+FULL, EXITS = 6, (2, 4)  # a 6-layer model with balconies after layers 2 and 4
+NUM_CACHE_LAYERS = FULL + len(EXITS)
+
+
+def cache_layers_of(exit_layer: int) -> list[int]:
+    if exit_layer == FULL:
+        return list(range(FULL))
+    return list(range(exit_layer)) + [FULL + EXITS.index(exit_layer)]
+
+
+def dense_tables(blocks: BlockManager, ids: list[str], exits: list[int]) -> torch.Tensor:
+    """[C, B, max_blocks] built from nothing, zeros where a row has no block (the old runner's way)."""
+    width = max(len(blocks.block_tables(r)[0]) for r in ids)
+    out = torch.zeros(NUM_CACHE_LAYERS, len(ids), width, dtype=torch.int32)
+    for row, (rid, e) in enumerate(zip(ids, exits)):
+        tables = blocks.block_tables(rid)
+        out[cache_layers_of(e), row, : len(tables[0])] = torch.tensor(tables, dtype=torch.int32)
+    return out
+
+
+def step(batch: InputBatch, blocks: BlockManager, ids: list[str], exits: list[int]) -> list[int]:
+    tables = [blocks.block_tables(r) for r in ids]
+    order = batch.arrange(ids, exits, tables)
+    width = batch.update_blocks([tables[i] for i in order])
+    got = batch.view(len(ids), width)
+    expected = dense_tables(blocks, [ids[i] for i in order], [exits[i] for i in order])
+    assert torch.equal(got, expected)
+    assert sorted(order) == list(range(len(ids)))
+    assert all(exits[order[b]] == exits[b] for b in range(len(ids)))  # each row inside its exit group
+    return order
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_lives_match_tables_built_from_scratch(seed):
+    rng = random.Random(seed)
+    blocks = BlockManager(4000, 4)
+    batch = InputBatch(cache_layers_of, NUM_CACHE_LAYERS, torch.device("cpu"), rows=2, blocks=2)
+    live: dict[str, tuple[int, int]] = {}  # id -> (exit, tokens)
+    next_id = 0
+    for _ in range(60):
+        for _ in range(rng.randrange(0, 4)):  # arrivals
+            rid, e = f"r{next_id}", rng.choice([FULL, *EXITS])
+            next_id += 1
+            n = rng.randrange(1, 30)
+            blocks.allocate(rid, len(cache_layers_of(e)), n)
+            live[rid] = (e, n)
+        for rid in list(live):
+            luck = rng.random()
+            if luck < 0.1:  # finished
+                blocks.free(rid)
+                batch.remove(rid)
+                del live[rid]
+            elif luck < 0.15:  # preempted and re-admitted: new tables, fewer blocks
+                e, _ = live[rid]
+                blocks.free(rid)
+                blocks.allocate(rid, len(cache_layers_of(e)), 1)
+                live[rid] = (e, 1)
+            else:  # decodes (or a prefill chunk)
+                e, n = live[rid]
+                n += rng.choice([1, 1, 1, 5])
+                blocks.grow(rid, n)
+                live[rid] = (e, n)
+        if not live:
+            continue
+        running = [r for r in live if rng.random() < 0.8] or list(live)  # some rows skip a step
+        running.sort(key=lambda r: -live[r][0])  # deepest first, as the scheduler orders rows
+        step(batch, blocks, running, [live[r][0] for r in running])
+
+
+def test_a_steady_batch_moves_nothing_and_a_leaver_moves_one_row():
+    blocks = BlockManager(1000, 4)
+    batch = InputBatch(cache_layers_of, NUM_CACHE_LAYERS, torch.device("cpu"))
+    ids = [f"r{i}" for i in range(8)]
+    exits = [FULL] * 4 + [4] * 4
+    for rid, e in zip(ids, exits):
+        blocks.allocate(rid, len(cache_layers_of(e)), 10)
+    assert step(batch, blocks, ids, exits) == list(range(8))  # new rows land in the scheduler's order
+    before = {rid: batch.slot_of[rid] for rid in ids}
+    assert step(batch, blocks, ids, exits) == list(range(8))
+    blocks.free("r1")
+    batch.remove("r1")
+    ids, exits = ids[:1] + ids[2:], exits[:1] + exits[2:]
+    order = step(batch, blocks, ids, exits)
+    moved = [rid for rid in ids if batch.slot_of[rid] != before[rid]]
+    # The last full-depth row fills the hole and the last exit-4 row takes the slot it left.
+    assert moved == ["r3", "r7"]
+    assert [ids[i] for i in order] == ["r0", "r3", "r2", "r7", "r4", "r5", "r6"]

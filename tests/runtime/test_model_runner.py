@@ -1,0 +1,71 @@
+"""ModelRunner.prepare against the batch built from scratch: tokens, positions, block tables and
+slot mappings of every row, over steps where rows join, leave and change order."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from balcony_runtime.block_manager import BlockManager
+from balcony_runtime.kv_cache import KVCache
+from balcony_runtime.model_runner import ModelRunner
+from balcony_runtime.request import Request
+from balcony_runtime.sampling_params import SamplingParams
+from balcony_runtime.scheduler import ScheduledRequest
+
+
+def reference(model, blocks: BlockManager, rows: list[ScheduledRequest]) -> dict[str, torch.Tensor]:
+    """What the step's tensors must hold, rows in the given order (the old runner's construction)."""
+    bs = blocks.block_size
+    width = max(len(blocks.block_tables(r.request.request_id)[0]) for r in rows)
+    tables = torch.zeros(model.num_cache_layers, len(rows), width, dtype=torch.int32)
+    ids, positions, token_rows = [], [], []
+    for b, item in enumerate(rows):
+        t = blocks.block_tables(item.request.request_id)
+        tables[model.cache_layers_of(item.request.exit_layer), b, : len(t[0])] = torch.tensor(t, dtype=torch.int32)
+        ids += item.request.token_ids(item.start, item.start + item.num_tokens)
+        positions += range(item.start, item.start + item.num_tokens)
+        token_rows += [b] * item.num_tokens
+    pos = torch.tensor(positions)
+    slots = tables[:, token_rows, pos // bs].long() * bs + pos % bs
+    return dict(input_ids=torch.tensor(ids), positions=pos, block_tables=tables, slot_mapping=slots)
+
+
+def test_prepare_matches_the_batch_built_from_scratch(tiny_model):
+    model = tiny_model.model
+    rng = random.Random(0)
+    blocks = BlockManager(2000, 4)
+    runner = ModelRunner(model, KVCache.allocate(model.arch, 8, 4, model.dtype, "cpu"), blocks)
+    live: list[Request] = []
+    for step in range(25):
+        for _ in range(rng.randrange(0, 3)):
+            e = rng.choice([1, 2, 3, model.full_depth])
+            prompt = [rng.randrange(100, 1000) for _ in range(rng.randrange(1, 20))]
+            r = Request(f"r{step}-{len(live)}", prompt, SamplingParams(), e, len(model.cache_layers_of(e)), 0.0)
+            blocks.allocate(r.request_id, r.num_cache_layers, 0)
+            live.append(r)
+        for r in list(live):
+            if r.num_computed_tokens >= r.num_prompt_tokens and rng.random() < 0.15:
+                live.remove(r)
+                blocks.free(r.request_id)
+                runner.release(r.request_id)
+        scheduled = []
+        for r in sorted((r for r in live if rng.random() < 0.85), key=lambda r: -r.exit_layer):
+            n = min(rng.randrange(1, 6), r.num_tokens - r.num_computed_tokens)
+            blocks.grow(r.request_id, r.num_computed_tokens + n)
+            scheduled.append(ScheduledRequest(r, r.num_computed_tokens, n))
+        if not scheduled:
+            continue
+        batch, layout = runner.prepare(scheduled)
+        rows = [scheduled[i] for i in layout.order]
+        expected = reference(model, blocks, rows)
+        for name, value in expected.items():
+            assert torch.equal(getattr(batch, name), value), (step, name)
+        assert batch.exits == [r.request.exit_layer for r in rows] == sorted(batch.exits, reverse=True)
+        assert batch.query_lens == [r.num_tokens for r in rows]
+        assert batch.context_lens.tolist() == [r.start + r.num_tokens for r in rows]
+        for item in scheduled:  # the step ran: the tokens are cached, a sampled token joins
+            item.request.num_computed_tokens += item.num_tokens
+            if item.completes_sequence:
+                item.request.output_token_ids.append(rng.randrange(100, 1000))
