@@ -24,6 +24,7 @@ from balcony_runtime.config import ModelArch
 from balcony_runtime.model.balcony import Balcony
 from balcony_runtime.model.decoder_layer import Attend, DecoderLayer
 from balcony_runtime.model.forward_batch import ForwardBatch
+from balcony_runtime.staging import to_device
 from kernels import KernelOps
 
 
@@ -136,7 +137,7 @@ class BalconyModel(nn.Module):
         # of a small model: 28M of SmolLM2-135M's parameters) then runs once per step over all of
         # them, so a mixed batch reads it once instead of once per exit.
         normed: list[torch.Tensor] = []
-        logits_indices = torch.tensor(batch.logits_indices, dtype=torch.int64, device=hidden.device)  # [N]
+        logits_indices = to_device(batch.logits_indices, torch.int64, hidden.device)  # [N], no host sync on CUDA
 
         def emit(rows: slice, out: torch.Tensor, res: torch.Tensor, norm: torch.Tensor) -> None:
             """Normed states of the wanted tokens among ``rows``, whose hidden states are out + res."""
