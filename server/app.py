@@ -40,6 +40,7 @@ class ServerState:
     load_error: str | None = None
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    phase: str = "starting"  # start-up phase for /ready (server/serve.py moves it on)
 
     @property
     def ready(self) -> bool:
@@ -50,7 +51,7 @@ def prepare_engine(build: Callable[[], LLMEngine], state: ServerState) -> AsyncE
     """Load the model, warm it up and calibrate the router (runs in a worker thread)."""
     started = time.monotonic()
     engine = build()
-    router = engine.calibrate()
+    router = engine.router or engine.calibrate()  # serve.py's builder calibrates (through its cache)
     log.info("model ready in %.1fs; predicted decode step of one row: %s", time.monotonic() - started,
              router.model.step_cost.describe(engine.exits))
     return AsyncEngine(engine, state.metrics, state.config.max_queued_requests)
@@ -185,7 +186,7 @@ def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: 
         if state.ready:
             return {"status": "ready"}
         reason = "draining" if state.draining else ("load failed: " + state.load_error if state.load_error else "loading")
-        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "not ready", "reason": reason, "phase": state.phase}, status_code=503)
 
     @app.get("/metrics")
     async def metrics():

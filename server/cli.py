@@ -2,6 +2,7 @@
 
 Every option of every command can also come from an environment variable: ``--max-num-seqs`` reads
 ``BALCONY_MAX_NUM_SEQS`` when not given (the flag wins), so containers configure it all by env.
+Every option's help ends with its default (as set by that variable, if it is) and its variable.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from typing import Sequence
 
 from balcony_runtime.model_source import DEFAULT_MODEL
+from server.routing_headers import BUDGET_HEADER, EXIT_HEADER
 from server.serve_options import add_serve_options
 
 
@@ -20,7 +22,8 @@ def env_name(flag: str) -> str:
 
 
 class EnvDefaults(argparse.ArgumentParser):
-    """An ArgumentParser whose options default to their BALCONY_* environment variables."""
+    """An ArgumentParser whose options default to their BALCONY_* environment variables, and whose
+    help gives every option's default."""
 
     def add_argument(self, *names, **kwargs):
         flags = [n for n in names if n.startswith("--")]
@@ -37,18 +40,31 @@ class EnvDefaults(argparse.ArgumentParser):
                     except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
                         raise SystemExit(f"balcony: invalid {variable}={raw!r}: {exc}") from exc
             help_text = kwargs.get("help", "")
-            kwargs["help"] = f"{help_text} [env {variable}]".strip()
+            kwargs["help"] = f"{help_text}{default_note(help_text, kwargs)} [env {variable}]".strip()
         return super().add_argument(*names, **kwargs)
+
+
+def default_note(help_text: str, kwargs: dict) -> str:
+    """" (default: X)" for an option's help, unless the help states its default already or the
+    option is an on/off switch (off unless given)."""
+    stated = "(default" in help_text.replace("%(default)", "")  # "(default 512)", "(default: all)"
+    if stated or kwargs.get("action") in ("store_true", "store_false"):
+        return ""
+    if kwargs.get("default") in (None, ""):
+        return " (default: none)"
+    return " (default: %(default)s)"
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="model source: alias, local HF directory, .gguf file or hub id (default %(default)s)")
+                   help="model source: alias, local HF directory, .gguf file or hub id; the first use of the "
+                        "alias downloads and converts it once into $BALCONY_HOME, ~/.cache/balcony if unset")
     p.add_argument("--adapters", default="default",
                    help="balcony adapters directory; 'default' takes the shipped ones, 'none' fresh balconies")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations dtype (auto: bfloat16 on GPUs and on CPUs with native bf16, else float32)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run (auto: cuda if present)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output in tokens (default: the model's maximum)")
     p.add_argument("--num-kv-blocks", type=int, default=None,
@@ -68,27 +84,48 @@ def load_from_args(args):
 def cmd_generate(args) -> int:
     from balcony_runtime.engine import EngineConfig, LLMEngine
     from balcony_runtime.errors import BalconyError
+    from balcony_runtime.model_source import balcony_home
+    from balcony_runtime.routing.calibration_cache import CalibrationCache
     from balcony_runtime.sampling_params import SamplingParams
+    from server.routing_headers import exit_name
 
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         loaded = load_from_args(args)
         engine = LLMEngine(loaded, EngineConfig(num_kv_blocks=args.num_kv_blocks))
+        # An instruct model answers a bare prompt with a continuation of it, not an answer: chat
+        # unless asked otherwise, when the model has a template.
+        has_template = bool(getattr(loaded.tokenizer, "chat_template", None))
+        if args.chat and args.raw:
+            raise ValueError("give --raw or --chat, not both")
+        if args.chat and not has_template:
+            raise ValueError("this model has no chat template: drop --chat (raw completion is what it does)")
+        chat = has_template and not args.raw
         prompt = args.prompt
-        if args.chat:
+        if chat:
             prompt = loaded.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
+        prompt_ids = engine.tokenize(prompt)
         if args.budget_ms is not None:
             if args.exit is not None:
                 raise ValueError("give --exit or --budget-ms, not both")
-            print("balcony generate: measuring step costs for the budget...", file=sys.stderr)
-            engine.calibrate()
-        request_id = engine.add_request(prompt, params, exit_layer=args.exit, budget_ms=args.budget_ms)
+            print("balcony generate: step costs for the budget (a cached calibration if one fits, "
+                  "else measured: a minute or two)...", file=sys.stderr)
+            engine.calibrate(cache=CalibrationCache(balcony_home() / "calibration", reuse=not args.recalibrate))
+        request_id = engine.add_request(prompt_ids, params, exit_layer=args.exit, budget_ms=args.budget_ms)
     except (BalconyError, ValueError) as exc:
         print(f"balcony generate: {exc}", file=sys.stderr)
         return 2
+    route = engine.route_of(request_id)
+    exit_layer = route.exit_layer if route is not None else engine.parse_exit(args.exit)
+    if chat:
+        mode = "chat: the prompt goes in the model's chat template (--raw for plain completion)"
+    else:
+        mode = "raw completion" + ("" if has_template else " (the model has no chat template)")
+    print(f"balcony generate: exit {exit_name(exit_layer, engine.model.full_depth)} of "
+          f"{engine.model.full_depth} layers, {mode}, prompt {len(prompt_ids)} tokens", file=sys.stderr)
     last = None
     while engine.has_unfinished():
         for out in engine.step():
@@ -139,11 +176,34 @@ def cmd_serve(args) -> int:
     return serve(args)
 
 
+SERVE_EPILOG = f"""\
+request headers the server reads (POST /v1/completions and /v1/chat/completions):
+  {BUDGET_HEADER}   end-to-end budget of the request in milliseconds, from its arrival: the
+                        deepest exit predicted to meet it serves it (none fits: --budget-policy)
+  {EXIT_HEADER}        force an exit: a balcony's layer count (e.g. 8, 15, 22) or 'full',
+                        among --exits; it wins over a budget
+  Authorization         'Bearer KEY' on /v1 when --api-key is set
+  Content-Type          application/json
+response header: {EXIT_HEADER} names the exit used; the body's 'balcony' object has the details.
+
+endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+  GET /ready (503 with the start-up phase until the model is ready, and while draining), GET /metrics
+
+start-up logs one line per phase (download, conversion, load, warm-up, calibration); the step-cost
+calibration is cached under $BALCONY_HOME/calibration, so later starts skip it (--recalibrate).
+SIGTERM: stop admitting, finish requests in flight (--shutdown-timeout), exit 0; a second SIGTERM,
+or one during start-up, exits at once.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = EnvDefaults(prog="balcony", description="Serve one LLM at several depths (Balcony exits).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=EnvDefaults)
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with latency-budget routing")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with latency-budget routing",
+                           description="OpenAI-compatible HTTP server for one model at several depths, routing\n"
+                                       "each request to an exit by its latency budget.",
+                           epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(serve)
     add_serve_options(serve)
     serve.set_defaults(run=cmd_serve)
@@ -151,15 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
     add_model_options(gen)
     gen.add_argument("prompt", help="the prompt text")
-    gen.add_argument("--exit", default=None, help="exit layer count (e.g. 8, 15, 22) or 'full' (default: full)")
+    gen.add_argument("--exit", default=None,
+                     help="exit layer count (e.g. 8, 15, 22) or 'full' (default: full, or the budget's choice)")
     gen.add_argument("--budget-ms", type=float, default=None,
-                     help="end-to-end latency budget: the deepest exit predicted to meet it (measures step costs first)")
+                     help="end-to-end latency budget: the deepest exit predicted to meet it (needs step costs: "
+                          "cached ones if they fit, else measured first) (default: none)")
+    gen.add_argument("--recalibrate", action="store_true",
+                     help="with --budget-ms: measure step costs even when cached ones fit")
     gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
-    gen.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (default: none)")
+    gen.add_argument("--raw", action="store_true",
+                     help="complete the prompt as plain text; without it, a model with a chat template gets "
+                          "the prompt as a user turn")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt in the chat template: the default when the model has one (kept for "
+                          "old scripts)")
     gen.set_defaults(run=cmd_generate)
 
     from balcony_runtime.evaluation.command import add_eval_options, cmd_eval

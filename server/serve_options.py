@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -18,13 +20,16 @@ class ServeConfig:
     exits: str = "all"  # exits served, e.g. "22,full" ("all": every exit the adapters have, and full)
     starvation_ratio: float = 1.0  # requests left out of depth-limited steps wait at most this many full steps
     served_model_name: str | None = None  # model name in the API (default: the model source)
-    log_level: str = "info"
+    recalibrate: bool = False  # measure step costs at start even when a cached calibration fits
+    log_level: str = "info"  # debug adds one line per HTTP request
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.max_num_seqs < 1 or self.max_queued_requests < 0 or self.shutdown_timeout < 0:
             raise ValueError("max_num_seqs must be positive, max_queued_requests and shutdown_timeout >= 0")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.budget_policy not in ("best-effort", "reject"):
             raise ValueError(f"budget_policy must be best-effort or reject, got {self.budget_policy!r}")
         parse_exit_list(self.exits, full_depth=10**6)  # syntax only; the model checks the values
@@ -49,21 +54,31 @@ def parse_exit_list(text: str, full_depth: int) -> tuple[int, ...] | None:
 
 
 def add_serve_options(p: argparse.ArgumentParser) -> None:
+    """The options of ServeConfig, one flag per field (the CLI adds "(default: ...)" to each help)."""
     d = ServeConfig()
-    p.add_argument("--host", default=d.host, help="bind address (default %(default)s)")
-    p.add_argument("--port", type=int, default=d.port, help="port (default %(default)s)")
-    p.add_argument("--api-key", default=d.api_key, help="require this Bearer token on /v1 endpoints")
+    p.add_argument("--host", default=d.host, help="bind address; 0.0.0.0 listens on every interface")
+    p.add_argument("--port", type=int, default=d.port, help="port")
+    p.add_argument("--api-key", default=d.api_key,
+                   help="require this Bearer token on /v1 endpoints (default: none, no key needed)")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="requests running at once")
     p.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="queued requests beyond which new ones are answered 429")
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
-                   help="seconds to finish in-flight requests after SIGTERM")
+                   help="seconds to finish in-flight requests after SIGTERM (a second SIGTERM exits at once)")
     p.add_argument("--budget-policy", default=d.budget_policy, choices=["best-effort", "reject"],
-                   help="when no exit can meet a request's latency budget")
+                   help="when no exit can meet a request's latency budget: serve the shallowest exit and "
+                        "count a miss, or answer 429")
     p.add_argument("--exits", default=d.exits,
-                   help="exits requests may use, routed by budget or forced, e.g. '22,full' (default: all)")
+                   help="exits requests may use, routed by budget or forced, e.g. '22,full'; 'all': every "
+                        "exit the adapters have, and full")
     p.add_argument("--starvation-ratio", type=float, default=d.starvation_ratio,
                    help="how long a request may be left out of the depth-limited steps that serve tight "
-                        "budgets, in full steps: its decode slows by at most about 1 + this (default %(default)s)")
-    p.add_argument("--served-model-name", default=d.served_model_name, help="model name in the API")
-    p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
+                        "budgets, in full steps: its decode slows by at most about 1 + this")
+    p.add_argument("--served-model-name", default=d.served_model_name,
+                   help="model name in the API (default: the --model value)")
+    p.add_argument("--recalibrate", action="store_true", default=d.recalibrate,
+                   help="measure step costs at start even when a calibration cached for this model, dtype, "
+                        "thread count and machine exists (under $BALCONY_HOME/calibration), and replace it")
+    p.add_argument("--log-level", default=d.log_level, choices=list(LOG_LEVELS),
+                   help="how much the server logs: debug adds a line per HTTP request, warning keeps "
+                        "only problems")

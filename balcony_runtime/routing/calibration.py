@@ -3,33 +3,135 @@
 Every step the calibration runs is one sample (its shape, its measured seconds) for one joint
 non-negative fit over all exits (routing/step_cost.py), so a stall in one measurement moves the
 fit a little instead of making one exit cost more than a deeper one.
+
+With a cache (routing/calibration_cache.py) a fit measured earlier for the same model, machine and
+settings is read back instead, after a short warm-up: the engine refits it from live steps anyway.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass
+from typing import Callable
 
-from balcony_runtime.routing.step_cost import StepCostModel, StepShape
+from balcony_runtime.routing.calibration_cache import CalibrationCache, CalibrationKey
+from balcony_runtime.routing.step_cost import RowShape, StepCostModel, StepShape
+
+log = logging.getLogger("balcony.calibration")
+
+
+@dataclass(frozen=True)
+class Run:
+    """Requests started together, stepped until all have prefilled, then ``decode_steps`` more."""
+
+    requests: tuple[tuple[tuple[int, ...], int], ...]  # (prompt ids, exit) of each request
+    decode_steps: int  # recorded decode steps after the first (a new shape's first step is slower)
 
 
 def calibrate(engine, batch: int = 8, steps: int = 3, prompt_tokens: int = 96, burst: int = 16,
-              long_prompt_tokens: int = 1024) -> StepCostModel:
+              long_prompt_tokens: int = 1024, cache: CalibrationCache | None = None,
+              on_phase: Callable[[str], None] | None = None) -> StepCostModel:
     """Measure through ``engine`` (which must be idle) and return a fitted :class:`StepCostModel`.
 
     Shapes: a warm-up burst at full depth (not recorded); per exit, a ``prompt_tokens`` prefill then
     decode steps of one row, and a prefill of ``batch`` short prompts then their decode steps; a
     batch spread over every exit; at full depth a ``long_prompt_tokens`` prompt (shrunk to what the
     cache holds) and decode steps at its context, for the attention term. The first decode step
-    after each prefill is not recorded (a new shape's first step is slower). Every request used is
-    aborted afterwards.
+    after each prefill is not recorded. Every request used is aborted afterwards.
+
+    ``cache``: read a fit for this engine's key instead of measuring (then only a short warm-up
+    runs), and store what is measured. ``on_phase`` is told "warm-up", then "calibration".
     """
     from balcony_runtime.sampling_params import SamplingParams
 
+    announce = on_phase or (lambda phase: None)
+    settings = dict(batch=batch, steps=steps, prompt_tokens=prompt_tokens, burst=burst,
+                    long_prompt_tokens=long_prompt_tokens)
+    key = CalibrationKey.of(engine, settings) if cache is not None else None
+    cached = cache.load(key, engine.model.full_depth) if cache is not None else None
+    exits = engine.exits
+    params = SamplingParams(max_tokens=steps + 3, temperature=0, ignore_eos=True)
+    filler = tuple(1000 + (i % 500) for i in range(max(prompt_tokens, long_prompt_tokens)))
+    announce("warm-up")
+    if cached is not None:
+        # One short request per exit, batched as far as max_num_seqs allows: every balcony and the
+        # head run before the first client does.
+        log.info("warm-up: one short request at each exit")
+        requests = [(filler[: 8 + i], e) for i, e in enumerate(exits)]
+        per_run = max(1, engine.config.max_num_seqs)
+        for first in range(0, len(requests), per_run):
+            _run(engine, params, Run(tuple(requests[first:first + per_run]), 0), [])
+        announce("calibration")
+        log.info("calibration: step costs read from %s (measured %s in %.0f s; --recalibrate measures again); "
+                 "refined from live steps", cached.path, cached.measured_at, cached.seconds)
+        return cached.model
+
+    warm = max(1, min(burst, engine.config.max_num_seqs))
+    log.info("warm-up: %d short requests at full depth, then one prompt at the shallowest and deepest exits", warm)
+    _run(engine, params, Run(tuple((filler[: 8 + i % 24], exits[-1]) for i in range(warm)), 1), [])
+    # Steps of two shapes the plan measures, for its duration's estimate (the burst's first steps
+    # pay the process's one-time costs: they would inflate it several times over).
+    warm_samples: list[tuple[StepShape, float]] = []
+    for e in sorted({exits[0], exits[-1]}):
+        _run(engine, params, Run(((filler[:prompt_tokens], e),), 1), warm_samples)
+
+    plan = measuring_plan(engine, filler, params.max_tokens, batch, steps, prompt_tokens, long_prompt_tokens)
+    announce("calibration")
+    log.info("calibration: measuring step costs at exits %s in %d runs, about %.0f s",
+             ", ".join(map(str, exits)), len(plan), expected_seconds(plan, warm_samples, engine.model.full_depth))
+    started = time.perf_counter()
+    samples: list[tuple[StepShape, float]] = []
+    for run in plan:
+        _run(engine, params, run, samples)
+    model = StepCostModel(engine.model.full_depth)
+    model.fit(samples)
+    seconds = time.perf_counter() - started
+    if cache is not None:
+        path = cache.store(key, model, seconds)
+        log.info("calibration: measured in %.0f s, cached at %s", seconds, path)
+    return model
+
+
+def measuring_plan(engine, filler: tuple[int, ...], max_tokens: int, batch: int, steps: int,
+                   prompt_tokens: int, long_prompt_tokens: int) -> list[Run]:
+    """The runs whose steps are recorded (see :func:`calibrate`)."""
     exits = engine.exits
     batch = max(2, min(batch, engine.config.max_num_seqs))
-    params = SamplingParams(max_tokens=steps + 3, temperature=0, ignore_eos=True)
-    filler = [1000 + (i % 500) for i in range(max(prompt_tokens, long_prompt_tokens))]
-    samples: list[tuple[StepShape, float]] = []
+    plan = []
+    for e in exits:
+        plan.append(Run(((filler[:prompt_tokens], e),), steps))
+        plan.append(Run(tuple((filler[: 8 + r], e) for r in range(batch)), steps))
+    plan.append(Run(tuple((filler[: 8 + r], exits[r % len(exits)]) for r in range(batch)), steps))
+
+    deepest = exits[-1]
+    layers = len(engine.model.cache_layers_of(deepest))
+    long_tokens = min(long_prompt_tokens, engine.loaded.max_model_len - max_tokens - 1)
+    while long_tokens > 2 * prompt_tokens and not engine.blocks.fits_at_all(layers, long_tokens + max_tokens):
+        long_tokens //= 2  # a small KV cache: measure what fits
+    if long_tokens > 2 * prompt_tokens:
+        plan.append(Run(((filler[:long_tokens], deepest),), steps))
+    return plan
+
+
+def expected_seconds(plan: list[Run], warm_samples: list[tuple[StepShape, float]], full_depth: int) -> float:
+    """How long measuring ``plan`` should take, from a step-cost fit to the warm-up's steps.
+
+    Each run is priced as one prefill step and ``decode_steps + 1`` decode steps (prefill chunking
+    is ignored): a figure for the log, not for routing.
+    """
+    model = StepCostModel(full_depth)
+    model.fit(warm_samples)
+    total = 0.0
+    for run in plan:
+        total += model.step_seconds([RowShape(e, len(p), 0) for p, e in run.requests])
+        for i in range(run.decode_steps + 1):
+            total += model.step_seconds([RowShape(e, 1, len(p) + i) for p, e in run.requests])
+    return total
+
+
+def _run(engine, params, run: Run, samples: list[tuple[StepShape, float]]) -> None:
+    """Step ``run`` through ``engine``, appending (shape, seconds) of its recorded steps to ``samples``."""
 
     def step(record: bool) -> None:
         start = time.perf_counter()
@@ -38,31 +140,11 @@ def calibrate(engine, batch: int = 8, steps: int = 3, prompt_tokens: int = 96, b
         if record and engine.last_step is not None:
             samples.append((engine.last_step.shape, seconds))
 
-    def run(prompts_and_exits: list[tuple[list[int], int]], decode_steps: int, record: bool = True) -> None:
-        ids = [engine.add_request(p, params, e) for p, e in prompts_and_exits]
-        while any(engine.request_needs_prefill(rid) for rid in ids):
-            step(record)
-        step(record=False)
-        for _ in range(decode_steps):
-            step(record)
-        for rid in ids:
-            engine.abort(rid)
-
-    warm = max(1, min(burst, engine.config.max_num_seqs))
-    run([(filler[: 8 + i % 24], exits[-1]) for i in range(warm)], 0, record=False)
-    for e in exits:
-        run([(filler[:prompt_tokens], e)], steps)
-        run([(filler[: 8 + r], e) for r in range(batch)], steps)
-    run([(filler[: 8 + r], exits[r % len(exits)]) for r in range(batch)], steps)
-
-    deepest = exits[-1]
-    layers = len(engine.model.cache_layers_of(deepest))
-    long_tokens = min(long_prompt_tokens, engine.loaded.max_model_len - params.max_tokens - 1)
-    while long_tokens > 2 * prompt_tokens and not engine.blocks.fits_at_all(layers, long_tokens + params.max_tokens):
-        long_tokens //= 2  # a small KV cache: measure what fits
-    if long_tokens > 2 * prompt_tokens:
-        run([(filler[:long_tokens], deepest)], steps)
-
-    model = StepCostModel(engine.model.full_depth)
-    model.fit(samples)
-    return model
+    ids = [engine.add_request(list(p), params, e) for p, e in run.requests]
+    while any(engine.request_needs_prefill(rid) for rid in ids):
+        step(record=True)
+    step(record=False)
+    for _ in range(run.decode_steps):
+        step(record=True)
+    for rid in ids:
+        engine.abort(rid)

@@ -1,11 +1,20 @@
-"""Authentication, back-pressure, disconnects, draining on SIGTERM, readiness."""
+"""Authentication, back-pressure, disconnects, draining on SIGTERM, readiness, start-up phases.
+
+Metrics and readiness change on the server's own threads: tests poll them with a deadline
+(``wait_for``) instead of reading them once after a request returns.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -69,7 +78,8 @@ def test_disconnect_aborts_and_frees_blocks(strict_server):
             assert wait_for(lambda: strict_server.metric("balcony:kv_cache_usage_perc") > 0)
     assert wait_for(lambda: strict_server.metric("balcony:kv_cache_usage_perc") == 0)
     assert wait_for(lambda: strict_server.metric("balcony:num_requests_running") == 0)
-    assert strict_server.metric("balcony:request_success_total", finished_reason="abort") == aborted_before + 1
+    assert wait_for(lambda: strict_server.metric("balcony:request_success_total", finished_reason="abort")
+                    == aborted_before + 1)
 
 
 def test_sigterm_drains_in_flight_requests(start):
@@ -104,6 +114,98 @@ def test_disconnect_while_queued_removes_the_request(strict_server):
                 assert wait_for(lambda: strict_server.metric("balcony:num_requests_waiting") == 1)
             # The queued client has gone: its request leaves the queue while the first still runs.
             assert wait_for(lambda: strict_server.metric("balcony:num_requests_waiting") == 0)
-            assert strict_server.metric("balcony:num_requests_running") == 1
+            assert strict_server.metric("balcony:num_requests_running") == 1  # the first still streams
     assert wait_for(lambda: strict_server.metric("balcony:num_requests_running") == 0)
-    assert strict_server.metric("balcony:request_success_total", finished_reason="abort") == aborted_before + 2
+    assert wait_for(lambda: strict_server.metric("balcony:request_success_total", finished_reason="abort")
+                    == aborted_before + 2)
+
+
+# ---- start-up and stopping, watched from launch -------------------------------------------------
+
+PHASES = {"starting", "download", "conversion", "load", "warm-up", "calibration"}
+
+
+def launch(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, str, Path]:
+    """A `balcony serve` process as the shared fixtures start it, not waited for: (process, url, log)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = tmp_path / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", "smollm2-135m", "--port", str(port),
+           "--adapters", "none", "--num-kv-blocks", "2048", "--dtype", "float32", *args]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return process, f"http://127.0.0.1:{port}", log_path
+
+
+def wait_for_log(process: subprocess.Popen, log_path: Path, text: str, timeout: float = 240) -> bool:
+    return wait_for(lambda: text in log_path.read_text() or process.poll() is not None, timeout=timeout) \
+        and text in log_path.read_text()
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("moment", ["starting:", "load:"])
+def test_sigterm_during_start_up_exits_at_once_with_status_0(tmp_path, default_model, moment):
+    """'starting:' is logged just before the app's imports (torch), 'load:' when the loading thread
+    starts reading the model: either way nothing is served yet, so the process leaves at once,
+    with one line and status 0 (it used to wait for loading and calibration, then exit 1)."""
+    process, _, log_path = launch(tmp_path)
+    try:
+        assert wait_for_log(process, log_path, moment), log_path.read_text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0, log_path.read_text()
+    finally:
+        stop(process)
+    log = log_path.read_text()
+    lines = [line for line in log.splitlines() if "SIGTERM" in line]
+    assert len(lines) == 1 and "during start-up" in lines[0], log
+    assert "Traceback" not in log and "failed to load" not in log and "model ready" not in log, log
+
+
+def test_start_up_logs_each_phase_and_a_second_sigterm_exits_at_once(tmp_path, default_model):
+    """One server watched from launch: /ready answers 503 while it starts, a line per phase, then
+    ready; a SIGTERM drains the request in flight, a second one exits at once with status 0."""
+    process, url, log_path = launch(tmp_path, "--shutdown-timeout", "120")
+    not_ready = []
+    try:
+        def ready() -> bool:
+            try:
+                r = httpx.get(url + "/ready", timeout=5)
+            except httpx.HTTPError:
+                return process.poll() is not None
+            if r.status_code == 503:
+                not_ready.append(r.json())
+            return r.status_code == 200 or process.poll() is not None
+
+        assert wait_for(ready, timeout=240, interval=0.2) and process.poll() is None, log_path.read_text()
+        log = log_path.read_text()
+        # Each message, without the time, level and logger name in front of it.
+        messages = [line.split(": ", 1)[1] for line in log.splitlines() if " balcony." in line]
+        order = [next((i for i, m in enumerate(messages) if m.startswith(start)), None)
+                 for start in ("starting:", "load: done", "warm-up:", "calibration:", "start-up phases:",
+                               "model ready in")]
+        assert None not in order and order == sorted(order), (order, log)
+        assert not_ready and all(body["phase"] in PHASES for body in not_ready), not_ready
+
+        body = {"model": "smollm2-135m", "stream": True, **LONG, "max_tokens": 1000}
+        with httpx.Client(base_url=url, timeout=120) as client:
+            with client.stream("POST", "/v1/completions", json=body) as response:
+                lines = response.iter_lines()
+                next(lines)  # it runs, and would for many seconds
+                process.send_signal(signal.SIGTERM)
+                assert wait_for(lambda: httpx.get(url + "/ready").status_code == 503, timeout=10)
+                process.send_signal(signal.SIGTERM)
+                assert process.wait(timeout=15) == 0, log_path.read_text()
+                with pytest.raises(httpx.HTTPError):
+                    list(lines)  # cut off: the process left without finishing it
+    finally:
+        stop(process)
+    log = log_path.read_text()
+    assert "SIGTERM: draining 1 requests" in log and "second SIGTERM: exiting now" in log, log
+    assert "Traceback" not in log, log

@@ -1,0 +1,78 @@
+"""The `balcony` command line: help that gives every default and serve's request headers; generate's
+mode (chat by default when the model has a template, --raw) and exit, stated on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+
+from server.cli import build_parser, main
+from server.routing_headers import BUDGET_HEADER, EXIT_HEADER
+
+
+def subcommand(name: str) -> argparse.ArgumentParser:
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return commands.choices[name]
+
+
+def help_of(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["serve", "generate", "bench", "train", "eval"])
+def test_help_gives_every_default(command):
+    parser = subcommand(command)
+    formatter = parser._get_formatter()
+    missing = []
+    for action in parser._actions:
+        if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction)):
+            continue
+        if "default" not in formatter._expand_help(action):  # the help text as --help prints it
+            missing.append(action.option_strings[-1])
+    assert not missing, f"balcony {command} --help gives no default for {missing}"
+
+
+def test_serve_help_lists_the_request_headers_and_describes_the_log_level(capsys):
+    text = help_of("serve", capsys)
+    assert BUDGET_HEADER in text and EXIT_HEADER in text and "Authorization" in text
+    flat = " ".join(text.split())
+    for expected in ("--max-num-seqs MAX_NUM_SEQS requests running at once (default: 64)",
+                     "(default: 256)", "(default: 30.0)", "(default: best-effort)", "--recalibrate"):
+        assert expected in flat, expected
+    log_level = flat[flat.index("--log-level {"):]
+    assert "how much the server logs" in log_level and "(default: info)" in log_level
+
+
+def test_an_environment_variable_shows_as_the_default(capsys, monkeypatch):
+    monkeypatch.setenv("BALCONY_MAX_NUM_SEQS", "7")
+    assert "(default: 7) [env BALCONY_MAX_NUM_SEQS]" in " ".join(help_of("serve", capsys).split())
+
+
+def generate(capsys, tiny_model_dir, *args: str) -> tuple[int, str]:
+    code = main(["generate", "--model", str(tiny_model_dir), "--adapters", "none", "--dtype", "float32",
+                 "--device", "cpu", "--num-kv-blocks", "64", "--max-tokens", "2", *args, "Hello there"])
+    return code, capsys.readouterr().err
+
+
+def prompt_tokens(stderr: str) -> int:
+    return int(re.search(r"prompt (\d+) tokens", stderr).group(1))
+
+
+def test_generate_chats_by_default_and_says_so(capsys, tiny_model_dir):
+    code, chat = generate(capsys, tiny_model_dir)
+    assert code == 0, chat
+    assert "exit full of 4 layers, chat" in chat and "--raw" in chat
+    code, raw = generate(capsys, tiny_model_dir, "--raw", "--exit", "2")
+    assert code == 0, raw
+    assert "exit 2 of 4 layers, raw completion" in raw
+    assert prompt_tokens(chat) > prompt_tokens(raw)  # the template's turn markers are in the prompt
+    code, old = generate(capsys, tiny_model_dir, "--chat")  # the old flag still works: it is the default
+    assert code == 0 and prompt_tokens(old) == prompt_tokens(chat)
+    code, both = generate(capsys, tiny_model_dir, "--chat", "--raw")
+    assert code == 2 and "not both" in both
