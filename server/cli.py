@@ -157,6 +157,8 @@ def cmd_bench(args) -> int:
     )
     from balcony_runtime.errors import BalconyError
 
+    if args.host_only:
+        return bench_host_only(args)
     try:
         loaded = load_from_args(args)
         rates = measure_exits(loaded, args.tokens, args.batch)
@@ -167,6 +169,24 @@ def cmd_bench(args) -> int:
     dtype = str(loaded.model.dtype).removeprefix("torch.")
     print("\n".join([f"Decode, {machine_line(loaded, args.tokens)}", "", *markdown_header(args.batch),
                      *markdown_rows(dtype, rates, hf_rate, loaded.model.full_depth)]))
+    return 0
+
+
+def bench_host_only(args) -> int:
+    """The host side of a decode step alone: the model's forward is a stub returning the right
+    shapes; scheduling, input preparation, sampling and detokenization are real."""
+    from balcony_runtime.errors import BalconyError
+    from balcony_runtime.host_step_benchmark import measure_host_step
+
+    try:
+        loaded = load_from_args(args)
+        result = measure_host_step(loaded, args.rows, args.context)
+    except (BalconyError, ValueError) as exc:
+        print(f"balcony bench: {exc}", file=sys.stderr)
+        return 2
+    phases = ", ".join(f"{phase} {ms:.2f}" for phase, ms in result.phase_ms.items())
+    print(f"host ms per decode step, {args.rows} rows x {args.context} tokens of context (forward stubbed): "
+          f"{result.step_cpu_ms:.2f} CPU, {result.step_ms:.2f} wall; per phase (CPU): {phases}")
     return 0
 
 
@@ -248,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=16, help="concurrent requests of the batched run (default %(default)s)")
     bench.add_argument("--against-transformers", action="store_true",
                        help="also time transformers' generate at batch 1 on the same weights")
+    bench.add_argument("--host-only", action="store_true",
+                       help="time only the host side of a decode step (the forward replaced by a stub)")
+    bench.add_argument("--rows", type=int, default=64, help="rows of the --host-only step (default %(default)s)")
+    bench.add_argument("--context", type=int, default=256,
+                       help="tokens of context per row in the --host-only step (default %(default)s)")
     bench.set_defaults(run=cmd_bench)
     return parser
 

@@ -76,3 +76,13 @@ def test_generate_chats_by_default_and_says_so(capsys, tiny_model_dir):
     assert code == 0 and prompt_tokens(old) == prompt_tokens(chat)
     code, both = generate(capsys, tiny_model_dir, "--chat", "--raw")
     assert code == 2 and "not both" in both
+
+
+def test_bench_host_only_times_the_host_side_of_a_decode_step(capsys, tiny_model_dir):
+    code = main(["bench", "--model", str(tiny_model_dir), "--adapters", "none", "--dtype", "float32",
+                 "--host-only", "--rows", "4", "--context", "16"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "4 rows x 16 tokens" in out
+    for phase in ("schedule", "prepare", "forward", "sample", "postprocess"):
+        assert f"{phase} " in out
