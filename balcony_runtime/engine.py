@@ -27,6 +27,8 @@ from balcony_runtime.routing.latency_model import LatencyModel, LoadSnapshot, Ro
 from balcony_runtime.routing.router import RouteDecision, Router
 from balcony_runtime.routing.step_cost import RowShape, StepShape
 from balcony_runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from balcony_runtime.structured.compiler import GrammarCompiler
+from balcony_runtime.structured.token_masks import MaskFiller
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,9 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size)
         kv = KVCache.allocate(arch, num_blocks, config.block_size, self.model.dtype, self.model.norm.device)
         self.runner = ModelRunner(self.model, kv, self.blocks)
+        # Structured outputs: grammars compiled once per schema, masks filled while the model runs.
+        self.grammars = GrammarCompiler(self.tokenizer, arch.vocab_size)
+        self.masks = MaskFiller(arch.vocab_size)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                             config.starvation_ratio, config.deadline_margin),
@@ -235,6 +240,8 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._tracked:
             raise RequestError(f"request id {request_id!r} is already in use")
+        # A cache hit when the server compiled the schema ahead (raises InvalidGrammar otherwise).
+        grammar = None if params.structured is None else self.grammars.new_state(params.structured)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         # What is left of the budget now (the caller may have spent some since it arrived).
         left_ms = None if budget_ms is None else budget_ms - 1000 * max(0.0, time.monotonic() - arrival)
@@ -249,6 +256,7 @@ class LLMEngine:
             request_id, prompt_ids, params, exit_value, num_cache_layers, arrival,
             eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
             deadline=None if budget_ms is None else arrival + budget_ms / 1000,
+            grammar=grammar,
         )
         self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.stop), route)
         self.scheduler.add(request)
@@ -305,6 +313,8 @@ class LLMEngine:
         plan = self.scheduler.schedule(now)
         if plan.is_empty:
             return []
+        self.masks.prefetch([item.request.grammar for item in plan.scheduled
+                             if item.completes_sequence and item.request.grammar is not None])
         results = self.runner.run(plan.scheduled)
         seconds = time.monotonic() - now
         self.scheduler.on_step_done(plan, seconds)
@@ -337,6 +347,8 @@ class LLMEngine:
                     if result.sampled.logprobs is not None:
                         new_logprobs.append(result.sampled.logprobs)
                     reason = self._stop_reason(request, token)
+                    if request.grammar is not None and request.grammar.accept(token):
+                        reason = "stop"  # the JSON is complete: only the end of sequence could follow
                     is_special_stop = reason == "stop" and not tracked.detok.stopped
                     new_text = tracked.detok.add(token, final=reason is not None)
                     if tracked.detok.stopped:

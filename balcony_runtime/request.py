@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from balcony_runtime.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from balcony_runtime.structured.request_grammar import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -33,6 +37,7 @@ class Request:
     prompt_logprobs_done: bool = False  # prompt logprobs were computed (they survive preemption)
     deadline: float | None = None  # time.monotonic() by which it should finish (arrival + budget)
     waited_s: float = 0.0  # seconds of steps that skipped it (depth-limited) since it last ran
+    grammar: RequestGrammar | None = None  # structured output: masks its sampling, advanced per token
 
     @property
     def num_prompt_tokens(self) -> int:

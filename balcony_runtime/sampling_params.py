@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from balcony_runtime.structured.constraint import StructuredOutput
+
 MAX_TOP_LOGPROBS = 20  # OpenAI's cap on top-n logprobs
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
 
@@ -27,6 +29,9 @@ class SamplingParams:
     # (token id, bias) pairs added to the logits after penalties, before sampling (OpenAI's
     # logit_bias): -100 in effect bans a token, +100 in effect forces it.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # The output must be JSON valid under this schema (structured/): sampling keeps only the tokens
+    # the grammar allows, and the request stops ("stop") once the JSON is complete.
+    structured: StructuredOutput | None = None
     extra: dict = field(default_factory=dict, compare=False)  # free-form, ignored by the runtime
 
     def __post_init__(self) -> None:
@@ -53,6 +58,8 @@ class SamplingParams:
             if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token {token}")
         object.__setattr__(self, "logit_bias", bias)
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ValueError(f"structured must be a StructuredOutput, got {type(self.structured).__name__}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         object.__setattr__(self, "stop", tuple(self.stop))

@@ -22,7 +22,7 @@ from balcony_runtime.errors import RequestError
 from server import chat, completions
 from server.async_engine import AsyncEngine
 from server.errors import APIError, guard_stream, install_error_handlers
-from server.generation_group import GenerationGroup
+from server.generation_group import GenerationGroup, compile_grammars
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.routing_headers import BUDGET_HEADER, EXIT_HEADER, parse_budget, parse_exit
@@ -132,6 +132,7 @@ def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: 
             specs = specs_of(engine.engine)
         except (RequestError, ValueError) as exc:
             raise APIError(400, str(exc)) from exc
+        await compile_grammars(engine.engine, specs, body.grammar_param)
         group = GenerationGroup(engine, specs, budget, forced, received)
         await group.submit()
         headers = {EXIT_HEADER: group.exit_label}
@@ -149,7 +150,7 @@ def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key), Depends(require_json)])
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await run(request, body,
-                         lambda e: chat.build_specs(body, e.tokenizer, e.loaded.max_model_len),
+                         lambda e: chat.build_specs(body, e.tokenizer, e.loaded.max_model_len, state.model_name),
                          chat.chat_complete, chat.stream_chat)
 
     def model_cards() -> list[dict]:

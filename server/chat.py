@@ -1,8 +1,10 @@
-"""POST /v1/chat/completions: the tokenizer's chat template, streaming and logprobs."""
+"""POST /v1/chat/completions: the tokenizer's chat template, streaming, logprobs, structured
+outputs and tool calls (server/tool_calls.py)."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import AsyncIterator
 
@@ -13,6 +15,7 @@ from server.completions import sampling_params
 from server.errors import APIError
 from server.generation_group import ChoiceResult, ChoiceSpec, GenerationGroup, usage
 from server.protocol import ChatCompletionRequest, ChatMessage
+from server.tool_calls import ToolCallStream, finished_message, template_declares_tools, tool_calling
 
 
 def template_message(m: ChatMessage) -> dict:
@@ -42,19 +45,31 @@ def chat_prompt_ids(body: ChatCompletionRequest, tokenizer) -> list[int]:
     messages = [template_message(m) for m in body.messages]
     if getattr(tokenizer, "chat_template", None) is None:
         raise APIError(400, "this model has no chat template; use /v1/completions")
+    # Templates that render tools show them to the model whatever tool_choice says; others ignore them.
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
     except TemplateError as exc:  # templates raise to refuse a conversation (say, roles out of order)
         raise APIError(400, f"the model's chat template refused these messages: {exc}", param="messages") from exc
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def build_specs(body: ChatCompletionRequest, tokenizer, max_model_len: int) -> list[ChoiceSpec]:
+def build_specs(body: ChatCompletionRequest, tokenizer, max_model_len: int, model_name: str) -> list[ChoiceSpec]:
+    if body.effective_tool_choice == "auto":
+        # The model would have to choose between text and a call in a format its template taught it.
+        why = ("no parser for its chat template's tool-call format is written yet" if template_declares_tools(tokenizer)
+               else "its chat template declares no tools, so it was never taught a call format")
+        raise APIError(400, f"tool_choice 'auto' (the default with tools) is not supported for {model_name}: {why}; "
+                            "send tool_choice 'required' or {'type': 'function', 'function': {'name': ...}} to "
+                            "have a call decoded under the tools' schemas, or 'none'", param="tool_choice")
     ids = chat_prompt_ids(body, tokenizer)
     limit = body.output_limit
     max_tokens = limit if limit is not None else max(0, max_model_len - len(ids))
     top = (body.top_logprobs or 0) if body.logprobs else None
-    return [ChoiceSpec(ids, sampling_params(body, max_tokens, i, top, None), 0) for i in range(body.n)]
+    calling = tool_calling(body)
+    # A forced tool call's grammar takes the place of response_format (that shapes text replies).
+    structured = calling.constraint() if calling else (body.response_format and body.response_format.constraint())
+    return [ChoiceSpec(ids, sampling_params(body, max_tokens, i, top, None, structured), 0) for i in range(body.n)]
 
 
 def chat_logprobs(tokenizer, entries: list[TokenLogprobs]) -> dict:
@@ -62,22 +77,33 @@ def chat_logprobs(tokenizer, entries: list[TokenLogprobs]) -> dict:
         text = tokenizer.decode([token_id])
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+    # Tokens a grammar forbade have logprob -inf, which JSON cannot carry: they are left out.
+    return {"content": [{**item(e.token_id, e.logprob),
+                         "top_logprobs": [item(t, lp) for t, lp in e.top if math.isfinite(lp)]}
                         for e in entries]}
+
+
+def choice_message(body: ChatCompletionRequest, r: ChoiceResult) -> tuple[dict, str | None]:
+    """A finished choice's message and finish_reason: text, or a tool call."""
+    calling = tool_calling(body)
+    if calling is None:
+        return {"role": "assistant", "content": r.text}, r.finish_reason
+    return finished_message(calling, r.text, r.finish_reason)
 
 
 async def chat_complete(body: ChatCompletionRequest, group: GenerationGroup, tokenizer, model_name: str) -> dict:
     results = await group.collect()
+    messages = [choice_message(body, r) for r in results]
     return {
         "id": f"chatcmpl-{group.id}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model_name,
         "choices": [
-            {"index": r.index, "message": {"role": "assistant", "content": r.text},
+            {"index": r.index, "message": message,
              "logprobs": chat_logprobs(tokenizer, r.logprobs) if body.logprobs else None,
-             "finish_reason": r.finish_reason}
-            for r in results
+             "finish_reason": finish_reason}
+            for r, (message, finish_reason) in zip(results, messages)
         ],
         "usage": usage(results),
         "balcony": group.balcony_info(group.measured_ms()),
@@ -97,19 +123,34 @@ async def stream_chat(body: ChatCompletionRequest, group: GenerationGroup, token
                    "choices": choices, **extra}
         return f"data: {json.dumps(payload)}\n\n"
 
-    # The role first, one chunk per choice, the first carrying the routing decision.
+    calling = tool_calling(body)
+    calls = [ToolCallStream(calling) for _ in results] if calling else None
+    # The role first, one chunk per choice, the first carrying the routing decision; a named tool
+    # call is known at once, so its first delta rides along.
     for i in range(len(results)):
         extra = {"balcony": group.balcony_info(None)} if i == 0 else {}
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None}], **extra)
+        delta = {"role": "assistant", "content": "" if calls is None else None}
+        if calls is not None and (head := calls[i].deltas("", None)):
+            delta["tool_calls"] = head
+        yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}], **extra)
     async for index, out in group.events():
         results[index].absorb(out)
         if not (out.new_text or out.finished or out.new_token_ids):
             continue
-        delta = {"content": out.new_text} if out.new_text else {}
         logprobs = chat_logprobs(tokenizer, out.new_logprobs) if body.logprobs and out.new_logprobs else None
-        yield chunk([{"index": index, "delta": delta, "logprobs": logprobs,
-                      "finish_reason": out.finish_reason if out.finished else None}])
+        reason = out.finish_reason if out.finished else None
+        if calls is None:
+            deltas = [{"content": out.new_text} if out.new_text else {}]
+        else:  # one tool_calls entry per chunk, as OpenAI sends them
+            call = calls[index]
+            deltas = [{"tool_calls": [d]} for d in call.deltas(results[index].text, reason)] or [{}]
+            if out.finished and not call.announced and results[index].text:  # cut before its name: text
+                deltas = [{"content": results[index].text}]
+            reason = call.finish_reason(reason)
+        for k, delta in enumerate(deltas):
+            last = k == len(deltas) - 1
+            yield chunk([{"index": index, "delta": delta, "logprobs": logprobs if last else None,
+                          "finish_reason": reason if last else None}])
     if body.include_usage:
         yield chunk([], usage=usage(results), balcony=group.balcony_info(group.measured_ms()))
     yield "data: [DONE]\n\n"

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import AsyncIterator
 
 from balcony_runtime.sampler import TokenLogprobs
 from balcony_runtime.sampling_params import SamplingParams
+from balcony_runtime.structured.constraint import StructuredOutput
 from server.errors import APIError
 from server.generation_group import ChoiceResult, ChoiceSpec, GenerationGroup, usage
 from server.protocol import CompletionRequest
 
 
 def sampling_params(body, max_tokens: int, seed_offset: int, logprobs: int | None,
-                    prompt_logprobs: int | None) -> SamplingParams:
-    """One choice's sampling settings; choice i of n uses seed + i so the n choices differ."""
+                    prompt_logprobs: int | None, structured: StructuredOutput | None) -> SamplingParams:
+    """One choice's sampling settings; choice i of n uses seed + i so the n choices differ.
+    ``structured``: the grammar its output must follow (response_format, or a forced tool call)."""
     try:
         return SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
@@ -24,6 +27,7 @@ def sampling_params(body, max_tokens: int, seed_offset: int, logprobs: int | Non
             stop=body.stop_list, ignore_eos=body.ignore_eos, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             logit_bias=tuple((int(token), value) for token, value in (body.logit_bias or {}).items()),
+            structured=structured,
         )
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc
@@ -32,11 +36,12 @@ def sampling_params(body, max_tokens: int, seed_offset: int, logprobs: int | Non
 def build_specs(body: CompletionRequest, tokenize) -> list[ChoiceSpec]:
     specs = []
     want_prompt_logprobs = body.echo and body.logprobs is not None
+    structured = body.response_format.constraint() if body.response_format else None
     for p_index, prompt in enumerate(body.prompts()):
         ids = tokenize(prompt)
         for i in range(body.n):
             params = sampling_params(body, body.max_tokens if body.max_tokens is not None else 16, i,
-                                     body.logprobs, body.logprobs if want_prompt_logprobs else None)
+                                     body.logprobs, body.logprobs if want_prompt_logprobs else None, structured)
             specs.append(ChoiceSpec(ids, params, p_index))
     return specs
 
@@ -51,7 +56,8 @@ def legacy_logprobs(tokenizer, entries: list[TokenLogprobs | None], start_offset
         text = tokenizer.decode([entry.token_id])
         tokens.append(text)
         token_lps.append(entry.logprob)
-        tops.append({tokenizer.decode([t]): lp for t, lp in entry.top} if entry.top else None)
+        # Tokens a grammar forbade have logprob -inf, which JSON cannot carry: left out.
+        tops.append({tokenizer.decode([t]): lp for t, lp in entry.top if math.isfinite(lp)} if entry.top else None)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

@@ -13,10 +13,11 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from balcony_runtime.engine import CompletedRequest, RequestOutput
+from balcony_runtime.engine import CompletedRequest, LLMEngine, RequestOutput
 from balcony_runtime.errors import RequestError
 from balcony_runtime.routing.router import BudgetUnmeetable, RouteDecision
 from balcony_runtime.sampling_params import SamplingParams
+from balcony_runtime.structured.compiler import InvalidGrammar
 from server.async_engine import AsyncEngine, Draining, EngineFailed, QueueFull, Submission
 from server.errors import APIError
 from server.routing_headers import exit_name
@@ -125,6 +126,17 @@ class GenerationGroup:
         async for index, out in self.events():
             results[index].absorb(out)
         return results
+
+
+async def compile_grammars(engine: LLMEngine, specs: list[ChoiceSpec], param: str) -> None:
+    """Compile each distinct grammar of these choices in a worker thread before they are queued:
+    an invalid schema becomes a 400 naming ``param``, and the engine's step loop, which serves every
+    other request, only copies the compiled grammar."""
+    for constraint in {s.params.structured for s in specs if s.params.structured is not None}:
+        try:
+            await asyncio.to_thread(engine.grammars.matcher, constraint)
+        except InvalidGrammar as exc:
+            raise APIError(400, f"{param}: {exc}", param=param) from exc
 
 
 def usage(results: list[ChoiceResult]) -> dict:

@@ -13,6 +13,10 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from balcony_runtime.sampling_params import MAX_TOP_LOGPROBS
+from balcony_runtime.structured.constraint import StructuredOutput
+
+# OpenAI's rule for function and response-format names.
+_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 
 
 class StreamOptions(BaseModel):
@@ -22,6 +26,36 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: Optional[bool] = False
     # OpenAI's: pads chunks against length side channels; a hint, ignored here.
     include_obfuscation: Optional[bool] = None
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=_NAME_PATTERN)
+    description: Optional[str] = None
+    # "schema" would shadow a BaseModel attribute; absent, any JSON object will do (as OpenAI's
+    # reference allows omitting it).
+    schema_: Optional[Union[dict, bool]] = Field(None, alias="schema")
+    # Strict or not, the schema is enforced: constrained decoding costs the same either way.
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _check_schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema' and allowed only there")
+        return self
+
+    def constraint(self) -> Optional[StructuredOutput]:
+        if self.type == "json_object" or (self.type == "json_schema" and self.json_schema.schema_ is None):
+            return StructuredOutput.json_object()
+        if self.type == "json_schema":
+            return StructuredOutput.of_schema(self.json_schema.schema_)
+        return None
 
 
 class _Common(BaseModel):
@@ -41,6 +75,9 @@ class _Common(BaseModel):
     user: Optional[str] = None
     ignore_eos: bool = Field(False, description="extension: keep generating past end-of-sequence")
     logit_bias: Optional[dict[str, float]] = Field(None, max_length=1024)
+    # Structured outputs (json_object, json_schema) by constrained decoding; vLLM takes it on
+    # completions too.
+    response_format: Optional[ResponseFormat] = None
 
     @model_validator(mode="after")
     def _check_common(self):
@@ -66,6 +103,11 @@ class _Common(BaseModel):
     @property
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    @property
+    def grammar_param(self) -> str:
+        """The field an invalid grammar is blamed on."""
+        return "response_format"
 
 
 class CompletionRequest(_Common):
@@ -97,6 +139,31 @@ class CompletionRequest(_Common):
         if all(isinstance(x, int) for x in p):
             return [list(p)]
         return list(p)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=_NAME_PATTERN)
+    description: Optional[str] = None
+    parameters: Optional[dict] = None  # a JSON schema; absent: the function takes no arguments
+    strict: Optional[bool] = None  # arguments always follow the schema here, strict or not
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ToolCallFunction(BaseModel):
@@ -169,30 +236,43 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: Optional[int] = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    # Defined by OpenAI, not implemented here: refused when set.
-    tools: Optional[list] = None
-    tool_choice: Optional[Union[str, dict]] = None
-    response_format: Optional[dict] = None
+    tools: Optional[list[Tool]] = Field(None, max_length=128)
+    # None means "auto" with tools, as in OpenAI; see server/tool_calls.py for what each choice does.
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     # Hints and bookkeeping that change no output here: accepted and ignored.
     store: Optional[bool] = None
     metadata: Optional[dict[str, str]] = None
     service_tier: Optional[str] = None
     prompt_cache_key: Optional[str] = None
     safety_identifier: Optional[str] = None
-    parallel_tool_calls: Optional[bool] = None  # only means something with tools, refused above
+    parallel_tool_calls: Optional[bool] = None  # accepted; a reply makes at most one call here
 
     @model_validator(mode="after")
     def _check_unsupported(self):
-        for name in ("tools", "tool_choice"):
-            if getattr(self, name) is not None:
-                raise ValueError(f"'{name}' is not supported by this server")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools must have distinct function names")
+        if self.tool_choice is not None and not self.tools:
+            raise ValueError("tool_choice is only allowed when tools are specified")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names the function {self.tool_choice.function.name!r}, "
+                             f"which is not among the tools ({', '.join(names)})")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs: true")
         for m in self.messages:
             m.text()
         return self
+
+    @property
+    def effective_tool_choice(self) -> Union[str, NamedToolChoice, None]:
+        """None without tools; OpenAI's default with tools is "auto"."""
+        if not self.tools:
+            return None
+        return self.tool_choice if self.tool_choice is not None else "auto"
+
+    @property
+    def grammar_param(self) -> str:
+        return "response_format" if self.effective_tool_choice in (None, "none") else "tools"
 
     @property
     def output_limit(self) -> Optional[int]:
