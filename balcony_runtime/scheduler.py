@@ -6,27 +6,19 @@ cache blocks last. Long prompts are split into chunks so running decodes keep mo
 request cannot grow, a victim is preempted (its blocks freed, its tokens recomputed later): the one
 with the latest deadline among those not yet scheduled this step, the newest on a tie.
 
-Deadlines and limited steps. A step is paced by its deepest row, and on a CPU by its row count too,
-so a shallow request that rides with everyone else gains little from its exit. When a request with a
-deadline would miss it if every remaining step ran every row, and could still meet it in steps of its
-own, it is *urgent*, and the step runs a chosen subset of rows instead of all of them:
-  1. urgent requests, earliest deadline first, each joining while every chosen one still meets its
-     deadline at the step's predicted cost (one that would break that waits: it cannot be saved
-     without sinking an earlier-due one);
-  2. then other rows no deeper than the deepest chosen exit, earliest due first, while every chosen
-     request keeps ``deadline_margin`` of its time in hand: rows that cost the step (nearly) nothing,
-     as on a GPU where a step barely grows with its rows, ride along; on a CPU, where each row adds
-     to the step, they wait for the next step of every row.
-The model runs only the chosen rows: the fewer layers of their deepest exit, and the head once.
-Requests that are fine on steps of every row never trigger this, nor do hopeless ones (late even in
-steps of their own: they have missed, and speeding them only taxes everyone else).
+Deadlines and depth-limited steps. A step is paced by its deepest row, so a shallow request that
+rides with full-depth ones gains nothing from its exit. When a request with a deadline would miss it
+if every remaining step ran at full depth, and could still meet it at its own depth, it is *urgent*:
+the step then runs only the rows whose exit is at or below D, the deepest urgent exit (a prefix of
+the batch ordered deepest first, so the model runs fewer layers and the head once). Requests that
+are fine on full steps never trigger this, nor do hopeless ones (late even at their own pace: they
+have missed, and speeding them only taxes everyone else).
 
-The starvation bound: a row left out of limited steps accumulates their measured time, and once that
-reaches ``starvation_ratio`` times the predicted step of every row, the next step runs every row. So
-between two of its tokens a request waits at most its own step plus about ``starvation_ratio`` full
-steps (plus the one limited step that crossed the line): its decode slows by at most a factor of
-about 1 + starvation_ratio, and only while urgent requests exist. Urgency is judged at the pace this
-interleaving allows (``interleaved_pace``), not at the limited step's cost alone.
+The starvation bound: a row left out of depth-limited steps accumulates their measured time, and
+once that reaches ``starvation_ratio`` times the predicted full step, the next step runs every row.
+So between two of its tokens a request waits at most its own step plus about ``starvation_ratio``
+full steps (plus the one depth-limited step that crossed the line): its decode slows by at most a
+factor of about 1 + starvation_ratio, and only while urgent requests exist.
 
 Waiting requests are admitted preempted-first, then earliest deadline first; a request without a
 budget counts as due ``unbudgeted_horizon_s`` after its arrival, so a stream of budgeted arrivals
@@ -40,14 +32,13 @@ from dataclasses import dataclass, field
 from balcony_runtime.block_manager import BlockManager
 from balcony_runtime.request import Request, RequestStatus
 from balcony_runtime.routing.step_cost import RowShape, StepCostModel
-from balcony_runtime.routing.urgency import Urgency, interleaved_pace, urgency
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64  # requests running at once
     max_num_batched_tokens: int = 512  # tokens processed in one step (prefill chunks + decodes)
-    starvation_ratio: float = 1.0  # rows left out of limited steps wait at most this many full steps
+    starvation_ratio: float = 1.0  # rows skipped by depth-limited steps wait at most this many full steps
     deadline_margin: float = 0.1  # a request is urgent when full steps would use more than 1 - this of its time left
     unbudgeted_horizon_s: float = 30.0  # admission treats a request without a budget as due this long after arrival
 
@@ -74,7 +65,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest]  # deepest exit first (the model's row order)
     preempted: list[Request] = field(default_factory=list)  # sent back to the queue this step
-    depth_limit: int | None = None  # a limited step: the deepest exit it ran (None: every row could run)
+    depth_limit: int | None = None  # only rows with exit <= this ran (None: every row could)
 
     @property
     def is_empty(self) -> bool:
@@ -120,50 +111,39 @@ class Scheduler:
         and lost their cache), then earliest due."""
         return sorted(self.waiting, key=lambda r: (r.num_preemptions == 0, self.due(r), r.arrival_time))
 
-    def choose_rows(self, now: float) -> list[Request] | None:
-        """The running requests a limited step runs (see the module docstring), or None for a step of every row."""
-        cost, running, config = self.step_cost, self.running, self.config
+    def choose_depth(self, now: float) -> int | None:
+        """The step's depth limit (see the module docstring), or None for a step of every row."""
+        cost, running = self.step_cost, self.running
         if cost is None or not any(r.deadline is not None for r in running):
             return None
-        shape = {r.request_id: RowShape(r.exit_layer, 1, r.num_computed_tokens) for r in running}
-        full_step = cost.step_seconds(list(shape.values()))
-
-        def meets(rows: list[Request], protected: list[Request], margin: float) -> bool:
-            """Whether every protected request meets its deadline (keeping ``margin`` of its time in
-            hand) when limited steps run ``rows``."""
-            pace = interleaved_pace(cost.step_seconds([shape[r.request_id] for r in rows]), full_step,
-                                    config.starvation_ratio)
-            return all(r.num_remaining_steps * pace <= (r.deadline - now) * (1 - margin) for r in protected)
-
-        def alone(r: Request) -> float:
-            return interleaved_pace(cost.step_seconds([shape[r.request_id]]), full_step, config.starvation_ratio)
-
-        urgent = [r for r in running if r.deadline is not None and urgency(
-            r.num_remaining_steps, r.deadline - now, full_step, alone(r), config.deadline_margin) is Urgency.URGENT]
-        chosen: list[Request] = []
-        for r in sorted(urgent, key=lambda r: (r.deadline, r.arrival_time)):
-            if meets(chosen + [r], chosen + [r], 0.0):
-                chosen.append(r)
-        if not chosen or len(chosen) == len(running):
+        deepest = max(r.exit_layer for r in running)
+        rows = [RowShape(r.exit_layer, 1, r.num_computed_tokens) for r in running]
+        full_step = cost.step_seconds(rows)
+        own_steps: dict[int, float] = {}  # exit -> a step of the rows at or below it (shared by its requests)
+        urgent: list[int] = []
+        for r in running:
+            if r.deadline is None or r.exit_layer >= deepest:
+                continue
+            left, steps = r.deadline - now, r.num_remaining_steps
+            if steps * full_step <= left * (1 - self.config.deadline_margin):
+                continue  # fine riding full steps
+            if r.exit_layer not in own_steps:
+                own_steps[r.exit_layer] = cost.step_seconds([o for o in rows if o.exit_layer <= r.exit_layer])
+            if steps * own_steps[r.exit_layer] > left:
+                continue  # hopeless: it misses even at its own pace
+            urgent.append(r.exit_layer)
+        if not urgent:
             return None
-        protected = list(chosen)
-        depth = max(r.exit_layer for r in chosen)
-        riders = [r for r in running if r not in chosen and r.exit_layer <= depth]
-        for r in sorted(riders, key=lambda r: (self.due(r), r.arrival_time)):
-            if meets(chosen + [r], protected, config.deadline_margin):
-                chosen.append(r)
-        limit = config.starvation_ratio * full_step
-        ids = {r.request_id for r in chosen}
-        if any(r.waited_s >= limit for r in running if r.request_id not in ids):
-            return None  # someone left out has waited its bound: everyone runs
-        return chosen
+        depth = max(urgent)
+        limit = self.config.starvation_ratio * full_step
+        if any(r.waited_s >= limit for r in running if r.exit_layer > depth):
+            return None  # someone deeper has waited its bound: everyone runs
+        return depth
 
     # ---- the step --------------------------------------------------------------------------
 
     def schedule(self, now: float) -> SchedulerOutput:
-        chosen = self.choose_rows(now)
-        depth = None if chosen is None else max(r.exit_layer for r in chosen)
-        chosen_ids = None if chosen is None else {r.request_id for r in chosen}
+        depth = self.choose_depth(now)
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
@@ -172,7 +152,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if chosen_ids is not None and request.request_id not in chosen_ids:
+            if depth is not None and request.exit_layer > depth:
                 i += 1
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -196,8 +176,8 @@ class Scheduler:
                 break
             if request in preempted:
                 break
-            if depth is not None and (request.exit_layer > depth or request.deadline is None):
-                continue  # a limited step admits only budgeted newcomers within its depth
+            if depth is not None and request.exit_layer > depth:
+                continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self.blocks.can_allocate(request.num_cache_layers, n):
                 break

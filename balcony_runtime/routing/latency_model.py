@@ -6,10 +6,11 @@ A request arriving now at exit e, with P prompt tokens and n tokens to generate:
     queue wait (a slot frees)  +  prefill (prompts ahead of it, then its own, in token-budget chunks)
         +  (n - 1) * pace
 
-where the pace is the time between two of its tokens. Riding steps of every row, the pace is that
-step's cost ``f``. Under deadline scheduling (scheduler.py) an urgent request runs in limited steps
-with the urgent requests due before it (earliest deadline first), interleaved with the full steps
-the starvation bound forces (routing/urgency.py's ``interleaved_pace``): that is its best pace.
+where the pace is the time between two of its tokens. Riding full steps (every running row), the
+pace is the full step's cost ``f``. Under deadline scheduling (scheduler.py) an urgent request runs
+in depth-limited steps of cost ``p`` (only rows at or below its exit), interleaved with the full
+steps the starvation bound forces: one full step per ``starvation_ratio * f`` seconds of limited
+steps, so its best pace is ``f (1 + r) / (1 + r f / p)``, or ``p`` when no deeper row runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from balcony_runtime.routing.step_cost import RowShape, StepCostModel
-from balcony_runtime.routing.urgency import Urgency, interleaved_pace, urgency
 
 
 @dataclass(frozen=True)
@@ -110,41 +110,23 @@ class LatencyModel:
             window = self.e2e_ratios.setdefault(self.e2e_class(rows), deque(maxlen=self.e2e_window))
             window.append(measured_s / expected_s)
 
-    def pace(self, rows: list[RowShape], limited: list[RowShape]) -> tuple[float, float]:
-        """(step of every row, best pace) for a row whose limited steps would run ``limited``
-        (itself included) among ``rows`` (everyone, itself included)."""
-        full = self.step_cost.step_seconds(rows)
-        if len(limited) >= len(rows):
-            return full, full  # nobody is left out: limited steps would be steps of every row
-        return full, interleaved_pace(self.step_cost.step_seconds(limited), full, self.starvation_ratio)
+    def pace(self, rows: list[RowShape], exit_layer: int) -> tuple[float, float]:
+        """(full step, best pace) for a row at ``exit_layer`` decoding among ``rows`` (itself included)."""
+        cost = self.step_cost
+        full = cost.step_seconds(rows)
+        own = cost.step_seconds([r for r in rows if r.exit_layer <= exit_layer])
+        if all(r.exit_layer <= exit_layer for r in rows) or own <= 0:
+            return full, min(full, own) if own > 0 else full
+        r = self.starvation_ratio
+        interleaved = full * (1 + r) / (1 + r * full / own)
+        return full, min(full, interleaved)
 
-    def urgent_before(self, load: LoadSnapshot, rows: list[RowShape], due: float | None,
-                      exclude: RowLoad | None = None) -> list[RowShape]:
-        """The running requests that are urgent now and due before ``due``: the rows a limited
-        step serves ahead of a request due then (the scheduler picks urgent rows earliest deadline first)."""
-        if due is None:
-            return []
-        full = self.step_cost.step_seconds(rows)
-        chosen = []
-        for o in load.running:
-            if o is exclude or o.deadline is None or o.deadline > due:
-                continue
-            row = RowShape(o.exit_layer, 1, o.context_tokens)
-            alone = interleaved_pace(self.step_cost.step_seconds([row]), full, self.starvation_ratio)
-            left = o.deadline - load.now
-            if urgency(o.remaining_steps, left, full, alone, self.deadline_margin) is Urgency.URGENT:
-                chosen.append(row)
-        return chosen
-
-    def predict(self, exit_layer: int, prompt_tokens: int, max_tokens: int, load: LoadSnapshot,
-                budget_s: float | None = None) -> Prediction:
+    def predict(self, exit_layer: int, prompt_tokens: int, max_tokens: int, load: LoadSnapshot) -> Prediction:
         cost = self.step_cost
         others = load.rows[: load.max_num_seqs - 1]  # those that will share its steps
         decode_rows = [RowShape(o.exit_layer, 1, o.context_tokens) for o in others]
         mine = RowShape(exit_layer, 1, prompt_tokens + max_tokens // 2)  # its mean context
-        everyone = decode_rows + [mine]
-        due = None if budget_s is None else load.now + budget_s
-        full_step, best = self.pace(everyone, self.urgent_before(load, everyone, due) + [mine])
+        full_step, best = self.pace(decode_rows + [mine], exit_layer)
 
         # Queue: with no free slot, it waits for the (queued ahead + 1)-th running request to finish.
         wait = 0.5 * cost.step_seconds(decode_rows)  # joins at the next step boundary
@@ -166,23 +148,19 @@ class LatencyModel:
         start = wait + prefill
         return Prediction(start + steps * full_step, start + steps * best, full_step, best)
 
-    def admitted_still_meet(self, exit_layer: int, load: LoadSnapshot, budget_s: float | None = None) -> bool:
+    def admitted_still_meet(self, exit_layer: int, load: LoadSnapshot) -> bool:
         """Whether every admitted request with a deadline that can meet it now still can with one
-        more row at ``exit_layer`` (due ``budget_s`` from now), each at its best pace."""
+        more row at ``exit_layer`` (each at its best pace)."""
         rows = [RowShape(o.exit_layer, 1, o.context_tokens) for o in load.rows[: load.max_num_seqs]]
         newcomer = RowShape(exit_layer, 1, 0)
-        due = None if budget_s is None else load.now + budget_s
         for o in load.running:
             if o.deadline is None:
                 continue
-            left, mine = o.deadline - load.now, RowShape(o.exit_layer, 1, o.context_tokens)
-            _, before = self.pace(rows, self.urgent_before(load, rows, o.deadline, exclude=o) + [mine])
+            left = o.deadline - load.now
+            _, before = self.pace(rows, o.exit_layer)
             if o.remaining_steps * before > left:
                 continue  # already late: one more row does not change that
-            ahead = self.urgent_before(load, rows + [newcomer], o.deadline, exclude=o) + [mine]
-            if due is not None and due <= o.deadline:
-                ahead.append(newcomer)  # due first, it would be served first
-            _, after = self.pace(rows + [newcomer], ahead)
+            _, after = self.pace(rows + [newcomer], o.exit_layer)
             if o.remaining_steps * after > left:
                 return False
         return True

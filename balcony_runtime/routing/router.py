@@ -1,6 +1,6 @@
 """Budget -> exit: the deepest exit at which the request, and every admitted one, meets its deadline.
 
-Feasibility is judged at the request's best pace under the scheduler's policy (limited steps
+Feasibility is judged at the request's best pace under the scheduler's policy (depth-limited steps
 when it is urgent), scaled by a high quantile of the measured / expected ratio of recent requests;
 the latency reported back is the expected one (full steps while they fit the budget, else paced to
 the deadline), scaled by the median ratio.
@@ -68,11 +68,11 @@ class Router:
 
         def predict(e: int) -> Prediction:
             if e not in predictions:
-                predictions[e] = model.predict(e, prompt_tokens, max_tokens, load, budget_s)
+                predictions[e] = model.predict(e, prompt_tokens, max_tokens, load)
             return predictions[e]
 
         def feasible(e: int) -> bool:
-            return predict(e).best_pace_s * high <= budget_s and model.admitted_still_meet(e, load, budget_s)
+            return predict(e).best_pace_s * high <= budget_s and model.admitted_still_meet(e, load)
 
         def decide(e: int, fit: bool | None, forced: bool) -> RouteDecision:
             expected = predict(e).expected_s(budget_s, model.deadline_margin)

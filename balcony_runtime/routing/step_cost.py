@@ -160,4 +160,3 @@ class StepCostModel:
     def describe(self, exits: Sequence[int]) -> dict[str, str]:
         """One row's decode step at each exit (context 128), for logs: increasing by construction."""
         return {str(e): f"{1e3 * self.step_seconds([RowShape(e, 1, 128)]):.1f}ms" for e in exits}
-

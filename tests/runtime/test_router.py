@@ -100,29 +100,6 @@ def test_next_to_deep_rows_full_pace_is_the_full_step_and_best_pace_is_faster():
     assert own < p.pace_best_s < full_step
 
 
-def test_best_pace_shares_limited_steps_with_urgent_requests_due_earlier_only():
-    deep = tuple(RowLoad(FULL, 50, 200, 0) for _ in range(4))
-    m = LatencyModel(cost(), starvation_ratio=1.0)
-    rows = [RowShape(FULL, 1, 50)] * 4 + [RowShape(8, 1, 30)]
-    full = cost().step_seconds(rows)
-    alone = cost().step_seconds([RowShape(8, 1, 30)])
-    pace_alone = full * 2 / (1 + full / alone)
-    # An admitted exit-8 request due at 1 s with 20 tokens to go: late on steps of every row, in time in its own.
-    assert 20 * full > 1.0 > 20 * pace_alone
-    urgent = RowLoad(8, 30, 20, 0, deadline=1.0)
-    load = LoadSnapshot(0.0, deep + (urgent,), (), 8, 512)
-    mine = RowShape(8, 1, 10 + 16)  # the newcomer's mean context: 10 prompt tokens, 32 to generate
-    everyone = rows + [mine]
-    full = cost().step_seconds(everyone)
-    later = m.predict(8, 10, 32, load, budget_s=5.0)  # due after the urgent one: served with it
-    sooner = m.predict(8, 10, 32, load, budget_s=0.5)  # due first: limited steps of its own
-    shared = cost().step_seconds([RowShape(8, 1, 30), mine])
-    own = cost().step_seconds([mine])
-    assert later.pace_best_s == pytest.approx(full * 2 / (1 + full / shared))
-    assert sooner.pace_best_s == pytest.approx(full * 2 / (1 + full / own))
-    assert sooner.pace_best_s < later.pace_best_s
-
-
 def test_predictions_grow_with_depth():
     m = LatencyModel(cost())
     busy = LoadSnapshot(0.0, tuple(RowLoad(e, 60, 20, 0) for e in EXITS), (), 8, 512)
