@@ -9,6 +9,7 @@ request's schema in a worker thread before queueing it, which both answers an in
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 
@@ -22,6 +23,26 @@ from balcony_runtime.structured.request_grammar import RequestGrammar
 # No free whitespace between JSON tokens: a grammar that lets whitespace repeat lets a weak exit
 # spend all of max_tokens on newlines and never close the object. Every token then advances the JSON.
 _JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_objects(schema):
+    """The schema with ``additionalProperties: false`` on every object that lists its properties and
+    says nothing about others (as xgrammar's strict mode, vLLM's default, does). JSON Schema leaves
+    such objects open, which lets a weak exit add made-up keys until max_tokens cuts the JSON; a
+    schema that asks for extra keys (``additionalProperties`` given) keeps them."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: ({name: closed_objects(sub) for name, sub in value.items()}  # name -> schema maps
+                 if key in _SCHEMA_MAPS and isinstance(value, dict) else closed_objects(value))
+           for key, value in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 class InvalidGrammar(RequestError):
@@ -69,7 +90,8 @@ class GrammarCompiler:
 
     def _compile(self, constraint: StructuredOutput) -> llguidance.LLMatcher:
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(constraint.json_schema, defaults=_JSON_OPTIONS)
+            schema = json.dumps(closed_objects(json.loads(constraint.json_schema)))
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
         except ValueError as exc:
             raise InvalidGrammar(f"invalid JSON schema: {exc}") from exc
         # Building never raises for a bad grammar: the matcher starts in an error state instead.

@@ -142,3 +142,21 @@ def test_completion_is_reported_when_the_object_closes(compiler, tokenizer):
     state = compiler.new_state(StructuredOutput.json_object())
     tokens = tokenizer.encode('{"a":[1,2]}', add_special_tokens=False)
     assert [state.accept(t) for t in tokens] == [False] * (len(tokens) - 1) + [True]
+
+
+def test_objects_that_list_their_properties_are_closed_unless_the_schema_says_otherwise():
+    from balcony_runtime.structured.compiler import closed_objects
+
+    schema = {"type": "object", "properties": {
+        "properties": {"type": "object", "properties": {"x": {"type": "integer"}}},  # a key named "properties"
+        "open": {"type": "object", "properties": {}, "additionalProperties": True},
+        "list": {"type": "array", "items": {"type": "object", "properties": {"y": {"type": "string"}}}},
+    }, "$defs": {"d": {"type": "object", "properties": {"z": {}}}}}
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["properties"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]  # the name -> schema map itself is untouched
+    assert closed["properties"]["open"]["additionalProperties"] is True
+    assert closed["properties"]["list"]["items"]["additionalProperties"] is False
+    assert closed["$defs"]["d"]["additionalProperties"] is False
+    assert closed_objects({"type": "object"}) == {"type": "object"}  # json_object stays open
