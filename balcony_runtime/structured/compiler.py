@@ -25,14 +25,17 @@ from balcony_runtime.structured.request_grammar import RequestGrammar
 _JSON_OPTIONS = {"whitespace_flexible": False}
 
 
+NUMBER_STEP = 1e-6  # numbers are written with at most this many decimals unless the schema says otherwise
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
 def closed_objects(schema):
-    """The schema with ``additionalProperties: false`` on every object that lists its properties and
-    says nothing about others (as xgrammar's strict mode, vLLM's default, does). JSON Schema leaves
-    such objects open, which lets a weak exit add made-up keys until max_tokens cuts the JSON; a
-    schema that asks for extra keys (``additionalProperties`` given) keeps them."""
+    """The schema as decoded: every output still validates against the original, but the grammar
+    ends where a weak exit would otherwise ramble until max_tokens cuts the JSON.
+
+    ``additionalProperties: false`` on every object that lists its properties and says nothing about
+    others (as xgrammar's strict mode, vLLM's default, does; a schema that sets it keeps its choice),
+    and numbers written with at most six decimals (``multipleOf``) unless the schema gives a step."""
     if isinstance(schema, list):
         return [closed_objects(item) for item in schema]
     if not isinstance(schema, dict):
@@ -42,6 +45,11 @@ def closed_objects(schema):
            for key, value in schema.items()}
     if "properties" in out and "additionalProperties" not in out:
         out["additionalProperties"] = False
+    types = out.get("type")
+    if (types == "number" or (isinstance(types, list) and "number" in types)) and "multipleOf" not in out:
+        # A number's fraction has no length limit either: a weak exit that likes digits writes
+        # "10.0000000..." until max_tokens. Six decimals bound it (and any such value is valid).
+        out["multipleOf"] = NUMBER_STEP
     return out
 
 

@@ -160,3 +160,5 @@ def test_objects_that_list_their_properties_are_closed_unless_the_schema_says_ot
     assert closed["properties"]["list"]["items"]["additionalProperties"] is False
     assert closed["$defs"]["d"]["additionalProperties"] is False
     assert closed_objects({"type": "object"}) == {"type": "object"}  # json_object stays open
+    assert closed_objects({"type": "number"})["multipleOf"] == 1e-6  # a bounded fraction
+    assert closed_objects({"type": ["number", "null"], "multipleOf": 0.5})["multipleOf"] == 0.5
