@@ -87,7 +87,6 @@ def load_model(
     (fresh balconies initialised from the last backbone layer at ``exits``).
     """
     from transformers import AutoConfig, AutoTokenizer
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     resolved = resolve_model(source)
     try:
@@ -113,9 +112,9 @@ def load_model(
     limit = max_model_len or arch.max_position_embeddings
     if limit > arch.max_position_embeddings:
         raise ValueError(f"max_model_len {limit} exceeds the model's {arch.max_position_embeddings} positions")
-    rope = LlamaRotaryEmbedding(hf_config)
+    inv_freq, attention_scaling = rope_frequencies(hf_config)
     model = BalconyModel(
-        arch, exits, rope.inv_freq, rope.attention_scaling, torch_dtype, torch_device,
+        arch, exits, inv_freq, attention_scaling, torch_dtype, torch_device,
         select_ops(torch_device, kernel_backend), max_positions=limit,
     )
     _load_backbone(model, checkpoint, arch)
@@ -131,6 +130,20 @@ def load_model(
 
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
     return LoadedModel(model, tokenizer, resolved.identity, backbone_fingerprint, meta, resolved.path, limit)
+
+
+def rope_frequencies(hf_config) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies [head_dim / 2] and cos/sin scaling, as LlamaRotaryEmbedding computes
+    them, without importing transformers' modeling_llama (seconds of start-up for one formula):
+    the plain rotary inline, the scaled variants (llama3, yarn, ...) from transformers' table."""
+    params = hf_config.rope_parameters
+    if params["rope_type"] != "default":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        return ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config)
+    base = params["rope_theta"]
+    dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
 
 def _load_backbone(model: BalconyModel, tensors: dict[str, torch.Tensor], arch: ModelArch) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from balcony_runtime.errors import ModelSourceError
 from balcony_runtime.loader import load_model
@@ -55,3 +56,22 @@ def test_gguf_file_source_loads(default_model, tmp_path, monkeypatch):
     monkeypatch.setenv("BALCONY_HOME", str(tmp_path))
     resolved = resolve_model(str(gguf))
     assert resolved.path.is_relative_to(tmp_path) and (resolved.path / "config.json").is_file()
+
+
+@pytest.mark.parametrize("rope_parameters", [
+    None,  # the model's own (default rope)
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+])
+def test_rope_frequencies_equal_transformers_rotary_embedding(tiny_model_dir, rope_parameters):
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from balcony_runtime.loader import rope_frequencies
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    if rope_parameters is not None:
+        config.rope_parameters = rope_parameters
+    reference = LlamaRotaryEmbedding(config)
+    inv_freq, scaling = rope_frequencies(config)
+    assert torch.equal(inv_freq, reference.inv_freq) and scaling == reference.attention_scaling
