@@ -23,6 +23,7 @@ from balcony_runtime.request import Request
 from balcony_runtime.sampler import Sampler, SampledToken, SamplingRow, TokenLogprobs, make_generator, prompt_logprobs
 from balcony_runtime.scheduler import ScheduledRequest
 from balcony_runtime.staging import to_device
+from balcony_runtime.structured.token_masks import mask_logits
 
 
 @dataclass
@@ -85,7 +86,6 @@ class ModelRunner:
                 to_sample = logits[to_device(sample_logit_rows, torch.long, logits.device)]
             grammars = [scheduled[i].request.grammar for i in sampling]
             if any(g is not None for g in grammars):  # structured outputs: -inf on what each row's grammar forbids
-                from balcony_runtime.structured.token_masks import mask_logits
                 mask_logits(to_sample, grammars)
             for i, token in zip(sampling, self.sampler(to_sample, rows)):
                 results[i].sampled = token
