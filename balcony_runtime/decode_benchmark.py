@@ -71,7 +71,7 @@ def hf_decode_rate(loaded: LoadedModel, tokens: int) -> float:
 
 def ideal_share(model, exit_layer: int) -> float:
     """Weights an exit's decode step reads, over the full model's: layers plus the LM head."""
-    per_layer = sum(p.numel() for p in model.layers[0].parameters())
+    per_layer = model.layers[0].weight_elements()
     head = model.lm_head.numel()
     layers = exit_layer + 1 if exit_layer < model.full_depth else model.full_depth
     return (layers * per_layer + head) / (model.full_depth * per_layer + head)

@@ -14,7 +14,9 @@ from balcony_runtime.backbone_checkpoint import fingerprint, read_safetensors_di
 from balcony_runtime.config import ModelArch
 from balcony_runtime.errors import AdapterError, ModelSourceError
 from balcony_runtime.model.balcony_model import BalconyModel
-from balcony_runtime.model_source import DEFAULT_MODEL, resolve_model
+from balcony_runtime.model.packed_weights import FORMATS
+from balcony_runtime.model_source import DEFAULT_MODEL, balcony_home, resolve_model
+from balcony_runtime.weight_format import WeightChoice, resolve_weights
 from kernels import select_ops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,33 +33,13 @@ class LoadedModel:
     adapters: AdapterMeta | None  # None when the balconies are freshly initialised
     path: Path  # local HF directory of the backbone
     max_model_len: int  # longest sequence (prompt + output) the model accepts
+    weights: WeightChoice | None = None  # how dtype and weight format were chosen (None: built elsewhere)
 
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        # bf16 on GPUs, and on CPUs with native bf16, where decode measured 1.7x faster than fp32
-        # at batch 1 and 16 (docs/benchmarks.md: both are bound by reading the weights).
-        if device.type == "cuda" or cpu_has_bf16():
-            return torch.bfloat16
-        return torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def default_exits(source: str, num_layers: int) -> tuple[int, ...]:
@@ -80,11 +62,15 @@ def load_model(
     device: str = "auto",
     kernel_backend: str = "auto",
     max_model_len: int | None = None,
+    quantization: str = "none",
 ) -> LoadedModel:
     """Load the frozen backbone and its balconies.
 
     adapters: a directory, ``"default"`` (the adapters shipped for this source, if any), or None
     (fresh balconies initialised from the last backbone layer at ``exits``).
+    dtype, quantization: "auto" measures on a CPU (weight_format.py); quantization "none" (the
+    default here, exact; the CLI's default is "auto") keeps the matrices in ``dtype``, "fp16"/"int8"
+    pack them in a CPU weight format (model/packed_weights.py).
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -95,7 +81,8 @@ def load_model(
         raise ModelSourceError(f"could not read the model config at {resolved.path}: {exc}") from exc
     arch = ModelArch.from_hf_config(hf_config)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    weights = resolve_weights(dtype, quantization, torch_device, arch, balcony_home() / "weight_formats")
+    torch_dtype = weights.dtype
 
     checkpoint = read_safetensors_dir(resolved.path)
     backbone_fingerprint = fingerprint(checkpoint)
@@ -127,9 +114,12 @@ def load_model(
             balcony.init_from_backbone(model.layers)
     model.freeze_backbone()
     model.eval()
+    if weights.quantization in FORMATS:
+        model.pack_weights(weights.quantization)
 
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-    return LoadedModel(model, tokenizer, resolved.identity, backbone_fingerprint, meta, resolved.path, limit)
+    return LoadedModel(model, tokenizer, resolved.identity, backbone_fingerprint, meta, resolved.path, limit,
+                       weights)
 
 
 def rope_frequencies(hf_config) -> tuple[torch.Tensor, float]:

@@ -62,7 +62,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapters", default="default",
                    help="balcony adapters directory; 'default' takes the shipped ones, 'none' fresh balconies")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and activations dtype (auto: bfloat16 on GPUs and on CPUs with native bf16, else float32)")
+                   help="activations dtype, and the weights' unless --quantization packs them (auto: bfloat16 on GPUs; "
+                        "on CPUs the faster of float32 and bfloat16 as measured at the first start, then cached)")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "fp16", "int8"],
+                   help="matrix format, CPU only: fp16 (fp16 weights, fp32 activations), int8 (weight-only int8 "
+                        "per output channel: lossy, quality per exit in docs/benchmarks.md), none (the dtype's); "
+                        "auto: the faster of none and fp16 as measured on this machine (never int8)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to run (auto: cuda if present)")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -78,7 +83,8 @@ def load_from_args(args):
 
     adapters = None if args.adapters in ("none", "") else args.adapters
     return load_model(args.model, adapters=adapters, dtype=args.dtype, device=args.device,
-                      kernel_backend=args.kernels, max_model_len=args.max_model_len)
+                      kernel_backend=args.kernels, max_model_len=args.max_model_len,
+                      quantization=args.quantization)
 
 
 def cmd_generate(args) -> int:

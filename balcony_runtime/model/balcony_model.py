@@ -24,6 +24,7 @@ from balcony_runtime.config import ModelArch
 from balcony_runtime.model.balcony import Balcony
 from balcony_runtime.model.decoder_layer import Attend, DecoderLayer
 from balcony_runtime.model.forward_batch import ForwardBatch
+from balcony_runtime.model.packed_weights import FORMATS, linear
 from balcony_runtime.staging import to_device
 from kernels import KernelOps
 
@@ -80,7 +81,7 @@ class BalconyModel(nn.Module):
     def backbone_parameters(self):
         yield self.embed_tokens
         yield self.norm
-        if self.lm_head is not self.embed_tokens:
+        if isinstance(self.lm_head, nn.Parameter) and self.lm_head is not self.embed_tokens:
             yield self.lm_head
         for layer in self.layers:
             yield from layer.parameters()
@@ -88,6 +89,27 @@ class BalconyModel(nn.Module):
     def freeze_backbone(self) -> None:
         for p in self.backbone_parameters():
             p.requires_grad_(False)
+
+    @property
+    def quantization(self) -> str:
+        """The matrices' format: "none" (the model's dtype) or a key of packed_weights.FORMATS."""
+        for name, cls in FORMATS.items():
+            if isinstance(self.lm_head, cls):
+                return name
+        return "none"
+
+    @torch.no_grad()
+    def pack_weights(self, fmt: str) -> None:
+        """Every matrix a step reads in a packed CPU format: backbone layers, balcony layers and the
+        head (a separate packed copy when tied: the embedding lookup keeps its float rows). Norms,
+        lenses (one [H, H] map per exit) and the KV cache keep the model's dtype. Inference only."""
+        if self.quantization != "none":
+            raise RuntimeError(f"weights are already packed as {self.quantization}")
+        for layer in [*self.layers, *(b.layer for b in self.balconies.values())]:
+            layer.pack_weights(fmt)
+        head = FORMATS[fmt].pack(self.lm_head)
+        del self.lm_head  # unregisters the name only; a tied embedding stays a parameter
+        object.__setattr__(self, "lm_head", head)
 
     # ---- forward ---------------------------------------------------------------------------
 
@@ -98,7 +120,7 @@ class BalconyModel(nn.Module):
 
     def head(self, normed: torch.Tensor) -> torch.Tensor:
         """The shared LM head: normed [N, H] -> fp32 logits [N, V]."""
-        return F.linear(normed, self.lm_head).float()
+        return linear(normed, self.lm_head).float()
 
     def _paged_attend(
         self, batch: ForwardBatch, cache_layer: int, rows: slice, kv_cache: tuple[torch.Tensor, torch.Tensor]

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from balcony_runtime.config import ModelArch
+from balcony_runtime.model.packed_weights import FORMATS, linear
 from kernels import KernelOps
 
 # (q [T, Hq, D], k [T, Hk, D], v [T, Hk, D]) -> attention output [T, Hq, D]; applies RoPE itself.
@@ -42,7 +43,7 @@ class DecoderLayer(nn.Module):
         the layer's full output is their sum, left unsummed so the next norm can fuse the add."""
         arch = self.arch
         normed, residual = ops.rms_norm(hidden, self.input_norm, arch.rms_norm_eps, residual)
-        qkv = F.linear(normed, self.qkv_proj)  # [T, (Hq + 2 Hk) D]
+        qkv = linear(normed, self.qkv_proj)  # [T, (Hq + 2 Hk) D]
         q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         attn = attend(
@@ -50,13 +51,41 @@ class DecoderLayer(nn.Module):
             k.view(-1, arch.num_kv_heads, arch.head_dim),  # [T, Hk, D]
             v.view(-1, arch.num_kv_heads, arch.head_dim),
         )
-        hidden = F.linear(attn.flatten(1), self.o_proj)  # [T, H]
+        hidden = linear(attn.flatten(1), self.o_proj)  # [T, H]
         normed, residual = ops.rms_norm(hidden, self.post_attention_norm, arch.rms_norm_eps, residual)
-        hidden = F.linear(ops.swiglu(normed, self.gate_up_proj), self.down_proj)  # [T, H]
+        if isinstance(self.gate_up_proj, torch.Tensor):
+            activated = ops.swiglu(normed, self.gate_up_proj)  # [T, I]
+        else:  # a packed CPU weight: the product, then the activation
+            gate, up = self.gate_up_proj.matmul(normed).chunk(2, dim=-1)  # [T, I] each
+            activated = F.silu(gate) * up
+        hidden = linear(activated, self.down_proj)  # [T, H]
         return hidden, residual
+
+    MATRICES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+    def pack_weights(self, fmt: str) -> None:
+        """Replace the four matrices by a packed CPU format (model/packed_weights.py; inference only:
+        they stop being parameters)."""
+        for name in self.MATRICES:
+            weight = getattr(self, name)
+            if not isinstance(weight, torch.Tensor):
+                raise RuntimeError(f"{name} is already packed")
+            delattr(self, name)  # unregister the Parameter so a plain attribute can take its name
+            object.__setattr__(self, name, FORMATS[fmt].pack(weight))
+
+    def weight_elements(self) -> int:
+        """Weights this layer holds, packed matrices included (a step reads all of them)."""
+        norms = self.input_norm.numel() + self.post_attention_norm.numel()
+        return norms + sum(getattr(self, name).numel() for name in self.MATRICES)
+
+    @property
+    def is_quantized(self) -> bool:
+        return not isinstance(self.qkv_proj, torch.Tensor)
 
     def load_hf(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
         """Copy a transformers LlamaDecoderLayer's weights (names under ``prefix``) into this layer."""
+        if self.is_quantized:
+            raise RuntimeError("load weights before quantizing the layer")
         get = lambda name: tensors[prefix + name]  # noqa: E731
         with torch.no_grad():
             self.input_norm.copy_(get("input_layernorm.weight"))
@@ -70,6 +99,8 @@ class DecoderLayer(nn.Module):
 
     def hf_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """This layer's weights under transformers' LlamaDecoderLayer names (for references, export)."""
+        if self.is_quantized:
+            raise RuntimeError("a packed layer has no float weights to export")
         arch = self.arch
         q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
         q, k, v = self.qkv_proj.detach().split([q_size, kv_size, kv_size])

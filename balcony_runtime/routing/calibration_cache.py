@@ -32,7 +32,7 @@ class CalibrationKey:
     """What a calibration depends on; two engines with equal keys cost the same per step."""
 
     model: str  # backbone identity and weight fingerprint
-    structure: str  # architecture, served exits, balconies with a lens, kernel implementation
+    structure: str  # architecture, served exits, balconies with a lens, kernels, weight quantization
     dtype: str  # e.g. "float32"
     device: str  # e.g. "cpu", "cuda:0"
     threads: int  # torch.get_num_threads(): CPU steps scale with it
@@ -50,7 +50,7 @@ class CalibrationKey:
         device = model.norm.device
         return cls(
             model=f"{engine.loaded.identity} {engine.loaded.fingerprint}",
-            structure=f"{model.arch} exits={list(engine.exits)} lens={lens} kernels={model.ops.name}",
+            structure=f"{model.arch} exits={list(engine.exits)} lens={lens} kernels={model.ops.name} weights={model.quantization}",
             dtype=str(model.dtype).removeprefix("torch."),
             device=str(device),
             threads=torch.get_num_threads(),

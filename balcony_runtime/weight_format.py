@@ -1,0 +1,168 @@
+"""Pick the CPU's dtype and weight format by measuring them, once per machine.
+
+A CPU decode step is bound by reading the weights, and which format reads fastest depends on the
+machine, not on a flag: on a 2-core EPYC without AVX-512, bf16 matrices (converted in software)
+beat fp32 and FBGEMM's fp16 beats both, while on CPUs with AMX oneDNN's bf16 may win, and torch's
+int8 kernel is only fast with AVX-512 (docs/benchmarks.md has the figures). So ``--dtype auto`` and
+``--quantization auto`` time the candidates on matrices of the model's own shapes, enough layers
+to spill out of the caches, at 1 and 16 rows, and keep the fastest. The verdict is cached per
+machine, thread count, torch version and shapes, so only the first start pays (about a second).
+
+``auto`` never picks a lossy format (int8): that stays an explicit choice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from balcony_runtime.config import ModelArch
+from balcony_runtime.model.packed_weights import FORMATS, QUANTIZATIONS, linear
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+ROWS = (1, 16)  # one stream, and a busy batch
+TARGET_BYTES = 192 * 2**20  # fp32 bytes of the timed layers: past the last-level cache of a server CPU
+
+
+@dataclass(frozen=True)
+class WeightChoice:
+    dtype: torch.dtype
+    quantization: str  # "none" or a key of packed_weights.FORMATS
+    timings_ms: dict[str, list[float]]  # candidate label -> ms per pass at each of ROWS
+    cached: bool = False  # read back from disk instead of measured now
+
+    @property
+    def label(self) -> str:
+        return candidate_label(self.dtype, self.quantization)
+
+
+def candidate_label(dtype: torch.dtype, quantization: str) -> str:
+    name = DTYPE_NAMES[dtype]
+    return name if quantization == "none" else f"{name} + {quantization} weights"
+
+
+def candidates(dtype: str, quantization: str) -> list[tuple[torch.dtype, str]]:
+    """The (dtype, format) pairs a CPU start may choose between, given the two flags."""
+    dtypes = [torch.float32, torch.bfloat16] if dtype == "auto" else [_dtype(dtype)]
+    formats = ["none", "fp16"] if quantization == "auto" else [quantization]
+    # fp16 weights are FBGEMM's fp32-activation kernel: only with fp32 activations.
+    return [(d, f) for d in dtypes for f in formats if not (f == "fp16" and d != torch.float32)]
+
+
+def _dtype(name: str) -> torch.dtype:
+    for dtype, known in DTYPE_NAMES.items():
+        if known == name:
+            return dtype
+    raise ValueError(f"unknown dtype {name!r}")
+
+
+def timing_matrices(arch: ModelArch) -> list[torch.Tensor]:
+    """Random fp32 matrices of the model's shapes: enough decoder layers to pass TARGET_BYTES, then
+    the head. Drawn once and converted per candidate (drawing dominates the measurement's cost)."""
+    h, inter = arch.hidden_size, arch.intermediate_size
+    q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    shapes = [(q_size + 2 * kv_size, h), (h, q_size), (2 * inter, h), (h, inter)]
+    layers = max(2, min(arch.num_layers, math.ceil(TARGET_BYTES / (4 * sum(n * k for n, k in shapes)))))
+    generator = torch.Generator().manual_seed(0)
+    return [torch.empty(n, k).uniform_(-0.05, 0.05, generator=generator)
+            for n, k in [*shapes * layers, (arch.vocab_size, h)]]
+
+
+def time_candidate(matrices: list[torch.Tensor], dtype: torch.dtype, quantization: str,
+                   repeats: int = 2) -> list[float]:
+    """Best ms of a pass over ``matrices`` (x @ W^T for each) at each of ROWS, in this format."""
+    weights = [m.to(dtype) if quantization == "none" else FORMATS[quantization].pack(m.to(dtype))
+               for m in matrices]
+    result = []
+    for rows in ROWS:
+        inputs = {k: torch.ones(rows, k, dtype=dtype) for k in {w.shape[1] for w in weights}}
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first pass pays the kernels' one-time setup
+            start = time.perf_counter()
+            for w in weights:
+                linear(inputs[w.shape[1]], w)
+            best = min(best, time.perf_counter() - start)
+        result.append(best * 1e3)
+    return result
+
+
+def choose_cpu_weights(arch: ModelArch, dtype: str, quantization: str, cache_dir: Path | None) -> WeightChoice:
+    """Measure the candidates the flags allow (or read the verdict cached for this machine)."""
+    options = candidates(dtype, quantization)
+    if len(options) == 1:
+        return WeightChoice(*options[0], timings_ms={})
+    key = _cache_key(arch, options)
+    path = None if cache_dir is None else cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path is not None and path.is_file():
+        try:
+            entry = json.loads(path.read_text())
+            if entry["key"] == key:
+                return WeightChoice(_dtype(entry["dtype"]), entry["quantization"], entry["timings_ms"], cached=True)
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: measure again and overwrite
+    matrices = timing_matrices(arch)
+    timings = {candidate_label(d, f): time_candidate(matrices, d, f) for d, f in options}
+    del matrices
+
+    def score(option: tuple[torch.dtype, str]) -> float:
+        # Geometric mean over ROWS: a format must win for one stream and for a batch alike.
+        return math.prod(timings[candidate_label(*option)]) ** (1 / len(ROWS))
+
+    best = min(options, key=score)
+    choice = WeightChoice(best[0], best[1], timings)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "dtype": DTYPE_NAMES[best[0]], "quantization": best[1],
+                                   "timings_ms": timings}, indent=1))
+        tmp.replace(path)  # atomic: a concurrent start never reads half a file
+    return choice
+
+
+def _cache_key(arch: ModelArch, options: list[tuple[torch.dtype, str]]) -> str:
+    from balcony_runtime.routing.calibration_cache import machine_name
+
+    return json.dumps({
+        "machine": machine_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "shapes": [arch.hidden_size, arch.intermediate_size, arch.num_heads, arch.num_kv_heads,
+                   arch.head_dim, arch.vocab_size, arch.num_layers],
+        "options": [candidate_label(*o) for o in options], "target_bytes": TARGET_BYTES, "rows": ROWS,
+        "version": 1,
+    }, sort_keys=True)
+
+
+def describe(choice: WeightChoice) -> str:
+    """One log line: what was picked and what the others measured."""
+    if not choice.timings_ms:
+        return f"{choice.label} (as asked)"
+    rows = "/".join(str(r) for r in ROWS)
+    measured = "; ".join(f"{label} {'/'.join(f'{t:.1f}' for t in ms)} ms"
+                         for label, ms in choice.timings_ms.items())
+    return f"{choice.label} ({'cached' if choice.cached else 'measured'} at {rows} rows: {measured})"
+
+
+def resolve_weights(dtype: str, quantization: str, device: torch.device, arch: ModelArch,
+                    cache_dir: Path | None) -> WeightChoice:
+    """The dtype and weight format a model loads with, from the ``--dtype`` and ``--quantization``
+    flags: GPUs take bf16 (auto) and their exact Triton path; CPUs measure (choose_cpu_weights)."""
+    if dtype != "auto" and dtype not in DTYPE_NAMES.values():
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPE_NAMES.values())}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose {', '.join(QUANTIZATIONS)}")
+    if device.type != "cpu":
+        if quantization in FORMATS:
+            raise ValueError(f"--quantization {quantization} is a CPU weight format (for bandwidth-bound CPU "
+                             f"decode); the model is on {device.type}")
+        return WeightChoice(torch.bfloat16 if dtype == "auto" else _dtype(dtype), "none", {})
+    if quantization == "fp16" and dtype not in ("auto", "float32"):
+        raise ValueError(f"--quantization fp16 runs float32 activations over fp16 weights: use it with "
+                         f"--dtype float32 or auto, not {dtype}")
+    return choose_cpu_weights(arch, dtype, quantization, cache_dir)

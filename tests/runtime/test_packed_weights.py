@@ -1,0 +1,104 @@
+"""CPU weight formats (fp16 for FBGEMM, weight-only int8) against dense references, alone and in
+the model: the paged forward with packed weights must equal a dense model holding the same
+(rounded) weights, and stay close to the unpacked model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from balcony_runtime.loader import load_model
+from balcony_runtime.model.packed_weights import FORMATS, Fp16Weight, Int8Weight, linear
+from tests.runtime.conftest import perturb_balconies
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_int8_matmul_matches_dequantized_dense(rows):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 40, generator=g)
+    packed = Int8Weight.pack(w)
+    x = torch.randn(rows, 40, generator=g)
+    torch.testing.assert_close(packed.matmul(x), x @ packed.dequantize().T, rtol=1e-5, atol=1e-5)
+    # symmetric per-row rounding: every weight within half a step of its row's scale
+    assert ((packed.dequantize() - w).abs() <= packed.scales[:, None] / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_fp16_matmul_matches_fp16_rounded_dense(rows):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 40, generator=g)
+    packed = Fp16Weight.pack(w)
+    torch.testing.assert_close(packed.dequantize(), w.half().float())
+    x = torch.randn(2, rows, 40, generator=g)  # leading dims are kept
+    ref = x @ w.half().float().T
+    torch.testing.assert_close(packed.matmul(x), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(linear(x, w), x @ w.T)
+
+
+def test_zero_row_does_not_divide_by_zero():
+    w = torch.zeros(4, 8)
+    w[1] = 1.0
+    packed = Int8Weight.pack(w)
+    assert torch.isfinite(packed.scales).all()
+    torch.testing.assert_close(packed.dequantize(), w)
+
+
+def logits_of(loaded, harness, token_ids, exit_layer):
+    request = harness.new_request(token_ids, exit_layer)
+    (out,) = harness.feed([(request, len(token_ids))])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_model_dir):
+    """The tiny model dense and a copy whose matrices are then packed, balconies perturbed alike."""
+    def build():
+        loaded = load_model(str(tiny_model_dir), adapters=None, exits=(1, 2, 3), dtype="float32", device="cpu")
+        perturb_balconies(loaded.model, seed=1)
+        return loaded
+    return build
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_packed_model_equals_dense_model_with_rounded_weights(fmt, tiny_pair, harness):
+    """Every exit's logits with packed matrices equal a dense model whose matrices were replaced by
+    the packed ones' exact values: the packing changes the weights' rounding and nothing else."""
+    packed, rounded = tiny_pair(), tiny_pair()
+    packed.model.pack_weights(fmt)
+    assert packed.model.quantization == fmt
+    with torch.no_grad():
+        layers = [*rounded.model.layers, *(b.layer for b in rounded.model.balconies.values())]
+        packed_layers = [*packed.model.layers, *(b.layer for b in packed.model.balconies.values())]
+        for dense, pk in zip(layers, packed_layers):
+            for name in dense.MATRICES:
+                getattr(dense, name).copy_(getattr(pk, name).dequantize())
+        rounded.model.lm_head.copy_(packed.model.lm_head.dequantize())
+    ids = rounded.tokenizer.encode("Packed weights change rounding, nothing else.")
+    for exit_layer in (1, 2, 3, 4):
+        ours = logits_of(packed, harness(packed), ids, exit_layer)
+        ref = logits_of(rounded, harness(rounded), ids, exit_layer)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_fp16_weights_stay_close_to_fp32_on_the_default_model(harness):
+    dense = load_model("smollm2-135m", adapters="default", dtype="float32", device="cpu")
+    packed = load_model("smollm2-135m", adapters="default", dtype="float32", device="cpu", quantization="fp16")
+    assert packed.model.quantization == "fp16"
+    ids = dense.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    for exit_layer in (*dense.model.exits, dense.model.full_depth):
+        ref = logits_of(dense, harness(dense), ids, exit_layer)
+        ours = logits_of(packed, harness(packed), ids, exit_layer)
+        assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+        assert (ours - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def test_packing_twice_and_exporting_packed_weights_are_refused(tiny_pair):
+    loaded = tiny_pair()
+    loaded.model.pack_weights("int8")
+    with pytest.raises(RuntimeError, match="already packed"):
+        loaded.model.pack_weights("fp16")
+    with pytest.raises(RuntimeError, match="no float weights"):
+        loaded.model.layers[0].hf_state_dict()
+    # packed matrices are no longer parameters; the tied or separate embedding still is
+    names = {name for name, _ in loaded.model.named_parameters()}
+    assert "embed_tokens" in names and not any("qkv_proj" in n for n in names)
