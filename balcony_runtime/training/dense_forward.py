@@ -94,4 +94,6 @@ def lm_logits(model: BalconyModel, normed: torch.Tensor, weight: torch.Tensor | 
     """The frozen, shared LM head: [N, H] -> fp32 logits [N, V]. ``weight``: a copy of the head in
     another dtype (bf16 on CPUs with native bf16: the head is most of a training step's FLOPs)."""
     weight = model.lm_head if weight is None else weight
+    if not isinstance(weight, torch.Tensor):  # a packed CPU head (inference-only models)
+        return weight.matmul(normed).float()
     return F.linear(normed.to(weight.dtype), weight).float()
