@@ -8,7 +8,7 @@ int8 kernel is only fast with AVX-512 (docs/benchmarks.md has the figures). So `
 to spill out of the caches, at 1 and 16 rows, and keep the fastest. The verdict is cached per
 machine, thread count, torch version and shapes, so only the first start pays (about a second).
 
-``auto`` never picks a lossy format (int8): that stays an explicit choice.
+``auto`` never picks a lossy format (int8, w8a8): that stays an explicit choice.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from balcony_runtime.config import ModelArch
 from balcony_runtime.model.packed_weights import FORMATS, QUANTIZATIONS, linear
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+FP32_ONLY = ("fp16", "w8a8")  # FBGEMM formats: float32 activations in and out
 ROWS = (1, 16)  # one stream, and a busy batch
 TARGET_BYTES = 192 * 2**20  # fp32 bytes of the timed layers: past the last-level cache of a server CPU
 
@@ -52,8 +53,8 @@ def candidates(dtype: str, quantization: str) -> list[tuple[torch.dtype, str]]:
     """The (dtype, format) pairs a CPU start may choose between, given the two flags."""
     dtypes = [torch.float32, torch.bfloat16] if dtype == "auto" else [_dtype(dtype)]
     formats = ["none", "fp16"] if quantization == "auto" else [quantization]
-    # fp16 weights are FBGEMM's fp32-activation kernel: only with fp32 activations.
-    return [(d, f) for d in dtypes for f in formats if not (f == "fp16" and d != torch.float32)]
+    # FBGEMM's kernels take fp32 activations only.
+    return [(d, f) for d in dtypes for f in formats if not (f in FP32_ONLY and d != torch.float32)]
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -162,7 +163,7 @@ def resolve_weights(dtype: str, quantization: str, device: torch.device, arch: M
             raise ValueError(f"--quantization {quantization} is a CPU weight format (for bandwidth-bound CPU "
                              f"decode); the model is on {device.type}")
         return WeightChoice(torch.bfloat16 if dtype == "auto" else _dtype(dtype), "none", {})
-    if quantization == "fp16" and dtype not in ("auto", "float32"):
-        raise ValueError(f"--quantization fp16 runs float32 activations over fp16 weights: use it with "
-                         f"--dtype float32 or auto, not {dtype}")
+    if quantization in FP32_ONLY and dtype not in ("auto", "float32"):
+        raise ValueError(f"--quantization {quantization} runs float32 activations through FBGEMM: use it "
+                         f"with --dtype float32 or auto, not {dtype}")
     return choose_cpu_weights(arch, dtype, quantization, cache_dir)

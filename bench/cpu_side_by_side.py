@@ -4,6 +4,7 @@
         [--streams 1,16] [--duration-s 60] [--prompt-tokens 128] [--output-tokens 64]
         [--warmup-requests 2] [--balcony-args "--dtype float32"] [--balcony-exits 8,15,22,full]
         [--seed 0] [--ready-timeout 900] [--out bench/results/cpu_side_by_side.json] [--quick]
+    python bench/cpu_side_by_side.py --summarise bench/results/cpu_side_by_side.json
 
 For every server in --servers, one at a time (each started fresh and stopped before the next, so
 two never share the cores), and for every --streams value: a closed loop of that many clients,
@@ -308,6 +309,15 @@ class Record:
             return None
         return (self.last - self.first) / (self.output_tokens - 1)
 
+    def tokens_before(self, t: float) -> float:
+        """Output tokens streamed by time ``t``, tokens spaced evenly between the first and last chunk:
+        a request still streaming when the window closes counts for what it sent inside it."""
+        if self.first is None or self.last is None or not self.output_tokens or t < self.first:
+            return 0.0
+        if t >= self.last or self.last == self.first:
+            return float(self.output_tokens)
+        return 1 + (self.output_tokens - 1) * (t - self.first) / (self.last - self.first)
+
     def as_json(self) -> dict:
         return {**asdict(self), "ttft_s": self.ttft_s, "tpot_s": self.tpot_s}
 
@@ -597,7 +607,7 @@ class Row:
     exit: str | None
     streams: int
     requests: int  # finished inside the window
-    output_tok_s: float
+    output_tok_s: float  # output tokens streamed inside the window, per second
     tpot_p50_ms: float
     tpot_p90_ms: float
     ttft_p50_ms: float
@@ -617,7 +627,10 @@ def summarise(records: list[Record], window_s: float) -> list[Row]:
         finished = [r for r in ok if r.end is not None and r.end <= window_s]
         ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
         tpot = [r.tpot_s for r in ok if r.tpot_s is not None]
-        rows.append(Row(server, exit_name, streams, len(finished), sum(r.output_tokens for r in finished) / window_s,
+        # Tokens streamed inside the window, partial requests included: counting only the requests
+        # that finished in it undercounts a closed loop by up to one request per client.
+        streamed = sum(r.tokens_before(window_s) for r in ok)
+        rows.append(Row(server, exit_name, streams, len(finished), streamed / window_s,
                         1000 * pct(tpot, 50), 1000 * pct(tpot, 90), 1000 * pct(ttft, 50), 1000 * pct(ttft, 90),
                         len(recs) - len(ok)))
     full = {row.streams: row.tpot_p50_ms for row in rows if row.server == "balcony" and row.exit == "full"}
@@ -675,6 +688,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ready-timeout", type=float, default=900.0, help="seconds for a server to start")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_side_by_side.json")
     parser.add_argument("--quick", action="store_true", help="smoke-test size: 8 s windows, streams 1,4")
+    parser.add_argument("--summarise", type=Path, default=None, metavar="JSON",
+                        help="print the table of an earlier run's --out file again (nothing is run)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration_s, args.streams = 8.0, "1,4"
@@ -721,8 +736,20 @@ def run_all(args, specs: list[LoadSpec], log_dir: Path) -> tuple[list[Record], d
     return records, failures, llama_cpp_version(llama) if wants_llama else None
 
 
+def resummarise(path: Path) -> int:
+    """The table of a saved run, recomputed from its per-request records."""
+    payload = json.loads(path.read_text())
+    fields = set(Record.__dataclass_fields__)
+    records = [Record(**{k: v for k, v in r.items() if k in fields}) for r in payload["records"]]
+    print(f"Machine: {payload['machine']}\n\nCommand: `{payload['command']}`\n")
+    print(markdown_table(summarise(records, float(payload["args"]["duration_s"]))))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.summarise is not None:
+        return resummarise(args.summarise)
     specs = [LoadSpec(n, args.duration_s, args.warmup_requests, args.prompt_tokens, args.output_tokens)
              for n in args.stream_list]
     args.out.parent.mkdir(parents=True, exist_ok=True)

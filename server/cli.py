@@ -64,9 +64,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="activations dtype, and the weights' unless --quantization packs them (auto: bfloat16 on GPUs; "
                         "on CPUs the faster of float32 and bfloat16 as measured at the first start, then cached)")
-    p.add_argument("--quantization", default="auto", choices=["auto", "none", "fp16", "int8"],
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "fp16", "int8", "w8a8"],
                    help="matrix format, CPU only: fp16 (fp16 weights, fp32 activations), int8 (weight-only int8 "
-                        "per output channel: lossy, quality per exit in docs/benchmarks.md), none (the dtype's); "
+                        "per output channel), w8a8 (int8 weights and dynamically quantized activations; int8 and w8a8 are "
+                        "lossy, quality per exit in docs/benchmarks.md), none (the dtype's); "
                         "auto: the faster of none and fp16 as measured on this machine (never int8)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to run (auto: cuda if present)")
