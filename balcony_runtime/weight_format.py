@@ -2,13 +2,14 @@
 
 A CPU decode step is bound by reading the weights, and which format reads fastest depends on the
 machine, not on a flag: on a 2-core EPYC without AVX-512, bf16 matrices (converted in software)
-beat fp32 and FBGEMM's fp16 beats both, while on CPUs with AMX oneDNN's bf16 may win, and torch's
-int8 kernel is only fast with AVX-512 (docs/benchmarks.md has the figures). So ``--dtype auto`` and
+beat fp32 for one row and lose for 16, FBGEMM's fp16 beats both, CPUs with AMX may favour oneDNN's
+bf16, and torch's int8 kernel is fast with bf16 activations but a scalar loop with fp32 ones there
+(docs/benchmarks.md has the figures). So ``--dtype auto`` and
 ``--quantization auto`` time the candidates on matrices of the model's own shapes, enough layers
 to spill out of the caches, at 1 and 16 rows, and keep the fastest. The verdict is cached per
 machine, thread count, torch version and shapes, so only the first start pays (about a second).
 
-``auto`` never picks a lossy format (int8, w8a8): that stays an explicit choice.
+``auto`` never picks a lossy format (int8): that stays an explicit choice.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from balcony_runtime.config import ModelArch
 from balcony_runtime.model.packed_weights import FORMATS, QUANTIZATIONS, linear
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-FP32_ONLY = ("fp16", "w8a8")  # FBGEMM formats: float32 activations in and out
+FP32_ONLY = ("fp16",)  # FBGEMM's format: float32 activations in and out
 ROWS = (1, 16)  # one stream, and a busy batch
 TARGET_BYTES = 192 * 2**20  # fp32 bytes of the timed layers: past the last-level cache of a server CPU
 

@@ -18,8 +18,8 @@ from balcony_runtime.model_source import resolve_model
 from balcony_runtime.weight_format import ROWS, candidate_label, time_candidate, timing_matrices
 
 FORMATS = [(torch.float32, "none"), (torch.bfloat16, "none"), (torch.float32, "fp16"),
-           (torch.float32, "w8a8"), (torch.float32, "int8"), (torch.bfloat16, "int8")]
-BYTES = {"none": None, "fp16": 2, "w8a8": 1, "int8": 1}
+           (torch.float32, "int8"), (torch.bfloat16, "int8")]
+BYTES = {"none": None, "fp16": 2, "int8": 1}
 
 
 def main() -> None:

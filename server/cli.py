@@ -64,10 +64,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="activations dtype, and the weights' unless --quantization packs them (auto: bfloat16 on GPUs; "
                         "on CPUs the faster of float32 and bfloat16 as measured at the first start, then cached)")
-    p.add_argument("--quantization", default="auto", choices=["auto", "none", "fp16", "int8", "w8a8"],
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "fp16", "int8"],
                    help="matrix format, CPU only: fp16 (fp16 weights, fp32 activations), int8 (weight-only int8 "
-                        "per output channel), w8a8 (int8 weights and dynamically quantized activations; int8 and w8a8 are "
-                        "lossy, quality per exit in docs/benchmarks.md), none (the dtype's); "
+                        "per output channel: lossy, quality per exit in docs/benchmarks.md), none (the dtype's); "
                         "auto: the faster of none and fp16 as measured on this machine (never int8)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to run (auto: cuda if present)")
@@ -173,7 +172,9 @@ def cmd_bench(args) -> int:
     except (BalconyError, ValueError) as exc:
         print(f"balcony bench: {exc}", file=sys.stderr)
         return 2
-    dtype = str(loaded.model.dtype).removeprefix("torch.")
+    from balcony_runtime.weight_format import candidate_label
+
+    dtype = candidate_label(loaded.model.dtype, loaded.model.quantization)  # e.g. "float32 + fp16 weights"
     print("\n".join([f"Decode, {machine_line(loaded, args.tokens)}", "", *markdown_header(args.batch),
                      *markdown_rows(dtype, rates, hf_rate, loaded.model.full_depth)]))
     return 0

@@ -8,19 +8,18 @@ matrices decides its pace more than anything else. Two formats, each run by a ke
   fp32 accumulation). Half of fp32's bytes and the same rounding as a 16-bit checkpoint.
 - ``int8``: weight-only int8 with one scale per output channel (``w ~ q * scale``, ``q`` in
   [-127, 127], ``scale = max|w_row| / 127``), run by ``aten._weight_int8pack_mm`` (the kernel gpt-fast
-  and torchao use). A quarter of fp32's bytes; the activations stay exact. Its CPU kernel is
-  vectorized for AVX-512 only, so it is offered, never picked, where the measurement says it is slow.
-- ``w8a8``: the same int8 weights run by FBGEMM's dynamic-quantization GEMM
-  (``quantized.linear_dynamic``): each step's fp32 input is quantized to 8 bits with one scale for
-  the whole input, multiplied in integers and scaled back. Vectorized on AVX2 too; the activation
-  rounding costs quality and makes a row depend slightly on its batch-mates.
+  and torchao use). A quarter of fp32's bytes; the activations stay exact. On an AVX2 CPU the
+  kernel is a scalar loop for fp32 activations and vectorized for bf16 ones, so with ``--dtype auto``
+  the activation dtype is chosen by timing both (weight_format.py). Lossy: never picked by ``auto``.
+
+Tried and dropped: FBGEMM's int8 GEMM over dynamically quantized activations (one 7-bit scale per
+input): the fastest here, but full-depth perplexity 3.4x fp32's (docs/benchmarks.md, "CPU decode").
 
 Norms, lenses, embeddings and the KV cache keep the model's dtype. GPU steps never use these.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -85,41 +84,8 @@ class Fp16Weight:
         return torch.ops.quantized.linear_dynamic_fp16(flat, self.packed).view(*x.shape[:-1], n)
 
 
-@dataclass(frozen=True)
-class W8A8Weight:
-    packed: torch.Tensor  # FBGEMM's opaque packed int8 matrix (per-output-channel scales)
-    shape: torch.Size  # [N, K]
-
-    @classmethod
-    def pack(cls, weight: torch.Tensor) -> "W8A8Weight":
-        """weight [N, K] -> per-row symmetric int8 (the same rounding as :class:`Int8Weight`), packed."""
-        w = weight.detach().float().contiguous()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny).double()
-        with warnings.catch_warnings():
-            # torch marks its quantized tensor type deprecated (pytorch#184982); FBGEMM's packed int8
-            # GEMM still takes one to pack. Revisit when torch removes it.
-            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-            q = torch.quantize_per_channel(w, scales, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-        return cls(torch.ops.quantized.linear_prepack(q, None), w.shape)
-
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    def dequantize(self) -> torch.Tensor:
-        weight, _ = torch.ops.quantized.linear_unpack(self.packed)
-        return weight.dequantize()
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] float32 -> float32 [..., N]; x is quantized to uint8 on the fly, one scale for
-        the whole [rows, K] input (FBGEMM's dynamic quantization), so a row's result depends slightly
-        on the other rows of the step."""
-        n, k = self.shape
-        flat = x.reshape(-1, k).contiguous()
-        return torch.ops.quantized.linear_dynamic(flat, self.packed, True).view(*x.shape[:-1], n)
-
-
-PackedWeight = Int8Weight | Fp16Weight | W8A8Weight
-FORMATS = {"int8": Int8Weight, "fp16": Fp16Weight, "w8a8": W8A8Weight}
+PackedWeight = Int8Weight | Fp16Weight
+FORMATS = {"int8": Int8Weight, "fp16": Fp16Weight}
 QUANTIZATIONS = ("auto", "none", *FORMATS)
 
 

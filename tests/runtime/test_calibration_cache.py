@@ -29,7 +29,7 @@ class FakeEngine:
         self.model = SimpleNamespace(
             full_depth=FULL_DEPTH, exits=tuple(e for e in exits if e < FULL_DEPTH), balconies=balconies,
             norm=SimpleNamespace(device=torch.device("cpu")), dtype=torch.float32,
-            ops=SimpleNamespace(name="torch"), arch="tiny-arch", cache_layers_of=lambda e: range(e + 1),
+            ops=SimpleNamespace(name="torch"), quantization="none", arch="tiny-arch", cache_layers_of=lambda e: range(e + 1),
         )
         self.loaded = SimpleNamespace(identity="fake-model", fingerprint=fingerprint, max_model_len=512)
         self.blocks = SimpleNamespace(fits_at_all=lambda layers, tokens: True)

@@ -62,7 +62,6 @@ def test_gpu_keeps_its_exact_path_and_refuses_cpu_formats(arch):
 
 @pytest.mark.parametrize("dtype, quantization, message", [
     ("bfloat16", "fp16", "float32 activations"),
-    ("bfloat16", "w8a8", "float32 activations"),
     ("float64", "none", "unknown dtype"),
     ("float32", "int4", "unknown quantization"),
 ])

@@ -86,3 +86,11 @@ def test_bench_host_only_times_the_host_side_of_a_decode_step(capsys, tiny_model
     assert "4 rows x 16 tokens" in out
     for phase in ("schedule", "prepare", "forward", "sample", "postprocess"):
         assert f"{phase} " in out
+
+
+def test_generate_takes_a_cpu_weight_format_and_refuses_an_impossible_one(capsys, tiny_model_dir):
+    code, err = generate(capsys, tiny_model_dir, "--quantization", "int8", "--raw")
+    assert code == 0, err
+    code, err = main(["generate", "--model", str(tiny_model_dir), "--adapters", "none", "--dtype", "bfloat16",
+                      "--quantization", "fp16", "--device", "cpu", "Hi"]), capsys.readouterr().err
+    assert code == 2 and "float32 activations" in err and "Traceback" not in err
