@@ -53,7 +53,10 @@ def candidate_label(dtype: torch.dtype, quantization: str) -> str:
 def candidates(dtype: str, quantization: str) -> list[tuple[torch.dtype, str]]:
     """The (dtype, format) pairs a CPU start may choose between, given the two flags."""
     dtypes = [torch.float32, torch.bfloat16] if dtype == "auto" else [_dtype(dtype)]
-    formats = ["none", "fp16"] if quantization == "auto" else [quantization]
+    # An explicit --dtype is a request for weights in that dtype (e.g. float32 for exactness):
+    # auto packs weights only when the dtype is left to the measurement too.
+    packing = ["none", "fp16"] if dtype == "auto" else ["none"]
+    formats = packing if quantization == "auto" else [quantization]
     # FBGEMM's kernels take fp32 activations only.
     return [(d, f) for d in dtypes for f in formats if not (f in FP32_ONLY and d != torch.float32)]
 

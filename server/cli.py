@@ -67,7 +67,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="auto", choices=["auto", "none", "fp16", "int8"],
                    help="matrix format, CPU only: fp16 (fp16 weights, fp32 activations), int8 (weight-only int8 "
                         "per output channel: lossy, quality per exit in docs/benchmarks.md), none (the dtype's); "
-                        "auto: the faster of none and fp16 as measured on this machine (never int8)")
+                        "auto: with --dtype auto, the faster of none and fp16 as measured on this machine (never int8); "
+                        "with an explicit --dtype, none")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to run (auto: cuda if present)")
     p.add_argument("--max-model-len", type=int, default=None,

@@ -18,7 +18,8 @@ def arch(tiny_model):
 
 def test_candidates_follow_the_flags():
     assert candidates("auto", "auto") == [(torch.float32, "none"), (torch.float32, "fp16"), (torch.bfloat16, "none")]
-    assert candidates("float32", "auto") == [(torch.float32, "none"), (torch.float32, "fp16")]
+    assert candidates("float32", "auto") == [(torch.float32, "none")]  # an explicit dtype keeps its weights
+    assert candidates("float32", "fp16") == [(torch.float32, "fp16")]
     assert candidates("bfloat16", "auto") == [(torch.bfloat16, "none")]  # fp16 weights need fp32 activations
     assert candidates("auto", "int8") == [(torch.float32, "int8"), (torch.bfloat16, "int8")]
     assert candidates("float32", "none") == [(torch.float32, "none")]
@@ -36,14 +37,14 @@ def test_measured_choice_is_the_fastest_and_is_cached(arch: ModelArch, tmp_path)
 
 
 def test_a_corrupt_or_foreign_cache_entry_is_measured_again(arch, tmp_path):
-    choose_cpu_weights(arch, "float32", "auto", tmp_path)
+    choose_cpu_weights(arch, "auto", "auto", tmp_path)
     (entry,) = tmp_path.iterdir()
     entry.write_text("{not json")
-    assert not choose_cpu_weights(arch, "float32", "auto", tmp_path).cached
+    assert not choose_cpu_weights(arch, "auto", "auto", tmp_path).cached
     data = json.loads(entry.read_text())
     data["key"] = "another machine"
     entry.write_text(json.dumps(data))
-    assert not choose_cpu_weights(arch, "float32", "auto", tmp_path).cached
+    assert not choose_cpu_weights(arch, "auto", "auto", tmp_path).cached
 
 
 def test_explicit_flags_are_not_measured(arch, tmp_path):
