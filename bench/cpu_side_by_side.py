@@ -59,7 +59,7 @@ from typing import Callable, Iterator
 
 import httpx
 
-from live_server import free_port, start_server, stop_server
+from live_server import free_port, launch_until_ready, start_server, stop_server
 from load_test import pct
 from server.routing_headers import EXIT_HEADER
 
@@ -506,20 +506,7 @@ def start_llama_server(binary: Path, gguf: Path, max_streams: int, spec: LoadSpe
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(max_streams),
            "-t", str(os.cpu_count()), "-c", str(context), *llama_flags(binary)]
     say(f"llama-server: {shlex.join(cmd)}")
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    started = time.monotonic()
-    while time.monotonic() < started + ready_timeout:
-        if process.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                say(f"llama-server ready in {time.monotonic() - started:.0f} s")
-                return process, url
-        time.sleep(0.5)
-    stop_server(process)
-    raise RuntimeError(f"llama-server not ready after {ready_timeout:g} s (see {log_path})")
+    return launch_until_ready(cmd, port, "/health", log_path, ready_timeout, "llama-server")
 
 
 def run_llama(server: str, gguf: Path, binary: Path, args, bank: PromptBank, specs: list[LoadSpec],
