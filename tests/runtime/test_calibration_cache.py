@@ -138,6 +138,12 @@ def test_a_hit_skips_measuring_and_a_key_change_measures_again(tmp_path):
     assert other_weights.steps == first.steps
     assert len(list(tmp_path.glob("*.json"))) == 2
 
+    packed = FakeEngine()
+    packed.model.quantization = "fp16"  # same weights, another format: another step cost
+    small(packed, cache)
+    assert packed.steps == first.steps
+    assert len(list(tmp_path.glob("*.json"))) == 3
+
 
 def test_recalibrate_measures_and_replaces_the_entry(tmp_path):
     small(FakeEngine(), CalibrationCache(tmp_path))
