@@ -37,6 +37,7 @@ CONTRACT_FLAGS: dict[str, set[str] | None] = {
     "--model": None,
     "--adapters": None,
     "--dtype": {"auto", "float32", "bfloat16", "float16"},
+    "--quantization": {"auto", "none", "fp16", "int8"},
     "--device": {"auto", "cpu", "cuda"},
     "--host": None,
     "--port": None,
