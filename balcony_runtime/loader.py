@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +18,6 @@ from balcony_runtime.model_source import DEFAULT_MODEL, balcony_home, resolve_mo
 from balcony_runtime.weight_format import WeightChoice, resolve_weights
 from kernels import select_ops
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_EXITS = {DEFAULT_MODEL: (8, 15, 22)}
 SHIPPED_ADAPTERS = Path(__file__).parent / "shipped_adapters"
 

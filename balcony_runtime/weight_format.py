@@ -27,7 +27,8 @@ import torch
 from balcony_runtime.config import ModelArch
 from balcony_runtime.model.packed_weights import FORMATS, QUANTIZATIONS, linear
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the --dtype names
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 FP32_ONLY = ("fp16",)  # FBGEMM's format: float32 activations in and out
 ROWS = (1, 16)  # one stream, and a busy batch
 TARGET_BYTES = 192 * 2**20  # fp32 bytes of the timed layers: past the last-level cache of a server CPU
@@ -52,20 +53,13 @@ def candidate_label(dtype: torch.dtype, quantization: str) -> str:
 
 def candidates(dtype: str, quantization: str) -> list[tuple[torch.dtype, str]]:
     """The (dtype, format) pairs a CPU start may choose between, given the two flags."""
-    dtypes = [torch.float32, torch.bfloat16] if dtype == "auto" else [_dtype(dtype)]
+    dtypes = [torch.float32, torch.bfloat16] if dtype == "auto" else [DTYPES[dtype]]
     # An explicit --dtype is a request for weights in that dtype (e.g. float32 for exactness):
     # auto packs weights only when the dtype is left to the measurement too.
     packing = ["none", "fp16"] if dtype == "auto" else ["none"]
     formats = packing if quantization == "auto" else [quantization]
     # FBGEMM's kernels take fp32 activations only.
     return [(d, f) for d in dtypes for f in formats if not (f in FP32_ONLY and d != torch.float32)]
-
-
-def _dtype(name: str) -> torch.dtype:
-    for dtype, known in DTYPE_NAMES.items():
-        if known == name:
-            return dtype
-    raise ValueError(f"unknown dtype {name!r}")
 
 
 def timing_matrices(arch: ModelArch) -> list[torch.Tensor]:
@@ -109,7 +103,7 @@ def choose_cpu_weights(arch: ModelArch, dtype: str, quantization: str, cache_dir
         try:
             entry = json.loads(path.read_text())
             if entry["key"] == key:
-                return WeightChoice(_dtype(entry["dtype"]), entry["quantization"], entry["timings_ms"], cached=True)
+                return WeightChoice(DTYPES[entry["dtype"]], entry["quantization"], entry["timings_ms"], cached=True)
         except (OSError, ValueError, KeyError):
             pass  # unreadable: measure again and overwrite
     matrices = timing_matrices(arch)
@@ -158,15 +152,15 @@ def resolve_weights(dtype: str, quantization: str, device: torch.device, arch: M
                     cache_dir: Path | None) -> WeightChoice:
     """The dtype and weight format a model loads with, from the ``--dtype`` and ``--quantization``
     flags: GPUs take bf16 (auto) and their exact Triton path; CPUs measure (choose_cpu_weights)."""
-    if dtype != "auto" and dtype not in DTYPE_NAMES.values():
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPE_NAMES.values())}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; choose {', '.join(QUANTIZATIONS)}")
     if device.type != "cpu":
         if quantization in FORMATS:
             raise ValueError(f"--quantization {quantization} is a CPU weight format (for bandwidth-bound CPU "
                              f"decode); the model is on {device.type}")
-        return WeightChoice(torch.bfloat16 if dtype == "auto" else _dtype(dtype), "none", {})
+        return WeightChoice(torch.bfloat16 if dtype == "auto" else DTYPES[dtype], "none", {})
     if quantization in FP32_ONLY and dtype not in ("auto", "float32"):
         raise ValueError(f"--quantization {quantization} runs float32 activations through FBGEMM: use it "
                          f"with --dtype float32 or auto, not {dtype}")

@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from balcony_runtime.adapters import load_adapters, save_adapters
-from balcony_runtime.loader import DTYPES, load_model
+from balcony_runtime.loader import load_model
+from balcony_runtime.weight_format import DTYPES
 
 
 def main() -> None:

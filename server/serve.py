@@ -161,7 +161,7 @@ def build_engine(args, config: ServeConfig, phases: StartupPhases):
     from balcony_runtime.engine import EngineConfig, LLMEngine
     from balcony_runtime.model_source import balcony_home, resolve_model
     from balcony_runtime.routing.calibration_cache import CalibrationCache
-    from balcony_runtime.weight_format import describe as describe_weights
+    from balcony_runtime.weight_format import candidate_label, describe as describe_weights
     from server.cli import load_from_args
 
     resolve_model(args.model, on_phase=phases.enter)  # a download and a conversion happen here, once
@@ -175,9 +175,8 @@ def build_engine(args, config: ServeConfig, phases: StartupPhases):
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=config.max_num_seqs, num_kv_blocks=args.num_kv_blocks,
                                             budget_policy=config.budget_policy, served_exits=served,
                                             starvation_ratio=config.starvation_ratio))
-    log.info("load: done; exits %s of %d layers, %s%s, %d KV-cache blocks", ", ".join(engine.exit_names()),
-             engine.model.full_depth, str(engine.model.dtype).removeprefix("torch."),
-             "" if engine.model.quantization == "none" else f" ({engine.model.quantization} weights)",
+    log.info("load: done; exits %s of %d layers, %s, %d KV-cache blocks", ", ".join(engine.exit_names()),
+             engine.model.full_depth, candidate_label(engine.model.dtype, engine.model.quantization),
              engine.blocks.num_blocks)
 
     cache = CalibrationCache(balcony_home() / "calibration", reuse=not config.recalibrate)

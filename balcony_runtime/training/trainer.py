@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from balcony_runtime.adapters import AdapterMeta, load_adapters, save_adapters
-from balcony_runtime.loader import DTYPES, LoadedModel, balcony_state, load_model
+from balcony_runtime.loader import LoadedModel, balcony_state, load_model
 from balcony_runtime.training.checkpoint import (
     CHECKPOINT_DIR, load_checkpoint, named_balcony_parameters, save_checkpoint,
 )
@@ -31,6 +31,7 @@ from balcony_runtime.training.data import DataError, training_stream
 from balcony_runtime.training.dense_forward import backbone_pass
 from balcony_runtime.training.lens import apply_lens, fit_lens
 from balcony_runtime.training.loss import distillation_loss
+from balcony_runtime.weight_format import DTYPES
 
 LENS_REPORT = "lens_fit.json"  # the closed-form fit's report, beside the checkpoint
 
