@@ -42,6 +42,8 @@ class EngineConfig:
     served_exits: tuple[int, ...] | None = None  # exits requests may use, routed or forced (None: every one)
     starvation_ratio: float = 1.0  # SchedulerConfig.starvation_ratio
     deadline_margin: float = 0.1  # SchedulerConfig.deadline_margin
+    enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps
+    cuda_graph_max_rows: int = 256  # decode steps of more rows (or max_num_seqs, if fewer) run eagerly
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
@@ -114,8 +116,14 @@ class LLMEngine:
         arch = self.model.arch
         num_blocks = config.num_kv_blocks or self._blocks_for_memory(config)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        kv = KVCache.allocate(arch, num_blocks, config.block_size, self.model.dtype, self.model.norm.device)
-        self.runner = ModelRunner(self.model, kv, self.blocks)
+        # One block more than the manager hands out: the scratch block of CUDA-graph decode steps.
+        kv = KVCache.allocate(arch, num_blocks + 1, config.block_size, self.model.dtype, self.model.norm.device)
+        self.runner = ModelRunner(self.model, kv, self.blocks, scratch_block=num_blocks)
+        self.graphs_recorded = 0
+        if self.model.norm.device.type == "cuda" and not config.enforce_eager:
+            graphs = self.runner.use_graphs(min(config.max_num_seqs, config.cuda_graph_max_rows),
+                                            loaded.max_model_len)
+            self.graphs_recorded = graphs.recorded
         # Structured outputs: grammars compiled once per schema, masks filled while the model runs.
         self.grammars = GrammarCompiler(self.tokenizer, arch.vocab_size)
         self.masks = MaskFiller(arch.vocab_size)
@@ -147,7 +155,7 @@ class LLMEngine:
             budget = 0.9 * free
         else:
             budget = 2 * 2**30
-        return max(1, int(budget // per_block))
+        return max(1, int(budget // per_block) - 1)  # less the scratch block
 
     # ---- requests --------------------------------------------------------------------------
 

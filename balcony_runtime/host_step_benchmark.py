@@ -75,8 +75,9 @@ def measure_host_step(
     length = context + params.max_tokens
     stub_loaded = dataclasses.replace(loaded, model=stub, max_model_len=length)
     per_row_blocks = stub.num_cache_layers * -(-length // block_size)
+    # Eager: the stub stands in for the whole forward, so there is nothing to record as CUDA graphs.
     config = EngineConfig(max_num_seqs=rows, max_num_batched_tokens=budget, block_size=block_size,
-                          num_kv_blocks=rows * per_row_blocks)
+                          num_kv_blocks=rows * per_row_blocks, enforce_eager=True)
     engine = LLMEngine(stub_loaded, config)
     rng = random.Random(0)
     for _ in range(rows):

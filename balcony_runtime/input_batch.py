@@ -8,7 +8,8 @@ fill slots 0..B-1 grouped by exit, deepest first, the order the model needs; a r
 its group's range stays put and only the others move in, so a step moves the rows that joined, left
 or changed group, not every row. The model reads a view of the tensor's first B rows: nothing of size
 rows x context is built or copied per step. Entries past a row's blocks, and at the cache layers its
-exit skips, are 0, as the model expects.
+exit skips, hold ``null_block``: the eager forward never reads them; a CUDA-graph step computes
+rows at layers they skip and must write those keys and values somewhere harmless (a scratch block).
 """
 
 from __future__ import annotations
@@ -37,13 +38,15 @@ class InputBatch:
         device: torch.device,
         rows: int = 16,
         blocks: int = 16,
+        null_block: int = 0,
     ):
         self.cache_layers_of = cache_layers_of  # exit -> cache layers, in the block manager's order
         self.device = device
         self.slots: list[_Row | None] = [None] * rows  # slot -> the request holding it
         self.slot_of: dict[str, int] = {}  # request id -> its slot
         self.written = np.zeros(rows, dtype=np.int64)  # [rows] blocks per layer already in block_table
-        self.block_table = torch.zeros(num_cache_layers, rows, blocks, dtype=torch.int32, device=device)
+        self.null_block = null_block  # what entries past a row's blocks and at skipped layers hold
+        self.block_table = torch.full((num_cache_layers, rows, blocks), null_block, dtype=torch.int32, device=device)
         self._layers: dict[int, np.ndarray] = {}  # exit -> cache layers, as an index array
         self._last_ids: list[str] = []  # the request ids of the last arrangement, in slot order
 
@@ -175,7 +178,7 @@ class InputBatch:
 
     def _zero(self, slots: list[int]) -> None:
         if slots:
-            self.block_table[:, to_device(slots, torch.long, self.device)] = 0
+            self.block_table[:, to_device(slots, torch.long, self.device)] = self.null_block
             self.written[slots] = 0
 
     def _reserve_slots(self, n: int) -> None:
@@ -185,9 +188,8 @@ class InputBatch:
     def _grow_slots(self) -> int:
         """Double the slots; returns the first new one."""
         first = self.num_slots
-        grown = torch.zeros(
-            self.block_table.shape[0], 2 * first, self.block_table.shape[2], dtype=torch.int32, device=self.device
-        )
+        grown = torch.full((self.block_table.shape[0], 2 * first, self.block_table.shape[2]), self.null_block,
+                           dtype=torch.int32, device=self.device)
         grown[:, :first] = self.block_table
         self.block_table = grown
         self.slots += [None] * first
@@ -199,7 +201,7 @@ class InputBatch:
         width = self.block_table.shape[2]
         while width < at_least:
             width *= 2
-        grown = torch.zeros(*self.block_table.shape[:2], width, dtype=torch.int32, device=self.device)
+        grown = torch.full((*self.block_table.shape[:2], width), self.null_block, dtype=torch.int32, device=self.device)
         grown[:, :, : self.block_table.shape[2]] = self.block_table
         self.block_table = grown
         self._layers.clear()

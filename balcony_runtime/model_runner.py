@@ -18,6 +18,7 @@ from balcony_runtime.block_manager import BlockManager
 from balcony_runtime.input_batch import InputBatch
 from balcony_runtime.kv_cache import KVCache
 from balcony_runtime.model.balcony_model import BalconyModel
+from balcony_runtime.model.decode_graphs import DecodeGraphs
 from balcony_runtime.model.forward_batch import ForwardBatch
 from balcony_runtime.request import Request
 from balcony_runtime.sampler import Sampler, SampledToken, SamplingRow, TokenLogprobs, make_generator, prompt_logprobs
@@ -43,14 +44,32 @@ class StepLayout:
 
 
 class ModelRunner:
-    def __init__(self, model: BalconyModel, kv_cache: KVCache, block_manager: BlockManager):
+    def __init__(self, model: BalconyModel, kv_cache: KVCache, block_manager: BlockManager,
+                 scratch_block: int | None = None):
+        """``scratch_block``: a KV-cache block the block manager never hands out (needed by
+        :meth:`use_graphs`: padded rows and rows at layers they skip write there)."""
         self.model = model
         self.kv_cache = kv_cache
         self.blocks = block_manager
         self.device = model.norm.device
         self.sampler = Sampler()
-        self.input_batch = InputBatch(model.cache_layers_of, model.num_cache_layers, self.device)
+        self.scratch_block = scratch_block
+        self.input_batch = InputBatch(model.cache_layers_of, model.num_cache_layers, self.device,
+                                      null_block=scratch_block or 0)
+        self.graphs: DecodeGraphs | None = None
         self._generators: dict[str, torch.Generator | None] = {}
+
+    def use_graphs(self, max_rows: int, max_model_len: int, record: bool | None = None) -> DecodeGraphs:
+        """Serve decode steps of up to ``max_rows`` rows by replaying recorded pieces
+        (model/decode_graphs.py; ``record`` False runs them eagerly: tests on the CPU)."""
+        if self.scratch_block is None or self.scratch_block >= self.kv_cache.keys.shape[0]:
+            raise ValueError("decode graphs need a scratch block in the KV cache that no request owns")
+        max_blocks = -(-max_model_len // self.blocks.block_size)
+        graphs = DecodeGraphs(self.model, self.kv_cache.as_tuple(), self.scratch_block, self.blocks.block_size,
+                              max_rows, max_blocks, record)
+        graphs.capture()
+        self.graphs = graphs
+        return graphs
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
@@ -59,7 +78,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledRequest]) -> list[RunResult]:
         batch, layout = self.prepare(scheduled)
-        logits = self.model(batch, self.kv_cache.as_tuple())  # [len(logits_indices), V] fp32
+        if self.graphs is not None and self.graphs.can_run(batch):
+            logits = self.graphs.run(batch)  # a view of a static buffer, used before the next step
+        else:
+            logits = self.model(batch, self.kv_cache.as_tuple())  # [len(logits_indices), V] fp32
         results = [RunResult(None, []) for _ in scheduled]
         rows: list[SamplingRow] = []
         sampling: list[int] = []  # scheduled index of each sampling row

@@ -134,17 +134,35 @@ class BalconyModel(nn.Module):
         max_query_len = max(batch.query_lens[rows])
         ops = self.ops
 
+        if batch.is_decode:
+            return self.decode_attend(batch.positions[tokens], batch.slot_mapping[cache_layer, tokens],
+                                      block_tables, context_lens, kv_cache)
+
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             q, _ = ops.rotary_and_cache(
                 q, k, v, self.rope_cos, self.rope_sin, batch.positions[tokens],
                 k_cache, v_cache, batch.slot_mapping[cache_layer, tokens],
             )
-            if batch.is_decode:
-                return ops.decode_attention(q, k_cache, v_cache, block_tables, context_lens, self.scale)
             cu = batch.cu_query_lens[rows.start : rows.stop + 1] - offsets[rows.start]  # [b + 1]
             return ops.prefill_attention(
                 q, k_cache, v_cache, block_tables, cu, context_lens, self.scale, max_query_len
             )
+
+        return attend
+
+    def decode_attend(
+        self, positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> Attend:
+        """Decode attention of b rows, one token each, at one cache layer: positions [b], slots [b]
+        (where the new key and value go), block_tables [b, max_blocks], context_lens [b]. Reads no
+        host value, so a CUDA graph can hold it (model/decode_graphs.py)."""
+        k_cache, v_cache = kv_cache
+        ops = self.ops
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            q, _ = ops.rotary_and_cache(q, k, v, self.rope_cos, self.rope_sin, positions, k_cache, v_cache, slots)
+            return ops.decode_attention(q, k_cache, v_cache, block_tables, context_lens, self.scale)
 
         return attend
 
