@@ -77,11 +77,11 @@ def ideal_share(model, exit_layer: int) -> float:
     return (layers * per_layer + head) / (model.full_depth * per_layer + head)
 
 
-def measure_exits(loaded: LoadedModel, tokens: int, batch: int) -> list[ExitRate]:
+def measure_exits(loaded: LoadedModel, tokens: int, batch: int, enforce_eager: bool = False) -> list[ExitRate]:
     """Every exit and full depth, batch 1 and ``batch`` concurrent requests, on a fresh engine."""
     if tokens < 2 or batch < 1:
         raise ValueError(f"need tokens >= 2 and batch >= 1, got tokens={tokens}, batch={batch}")
-    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=max(batch, 2)))
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=max(batch, 2), enforce_eager=enforce_eager))
     engine_decode_rate(engine, 2, "full", 4)  # warm-up
     rates = []
     for exit_layer in (*loaded.model.exits, loaded.model.full_depth):

@@ -19,6 +19,8 @@ seeded: parity and speed do not depend on what the weights learned). Sections, e
 4. the mixed-depth decode step against homogeneous ones.
 5. host time per decode step: wall time against the GPU's kernel time (torch.profiler), and the
    stubbed host-only measure of `balcony bench --host-only`.
+6. `balcony serve` on the device: start-up, the official openai client (chat, a forced exit, a
+   latency budget), a closed loop of streamed completions at full depth and at the shallowest exit, /metrics.
 
 Exit status 1 when a correctness check failed or a section raised; 0 otherwise (speed goals are
 reported, not enforced).
@@ -27,6 +29,7 @@ reported, not enforced).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -358,6 +361,96 @@ def host_time(report: Report, loaded: LoadedModel, batches: list[int], cuda: boo
                                                            "cpu_ms": h.step_cpu_ms, "wall_ms": h.step_ms})
 
 
+# ---- 6. the server over HTTP ----------------------------------------------------------------
+
+async def _stream(client, url: str, model: str, prompt: str, tokens: int, headers: dict) -> dict:
+    """One streamed completion: client-side TTFT, end-to-end seconds, tokens, the exit served."""
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    start, first, count = time.perf_counter(), None, 0
+    async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as resp:
+        resp.raise_for_status()
+        exit_served = resp.headers.get("x-balcony-exit")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
+                count += 1
+                first = first or time.perf_counter()
+    end = time.perf_counter()
+    return {"ttft": (first or end) - start, "e2e": end - start, "tokens": count, "exit": exit_served}
+
+
+async def _closed_loop(url: str, model: str, streams: int, requests: int, tokens: int, headers: dict) -> dict:
+    import httpx
+
+    jobs = iter(range(requests))
+    results: list[dict] = []
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def worker():
+            for i in jobs:
+                results.append(await _stream(client, url, model, f"Request {i}: the history of", tokens, headers))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(streams)))
+        wall = time.perf_counter() - start
+    out_tokens = sum(r["tokens"] for r in results)
+    tpot = [(r["e2e"] - r["ttft"]) / max(1, r["tokens"] - 1) for r in results]
+    return {"tok_s": out_tokens / wall, "ttft_p50": statistics.median(r["ttft"] for r in results),
+            "tpot_p50": statistics.median(tpot), "e2e_p50": statistics.median(r["e2e"] for r in results),
+            "exits": sorted({str(r["exit"]) for r in results}), "tokens": out_tokens, "requests": len(results)}
+
+
+def server(report: Report, model_dir: Path, dtype: str, smoke: bool, work: Path) -> None:
+    import httpx
+    from live_server import start_server, stop_server
+
+    args = ["--model", str(model_dir), "--adapters", "none", "--dtype", dtype, "--max-num-seqs", "64",
+            "--num-kv-blocks", "4096" if smoke else "65536"]
+    log = work / "server.log"
+    started = time.perf_counter()
+    process, url = start_server(args, log, ready_timeout=600)
+    ready_s = time.perf_counter() - started
+    try:
+        models = httpx.get(url + "/v1/models", timeout=30).json()
+        report.add(f"`balcony serve {' '.join(args)}` (random weights of the shape above): ready in {ready_s:.1f} s "
+                   f"(first start: calibration included). Log lines of the start-up:", "", "```",
+                   *[line for line in log.read_text().splitlines() if "load:" in line or "ready" in line][-6:],
+                   "```", "")
+        model_name = models["data"][0]["id"]
+        import openai
+
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        chat = client.chat.completions.with_raw_response.create(
+            model=model_name, messages=[{"role": "user", "content": "Hello"}], max_tokens=8)
+        shallow = str(min(e["layers"] for e in models["data"][0]["balcony"]["exits"]))
+        forced = client.completions.with_raw_response.create(
+            model=model_name, prompt="Hello", max_tokens=8, extra_headers={"X-Balcony-Exit": shallow})
+        budget = client.completions.with_raw_response.create(
+            model=model_name, prompt="Hello", max_tokens=32, extra_headers={"X-Latency-Budget-Ms": "20"})
+        report.add("The official `openai` client: chat at full depth served exit "
+                   f"{chat.headers.get('x-balcony-exit')} ({chat.parse().usage.completion_tokens} tokens); a completion "
+                   f"forced to exit {shallow} served {forced.headers.get('x-balcony-exit')}; one with a 20 ms budget for 32 "
+                   f"tokens was routed to exit {budget.headers.get('x-balcony-exit')}.", "")
+        streams, requests, tokens = (4, 8, 4) if smoke else (64, 256, 64)
+        report.add(f"Closed loop over HTTP: {streams} streams, {requests} streamed completions of {tokens} tokens "
+                   "(end-of-sequence ignored), client-side figures:", "",
+                   "| served at | output tok/s | TTFT p50 ms | time per output token p50 ms | e2e p50 ms | exits seen |",
+                   "|---|---|---|---|---|---|")
+        for label, headers in (("full depth", {}), (f"exit {shallow} (X-Balcony-Exit)", {"X-Balcony-Exit": shallow})):
+            r = asyncio.run(_closed_loop(url, model_name, streams, requests, tokens, headers))
+            report.add(f"| {label} | {r['tok_s']:.0f} | {1e3 * r['ttft_p50']:.1f} | {1e3 * r['tpot_p50']:.2f} | "
+                       f"{1e3 * r['e2e_p50']:.1f} | {', '.join(r['exits'])} |")
+            report.figures.setdefault("server", []).append({"served": label, **r})
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+        names = sorted({line.split("{")[0].split(" ")[0] for line in metrics.splitlines()
+                        if line.startswith("balcony:")})
+        report.add("", f"/metrics exports {len(names)} balcony series, e.g. {', '.join(names[:6])}.")
+    finally:
+        stop_server(process)
+
+
 # ---- 1. kernels -----------------------------------------------------------------------------
 
 def kernels(report: Report, smoke: bool, quick: bool, out_dir: Path) -> None:
@@ -397,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exits", default="8,15,22", help="balcony exits (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="bench/gpu_kernels.py --quick")
     parser.add_argument("--smoke", action="store_true", help="tiny model and sizes, any device: tests this script")
-    parser.add_argument("--only", default="kernels,parity,throughput,mixed,host", help="sections to run")
+    parser.add_argument("--only", default="kernels,parity,throughput,mixed,host,server",
+                        help="sections to run (default %(default)s)")
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens per request in the throughput runs")
     parser.add_argument("--modes", default="graphs,eager", help="decode step modes to time (default %(default)s)")
     parser.add_argument("--kernel-backend", choices=("auto", "torch", "triton"),
@@ -439,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     if "host" in only:
         with report.section("5. Host time per decode step"):
             host_time(report, loaded, batches, cuda, ((4, 16),) if args.smoke else ((64, 256), (256, 1024), (256, 4096)), modes)
+    if "server" in only:
+        with report.section("6. The server on this device, over HTTP"):
+            server(report, model_dir, dtype, args.smoke, work)
     report.add("", "## Result", "", "All checks passed." if not report.failures
                else "Failed:\n" + "\n".join(f"- {f}" for f in report.failures))
     report.flush()

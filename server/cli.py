@@ -77,6 +77,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="KV-cache blocks of 16 tokens x one layer (default: sized from memory)")
     p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
                    help="kernel implementation (auto: Triton on CUDA, torch elsewhere)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs (recorded at start-up "
+                        "for up to 256 rows, one per depth segment, balcony and the head)")
 
 
 def load_from_args(args):
@@ -100,7 +103,7 @@ def cmd_generate(args) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         loaded = load_from_args(args)
-        engine = LLMEngine(loaded, EngineConfig(num_kv_blocks=args.num_kv_blocks))
+        engine = LLMEngine(loaded, EngineConfig(num_kv_blocks=args.num_kv_blocks, enforce_eager=args.enforce_eager))
         # An instruct model answers a bare prompt with a continuation of it, not an answer: chat
         # unless asked otherwise, when the model has a template.
         has_template = bool(getattr(loaded.tokenizer, "chat_template", None))
@@ -168,7 +171,7 @@ def cmd_bench(args) -> int:
         return bench_host_only(args)
     try:
         loaded = load_from_args(args)
-        rates = measure_exits(loaded, args.tokens, args.batch)
+        rates = measure_exits(loaded, args.tokens, args.batch, enforce_eager=args.enforce_eager)
         hf_rate = hf_decode_rate(loaded, args.tokens) if args.against_transformers else None
     except (BalconyError, ValueError) as exc:
         print(f"balcony bench: {exc}", file=sys.stderr)

@@ -174,10 +174,12 @@ def build_engine(args, config: ServeConfig, phases: StartupPhases):
     served = parse_exit_list(config.exits, loaded.model.full_depth)
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=config.max_num_seqs, num_kv_blocks=args.num_kv_blocks,
                                             budget_policy=config.budget_policy, served_exits=served,
-                                            starvation_ratio=config.starvation_ratio))
-    log.info("load: done; exits %s of %d layers, %s, %d KV-cache blocks", ", ".join(engine.exit_names()),
+                                            starvation_ratio=config.starvation_ratio,
+                                            enforce_eager=args.enforce_eager))
+    log.info("load: done; exits %s of %d layers, %s, %d KV-cache blocks%s", ", ".join(engine.exit_names()),
              engine.model.full_depth, candidate_label(engine.model.dtype, engine.model.quantization),
-             engine.blocks.num_blocks)
+             engine.blocks.num_blocks,
+             f", {engine.graphs_recorded} CUDA graphs for decode" if engine.graphs_recorded else "")
 
     cache = CalibrationCache(balcony_home() / "calibration", reuse=not config.recalibrate)
     engine.calibrate(cache=cache, on_phase=phases.enter)
