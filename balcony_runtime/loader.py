@@ -10,6 +10,7 @@ import torch
 
 from balcony_runtime.adapters import AdapterMeta, check_backbone, load_adapters
 from balcony_runtime.backbone_checkpoint import fingerprint, read_safetensors_dir
+from balcony_runtime.backbone_files import load_tokenizer, read_backbone_config
 from balcony_runtime.config import ModelArch
 from balcony_runtime.errors import AdapterError, ModelSourceError
 from balcony_runtime.model.balcony_model import BalconyModel
@@ -70,14 +71,9 @@ def load_model(
     default here, exact; the CLI's default is "auto") keeps the matrices in ``dtype``, "fp16"/"int8"
     pack them in a CPU weight format (model/packed_weights.py).
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     resolved = resolve_model(source)
-    try:
-        hf_config = AutoConfig.from_pretrained(resolved.path)
-    except Exception as exc:
-        raise ModelSourceError(f"could not read the model config at {resolved.path}: {exc}") from exc
-    arch = ModelArch.from_hf_config(hf_config)
+    backbone = read_backbone_config(resolved.path)
+    arch = backbone.arch
     torch_device = resolve_device(device)
     weights = resolve_weights(dtype, quantization, torch_device, arch, balcony_home() / "weight_formats")
     torch_dtype = weights.dtype
@@ -97,9 +93,8 @@ def load_model(
     limit = max_model_len or arch.max_position_embeddings
     if limit > arch.max_position_embeddings:
         raise ValueError(f"max_model_len {limit} exceeds the model's {arch.max_position_embeddings} positions")
-    inv_freq, attention_scaling = rope_frequencies(hf_config)
     model = BalconyModel(
-        arch, exits, inv_freq, attention_scaling, torch_dtype, torch_device,
+        arch, exits, backbone.inv_freq, backbone.attention_scaling, torch_dtype, torch_device,
         select_ops(torch_device, kernel_backend), max_positions=limit,
     )
     _load_backbone(model, checkpoint, arch)
@@ -115,23 +110,9 @@ def load_model(
     if weights.quantization in FORMATS:
         model.pack_weights(weights.quantization)
 
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    tokenizer = load_tokenizer(resolved.path)
     return LoadedModel(model, tokenizer, resolved.identity, backbone_fingerprint, meta, resolved.path, limit,
                        weights)
-
-
-def rope_frequencies(hf_config) -> tuple[torch.Tensor, float]:
-    """RoPE's inverse frequencies [head_dim / 2] and cos/sin scaling, as LlamaRotaryEmbedding computes
-    them, without importing transformers' modeling_llama (seconds of start-up for one formula):
-    the plain rotary inline, the scaled variants (llama3, yarn, ...) from transformers' table."""
-    params = hf_config.rope_parameters
-    if params["rope_type"] != "default":
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        return ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config)
-    base = params["rope_theta"]
-    dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
 
 def _load_backbone(model: BalconyModel, tensors: dict[str, torch.Tensor], arch: ModelArch) -> None:

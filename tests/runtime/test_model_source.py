@@ -67,7 +67,7 @@ def test_rope_frequencies_equal_transformers_rotary_embedding(tiny_model_dir, ro
     from transformers import AutoConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from balcony_runtime.loader import rope_frequencies
+    from balcony_runtime.backbone_files import rope_frequencies
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
     if rope_parameters is not None:
