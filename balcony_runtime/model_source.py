@@ -162,27 +162,18 @@ def _convert_gguf_cached(gguf: Path, announce: Callable[[str], None]) -> Path:
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF checkpoint into an fp32 safetensors HF directory (atomically)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from balcony_runtime.gguf_conversion import convert_gguf
 
     log.info("conversion: dequantizing %s (%.0f MB) into a safetensors directory at %s, once "
-             "(about a minute on 2 cores)", gguf.name, gguf.stat().st_size / 1e6, target)
+             "(about half a minute on 2 cores)", gguf.name, gguf.stat().st_size / 1e6, target)
     started = time.monotonic()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-            )
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        except Exception as exc:  # transformers raises many types for unreadable files
+            convert_gguf(gguf, staging)
+        except Exception as exc:  # transformers and gguf raise many types for unreadable files
             raise ModelSourceError(f"could not read GGUF file {gguf}: {exc}") from exc
-        if getattr(model, "hf_quantizer", None) is not None:
-            # The dequantized weights are plain tensors; drop the GGUF marker so save_pretrained writes.
-            model.hf_quantizer.remove_quantization_config(model)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
         _publish(staging, target)
         log.info("conversion: done in %.0f s", time.monotonic() - started)
     finally:
