@@ -11,7 +11,9 @@ the text so far was complete, so the pieces join to exactly the full decode of a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import Callable
 
 _INCOMPLETE = "\ufffd"  # what a byte-level decode shows for a multi-byte character cut short
 
@@ -30,6 +32,7 @@ class IncrementalDetokenizer:
     def __post_init__(self) -> None:
         # Text that might still become a stop string is held back until it cannot.
         self._hold = max((len(s) for s in self.stop), default=1) - 1
+        self._decode = text_decoder(self.tokenizer)
 
     def add(self, token_id: int, final: bool = False) -> str:
         """Append a token; return the text that is now safe to show (possibly empty)."""
@@ -58,10 +61,26 @@ class IncrementalDetokenizer:
 
     def _decode_new(self, final: bool) -> str:
         """Text of the tokens from ``read_offset`` on, once complete (or ``final``), else ""."""
-        decode, ids = self.tokenizer.decode, self.token_ids
-        prefix_text = decode(ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        window_text = decode(ids[self.prefix_offset :], skip_special_tokens=True)
+        decode, ids = self._decode, self.token_ids
+        prefix_text = decode(ids[self.prefix_offset : self.read_offset])
+        window_text = decode(ids[self.prefix_offset :])
         if len(window_text) <= len(prefix_text) or (window_text.endswith(_INCOMPLETE) and not final):
             return ""  # nothing new yet (a skipped special token), or a character cut short
         self.prefix_offset, self.read_offset = self.read_offset, len(ids)
         return window_text[len(prefix_text) :]
+
+
+def text_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """``ids -> text`` without special tokens, as ``tokenizer.decode(ids, skip_special_tokens=True)``.
+
+    Where that call is exactly the Rust tokenizer's decode (a generic fast tokenizer with no space
+    clean-up), the Rust decode is called directly: transformers' wrapper around it (argument
+    conversion, kwargs, the clean-up check) costs a few times the decode of a short window, and a
+    decode step runs it twice per row."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (backend is not None and type(tokenizer)._decode is PreTrainedTokenizerFast._decode
+            and not getattr(tokenizer, "clean_up_tokenization_spaces", False)):
+        return functools.partial(backend.decode, skip_special_tokens=True)
+    return functools.partial(tokenizer.decode, skip_special_tokens=True)

@@ -113,3 +113,22 @@ def test_work_per_token_is_constant(tokenizer):
     pieces, _ = stream(Counting(), ids)
     assert "".join(pieces) == text
     assert max(decoded_lengths) <= 8
+
+
+def test_direct_decode_equals_transformers_decode_with_special_tokens(tokenizer):
+    from balcony_runtime.detokenizer import text_decoder
+
+    decode = text_decoder(tokenizer)
+    assert decode.func == tokenizer.backend_tokenizer.decode  # the default tokenizer takes the direct path
+    rng = random.Random(3)
+    specials = tokenizer.all_special_ids
+    for _ in range(50):
+        ids = [rng.choice(specials) if rng.random() < 0.2 else rng.randrange(len(tokenizer)) for _ in range(12)]
+        assert decode(ids) == full(tokenizer, ids)
+
+
+def test_tokenizers_with_space_clean_up_keep_transformers_decode(tokenizer, monkeypatch):
+    from balcony_runtime.detokenizer import text_decoder
+
+    monkeypatch.setattr(tokenizer, "clean_up_tokenization_spaces", True)
+    assert text_decoder(tokenizer).func == tokenizer.decode
