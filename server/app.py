@@ -12,6 +12,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 from fastapi import Depends, FastAPI, Request
@@ -27,6 +28,7 @@ from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.routing_headers import BUDGET_HEADER, EXIT_HEADER, parse_budget, parse_exit
 from server.serve_options import ServeConfig
+from server.tool_parsers import CallParser, chat_template_text, parser_for_template
 
 log = logging.getLogger("balcony.server")
 
@@ -41,6 +43,7 @@ class ServerState:
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     phase: str = "starting"  # start-up phase for /ready (server/serve.py moves it on)
+    tool_parser: CallParser | None = None  # tool_choice "auto"'s, from the chat template at load
 
     @property
     def ready(self) -> bool:
@@ -54,6 +57,9 @@ def prepare_engine(build: Callable[[], LLMEngine], state: ServerState) -> AsyncE
     router = engine.router or engine.calibrate()  # serve.py's builder calibrates (through its cache)
     log.info("model ready in %.1fs; predicted decode step of one row: %s", time.monotonic() - started,
              router.model.step_cost.describe(engine.exits))
+    state.tool_parser = parser_for_template(chat_template_text(engine.tokenizer))
+    log.info("tool_choice auto: %s", f"{state.tool_parser.name} calls, as the chat template declares"
+             if state.tool_parser else "not supported (the chat template declares no call format parsed here)")
     return AsyncEngine(engine, state.metrics, state.config.max_queued_requests)
 
 
@@ -149,9 +155,11 @@ def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: 
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key), Depends(require_json)])
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+        parser = state.tool_parser  # the chat template's call format, for tool_choice "auto"
         return await run(request, body,
-                         lambda e: chat.build_specs(body, e.tokenizer, e.loaded.max_model_len, state.model_name),
-                         chat.chat_complete, chat.stream_chat)
+                         lambda e: chat.build_specs(body, e.tokenizer, e.loaded.max_model_len, state.model_name,
+                                                    parser),
+                         partial(chat.chat_complete, parser=parser), partial(chat.stream_chat, parser=parser))
 
     def model_cards() -> list[dict]:
         engine = engine_or_503().engine

@@ -15,7 +15,8 @@ from server.completions import sampling_params
 from server.errors import APIError
 from server.generation_group import ChoiceResult, ChoiceSpec, GenerationGroup, usage
 from server.protocol import ChatCompletionRequest, ChatMessage
-from server.tool_calls import ToolCallStream, finished_message, template_declares_tools, tool_calling
+from server.tool_calls import ParsedCallStream, ToolCallStream, finished_message, parsed_message, tool_calling
+from server.tool_parsers import CallParser, chat_template_text, template_declares_tools
 
 
 def template_message(m: ChatMessage) -> dict:
@@ -54,10 +55,15 @@ def chat_prompt_ids(body: ChatCompletionRequest, tokenizer) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def build_specs(body: ChatCompletionRequest, tokenizer, max_model_len: int, model_name: str) -> list[ChoiceSpec]:
-    if body.effective_tool_choice == "auto":
+def build_specs(body: ChatCompletionRequest, tokenizer, max_model_len: int, model_name: str,
+                parser: CallParser | None) -> list[ChoiceSpec]:
+    """``parser``: the call format of the model's chat template (app.py picks it at load), which
+    tool_choice "auto" needs."""
+    if body.effective_tool_choice == "auto" and parser is None:
         # The model would have to choose between text and a call in a format its template taught it.
-        why = ("no parser for its chat template's tool-call format is written yet" if template_declares_tools(tokenizer)
+        why = ("its chat template declares tools in a call format this server has no parser for "
+               "(it reads hermes <tool_call> and llama3_json calls)"
+               if template_declares_tools(chat_template_text(tokenizer))
                else "its chat template declares no tools, so it was never taught a call format")
         raise APIError(400, f"tool_choice 'auto' (the default with tools) is not supported for {model_name}: {why}; "
                             "send tool_choice 'required' or {'type': 'function', 'function': {'name': ...}} to "
@@ -67,7 +73,8 @@ def build_specs(body: ChatCompletionRequest, tokenizer, max_model_len: int, mode
     max_tokens = limit if limit is not None else max(0, max_model_len - len(ids))
     top = (body.top_logprobs or 0) if body.logprobs else None
     calling = tool_calling(body)
-    # A forced tool call's grammar takes the place of response_format (that shapes text replies).
+    # A forced tool call's grammar takes the place of response_format (that shapes text replies);
+    # with "auto" the text is free, or under response_format if given (then it is not parsed).
     structured = calling.constraint() if calling else (body.response_format and body.response_format.constraint())
     return [ChoiceSpec(ids, sampling_params(body, max_tokens, i, top, None, structured), 0) for i in range(body.n)]
 
@@ -83,17 +90,32 @@ def chat_logprobs(tokenizer, entries: list[TokenLogprobs]) -> dict:
                         for e in entries]}
 
 
-def choice_message(body: ChatCompletionRequest, r: ChoiceResult) -> tuple[dict, str | None]:
-    """A finished choice's message and finish_reason: text, or a tool call."""
+def auto_parser(body: ChatCompletionRequest, parser: CallParser | None) -> CallParser | None:
+    """The parser that reads calls out of this request's text: tool_choice "auto" only, and not
+    when response_format constrains the text (a reply shaped by it is the format's, not a call)."""
+    if body.effective_tool_choice != "auto" or (body.response_format and body.response_format.constraint()):
+        return None
+    return parser
+
+
+def max_calls(body: ChatCompletionRequest) -> int | None:
+    return 1 if body.parallel_tool_calls is False else None
+
+
+def choice_message(body: ChatCompletionRequest, r: ChoiceResult, parser: CallParser | None) -> tuple[dict, str | None]:
+    """A finished choice's message and finish_reason: text, a forced call, or what "auto" parsed."""
     calling = tool_calling(body)
-    if calling is None:
-        return {"role": "assistant", "content": r.text}, r.finish_reason
-    return finished_message(calling, r.text, r.finish_reason)
+    if calling is not None:
+        return finished_message(calling, r.text, r.finish_reason)
+    if (auto := auto_parser(body, parser)) is not None:
+        return parsed_message(auto, r.text, r.finish_reason, max_calls(body))
+    return {"role": "assistant", "content": r.text}, r.finish_reason
 
 
-async def chat_complete(body: ChatCompletionRequest, group: GenerationGroup, tokenizer, model_name: str) -> dict:
+async def chat_complete(body: ChatCompletionRequest, group: GenerationGroup, tokenizer, model_name: str,
+                        parser: CallParser | None = None) -> dict:
     results = await group.collect()
-    messages = [choice_message(body, r) for r in results]
+    messages = [choice_message(body, r, parser) for r in results]
     return {
         "id": f"chatcmpl-{group.id}",
         "object": "chat.completion",
@@ -111,7 +133,7 @@ async def chat_complete(body: ChatCompletionRequest, group: GenerationGroup, tok
 
 
 async def stream_chat(body: ChatCompletionRequest, group: GenerationGroup, tokenizer,
-                      model_name: str) -> AsyncIterator[str]:
+                      model_name: str, parser: CallParser | None = None) -> AsyncIterator[str]:
     created, cid = int(time.time()), f"chatcmpl-{group.id}"
     results = [ChoiceResult(request_id=rid, index=i, spec=spec)
                for i, (rid, spec) in enumerate(zip(group.request_ids, group.specs))]
@@ -123,15 +145,20 @@ async def stream_chat(body: ChatCompletionRequest, group: GenerationGroup, token
                    "choices": choices, **extra}
         return f"data: {json.dumps(payload)}\n\n"
 
-    calling = tool_calling(body)
-    calls = [ToolCallStream(calling) for _ in results] if calling else None
+    calling, auto = tool_calling(body), auto_parser(body, parser)
+    if calling is not None:
+        streams = [ToolCallStream(calling) for _ in results]
+    elif auto is not None:
+        streams = [ParsedCallStream(auto, max_calls(body)) for _ in results]
+    else:
+        streams = None
     # The role first, one chunk per choice, the first carrying the routing decision; a named tool
     # call is known at once, so its first delta rides along.
     for i in range(len(results)):
         extra = {"balcony": group.balcony_info(None)} if i == 0 else {}
-        delta = {"role": "assistant", "content": "" if calls is None else None}
-        if calls is not None and (head := calls[i].deltas("", None)):
-            delta["tool_calls"] = head
+        delta = {"role": "assistant", "content": None if calling else ""}
+        for head in streams[i].deltas("", None) if streams else ():
+            delta.update(head)
         yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}], **extra)
     async for index, out in group.events():
         results[index].absorb(out)
@@ -139,14 +166,11 @@ async def stream_chat(body: ChatCompletionRequest, group: GenerationGroup, token
             continue
         logprobs = chat_logprobs(tokenizer, out.new_logprobs) if body.logprobs and out.new_logprobs else None
         reason = out.finish_reason if out.finished else None
-        if calls is None:
+        if streams is None:
             deltas = [{"content": out.new_text} if out.new_text else {}]
-        else:  # one tool_calls entry per chunk, as OpenAI sends them
-            call = calls[index]
-            deltas = [{"tool_calls": [d]} for d in call.deltas(results[index].text, reason)] or [{}]
-            if out.finished and not call.announced and results[index].text:  # cut before its name: text
-                deltas = [{"content": results[index].text}]
-            reason = call.finish_reason(reason)
+        else:  # one content piece or one tool_calls entry per chunk, as OpenAI sends them
+            deltas = streams[index].deltas(results[index].text, reason) or [{}]
+            reason = streams[index].finish_reason(reason)
         for k, delta in enumerate(deltas):
             last = k == len(deltas) - 1
             yield chunk([{"index": index, "delta": delta, "logprobs": logprobs if last else None,

@@ -239,13 +239,13 @@ class ChatCompletionRequest(_Common):
     tools: Optional[list[Tool]] = Field(None, max_length=128)
     # None means "auto" with tools, as in OpenAI; see server/tool_calls.py for what each choice does.
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None  # false: an "auto" reply keeps its first call (a forced one makes one)
     # Hints and bookkeeping that change no output here: accepted and ignored.
     store: Optional[bool] = None
     metadata: Optional[dict[str, str]] = None
     service_tier: Optional[str] = None
     prompt_cache_key: Optional[str] = None
     safety_identifier: Optional[str] = None
-    parallel_tool_calls: Optional[bool] = None  # accepted; a reply makes at most one call here
 
     @model_validator(mode="after")
     def _check_unsupported(self):

@@ -125,3 +125,35 @@ def start(tmp_path):
     yield _start
     for s in servers:
         s.stop()
+
+
+# A short chat template that declares tools as Qwen2.5's does (hermes <tool_call> calls): short
+# enough for the tiny model's 256 positions.
+HERMES_TEMPLATE = """{%- if tools %}<|im_start|>system
+Tools:<tools>{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools>
+Call one as <tool_call>{"name": <name>, "arguments": <arguments>}</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
+{% for call in message.tool_calls %}<tool_call>{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}</tool_call>{% endfor %}<|im_end|>
+{% elif message.role == "tool" %}<|im_start|>user
+<tool_response>{{ message.content }}</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+@pytest.fixture(scope="session")
+def hermes_server(tmp_path_factory, tiny_model_dir):
+    """The tiny random model with a chat template that declares tools in hermes format."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("hermes") / "tiny-hermes"
+    shutil.copytree(tiny_model_dir, path)
+    (path / "chat_template.jinja").write_text(HERMES_TEMPLATE)
+    server = start_server(tmp_path_factory.mktemp("srv"), model=str(path))
+    yield server
+    server.stop()

@@ -1,4 +1,5 @@
-"""Tool calls by constrained decoding through the official openai client, on a live server."""
+"""Tool calls through the official openai client, on a live server: forced ones by constrained
+decoding, "auto" ones read out of the text by the chat template's call format."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import json
 import jsonschema
 import openai
 import pytest
+
+from server.tool_calls import parsed_message
+from server.tool_parsers import PARSERS
 
 MODEL = "smollm2-135m"
 WEATHER = {"type": "object",
@@ -64,7 +68,7 @@ def test_required_tool_call_streamed_matches_the_whole_reply(default_server):
 
 
 @pytest.mark.parametrize("choice", ["auto", None])
-def test_auto_is_a_400_naming_the_model(default_server, choice):
+def test_auto_is_a_400_naming_the_model_when_its_template_declares_no_tools(default_server, choice):
     extra = {} if choice is None else {"tool_choice": choice}
     with pytest.raises(openai.BadRequestError) as info:
         default_server.openai().chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=5, **extra)
@@ -80,3 +84,32 @@ def test_none_decodes_text_and_unknown_named_function_is_refused(default_server)
     with pytest.raises(openai.BadRequestError, match="nope"):
         client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=4,
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_auto_reads_calls_out_of_the_text_when_the_template_declares_them(hermes_server):
+    # The tiny model's text is noise, so what it says is not the point: auto's reply must be the
+    # hermes parse of the very text tool_choice "none" gets from the same prompt, streamed or not.
+    client = hermes_server.openai()
+    kwargs = dict(model=hermes_server.model, messages=ASK, tools=TOOLS[:1], max_tokens=24, temperature=0)
+    free = client.chat.completions.create(**kwargs, tool_choice="none").choices[0]
+    expected, reason = parsed_message(PARSERS["hermes"], free.message.content, free.finish_reason, None)
+    calls = [(c["function"]["name"], c["function"]["arguments"]) for c in expected.get("tool_calls", [])]
+    for extra in ({}, {"tool_choice": "auto"}):
+        choice = client.chat.completions.create(**kwargs, **extra).choices[0]
+        assert choice.message.content == expected["content"] and choice.finish_reason == reason
+        assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []] == calls
+        assert all(c.id.startswith("call_") and c.type == "function" for c in choice.message.tool_calls or [])
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (expected["content"] or "")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reason
+
+
+def test_auto_takes_a_history_of_calls_and_results(hermes_server):
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21"}]
+    out = hermes_server.openai().chat.completions.create(model=hermes_server.model, messages=history,
+                                                        tools=TOOLS[:1], max_tokens=4, temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")
