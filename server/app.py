@@ -28,7 +28,7 @@ from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.routing_headers import BUDGET_HEADER, EXIT_HEADER, parse_budget, parse_exit
 from server.serve_options import ServeConfig
-from server.tool_parsers import CallParser, chat_template_text, parser_for_template
+from server.tool_parsers import ToolCallFormat, chat_template_text, select_format
 
 log = logging.getLogger("balcony.server")
 
@@ -43,7 +43,7 @@ class ServerState:
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     phase: str = "starting"  # start-up phase for /ready (server/serve.py moves it on)
-    tool_parser: CallParser | None = None  # tool_choice "auto"'s, from the chat template at load
+    tool_format: ToolCallFormat = ToolCallFormat(None, "the model is not loaded")  # tool_choice "auto"'s, set at load
 
     @property
     def ready(self) -> bool:
@@ -57,9 +57,9 @@ def prepare_engine(build: Callable[[], LLMEngine], state: ServerState) -> AsyncE
     router = engine.router or engine.calibrate()  # serve.py's builder calibrates (through its cache)
     log.info("model ready in %.1fs; predicted decode step of one row: %s", time.monotonic() - started,
              router.model.step_cost.describe(engine.exits))
-    state.tool_parser = parser_for_template(chat_template_text(engine.tokenizer))
-    log.info("tool_choice auto: %s", f"{state.tool_parser.name} calls, as the chat template declares"
-             if state.tool_parser else "not supported (the chat template declares no call format parsed here)")
+    state.tool_format = select_format(state.config.tool_call_parser, chat_template_text(engine.tokenizer))
+    log.info("tool_choice auto: %s", state.tool_format.note if state.tool_format.parser
+             else f"answered with a 400: {state.tool_format.note}")
     return AsyncEngine(engine, state.metrics, state.config.max_queued_requests)
 
 
@@ -155,10 +155,11 @@ def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: 
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key), Depends(require_json)])
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-        parser = state.tool_parser  # the chat template's call format, for tool_choice "auto"
+        tool_format = state.tool_format  # the call format tool_choice "auto" reads
+        parser = tool_format.parser
         return await run(request, body,
                          lambda e: chat.build_specs(body, e.tokenizer, e.loaded.max_model_len, state.model_name,
-                                                    parser),
+                                                    tool_format),
                          partial(chat.chat_complete, parser=parser), partial(chat.stream_chat, parser=parser))
 
     def model_cards() -> list[dict]:

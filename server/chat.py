@@ -16,7 +16,7 @@ from server.errors import APIError
 from server.generation_group import ChoiceResult, ChoiceSpec, GenerationGroup, usage
 from server.protocol import ChatCompletionRequest, ChatMessage
 from server.tool_calls import ParsedCallStream, ToolCallStream, finished_message, parsed_message, tool_calling
-from server.tool_parsers import CallParser, chat_template_text, template_declares_tools
+from server.tool_parsers import CallParser, ToolCallFormat
 
 
 def template_message(m: ChatMessage) -> dict:
@@ -56,16 +56,12 @@ def chat_prompt_ids(body: ChatCompletionRequest, tokenizer) -> list[int]:
 
 
 def build_specs(body: ChatCompletionRequest, tokenizer, max_model_len: int, model_name: str,
-                parser: CallParser | None) -> list[ChoiceSpec]:
-    """``parser``: the call format of the model's chat template (app.py picks it at load), which
-    tool_choice "auto" needs."""
-    if body.effective_tool_choice == "auto" and parser is None:
+                tool_format: ToolCallFormat) -> list[ChoiceSpec]:
+    """``tool_format``: the call format tool_choice "auto" needs (app.py picks it at load)."""
+    if body.effective_tool_choice == "auto" and tool_format.parser is None:
         # The model would have to choose between text and a call in a format its template taught it.
-        why = ("its chat template declares tools in a call format this server has no parser for "
-               "(it reads hermes <tool_call> and llama3_json calls)"
-               if template_declares_tools(chat_template_text(tokenizer))
-               else "its chat template declares no tools, so it was never taught a call format")
-        raise APIError(400, f"tool_choice 'auto' (the default with tools) is not supported for {model_name}: {why}; "
+        raise APIError(400, f"tool_choice 'auto' (the default with tools) is not supported for {model_name}: "
+                            f"{tool_format.note}; "
                             "send tool_choice 'required' or {'type': 'function', 'function': {'name': ...}} to "
                             "have a call decoded under the tools' schemas, or 'none'", param="tool_choice")
     ids = chat_prompt_ids(body, tokenizer)

@@ -109,7 +109,8 @@ def serve(args) -> int:
             host=args.host, port=args.port, api_key=args.api_key or None, max_num_seqs=args.max_num_seqs,
             max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout,
             budget_policy=args.budget_policy, exits=args.exits, starvation_ratio=args.starvation_ratio,
-            served_model_name=args.served_model_name, recalibrate=args.recalibrate,
+            served_model_name=args.served_model_name, tool_call_parser=args.tool_call_parser,
+            recalibrate=args.recalibrate,
             log_level=args.log_level,
         )
     except ValueError as exc:

@@ -6,6 +6,8 @@ import argparse
 from dataclasses import dataclass
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# "auto": the format the chat template teaches (server/tool_parsers.py), "none": tool_choice auto off.
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "none")
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,7 @@ class ServeConfig:
     exits: str = "all"  # exits served, e.g. "22,full" ("all": every exit the adapters have, and full)
     starvation_ratio: float = 1.0  # requests left out of depth-limited steps wait at most this many full steps
     served_model_name: str | None = None  # model name in the API (default: the model source)
+    tool_call_parser: str = "auto"  # tool_choice "auto"'s call format: from the chat template, named, or none
     recalibrate: bool = False  # measure step costs at start even when a cached calibration fits
     log_level: str = "info"  # debug adds one line per HTTP request
 
@@ -35,6 +38,9 @@ class ServeConfig:
         parse_exit_list(self.exits, full_depth=10**6)  # syntax only; the model checks the values
         if not self.starvation_ratio >= 0:
             raise ValueError(f"starvation_ratio must be >= 0, got {self.starvation_ratio}")
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                             f"got {self.tool_call_parser!r}")
 
 
 def parse_exit_list(text: str, full_depth: int) -> tuple[int, ...] | None:
@@ -76,6 +82,10 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                         "budgets, in full steps: its decode slows by at most about 1 + this")
     p.add_argument("--served-model-name", default=d.served_model_name,
                    help="model name in the API (default: the --model value)")
+    p.add_argument("--tool-call-parser", default=d.tool_call_parser, choices=TOOL_CALL_PARSERS,
+                   help="how tool_choice 'auto' reads calls out of replies: 'auto' picks the format the "
+                        "chat template declares (hermes or llama3_json), a name forces one, 'none' answers "
+                        "auto with a 400")
     p.add_argument("--recalibrate", action="store_true", default=d.recalibrate,
                    help="measure step costs at start even when a calibration cached for this model, dtype, "
                         "thread count and machine exists (under $BALCONY_HOME/calibration), and replace it")

@@ -181,6 +181,32 @@ def template_declares_tools(template: str) -> bool:
     return re.search(r"\btools\b", template) is not None
 
 
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """tool_choice "auto"'s parser for this server, and a note: which format and why, or why none
+    (for the start-up log and the 400 an "auto" request then gets)."""
+
+    parser: CallParser | None
+    note: str
+
+
+def select_format(setting: str, template: str) -> ToolCallFormat:
+    """``setting``: --tool-call-parser ("auto": the format the chat template teaches, a parser's
+    name, or "none")."""
+    if setting == "none":
+        return ToolCallFormat(None, "the server runs with --tool-call-parser none")
+    if setting != "auto":
+        return ToolCallFormat(PARSERS[setting], f"{setting} calls, as --tool-call-parser names")
+    parser = parser_for_template(template)
+    if parser is not None:
+        return ToolCallFormat(parser, f"{parser.name} calls, as the chat template declares")
+    if template_declares_tools(template):
+        return ToolCallFormat(None, "its chat template declares tools in a call format this server has no "
+                                    "parser for (it reads hermes <tool_call> and llama3_json calls; "
+                                    "--tool-call-parser names one)")
+    return ToolCallFormat(None, "its chat template declares no tools, so it was never taught a call format")
+
+
 def parser_for_template(template: str) -> CallParser | None:
     """The parser of the call format this chat template teaches, or None (no tools declared, or a
     format not parsed here, such as Mistral's ``[TOOL_CALLS]``)."""

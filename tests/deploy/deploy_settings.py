@@ -52,6 +52,7 @@ CONTRACT_FLAGS: dict[str, set[str] | None] = {
     "--exits": None,
     "--starvation-ratio": None,
     "--served-model-name": None,
+    "--tool-call-parser": {"auto", "hermes", "llama3_json", "none"},
     "--log-level": {"debug", "info", "warning", "error"},
 }
 INTEGER_FLAGS = {"--port", "--max-num-seqs", "--max-queued-requests", "--max-model-len", "--num-kv-blocks"}

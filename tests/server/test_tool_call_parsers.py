@@ -15,7 +15,7 @@ from server.errors import APIError
 from server.generation_group import ChoiceResult, ChoiceSpec
 from server.protocol import ChatCompletionRequest
 from server.tool_calls import ParsedCallStream, parsed_message
-from server.tool_parsers import PARSERS, ParsedCall, parser_for_template
+from server.tool_parsers import PARSERS, ParsedCall, parser_for_template, select_format
 
 HERMES, LLAMA = PARSERS["hermes"], PARSERS["llama3_json"]
 WEATHER = ParsedCall("get_weather", '{"city": "Paris", "unit": "celsius"}')
@@ -203,7 +203,7 @@ def test_auto_without_a_parser_is_a_400_naming_the_model_and_why(template, why):
         chat_template = template
 
     with pytest.raises(APIError) as info:
-        build_specs(request(), Tokenizer(), 256, "some-model", parser_for_template(template))
+        build_specs(request(), Tokenizer(), 256, "some-model", select_format("auto", template))
     error = info.value
     assert error.status == 400 and error.param == "tool_choice"
     assert "some-model" in error.message and why in error.message and "required" in error.message
@@ -252,3 +252,17 @@ def test_chat_stream_sends_text_then_the_call_and_finishes_with_tool_calls():
     assert calls[1] == {"index": 0, "function": {"arguments": '{"city": "Paris"}'}}
     assert [c["finish_reason"] for c in choices if c["finish_reason"]] == ["tool_calls"]
     assert choices[-1]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("setting, template, expected", [
+    ("auto", SMOLLM2_TEMPLATE, None),
+    ("hermes", SMOLLM2_TEMPLATE, "hermes"),  # named: whatever the template says
+    ("llama3_json", MISTRAL_TEMPLATE, "llama3_json"),
+    ("none", QWEN25_TEMPLATE, None),  # off even where the template declares a parsed format
+])
+def test_tool_call_parser_setting(setting, template, expected):
+    chosen = select_format(setting, template)
+    assert (chosen.parser.name if chosen.parser else None) == expected
+    if expected is None and setting == "none":
+        with pytest.raises(APIError, match="--tool-call-parser none"):
+            build_specs(request(), type("Tokenizer", (), {"chat_template": template})(), 256, "m", chosen)
