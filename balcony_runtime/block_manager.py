@@ -7,7 +7,9 @@ depth, so shallow requests cost proportionally less memory and more of them fit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from balcony_runtime.prefix_cache import PrefixCache, PrefixMatch
 
 
 class OutOfBlocks(Exception):
@@ -19,30 +21,42 @@ class RequestBlocks:
     num_layers: int  # cache layers this request writes
     capacity_tokens: int  # tokens each layer's blocks can hold
     tables: list[list[int]]  # [num_layers][blocks] physical block ids, token order
+    layers: tuple[int, ...] = ()  # the cache layers of the tables, in order (the prefix cache's keys)
+    prefix_nodes: list[int] = field(default_factory=list)  # trie node of each leading block cached
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    """Blocks are reference-counted: a block of a cached prefix may sit in several requests' tables.
+    A block nobody holds is free; a free block that still holds a cached prefix stays findable until
+    a new allocation needs it, so finished requests' prompts keep serving later ones."""
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one token, got {num_blocks} x {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() takes low ids first
+        self._refs = [0] * num_blocks  # holders of each block
         self._requests: dict[str, RequestBlocks] = {}
+        self.prefix_cache = PrefixCache(block_size) if prefix_caching else None
+        # Free blocks still holding a cached prefix, in the order they were let go (dicts keep
+        # insertion order); a request lets go of its blocks last to first, so a prefix's tail is
+        # reused before its head, which more prompts share.
+        self._evictable: dict[int, None] = {}
 
     # ---- queries ---------------------------------------------------------------------------
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free_blocks
 
     @property
     def usage(self) -> float:
-        """Fraction of blocks in use, 0..1."""
+        """Fraction of blocks in use, 0..1 (cached prefixes nobody holds count as free)."""
         return self.num_used_blocks / self.num_blocks
 
     def blocks_per_layer(self, num_tokens: int) -> int:
@@ -51,8 +65,14 @@ class BlockManager:
     def blocks_needed(self, num_layers: int, num_tokens: int) -> int:
         return num_layers * self.blocks_per_layer(num_tokens)
 
-    def can_allocate(self, num_layers: int, num_tokens: int) -> bool:
-        return self.blocks_needed(num_layers, num_tokens) <= len(self._free)
+    def can_allocate(self, num_layers: int, num_tokens: int, reuse: PrefixMatch | None = None) -> bool:
+        """Whether a new request fits, taking ``reuse``'s cached blocks instead of new ones for its
+        leading blocks (those lying free leave the free pool too)."""
+        if reuse is None or not reuse.num_blocks:
+            return self.blocks_needed(num_layers, num_tokens) <= self.num_free_blocks
+        new = num_layers * (self.blocks_per_layer(num_tokens) - reuse.num_blocks)
+        idle = sum(1 for table in reuse.blocks for b in table if self._refs[b] == 0)
+        return new + idle <= self.num_free_blocks
 
     def fits_at_all(self, num_layers: int, num_tokens: int) -> bool:
         """Whether the request could ever run, with the whole pool to itself."""
@@ -73,21 +93,38 @@ class BlockManager:
         return max(0, extra) * held.num_layers
 
     def can_grow(self, request_id: str, num_tokens: int) -> bool:
-        return self.blocks_to_grow(request_id, num_tokens) <= len(self._free)
+        return self.blocks_to_grow(request_id, num_tokens) <= self.num_free_blocks
+
+    def cached_prefix(self, layers: tuple[int, ...], token_ids: list[int], num_tokens: int) -> PrefixMatch | None:
+        """The leading whole blocks of ``token_ids`` (a request's prompt; it has ``num_tokens`` in
+        all) already computed in every one of ``layers``, short of its last token, whose logits the
+        request still needs; None without a cache."""
+        if self.prefix_cache is None or not layers:
+            return None
+        limit = min(len(token_ids), num_tokens - 1) // self.block_size
+        return self.prefix_cache.match(layers, token_ids, limit)
 
     # ---- changes ---------------------------------------------------------------------------
 
-    def allocate(self, request_id: str, num_layers: int, num_tokens: int) -> None:
-        """Give a new request room for ``num_tokens`` tokens in each of ``num_layers`` layers."""
+    def allocate(self, request_id: str, num_layers: int, num_tokens: int, layers: tuple[int, ...] = (),
+                 reuse: PrefixMatch | None = None) -> None:
+        """Give a new request room for ``num_tokens`` tokens in each of ``num_layers`` layers, its
+        leading blocks taken from ``reuse`` (a match of cached_prefix over the same ``layers``)."""
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} already holds blocks")
         if num_layers < 1:
             raise ValueError("a request runs at least one layer")
+        if not self.can_allocate(num_layers, num_tokens, reuse):
+            raise OutOfBlocks(f"{self.blocks_needed(num_layers, num_tokens)} blocks needed, "
+                              f"{self.num_free_blocks} free")
         per_layer = self.blocks_per_layer(num_tokens)
-        if per_layer * num_layers > len(self._free):
-            raise OutOfBlocks(f"{per_layer * num_layers} blocks needed, {len(self._free)} free")
-        tables = [[self._free.pop() for _ in range(per_layer)] for _ in range(num_layers)]
-        self._requests[request_id] = RequestBlocks(num_layers, per_layer * self.block_size, tables)
+        shared = reuse.blocks if reuse is not None and reuse.num_blocks else [[] for _ in range(num_layers)]
+        for table in shared:
+            for block in table:
+                self._hold(block)
+        tables = [list(table) + [self._take() for _ in range(per_layer - len(table))] for table in shared]
+        nodes = list(reuse.nodes) if reuse is not None else []
+        self._requests[request_id] = RequestBlocks(num_layers, per_layer * self.block_size, tables, layers, nodes)
 
     def grow(self, request_id: str, num_tokens: int) -> None:
         """Make room for ``num_tokens`` tokens in total (a no-op when there already is)."""
@@ -95,16 +132,51 @@ class BlockManager:
         extra = self.blocks_per_layer(num_tokens) - len(held.tables[0])
         if extra <= 0:
             return
-        if extra * held.num_layers > len(self._free):
-            raise OutOfBlocks(f"{extra * held.num_layers} blocks needed, {len(self._free)} free")
+        if extra * held.num_layers > self.num_free_blocks:
+            raise OutOfBlocks(f"{extra * held.num_layers} blocks needed, {self.num_free_blocks} free")
         for table in held.tables:
-            table.extend(self._free.pop() for _ in range(extra))
+            table.extend(self._take() for _ in range(extra))
         held.capacity_tokens = len(held.tables[0]) * self.block_size
 
+    def cache_prefix(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
+        """Offer the request's whole blocks among its first ``num_computed`` tokens (computed: their
+        keys and values are in the cache) of ``token_ids`` to later requests."""
+        cache, held = self.prefix_cache, self._requests.get(request_id)
+        if cache is None or held is None or not held.layers:
+            return
+        size, nodes = self.block_size, held.prefix_nodes
+        for i in range(len(nodes), min(num_computed, len(token_ids)) // size):
+            node = cache.node(nodes[-1] if nodes else cache.root(), tuple(token_ids[i * size:(i + 1) * size]))
+            nodes.append(node)
+            for layer, table in zip(held.layers, held.tables):
+                cache.register(layer, node, table[i])
+
     def free(self, request_id: str) -> None:
-        """Return every block of a finished or aborted request; unknown ids are ignored."""
+        """Let go of every block of a finished, aborted or preempted request; unknown ids are ignored."""
         held = self._requests.pop(request_id, None)
         if held is None:
             return
         for table in held.tables:
-            self._free.extend(reversed(table))
+            for block in reversed(table):
+                self._refs[block] -= 1
+                if self._refs[block] == 0:
+                    if self.prefix_cache is not None and self.prefix_cache.is_cached(block):
+                        self._evictable[block] = None
+                    else:
+                        self._free.append(block)
+
+    def _hold(self, block: int) -> None:
+        if self._refs[block] == 0:
+            del self._evictable[block]  # a cached block nobody held: back in use
+        self._refs[block] += 1
+
+    def _take(self) -> int:
+        """A free block for new tokens: a plain one, else the cached block let go of longest ago."""
+        if self._free:
+            block = self._free.pop()
+        else:
+            block = next(iter(self._evictable))
+            del self._evictable[block]
+            self.prefix_cache.forget(block)
+        self._refs[block] = 1
+        return block

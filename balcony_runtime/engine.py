@@ -44,6 +44,7 @@ class EngineConfig:
     deadline_margin: float = 0.1  # SchedulerConfig.deadline_margin
     enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps
     cuda_graph_max_rows: int = 256  # decode steps of more rows (or max_num_seqs, if fewer) run eagerly
+    prefix_caching: bool = True  # prompts' whole blocks are reused by later requests (prefix_cache.py)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
@@ -72,6 +73,7 @@ class RequestOutput:
     route: RouteDecision | None = None  # how its exit was chosen (None: exit given, no router)
     latency_s: float | None = None  # arrival to finish, once finished
     budget_met: bool | None = None  # once finished with a budget: whether latency_s was within it
+    num_cached_tokens: int = 0  # prompt tokens read from the prefix cache rather than computed
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class LLMEngine:
         self.config = config
         arch = self.model.arch
         num_blocks = config.num_kv_blocks or self._blocks_for_memory(config)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
         # One block more than the manager hands out: the scratch block of CUDA-graph decode steps.
         kv = KVCache.allocate(arch, num_blocks + 1, config.block_size, self.model.dtype, self.model.norm.device)
         self.runner = ModelRunner(self.model, kv, self.blocks, scratch_block=num_blocks)
@@ -223,12 +225,15 @@ class LLMEngine:
         request_id: str | None = None,
         budget_ms: float | None = None,
         arrival_time: float | None = None,
+        prefix_leader: str | None = None,
     ) -> str:
         """Queue a request; raise RequestError if it can never be served as asked.
 
         ``exit_layer`` forces an exit; otherwise a ``budget_ms`` (end-to-end milliseconds from
         ``arrival_time``, default now) is routed to the deepest exit predicted to meet it, and the
         scheduler treats arrival + budget as the request's deadline. Neither: full depth.
+        ``prefix_leader``: an unfinished request with the same prompt and exit (another choice of
+        it): this one starts once that one's prompt is computed and reads it from the prefix cache.
         """
         if budget_ms is not None and not budget_ms > 0:
             raise RequestError(f"a latency budget must be a positive number of milliseconds, got {budget_ms}")
@@ -260,11 +265,17 @@ class LLMEngine:
         num_cache_layers = len(self.model.cache_layers_of(exit_value))
         if not self.blocks.fits_at_all(num_cache_layers, total):
             raise RequestError(f"a request of {total} tokens does not fit in the KV cache even alone")
+        leader = None
+        if prefix_leader is not None and self.config.prefix_caching:
+            tracked_leader = self._tracked.get(prefix_leader)
+            if (tracked_leader is not None and tracked_leader.request.exit_layer == exit_value
+                    and tracked_leader.request.prompt_token_ids == prompt_ids):
+                leader = tracked_leader.request
         request = Request(
             request_id, prompt_ids, params, exit_value, num_cache_layers, arrival,
             eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
             deadline=None if budget_ms is None else arrival + budget_ms / 1000,
-            grammar=grammar,
+            grammar=grammar, cache_layers=tuple(self.model.cache_layers_of(exit_value)), prefix_leader=leader,
         )
         self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.stop), route)
         self.scheduler.add(request)
@@ -392,6 +403,7 @@ class LLMEngine:
                     route=tracked.route,
                     latency_s=latency_s,
                     budget_met=budget_met,
+                    num_cached_tokens=request.num_cached_tokens,
                 )
             )
         return outputs

@@ -32,12 +32,17 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop", "length" or "abort" once finished
     num_preemptions: int = 0  # times its blocks were taken back and its tokens recomputed
+    num_cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
     first_scheduled_time: float | None = None  # when it first ran (end of its queue wait)
     first_token_time: float | None = None  # when its first output token was sampled
     prompt_logprobs_done: bool = False  # prompt logprobs were computed (they survive preemption)
     deadline: float | None = None  # time.monotonic() by which it should finish (arrival + budget)
     waited_s: float = 0.0  # seconds of steps that skipped it (depth-limited) since it last ran
     grammar: RequestGrammar | None = None  # structured output: masks its sampling, advanced per token
+    cache_layers: tuple[int, ...] = ()  # the cache layers it writes, in block-table order (prefix cache keys)
+    # Another choice of the same prompt: admitted once that one's prompt is computed, so the prompt's
+    # blocks are read from the prefix cache instead of being computed again.
+    prefix_leader: "Request | None" = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -59,6 +64,12 @@ class Request:
         """Steps it still needs at least: one per token left to generate (the step that ends its
         prefill samples the first), and at least one (a prompt-scoring request's prefill)."""
         return max(1, self.params.max_tokens - len(self.output_token_ids))
+
+    @property
+    def waits_for_leader(self) -> bool:
+        leader = self.prefix_leader
+        return (leader is not None and leader.status is not RequestStatus.FINISHED
+                and leader.num_computed_tokens < leader.num_prompt_tokens)
 
     @property
     def is_finished(self) -> bool:

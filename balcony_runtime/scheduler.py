@@ -178,11 +178,19 @@ class Scheduler:
                 break
             if depth is not None and request.exit_layer > depth:
                 continue
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.blocks.can_allocate(request.num_cache_layers, n):
+            if request.waits_for_leader:
+                continue  # another choice is computing the prompt they share
+            reuse = None  # a cached prefix (prompt logprobs need the logits of every prompt token)
+            if request.params.prompt_logprobs is None:
+                reuse = self.blocks.cached_prefix(request.cache_layers, request.prompt_token_ids, request.num_tokens)
+            cached = reuse.num_blocks * self.blocks.block_size if reuse is not None else 0
+            n = min(request.num_tokens - cached, budget)
+            if not self.blocks.can_allocate(request.num_cache_layers, cached + n, reuse):
                 break
             self.waiting.remove(request)
-            self.blocks.allocate(request.request_id, request.num_cache_layers, n)
+            self.blocks.allocate(request.request_id, request.num_cache_layers, cached + n, request.cache_layers, reuse)
+            request.num_computed_tokens = cached
+            request.num_cached_tokens += cached
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
@@ -210,9 +218,12 @@ class Scheduler:
         """The runner has written this step's tokens into the cache; it took ``seconds``."""
         ran = set()
         for item in output.scheduled:
-            item.request.num_computed_tokens = item.start + item.num_tokens
-            item.request.waited_s = 0.0
-            ran.add(item.request.request_id)
+            request = item.request
+            request.num_computed_tokens = item.start + item.num_tokens
+            request.waited_s = 0.0
+            ran.add(request.request_id)
+            if item.start < request.num_prompt_tokens:  # prompt blocks may have filled: offer them
+                self.blocks.cache_prefix(request.request_id, request.prompt_token_ids, request.num_computed_tokens)
         for request in self.running:
             if request.request_id not in ran:
                 request.waited_s += seconds

@@ -1,0 +1,96 @@
+"""Which cache blocks hold the keys and values of which token prefix, per cache layer. No torch.
+
+A block that a request has filled with prompt tokens holds, for its cache layer, keys and values that
+depend only on the tokens up to the block's end (and on the layers below, which every request of the
+same exit shares). Another request whose prompt starts with the same blocks of tokens can read them
+instead of computing them: the n choices of one request, or requests that share a system prompt.
+
+Prefixes are nodes of a trie keyed by (parent node, the block's tokens), so a match is exact: no
+hash can make two different prefixes collide. A node is kept while some layer's block of it is
+cached. Blocks are registered only once their tokens are computed, and a request reuses only whole
+blocks, so a shared block is never written again: no copy-on-write is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_ROOT = 0
+
+
+@dataclass
+class PrefixMatch:
+    nodes: list[int] = field(default_factory=list)  # trie node of each leading block matched
+    blocks: list[list[int]] = field(default_factory=list)  # [layers][len(nodes)] cached block ids
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.nodes)
+
+
+class PrefixCache:
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self._children: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent, block tokens) -> node
+        self._node_key: dict[int, tuple[int, tuple[int, ...]]] = {}  # node -> its key in _children
+        self._node_blocks: dict[int, int] = {}  # node -> how many layers' blocks of it are cached
+        self._block_of: dict[tuple[int, int], int] = {}  # (cache layer, node) -> block id
+        self._key_of: dict[int, tuple[int, int]] = {}  # block id -> (cache layer, node)
+        self._next_node = _ROOT + 1
+
+    def __len__(self) -> int:
+        """Blocks cached."""
+        return len(self._key_of)
+
+    def is_cached(self, block: int) -> bool:
+        return block in self._key_of
+
+    def match(self, layers: tuple[int, ...], token_ids: list[int], max_blocks: int) -> PrefixMatch:
+        """The leading whole blocks of ``token_ids`` (at most ``max_blocks``) cached in every layer."""
+        found = PrefixMatch(blocks=[[] for _ in layers])
+        node, size = _ROOT, self.block_size
+        for i in range(max_blocks):
+            node = self._children.get((node, tuple(token_ids[i * size:(i + 1) * size])))
+            if node is None:
+                break
+            blocks = [self._block_of.get((layer, node)) for layer in layers]
+            if None in blocks:
+                break
+            found.nodes.append(node)
+            for table, block in zip(found.blocks, blocks):
+                table.append(block)
+        return found
+
+    def node(self, parent: int, tokens: tuple[int, ...]) -> int:
+        """The trie node of the block ``tokens`` after prefix ``parent`` (created if new)."""
+        key = (parent, tokens)
+        node = self._children.get(key)
+        if node is None:
+            node = self._children[key] = self._next_node
+            self._next_node += 1
+            self._node_key[node] = key
+            self._node_blocks[node] = 0
+        return node
+
+    def register(self, layer: int, node: int, block: int) -> bool:
+        """Record that ``block`` holds ``node``'s tokens for ``layer``; False (nothing recorded) if
+        another block already does (two requests computed the same prefix at once)."""
+        if (layer, node) in self._block_of:
+            return False
+        self._block_of[(layer, node)] = block
+        self._key_of[block] = (layer, node)
+        self._node_blocks[node] += 1
+        return True
+
+    def forget(self, block: int) -> None:
+        """Drop a block from the cache (it is being reused for other tokens)."""
+        layer, node = self._key_of.pop(block)
+        del self._block_of[(layer, node)]
+        self._node_blocks[node] -= 1
+        if self._node_blocks[node] == 0:  # nothing of this prefix is cached any more
+            del self._node_blocks[node]
+            del self._children[self._node_key.pop(node)]
+
+    @staticmethod
+    def root() -> int:
+        return _ROOT
