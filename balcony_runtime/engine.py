@@ -449,6 +449,7 @@ class CompletedRequest:
     route: RouteDecision | None = None  # how its exit was chosen, when routed
     latency_s: float | None = None  # arrival to finish
     budget_met: bool | None = None  # with a budget: whether latency_s was within it
+    num_cached_tokens: int = 0  # prompt tokens read from the prefix cache
 
     def absorb(self, out: RequestOutput) -> None:
         self.token_ids.extend(out.new_token_ids)
@@ -460,3 +461,4 @@ class CompletedRequest:
         self.route = out.route
         self.latency_s = out.latency_s if out.finished else self.latency_s
         self.budget_met = out.budget_met if out.finished else self.budget_met
+        self.num_cached_tokens = out.num_cached_tokens

@@ -52,6 +52,16 @@ class _Stream:
 
 
 @dataclass(frozen=True)
+class GroupEntry:
+    """One request of a group (submit_group)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    prefix_leader: str | None = None  # an earlier entry with the same prompt: its prompt blocks are shared
+
+
+@dataclass(frozen=True)
 class Submission:
     """A queued request: its id, how it was routed, and where its outputs arrive."""
 
@@ -95,29 +105,41 @@ class AsyncEngine:
 
     # ---- requests --------------------------------------------------------------------------
 
-    async def submit(
-        self,
-        request_id: str,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        budget_ms: float | None,
-        forced_exit: int | None,
-        received: float,
-    ) -> "Submission":
-        """Route and queue one request; raises QueueFull, Draining, RequestError, BudgetUnmeetable."""
+    async def submit_group(self, entries: list["GroupEntry"], budget_ms: float | None, forced_exit: int | None,
+                           received: float) -> list["Submission"]:
+        """Route and queue the requests of one HTTP request in one command, so they enter the same
+        step: the first is routed (budget or ``forced_exit``), the others run at the exit it got.
+        All or none: on an error the ones queued are aborted and it is raised."""
         if self.draining:
             raise Draining("the server is shutting down")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        command = lambda: self._submit_now(request_id, prompt_ids, params, budget_ms, forced_exit, received)  # noqa: E731
-        self._commands.put((command, future))
+        self._commands.put((lambda: self._submit_group_now(entries, budget_ms, forced_exit, received), future))
         return await asyncio.wrap_future(future)
 
-    def _submit_now(self, request_id, prompt_ids, params, budget_ms, forced_exit, received) -> "Submission":
+    def _submit_group_now(self, entries, budget_ms, forced_exit, received) -> list["Submission"]:
+        """Runs on the step loop."""
+        submissions: list[Submission] = []
+        try:
+            for entry in entries:
+                forced = forced_exit if not submissions else submissions[0].decision.exit_layer
+                submissions.append(self._submit_now(entry.request_id, entry.prompt_ids, entry.params, budget_ms,
+                                                    forced, received, entry.prefix_leader))
+        except BaseException:
+            for submission in submissions:
+                self.engine.abort(submission.request_id)
+                self._streams.pop(submission.request_id, None)
+            self._update_gauges()
+            raise
+        return submissions
+
+    def _submit_now(self, request_id, prompt_ids, params, budget_ms, forced_exit, received,
+                    prefix_leader: str | None = None) -> "Submission":
         """Runs on the step loop."""
         if self.engine.num_waiting >= self.max_queued:
             raise QueueFull(f"{self.engine.num_waiting} requests are already waiting")
         # The engine routes, and no output can arrive before this returns: both run on this thread.
-        self.engine.add_request(prompt_ids, params, forced_exit, request_id, budget_ms=budget_ms, arrival_time=received)
+        self.engine.add_request(prompt_ids, params, forced_exit, request_id, budget_ms=budget_ms, arrival_time=received,
+                                prefix_leader=prefix_leader)
         decision = self.engine.route_of(request_id)
         stream = _Stream(asyncio.Queue(), decision, received, len(prompt_ids),
                          exit_label=self.exit_label(decision.exit_layer))

@@ -18,7 +18,7 @@ from balcony_runtime.errors import RequestError
 from balcony_runtime.routing.router import BudgetUnmeetable, RouteDecision
 from balcony_runtime.sampling_params import SamplingParams
 from balcony_runtime.structured.compiler import InvalidGrammar
-from server.async_engine import AsyncEngine, Draining, EngineFailed, QueueFull, Submission
+from server.async_engine import AsyncEngine, Draining, EngineFailed, GroupEntry, QueueFull, Submission
 from server.errors import APIError
 from server.routing_headers import exit_name
 
@@ -53,21 +53,21 @@ class GenerationGroup:
 
     async def submit(self) -> RouteDecision:
         """Queue every choice; on any error, the choices already queued are aborted."""
+        entries, first_of_prompt = [], {}
+        for i, spec in enumerate(self.specs):
+            rid = f"{self.id}-{i}"
+            # The other choices of a prompt read its blocks from the prefix cache once the first
+            # choice has computed them: the prompt is prefilled once.
+            leader = first_of_prompt.setdefault(spec.prompt_index, rid)
+            entries.append(GroupEntry(rid, spec.prompt_ids, spec.params, leader if leader != rid else None))
         try:
-            for i, spec in enumerate(self.specs):
-                rid = f"{self.id}-{i}"
-                forced = self.forced_exit if i == 0 else self.decision.exit_layer
-                # Every choice carries the budget (each is judged hit or miss); only the first routes.
-                submission = await self.engine.submit(rid, spec.prompt_ids, spec.params, self.budget_ms, forced,
-                                                      self.received)
-                self.request_ids.append(rid)
-                self.submissions.append(submission)
-                if i == 0:
-                    self.decision = submission.decision
+            # Every choice carries the budget (each is judged hit or miss); only the first routes.
+            self.submissions = await self.engine.submit_group(entries, self.budget_ms, self.forced_exit,
+                                                              self.received)
         except BaseException as exc:
-            for rid in self.request_ids:
-                self.engine.abort(rid)
             raise _as_api_error(exc) from exc
+        self.request_ids = [s.request_id for s in self.submissions]
+        self.decision = self.submissions[0].decision
         return self.decision
 
     @property
@@ -141,10 +141,16 @@ async def compile_grammars(engine: LLMEngine, specs: list[ChoiceSpec], param: st
 
 def usage(results: list[ChoiceResult]) -> dict:
     """OpenAI's token counts, so far while streaming: each prompt once (its choices share it) and
-    every choice's generated tokens."""
-    prompt = sum({r.spec.prompt_index: len(r.spec.prompt_ids) for r in results}.values())
+    every choice's generated tokens; cached_tokens: prompt tokens the prefix cache served, counted
+    on each prompt's first choice (the others read that choice's blocks)."""
+    first: dict[int, ChoiceResult] = {}
+    for r in results:
+        first.setdefault(r.spec.prompt_index, r)
+    prompt = sum(len(r.spec.prompt_ids) for r in first.values())
+    cached = sum(r.num_cached_tokens for r in first.values())
     completion = sum(len(r.token_ids) for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _as_api_error(exc: BaseException) -> BaseException:

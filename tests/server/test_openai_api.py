@@ -236,3 +236,26 @@ def test_bad_exits_option_fails_at_start(tmp_path):
     done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--exits", "8,deep"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--exits" in done.stderr
+
+
+def test_n_choices_share_the_prompt_and_equal_separate_seeded_requests(default_server):
+    """Choice i of n uses seed + i and reads the prompt's blocks that choice 0 computed; the text is
+    what a request of its own with that seed gets, and the prompt is counted once as computed."""
+    client = default_server.openai()
+    prompt = "A list of the ten longest rivers in the world, with the countries each one flows through: "
+    kwargs = dict(model="smollm2-135m", max_tokens=8, temperature=1.0)
+    together = client.completions.create(prompt=prompt, n=3, seed=11, **kwargs)
+    alone = [client.completions.create(prompt=prompt, seed=11 + i, **kwargs).choices[0].text for i in range(3)]
+    assert [c.text for c in together.choices] == alone
+
+
+def test_repeated_prompt_reports_cached_tokens(default_server):
+    client = default_server.openai()
+    system = "You are a terse assistant who answers questions about rivers in one short sentence. " * 4
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "How long is the Nile?"}]
+    first = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=2, temperature=0)
+    again = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens == first.usage.prompt_tokens
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached % 16 == 0 and first.usage.prompt_tokens - 16 <= cached < first.usage.prompt_tokens
+    assert again.choices[0].message.content == first.choices[0].message.content
