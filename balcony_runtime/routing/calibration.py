@@ -10,10 +10,11 @@ settings is read back instead, after a short warm-up: the engine refits it from 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from balcony_runtime.routing.calibration_cache import CalibrationCache, CalibrationKey
 from balcony_runtime.routing.step_cost import RowShape, StepCostModel, StepShape
@@ -53,6 +54,7 @@ def calibrate(engine, batch: int = 8, steps: int = 3, prompt_tokens: int = 96, b
     exits = engine.exits
     params = SamplingParams(max_tokens=steps + 3, temperature=0, ignore_eos=True)
     filler = tuple(1000 + (i % 500) for i in range(max(prompt_tokens, long_prompt_tokens)))
+    salt = itertools.count()  # makes every prompt's first block its own (see _run)
     announce("warm-up")
     if cached is not None:
         # One short request per exit, batched as far as max_num_seqs allows: every balcony and the
@@ -61,7 +63,7 @@ def calibrate(engine, batch: int = 8, steps: int = 3, prompt_tokens: int = 96, b
         requests = [(filler[: 8 + i], e) for i, e in enumerate(exits)]
         per_run = max(1, engine.config.max_num_seqs)
         for first in range(0, len(requests), per_run):
-            _run(engine, params, Run(tuple(requests[first:first + per_run]), 0), [])
+            _run(engine, params, Run(tuple(requests[first:first + per_run]), 0), [], salt)
         announce("calibration")
         log.info("calibration: step costs read from %s (measured %s in %.0f s; --recalibrate measures again); "
                  "refined from live steps", cached.path, cached.measured_at, cached.seconds)
@@ -69,12 +71,12 @@ def calibrate(engine, batch: int = 8, steps: int = 3, prompt_tokens: int = 96, b
 
     warm = max(1, min(burst, engine.config.max_num_seqs))
     log.info("warm-up: %d short requests at full depth, then one prompt at the shallowest and deepest exits", warm)
-    _run(engine, params, Run(tuple((filler[: 8 + i % 24], exits[-1]) for i in range(warm)), 1), [])
+    _run(engine, params, Run(tuple((filler[: 8 + i % 24], exits[-1]) for i in range(warm)), 1), [], salt)
     # Steps of two shapes the plan measures, for its duration's estimate (the burst's first steps
     # pay the process's one-time costs: they would inflate it several times over).
     warm_samples: list[tuple[StepShape, float]] = []
     for e in sorted({exits[0], exits[-1]}):
-        _run(engine, params, Run(((filler[:prompt_tokens], e),), 1), warm_samples)
+        _run(engine, params, Run(((filler[:prompt_tokens], e),), 1), warm_samples, salt)
 
     plan = measuring_plan(engine, filler, params.max_tokens, batch, steps, prompt_tokens, long_prompt_tokens)
     announce("calibration")
@@ -83,7 +85,7 @@ def calibrate(engine, batch: int = 8, steps: int = 3, prompt_tokens: int = 96, b
     started = time.perf_counter()
     samples: list[tuple[StepShape, float]] = []
     for run in plan:
-        _run(engine, params, run, samples)
+        _run(engine, params, run, samples, salt)
     model = StepCostModel(engine.model.full_depth)
     model.fit(samples)
     seconds = time.perf_counter() - started
@@ -130,8 +132,11 @@ def expected_seconds(plan: list[Run], warm_samples: list[tuple[StepShape, float]
     return total
 
 
-def _run(engine, params, run: Run, samples: list[tuple[StepShape, float]]) -> None:
-    """Step ``run`` through ``engine``, appending (shape, seconds) of its recorded steps to ``samples``."""
+def _run(engine, params, run: Run, samples: list[tuple[StepShape, float]], salt: Iterator[int]) -> None:
+    """Step ``run`` through ``engine``, appending (shape, seconds) of its recorded steps to ``samples``.
+
+    Each prompt's first token comes from ``salt``, so no prompt shares a block with another and the
+    prefix cache cannot turn a measured prefill into a few tokens: the prompts all cut the filler."""
 
     def step(record: bool) -> None:
         start = time.perf_counter()
@@ -140,7 +145,8 @@ def _run(engine, params, run: Run, samples: list[tuple[StepShape, float]]) -> No
         if record and engine.last_step is not None:
             samples.append((engine.last_step.shape, seconds))
 
-    ids = [engine.add_request(list(p), params, e) for p, e in run.requests]
+    span = max(1, engine.model.arch.vocab_size - 1000)
+    ids = [engine.add_request([1000 + next(salt) % span, *p[1:]], params, e) for p, e in run.requests]
     while any(engine.request_needs_prefill(rid) for rid in ids):
         step(record=True)
     step(record=False)
