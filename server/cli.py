@@ -31,8 +31,9 @@ class EnvDefaults(argparse.ArgumentParser):
             variable = env_name(flags[0])
             if variable in os.environ:
                 raw = os.environ[variable]
-                if kwargs.get("action") == "store_true":
-                    kwargs["default"] = raw.lower() in ("1", "true", "yes", "on")
+                if kwargs.get("action") in ("store_true", "store_false"):  # the variable set true = the flag given
+                    given = raw.lower() in ("1", "true", "yes", "on")
+                    kwargs["default"] = given if kwargs["action"] == "store_true" else not given
                 else:
                     convert = kwargs.get("type", str)
                     try:

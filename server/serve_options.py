@@ -22,6 +22,7 @@ class ServeConfig:
     exits: str = "all"  # exits served, e.g. "22,full" ("all": every exit the adapters have, and full)
     starvation_ratio: float = 1.0  # requests left out of depth-limited steps wait at most this many full steps
     served_model_name: str | None = None  # model name in the API (default: the model source)
+    prefix_caching: bool = True  # prompts' computed blocks serve later requests with the same prefix
     tool_call_parser: str = "auto"  # tool_choice "auto"'s call format: from the chat template, named, or none
     recalibrate: bool = False  # measure step costs at start even when a cached calibration fits
     log_level: str = "info"  # debug adds one line per HTTP request
@@ -82,6 +83,9 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                         "budgets, in full steps: its decode slows by at most about 1 + this")
     p.add_argument("--served-model-name", default=d.served_model_name,
                    help="model name in the API (default: the --model value)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=d.prefix_caching,
+                   help="compute every prompt in full instead of reading the blocks an earlier request with the "
+                        "same leading tokens (a shared system prompt, another choice of the same prompt) computed")
     p.add_argument("--tool-call-parser", default=d.tool_call_parser, choices=TOOL_CALL_PARSERS,
                    help="how tool_choice 'auto' reads calls out of replies: 'auto' picks the format the "
                         "chat template declares (hermes or llama3_json), a name forces one, 'none' answers "

@@ -31,7 +31,8 @@ def test_help_gives_every_default(command):
     formatter = parser._get_formatter()
     missing = []
     for action in parser._actions:
-        if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction)):
+        if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction,
+                                                            argparse._StoreFalseAction)):
             continue
         if "default" not in formatter._expand_help(action):  # the help text as --help prints it
             missing.append(action.option_strings[-1])
@@ -94,3 +95,9 @@ def test_generate_takes_a_cpu_weight_format_and_refuses_an_impossible_one(capsys
     code, err = main(["generate", "--model", str(tiny_model_dir), "--adapters", "none", "--dtype", "bfloat16",
                       "--quantization", "fp16", "--device", "cpu", "Hi"]), capsys.readouterr().err
     assert code == 2 and "float32 activations" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value, expected", [("true", False), ("0", True)])
+def test_a_no_switch_reads_its_variable_as_the_switch(monkeypatch, value, expected):
+    monkeypatch.setenv("BALCONY_NO_PREFIX_CACHING", value)
+    assert subcommand("serve").parse_args([]).prefix_caching is expected
