@@ -3,14 +3,10 @@ reads from guidellm's JSON report, and the docs section it writes in place."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 # An excerpt of a real guidellm 0.8.1 report of this script (streams 1 and 4, 10 s each), keys as
 # guidellm writes them; the two errored requests at 4 streams are added by hand, their message in
@@ -45,15 +41,9 @@ REPORT = {
 
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH))  # the script imports its sibling helpers by name
-    spec = importlib.util.spec_from_file_location("guidellm_bench", BENCH / "guidellm_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
-    sys.path.remove(str(BENCH))
+def bench(bench_script):
+    with bench_script("guidellm_bench") as module:
+        yield module
 
 
 def option(command: list[str], name: str) -> str:
