@@ -73,7 +73,7 @@ def run(args) -> str:
             computed.append(tokens)
         later = slice(1, None)
         choice_params = [SamplingParams(max_tokens=1, temperature=1.0, seed=s) for s in range(args.n)]
-        prompt = system + questions[0][::-1]  # not seen before by either engine
+        prompt = system[::-1] + questions[0]  # shares no block with what either engine has seen
         leader = engine.add_request(prompt, choice_params[0])
         ids = [leader] + [engine.add_request(prompt, p, prefix_leader=leader) for p in choice_params[1:]]
         n_seconds, n_tokens = first_token_seconds(engine, ids)
