@@ -14,6 +14,7 @@ so a step costs what its rows' depths cost, not the deepest depth times the batc
 from __future__ import annotations
 
 from bisect import bisect_left
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import torch
@@ -105,9 +106,16 @@ class BalconyModel(nn.Module):
         lenses (one [H, H] map per exit) and the KV cache keep the model's dtype. Inference only."""
         if self.quantization != "none":
             raise RuntimeError(f"weights are already packed as {self.quantization}")
-        for layer in [*self.layers, *(b.layer for b in self.balconies.values())]:
-            layer.pack_weights(fmt)
-        head = FORMATS[fmt].pack(self.lm_head)
+        # Packing converts element by element in one thread per matrix (seconds of every start for
+        # the default model): every matrix goes to one pool of the torch thread count, the head
+        # (the largest) first so it does not run alone at the end.
+        layers = [*self.layers, *(b.layer for b in self.balconies.values())]
+        weights = [self.lm_head] + [getattr(layer, name) for layer in layers for name in DecoderLayer.MATRICES]
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            head, *packed = pool.map(FORMATS[fmt].pack, weights)
+        per_layer = len(DecoderLayer.MATRICES)
+        for i, layer in enumerate(layers):
+            layer.pack_weights(fmt, packed[i * per_layer:(i + 1) * per_layer])
         del self.lm_head  # unregisters the name only; a tied embedding stays a parameter
         object.__setattr__(self, "lm_head", head)
 

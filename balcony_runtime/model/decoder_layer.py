@@ -63,15 +63,16 @@ class DecoderLayer(nn.Module):
 
     MATRICES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
-    def pack_weights(self, fmt: str) -> None:
+    def pack_weights(self, fmt: str, packed: list | None = None) -> None:
         """Replace the four matrices by a packed CPU format (model/packed_weights.py; inference only:
-        they stop being parameters)."""
-        for name in self.MATRICES:
-            weight = getattr(self, name)
-            if not isinstance(weight, torch.Tensor):
-                raise RuntimeError(f"{name} is already packed")
+        they stop being parameters). ``packed``: the four already packed, in MATRICES order."""
+        weights = [getattr(self, name) for name in self.MATRICES]
+        if not all(isinstance(w, torch.Tensor) for w in weights):
+            raise RuntimeError("the layer's matrices are already packed")
+        packed = packed if packed is not None else [FORMATS[fmt].pack(w) for w in weights]
+        for name, weight in zip(self.MATRICES, packed):
             delattr(self, name)  # unregister the Parameter so a plain attribute can take its name
-            object.__setattr__(self, name, FORMATS[fmt].pack(weight))
+            object.__setattr__(self, name, weight)
 
     def weight_elements(self) -> int:
         """Weights this layer holds, packed matrices included (a step reads all of them)."""
