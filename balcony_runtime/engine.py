@@ -262,7 +262,8 @@ class LLMEngine:
         if route is not None and budget_ms is not None:
             route = dataclasses.replace(route, budget_ms=budget_ms)
         exit_value = route.exit_layer if route is not None else (forced or self.exits[-1])
-        num_cache_layers = len(self.model.cache_layers_of(exit_value))
+        cache_layers = tuple(self.model.cache_layers_of(exit_value))
+        num_cache_layers = len(cache_layers)
         if not self.blocks.fits_at_all(num_cache_layers, total):
             raise RequestError(f"a request of {total} tokens does not fit in the KV cache even alone")
         leader = None
@@ -275,7 +276,7 @@ class LLMEngine:
             request_id, prompt_ids, params, exit_value, num_cache_layers, arrival,
             eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
             deadline=None if budget_ms is None else arrival + budget_ms / 1000,
-            grammar=grammar, cache_layers=tuple(self.model.cache_layers_of(exit_value)), prefix_leader=leader,
+            grammar=grammar, cache_layers=cache_layers, prefix_leader=leader,
         )
         self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.stop), route)
         self.scheduler.add(request)
