@@ -73,6 +73,13 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-fraction", type=float, default=0.01, help="linear warm-up share, then cosine")
     p.add_argument("--clip-norm", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--kl-chunk", type=int, default=512, help="positions per chunk of full-vocabulary logits")
+    p.add_argument("--objective", default="kl", choices=["kl", "fisher", "logits"],
+                   help="kl: forward KL through the LM head (the paper's); fisher / logits: head-free, the "
+                        "balcony's normed output pulled onto the full model's under the KL's average Fisher "
+                        "or the centred-logit metric (an [H, H] matrix: no LM head in a step)")
+    p.add_argument("--metric-tokens", type=int, default=8192,
+                   help="--objective fisher: teacher tokens the metric is averaged over, from --first-sequence "
+                        "(default %(default)s)")
     p.add_argument("--save-every", type=int, default=100, help="optimizer steps between checkpoints")
     p.add_argument("--log-every", type=int, default=10, help="optimizer steps between progress lines")
     p.add_argument("--snapshot-every", type=int, default=None,
@@ -103,6 +110,7 @@ def cmd_train(args) -> int:
             grad_accum=args.grad_accum, total_tokens=args.tokens, max_steps=args.max_steps,
             stop_after=args.stop_after, lr=args.lr, weight_decay=args.weight_decay,
             warmup_fraction=args.warmup_fraction, clip_norm=args.clip_norm, kl_chunk=args.kl_chunk,
+            objective=args.objective, metric_tokens=args.metric_tokens,
             save_every=args.save_every, snapshot_every=args.snapshot_every, log_every=args.log_every,
             resume=not args.no_resume,
             adapter_dtype=args.adapter_dtype, command=shlex.join(["balcony"] + sys.argv[1:]),

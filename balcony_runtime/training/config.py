@@ -35,6 +35,8 @@ class TrainConfig:
     warmup_fraction: float = 0.01  # linear warm-up over this share of steps, then cosine to 0
     clip_norm: float = 1.0  # global gradient-norm clip
     kl_chunk: int = 512  # positions per chunk of full-vocabulary logits in the KL
+    objective: str = "kl"  # "kl" (the paper's), or head-free: "fisher" / "logits" (training/head_free.py)
+    metric_tokens: int = 8192  # objective="fisher": teacher tokens the [H, H] metric is averaged over
     save_every: int = 100  # optimizer steps between checkpoints
     log_every: int = 10  # optimizer steps between progress lines
     snapshot_every: int | None = None  # also export adapters to snapshots/step-N every N steps (curves)
@@ -51,6 +53,10 @@ class TrainConfig:
             raise ValueError(f"init must be 'last', 'random' or 'lens', got {self.init!r}")
         if self.init == "lens" and (self.lens_tokens < 1 or self.lens_norm not in ("final", "exit")):
             raise ValueError("init='lens' needs lens_tokens >= 1 and lens_norm 'final' or 'exit'")
+        if self.objective not in ("kl", "fisher", "logits"):
+            raise ValueError(f"objective must be kl, fisher or logits, got {self.objective!r}")
+        if self.metric_tokens < 1:
+            raise ValueError(f"metric_tokens must be at least 1, got {self.metric_tokens}")
         if self.autocast not in ("auto", "bf16", "off"):
             raise ValueError(f"autocast must be auto, bf16 or off, got {self.autocast!r}")
         if (self.total_tokens is None) == (self.max_steps is None):

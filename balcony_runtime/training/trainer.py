@@ -29,11 +29,13 @@ from balcony_runtime.training.checkpoint import (
 from balcony_runtime.training.config import TrainConfig
 from balcony_runtime.training.data import DataError, training_stream
 from balcony_runtime.training.dense_forward import backbone_pass
+from balcony_runtime.training.head_free import fisher_metric, head_free_loss, logits_metric
 from balcony_runtime.training.lens import apply_lens, fit_lens
 from balcony_runtime.training.loss import distillation_loss
 from balcony_runtime.weight_format import DTYPES
 
 LENS_REPORT = "lens_fit.json"  # the closed-form fit's report, beside the checkpoint
+METRIC_FILE = "head_free_metric.pt"  # a head-free objective's [H, H] metric and its report, reused on resume
 
 
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -175,6 +177,33 @@ def init_lens(config: TrainConfig, loaded: LoadedModel, stream, output: Path, en
         p.requires_grad_(True)
 
 
+def head_free_metric(config: TrainConfig, model, stream, output: Path, env, log) -> torch.Tensor | None:
+    """The [H, H] metric of a head-free objective (None for the KL): estimated once, saved beside
+    the checkpoint, and read back on resume so a resumed run optimises the same loss."""
+    if config.objective == "kl":
+        return None
+    path = output / METRIC_FILE
+    if config.resume and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved["objective"] == config.objective:
+            return saved["metric"]
+    t = time.perf_counter()
+    if config.objective == "logits":
+        metric, tokens = logits_metric(model), 0
+    else:
+        mb, seq_len = config.micro_batch_size, config.data.seq_len
+        batches = (stream.batch(config.first_sequence + i * mb, mb).to(env.device)
+                   for i in range(max(1, math.ceil(config.metric_tokens / (mb * seq_len)))))
+        metric, tokens = fisher_metric(model, batches, config.kl_chunk)
+    eig = torch.linalg.eigvalsh(metric)
+    report = {"objective": config.objective, "tokens": tokens, "wall_s": round(time.perf_counter() - t, 1),
+              "trace": float(eig.sum()), "top_eigenvalue": float(eig[-1]), "min_eigenvalue": float(eig[0])}
+    log(f"{config.objective} metric: {tokens:,} teacher tokens, {report['wall_s']} s, trace {report['trace']:.3g}")
+    if env.rank == 0:
+        torch.save({"objective": config.objective, "metric": metric, "report": report}, path)
+    return metric
+
+
 def train(config: TrainConfig, loaded: LoadedModel | None = None, log=print) -> dict:
     """Run (or resume) training; returns the final trainer state. Exports adapters when the schedule ends."""
     env = Distributed(config.device)
@@ -210,6 +239,7 @@ def train(config: TrainConfig, loaded: LoadedModel | None = None, log=print) -> 
             log(f"resumed from step {state['step']} ({state['tokens_seen']:,} tokens)")
 
     amp, head_weight = precision(config, model, env.device)
+    metric = head_free_metric(config, model, stream, output, env, log)
     grad_scale = 1.0 / (config.micro_batch_size * seq_len * len(exits) * config.grad_accum)
     log_path = output / "log.jsonl"
     stop_at = min(total_steps, config.stop_after or total_steps)
@@ -236,7 +266,10 @@ def train(config: TrainConfig, loaded: LoadedModel | None = None, log=print) -> 
                     states = backbone_pass(model, ids, set(exits))
                 window["backbone_s"] += time.perf_counter() - t
                 with amp():
-                    micro = distillation_loss(model, states, exits, config.kl_chunk, grad_scale, head_weight)
+                    if metric is None:
+                        micro = distillation_loss(model, states, exits, config.kl_chunk, grad_scale, head_weight)
+                    else:
+                        micro = head_free_loss(model, states, exits, metric, grad_scale)
                 for k in exits:
                     sums[k] += micro[k]
             env.average([p.grad for p in params])
@@ -271,7 +304,8 @@ def train(config: TrainConfig, loaded: LoadedModel | None = None, log=print) -> 
                 if env.rank == 0:
                     with log_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
-                    loss_text = " ".join(f"kl@{k} {v:.3f}" for k, v in record["loss"].items())
+                    label = "kl" if metric is None else config.objective
+                    loss_text = " ".join(f"{label}@{k} {v:.3f}" for k, v in record["loss"].items())
                     log(f"step {state['step']}/{total_steps} | {state['tokens_seen']:,} tok | {tok_s:,.0f} tok/s | "
                         f"{loss_text} | lr {lr:.2e} | backbone {record['backbone_fraction']:.0%} | "
                         f"ETA {format_seconds(record['eta_s'])}")
@@ -303,6 +337,7 @@ def export_adapters(loaded: LoadedModel, config: TrainConfig, state: dict, direc
         "wall_s": round(state["wall_s"], 1),
         **prior_training(config, state),
         **lens_report(config),
+        **metric_report(config),
         **config.extra_meta,
     }
     meta = AdapterMeta(
@@ -318,6 +353,13 @@ def lens_report(config: TrainConfig) -> dict:
     if config.init != "lens" or config.init_from or not path.is_file():
         return {}
     return {"lens_fit": json.loads(path.read_text())}
+
+
+def metric_report(config: TrainConfig) -> dict:
+    path = Path(config.output_dir) / METRIC_FILE
+    if config.objective == "kl" or not path.is_file():
+        return {}
+    return {"head_free_metric": torch.load(path, weights_only=True)["report"]}
 
 
 def prior_training(config: TrainConfig, state: dict) -> dict:
