@@ -165,7 +165,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     from balcony_runtime.gguf_conversion import convert_gguf
 
     log.info("conversion: dequantizing %s (%.0f MB) into a safetensors directory at %s, once "
-             "(about half a minute on 2 cores)", gguf.name, gguf.stat().st_size / 1e6, target)
+             "(seconds for a small model)", gguf.name, gguf.stat().st_size / 1e6, target)
     started = time.monotonic()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
