@@ -27,7 +27,6 @@ from balcony_runtime.routing.latency_model import LatencyModel, LoadSnapshot, Ro
 from balcony_runtime.routing.router import RouteDecision, Router
 from balcony_runtime.routing.step_cost import RowShape, StepShape
 from balcony_runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from balcony_runtime.structured.compiler import GrammarCompiler
 from balcony_runtime.structured.token_masks import MaskFiller
 
 
@@ -127,6 +126,10 @@ class LLMEngine:
                                             loaded.max_model_len)
             self.graphs_recorded = graphs.recorded
         # Structured outputs: grammars compiled once per schema, masks filled while the model runs.
+        # Imported here: llguidance's tokenizer bridge imports transformers (about a second), which a
+        # server's start-up overlaps with reading the weights (loader.load_model's tokenizer thread).
+        from balcony_runtime.structured.compiler import GrammarCompiler
+
         self.grammars = GrammarCompiler(self.tokenizer, arch.vocab_size)
         self.masks = MaskFiller(arch.vocab_size)
         self.scheduler = Scheduler(

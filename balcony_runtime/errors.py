@@ -15,3 +15,7 @@ class AdapterError(BalconyError):
 
 class RequestError(BalconyError):
     """A request the engine cannot serve as asked (too long, unknown exit, bad parameters)."""
+
+
+class InvalidGrammar(RequestError):
+    """A schema llguidance cannot compile (unknown type or format, dangling $ref, bad pattern...)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +16,7 @@ from balcony_runtime.config import ModelArch
 from balcony_runtime.errors import AdapterError, ModelSourceError
 from balcony_runtime.model.balcony_model import BalconyModel
 from balcony_runtime.model.packed_weights import FORMATS
-from balcony_runtime.model_source import DEFAULT_MODEL, balcony_home, resolve_model
+from balcony_runtime.model_source import DEFAULT_MODEL, ResolvedModel, balcony_home, resolve_model
 from balcony_runtime.weight_format import WeightChoice, resolve_weights
 from kernels import select_ops
 
@@ -72,6 +73,17 @@ def load_model(
     pack them in a CPU weight format (model/packed_weights.py).
     """
     resolved = resolve_model(source)
+    # The tokenizer (importing transformers: about a second of Python) loads in a thread while this
+    # one reads and packs the weights, whose torch ops release the GIL.
+    with ThreadPoolExecutor(1, thread_name_prefix="balcony-tokenizer") as pool:
+        tokenizer = pool.submit(load_tokenizer, resolved.path)
+        return _load_weights(source, resolved, tokenizer, adapters=adapters, exits=exits, dtype=dtype, device=device,
+                             kernel_backend=kernel_backend, max_model_len=max_model_len, quantization=quantization)
+
+
+def _load_weights(source: str, resolved: ResolvedModel, tokenizer: Future, *, adapters, exits, dtype, device,
+                  kernel_backend, max_model_len, quantization) -> LoadedModel:
+    """load_model's body once the source is local; ``tokenizer`` is being loaded meanwhile."""
     backbone = read_backbone_config(resolved.path)
     arch = backbone.arch
     torch_device = resolve_device(device)
@@ -110,8 +122,7 @@ def load_model(
     if weights.quantization in FORMATS:
         model.pack_weights(weights.quantization)
 
-    tokenizer = load_tokenizer(resolved.path)
-    return LoadedModel(model, tokenizer, resolved.identity, backbone_fingerprint, meta, resolved.path, limit,
+    return LoadedModel(model, tokenizer.result(), resolved.identity, backbone_fingerprint, meta, resolved.path, limit,
                        weights)
 
 

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from balcony_runtime.engine import CompletedRequest, LLMEngine, RequestOutput
-from balcony_runtime.errors import RequestError
+from balcony_runtime.errors import InvalidGrammar, RequestError
 from balcony_runtime.routing.router import BudgetUnmeetable, RouteDecision
 from balcony_runtime.sampling_params import SamplingParams
-from balcony_runtime.structured.compiler import InvalidGrammar
 from server.async_engine import AsyncEngine, Draining, EngineFailed, GroupEntry, QueueFull, Submission
 from server.errors import APIError
 from server.routing_headers import exit_name

@@ -21,6 +21,17 @@ from kernels import KernelOps
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def concat_into(target: torch.Tensor, parts: list[torch.Tensor]) -> None:
+    """target[:] = cat(parts) along rows, without a concatenated temporary: each part is copied
+    (and cast) into its own row slice, one pass over the bytes instead of two."""
+    row = 0
+    for part in parts:
+        target[row : row + part.shape[0]].copy_(part)
+        row += part.shape[0]
+    if row != target.shape[0]:
+        raise RuntimeError(f"{row} rows for a weight of {target.shape[0]}")
+
+
 class DecoderLayer(nn.Module):
     """Weights are stored fused (qkv, gate_up) so a step reads each matrix once."""
 
@@ -90,12 +101,10 @@ class DecoderLayer(nn.Module):
         get = lambda name: tensors[prefix + name]  # noqa: E731
         with torch.no_grad():
             self.input_norm.copy_(get("input_layernorm.weight"))
-            self.qkv_proj.copy_(
-                torch.cat([get(f"self_attn.{p}_proj.weight") for p in "qkv"], dim=0)
-            )
+            concat_into(self.qkv_proj, [get(f"self_attn.{p}_proj.weight") for p in "qkv"])
             self.o_proj.copy_(get("self_attn.o_proj.weight"))
             self.post_attention_norm.copy_(get("post_attention_layernorm.weight"))
-            self.gate_up_proj.copy_(torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]))
+            concat_into(self.gate_up_proj, [get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")])
             self.down_proj.copy_(get("mlp.down_proj.weight"))
 
     def hf_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:

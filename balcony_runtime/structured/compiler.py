@@ -16,7 +16,7 @@ from collections import OrderedDict
 import llguidance
 import llguidance.hf
 
-from balcony_runtime.errors import RequestError
+from balcony_runtime.errors import InvalidGrammar
 from balcony_runtime.structured.constraint import StructuredOutput
 from balcony_runtime.structured.request_grammar import RequestGrammar
 
@@ -51,10 +51,6 @@ def closed_objects(schema):
         # "10.0000000..." until max_tokens. Six decimals bound it (and any such value is valid).
         out["multipleOf"] = NUMBER_STEP
     return out
-
-
-class InvalidGrammar(RequestError):
-    """A schema llguidance cannot compile (unknown type or format, dangling $ref, bad pattern...)."""
 
 
 class GrammarCompiler:
