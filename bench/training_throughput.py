@@ -4,8 +4,9 @@
 
 Times one optimizer step's parts on random tokens with the default model: the frozen backbone's
 forward, the balconies' forward, the LM head + KL (teacher and students, forward and gradient), and
-the balconies' backward, in fp32 and in bf16 autocast. Prints a Markdown table and writes it to
-docs/training_throughput.md.
+the balconies' backward, in fp32 and in bf16 autocast; then a whole fp32 step under each training
+objective (the KL and the head-free Fisher metric, `balcony train --objective`). Prints Markdown
+tables and writes them to docs/training_throughput.md.
 """
 
 from __future__ import annotations
@@ -48,6 +49,26 @@ def time_step(model, ids, exits, amp, head_weight, chunk):
     return times
 
 
+def time_objective(model, ids, exits, objective: str, chunk: int) -> tuple[float, float]:
+    """(backbone s, loss + balconies forward and backward s) of one fp32 step under ``objective``."""
+    from balcony_runtime.training.dense_forward import backbone_pass
+    from balcony_runtime.training.head_free import fisher_metric, head_free_loss
+    from balcony_runtime.training.loss import distillation_loss
+
+    metric = None if objective == "kl" else fisher_metric(model, [ids[:1, :64]], chunk)[0]
+    t = time.perf_counter()
+    states = backbone_pass(model, ids, set(exits))
+    backbone = time.perf_counter() - t
+    t = time.perf_counter()
+    if metric is None:
+        distillation_loss(model, states, exits, chunk, 1e-6)
+    else:
+        head_free_loss(model, states, exits, metric, 1e-6)
+    rest = time.perf_counter() - t
+    model.zero_grad(set_to_none=True)
+    return backbone, rest
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -55,6 +76,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--kl-chunk", type=int, default=512)
+    parser.add_argument("--precisions", default="fp32,bf16",
+                        help="which of fp32 and bf16 autocast to time part by part (bf16 is slow where the CPU lacks it)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "training_throughput.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -68,10 +91,11 @@ def main() -> None:
     ids = torch.randint(0, model.arch.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
     tokens = ids.numel()
     rows = []
-    for name, amp, head in [
-        ("fp32", contextlib.nullcontext, None),
-        ("bf16 autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16), model.lm_head.detach().bfloat16()),
-    ]:
+    precisions = {
+        "fp32": ("fp32", contextlib.nullcontext, None),
+        "bf16": ("bf16 autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16), model.lm_head.detach().bfloat16()),
+    }
+    for name, amp, head in (precisions[p] for p in args.precisions.split(",")):
         time_step(model, ids, exits, amp, head, args.kl_chunk)  # warm-up
         runs = [time_step(model, ids, exits, amp, head, args.kl_chunk) for _ in range(args.steps)]
         parts = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
@@ -81,6 +105,15 @@ def main() -> None:
     header = ["precision", "tokens/s", *(f"{k} s" for k in runs[0])]
     table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                       + ["| " + " | ".join(r) + " |" for r in rows])
+    objective_rows = []
+    for objective in ("kl", "fisher"):
+        time_objective(model, ids, exits, objective, args.kl_chunk)  # warm-up
+        runs = [time_objective(model, ids, exits, objective, args.kl_chunk) for _ in range(args.steps)]
+        backbone, rest = (sum(r[i] for r in runs) / len(runs) for i in range(2))
+        objective_rows.append(f"| {objective} | {tokens / (backbone + rest):,.0f} | {backbone:.2f} | {rest:.2f} |")
+        print(objective, round(backbone, 2), round(rest, 2), flush=True)
+    table += ("\n\nA whole fp32 step per objective (the loss includes the balconies' forward and backward):\n\n"
+              "| objective | tokens/s | backbone s | loss s |\n|---|---|---|---|\n" + "\n".join(objective_rows))
     text = (f"# Training throughput\n\nDefault model, exits {', '.join(map(str, exits))}, {args.batch} x {args.seq_len} "
             f"tokens a step, {args.threads} CPU thread(s), one optimizer step's parts (mean of {args.steps}).\n"
             f"Produced by `python bench/training_throughput.py --threads {args.threads}`.\n\n{table}\n")
