@@ -216,7 +216,8 @@ def shallowest_exit(model_info: dict) -> str:
 
 
 def start_load_test_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
-    return start_server(["--dtype", args.dtype, "--adapters", args.adapters, "--num-kv-blocks", str(args.num_kv_blocks),
+    return start_server(["--dtype", args.dtype, "--quantization", args.quantization, "--adapters", args.adapters,
+                         "--num-kv-blocks", str(args.num_kv_blocks),
                          "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"], log_path, args.ready_timeout)
 
 
@@ -472,6 +473,9 @@ def main() -> None:
                         help="requests timed for that isolated latency, one at a time (default %(default)s)")
     parser.add_argument("--iso-exit", default=None, help="the exit timed (default: the shallowest served)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "fp16", "int8"],
+                        help="the weight format, as `balcony serve --quantization` (the engine-only phases load "
+                             "the same, so they compare like with like)")
     parser.add_argument("--adapters", default="default", help="as `balcony serve --adapters`")
     parser.add_argument("--num-kv-blocks", type=int, default=4096)
     parser.add_argument("--max-num-seqs", type=int, default=64)
@@ -527,7 +531,7 @@ def main() -> None:
             from balcony_runtime.loader import load_model
 
             loaded = load_model(adapters=None if args.adapters == "none" else args.adapters, dtype=args.dtype,
-                                device="cpu")
+                                device="cpu", quantization=args.quantization)
         full_skipped = 0
         for _ in range(args.repeats):  # interleaved, so a burst of other jobs hits both paths alike
             with Meter(pid) as meter:
@@ -573,7 +577,9 @@ def main() -> None:
             tokens, wall = in_thread(run_transformers, loaded, hf_jobs, args.max_tokens)
         hf_tps = tokens / wall
         rows.append(("transformers `generate`, one request at a time", len(hf_jobs), tokens, wall, hf_meter, []))
-        dtype_name = str(loaded.model.dtype).removeprefix("torch.")
+        from balcony_runtime.weight_format import candidate_label
+
+        dtype_name = candidate_label(loaded.model.dtype, loaded.model.quantization)
     else:
         dtype_name = args.dtype
     load_after = os.getloadavg()
