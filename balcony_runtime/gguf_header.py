@@ -43,6 +43,15 @@ class GGUFHeader:
 
 
 def read_gguf(path: Path, keep_string_arrays: frozenset[str] = frozenset()) -> GGUFHeader:
+    if Path(path).stat().st_size < 24:  # magic, version and the two counts
+        raise GGUFFormatError(f"{path} is too short to be a GGUF file")
+    try:
+        return _read(path, keep_string_arrays)
+    except struct.error as exc:  # a length prefix read past the end
+        raise GGUFFormatError(f"{path} is truncated inside its header: {exc}") from None
+
+
+def _read(path: Path, keep_string_arrays: frozenset[str]) -> GGUFHeader:
     blob = np.memmap(path, dtype=np.uint8, mode="r")
     reader = _Cursor(memoryview(blob))
     if bytes(reader.take(4)) != b"GGUF":

@@ -91,7 +91,7 @@ def test_bad_magic_and_truncation_are_format_errors(written, tmp_path):
     (tmp_path / "magic.gguf").write_bytes(b"GGUX" + data[4:])
     with pytest.raises(GGUFFormatError, match="not a GGUF"):
         read_gguf(tmp_path / "magic.gguf")
-    for cut in (20, len(data) // 3, len(data) - 64):  # the end may be alignment padding
+    for cut in (0, 20, 100, len(data) // 3, len(data) - 64):  # the end may be alignment padding
         (tmp_path / "cut.gguf").write_bytes(data[:cut])
         with pytest.raises(GGUFFormatError):
             read_gguf(tmp_path / "cut.gguf")
