@@ -217,7 +217,7 @@ def shallowest_exit(model_info: dict) -> str:
 
 def start_load_test_server(args, log_path: Path) -> tuple[subprocess.Popen, str]:
     return start_server(["--dtype", args.dtype, "--quantization", args.quantization, "--adapters", args.adapters,
-                         "--num-kv-blocks", str(args.num_kv_blocks),
+                         "--num-kv-blocks", str(args.num_kv_blocks), "--starvation-ratio", str(args.starvation_ratio),
                          "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"], log_path, args.ready_timeout)
 
 
@@ -297,7 +297,8 @@ def run_engine_mix(loaded, jobs: list[Job], concurrency: int, max_tokens: int, d
     from balcony_runtime.errors import RequestError
     from balcony_runtime.sampling_params import SamplingParams
 
-    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=args.max_num_seqs, num_kv_blocks=args.num_kv_blocks))
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=args.max_num_seqs, num_kv_blocks=args.num_kv_blocks,
+                                            starvation_ratio=args.starvation_ratio))
     engine.calibrate()  # as the server does at start-up
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     warm = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -478,6 +479,8 @@ def main() -> None:
                              "the same, so they compare like with like)")
     parser.add_argument("--adapters", default="default", help="as `balcony serve --adapters`")
     parser.add_argument("--num-kv-blocks", type=int, default=4096)
+    parser.add_argument("--starvation-ratio", type=float, default=1.0,
+                        help="as `balcony serve --starvation-ratio` (the engine-only mix uses the same)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--ready-timeout", type=float, default=900.0,
                         help="seconds to wait for the server to load and calibrate (default %(default)s)")
