@@ -94,6 +94,16 @@ def test_warm_start_continues_from_adapters_and_records_the_totals(text_corpus, 
     assert meta.training["initialised_from"]["tokens_seen"] == 4 * 2 * 32
     assert meta.training["tokens_seen_total"] == 6 * 2 * 32
 
+    # a warm start from a warm start keeps the whole chain on record
+    third = tmp_path / "third"
+    train(tiny_config(text_corpus, tiny_model_dir, third, exits=None, init_from=str(second / "adapters"),
+                      first_sequence=12, max_steps=1), log=lambda _: None)
+    chain = load_model(str(tiny_model_dir), adapters=str(third / "adapters"), dtype="float32",
+                       device="cpu").adapters.training
+    assert chain["initialised_from"]["tokens_seen"] == 6 * 2 * 32
+    assert chain["initialised_from"]["initialised_from"]["tokens_seen"] == 4 * 2 * 32
+    assert chain["tokens_seen_total"] == 7 * 2 * 32
+
 
 def test_first_sequence_shifts_the_data_order(text_corpus, tiny_model_dir, tmp_path):
     a = train(tiny_config(text_corpus, tiny_model_dir, tmp_path / "a", max_steps=1), log=lambda _: None)
