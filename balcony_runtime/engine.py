@@ -39,7 +39,7 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None  # None: 2 GB on CPU, 90% of free memory on CUDA
     budget_policy: str = "best-effort"  # no exit meets a budget: "best-effort" (shallowest) or "reject"
     served_exits: tuple[int, ...] | None = None  # exits requests may use, routed or forced (None: every one)
-    starvation_ratio: float = 1.0  # SchedulerConfig.starvation_ratio
+    starvation_ratio: float = 2.0  # SchedulerConfig.starvation_ratio
     deadline_margin: float = 0.1  # SchedulerConfig.deadline_margin
     enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps
     cuda_graph_max_rows: int = 256  # decode steps of more rows (or max_num_seqs, if fewer) run eagerly

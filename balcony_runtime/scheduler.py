@@ -38,7 +38,7 @@ from balcony_runtime.routing.step_cost import RowShape, StepCostModel
 class SchedulerConfig:
     max_num_seqs: int = 64  # requests running at once
     max_num_batched_tokens: int = 512  # tokens processed in one step (prefill chunks + decodes)
-    starvation_ratio: float = 1.0  # rows skipped by depth-limited steps wait at most this many full steps
+    starvation_ratio: float = 2.0  # rows skipped by depth-limited steps wait at most this many full steps (why 2, not 1: docs/benchmarks.md, "Budgets under load")
     deadline_margin: float = 0.1  # a request is urgent when full steps would use more than 1 - this of its time left
     unbudgeted_horizon_s: float = 30.0  # admission treats a request without a budget as due this long after arrival
 

@@ -479,7 +479,7 @@ def main() -> None:
                              "the same, so they compare like with like)")
     parser.add_argument("--adapters", default="default", help="as `balcony serve --adapters`")
     parser.add_argument("--num-kv-blocks", type=int, default=4096)
-    parser.add_argument("--starvation-ratio", type=float, default=1.0,
+    parser.add_argument("--starvation-ratio", type=float, default=2.0,
                         help="as `balcony serve --starvation-ratio` (the engine-only mix uses the same)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--ready-timeout", type=float, default=900.0,

@@ -20,7 +20,7 @@ class ServeConfig:
     shutdown_timeout: float = 30.0  # seconds to finish in-flight requests after SIGTERM
     budget_policy: str = "best-effort"  # when no exit meets a budget: best-effort or reject
     exits: str = "all"  # exits served, e.g. "22,full" ("all": every exit the adapters have, and full)
-    starvation_ratio: float = 1.0  # requests left out of depth-limited steps wait at most this many full steps
+    starvation_ratio: float = 2.0  # requests left out of depth-limited steps wait at most this many full steps
     served_model_name: str | None = None  # model name in the API (default: the model source)
     prefix_caching: bool = True  # prompts' computed blocks serve later requests with the same prefix
     tool_call_parser: str = "auto"  # tool_choice "auto"'s call format: from the chat template, named, or none

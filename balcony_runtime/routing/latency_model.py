@@ -69,7 +69,7 @@ class Prediction:
 @dataclass
 class LatencyModel:
     step_cost: StepCostModel
-    starvation_ratio: float = 1.0  # the scheduler's (SchedulerConfig.starvation_ratio)
+    starvation_ratio: float = 2.0  # the scheduler's (SchedulerConfig.starvation_ratio)
     deadline_margin: float = 0.1  # the scheduler's (SchedulerConfig.deadline_margin)
     # Measured / expected end-to-end seconds of recent requests: what the step model misses
     # (arrivals that join later, other prompts' prefill chunks, host work between steps), learnt
