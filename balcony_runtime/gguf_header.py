@@ -71,14 +71,13 @@ def _read(path: Path, keep_string_arrays: frozenset[str]) -> GGUFHeader:
         infos.append((name, dims, reader.scalar(4), reader.scalar(10)))
     alignment = int(metadata.get("general.alignment", 32))
     data_start = -(-reader.pos // alignment) * alignment
-    tensors = tuple(
-        GGUFTensor(name, tuple(reversed(dims)), ggml_type,
-                   blob[data_start + offset : data_start + offset + _byte_count(ggml_type, dims)])
-        for name, dims, ggml_type, offset in infos
-    )
-    if any(t.data.size != _byte_count(t.ggml_type, tuple(reversed(t.dims))) for t in tensors):
-        raise GGUFFormatError(f"{path} is truncated: a tensor runs past the end of the file")
-    return GGUFHeader(metadata, tensors)
+    tensors = []
+    for name, dims, ggml_type, offset in infos:
+        start, nbytes = data_start + offset, _byte_count(ggml_type, dims)
+        if start + nbytes > blob.size:
+            raise GGUFFormatError(f"{path} is truncated: tensor {name!r} runs past the end of the file")
+        tensors.append(GGUFTensor(name, tuple(reversed(dims)), ggml_type, blob[start : start + nbytes]))
+    return GGUFHeader(metadata, tuple(tensors))
 
 
 def _byte_count(ggml_type: int, dims: tuple[int, ...]) -> int:

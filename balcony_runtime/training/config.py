@@ -9,6 +9,9 @@ from balcony_runtime.model_source import DEFAULT_MODEL
 from balcony_runtime.training.data import DataConfig
 
 
+OBJECTIVES = ("kl", "fisher", "logits")  # the KL through the head, or a head-free metric (training/head_free.py)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     data: DataConfig
@@ -53,8 +56,8 @@ class TrainConfig:
             raise ValueError(f"init must be 'last', 'random' or 'lens', got {self.init!r}")
         if self.init == "lens" and (self.lens_tokens < 1 or self.lens_norm not in ("final", "exit")):
             raise ValueError("init='lens' needs lens_tokens >= 1 and lens_norm 'final' or 'exit'")
-        if self.objective not in ("kl", "fisher", "logits"):
-            raise ValueError(f"objective must be kl, fisher or logits, got {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.metric_tokens < 1:
             raise ValueError(f"metric_tokens must be at least 1, got {self.metric_tokens}")
         if self.autocast not in ("auto", "bf16", "off"):

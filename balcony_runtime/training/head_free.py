@@ -26,10 +26,6 @@ from balcony_runtime.model.balcony_model import BalconyModel
 from balcony_runtime.training.dense_forward import BackboneStates, backbone_pass, balcony_normed, final_normed
 from balcony_runtime.training.loss import teacher_chunk
 
-OBJECTIVES = ("kl", "fisher", "logits")
-HEAD_FREE = ("fisher", "logits")
-
-
 def logits_metric(model: BalconyModel) -> torch.Tensor:
     """M = W_c^T W_c / V: [H, H] fp64, W_c the head less its mean row."""
     weight = model.lm_head.detach().double()  # [V, H]

@@ -304,8 +304,7 @@ def train(config: TrainConfig, loaded: LoadedModel | None = None, log=print) -> 
                 if env.rank == 0:
                     with log_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
-                    label = "kl" if metric is None else config.objective
-                    loss_text = " ".join(f"{label}@{k} {v:.3f}" for k, v in record["loss"].items())
+                    loss_text = " ".join(f"{config.objective}@{k} {v:.3f}" for k, v in record["loss"].items())
                     log(f"step {state['step']}/{total_steps} | {state['tokens_seen']:,} tok | {tok_s:,.0f} tok/s | "
                         f"{loss_text} | lr {lr:.2e} | backbone {record['backbone_fraction']:.0%} | "
                         f"ETA {format_seconds(record['eta_s'])}")
