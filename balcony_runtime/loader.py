@@ -120,7 +120,7 @@ def _load_weights(source: str, resolved: ResolvedModel, tokenizer: Future, *, ad
     model.freeze_backbone()
     model.eval()
     if weights.quantization in FORMATS:
-        model.pack_weights(weights.quantization)
+        model.pack_weights(weights.quantization, weights.bf16_from_rows)
 
     return LoadedModel(model, tokenizer.result(), resolved.identity, backbone_fingerprint, meta, resolved.path, limit,
                        weights)

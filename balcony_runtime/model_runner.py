@@ -149,6 +149,7 @@ class ModelRunner:
         num_rows, num_tokens = len(rows), len(input_ids)
         is_decode = num_tokens == num_rows
         lens = np.asarray(query_lens, dtype=np.int64)  # [B]
+        context_lens = starts + lens  # [B]
         cu = np.zeros(num_rows + 1, dtype=np.int64)  # [B + 1]
         np.cumsum(lens, out=cu[1:])
         if is_decode:
@@ -169,12 +170,13 @@ class ModelRunner:
             exits=[item.request.exit_layer for item in rows],
             query_lens=query_lens,
             cu_query_lens=to_device(cu, torch.int32, device),
-            context_lens=to_device(starts + lens, torch.int32, device),
+            context_lens=to_device(context_lens, torch.int32, device),
             block_tables=block_tables,
             slot_mapping=slot_mapping,
             logits_indices=logits_indices,
             is_decode=is_decode,
             max_query_len=int(lens.max()),
+            max_context_len=int(context_lens.max()),
         )
         return batch, StepLayout(order, prompt_targets)
 

@@ -2,8 +2,8 @@
 
 A CPU decode step is bound by reading the weights, and which format reads fastest depends on the
 machine, not on a flag: on a 2-core EPYC without AVX-512, bf16 matrices (converted in software)
-beat fp32 for one row and lose for 16, FBGEMM's fp16 beats both, CPUs with AMX may favour oneDNN's
-bf16, and torch's int8 kernel is fast with bf16 activations but a scalar loop with fp32 ones there
+beat fp32 for one row and lose for 16, FBGEMM's fp16 beats both; on one with AVX512-BF16, oneDNN's
+packed bf16 ties fp16 for one row and beats it for 16; and torch's int8 kernel is fast with bf16 activations but a scalar loop with fp32 ones there
 (docs/benchmarks.md has the figures). So ``--dtype auto`` and
 ``--quantization auto`` time the candidates on matrices of the model's own shapes, enough layers
 to spill out of the caches, at 1 and 16 rows, and keep the fastest. The verdict is cached per
@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 
 from balcony_runtime.config import ModelArch
-from balcony_runtime.model.packed_weights import FORMATS, QUANTIZATIONS, linear
+from balcony_runtime.model.packed_weights import FORMATS, QUANTIZATIONS, Bf16Weight, linear, packer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the --dtype names
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-FP32_ONLY = ("fp16",)  # FBGEMM's format: float32 activations in and out
+FP32_ONLY = ("fp16", "fp16+bf16")  # FBGEMM's format: float32 activations in and out
 ROWS = (1, 16)  # one stream, and a busy batch
+SPLIT_ROWS = (2, 4, 8, 16, 32, 64)  # where fp16+bf16 may switch from FBGEMM to oneDNN
 TARGET_BYTES = 192 * 2**20  # fp32 bytes of the timed layers: past the last-level cache of a server CPU
 
 
@@ -40,6 +41,7 @@ class WeightChoice:
     quantization: str  # "none" or a key of packed_weights.FORMATS
     timings_ms: dict[str, list[float]]  # candidate label -> ms per pass at each of ROWS
     cached: bool = False  # read back from disk instead of measured now
+    bf16_from_rows: int | None = None  # fp16+bf16: products of this many rows and more take bf16
 
     @property
     def label(self) -> str:
@@ -56,10 +58,27 @@ def candidates(dtype: str, quantization: str) -> list[tuple[torch.dtype, str]]:
     dtypes = [torch.float32, torch.bfloat16] if dtype == "auto" else [DTYPES[dtype]]
     # An explicit --dtype is a request for weights in that dtype (e.g. float32 for exactness):
     # auto packs weights only when the dtype is left to the measurement too.
-    packing = ["none", "fp16"] if dtype == "auto" else ["none"]
+    onednn = ["bf16", "fp16+bf16"] if Bf16Weight.supported() else []
+    packing = ["none", "fp16", *onednn] if dtype == "auto" else ["none"]
     formats = packing if quantization == "auto" else [quantization]
-    # FBGEMM's kernels take fp32 activations only.
-    return [(d, f) for d in dtypes for f in formats if not (f in FP32_ONLY and d != torch.float32)]
+    # FBGEMM's kernels take fp32 activations only. bf16 weights under bf16 activations are an
+    # explicit choice only: the timing below measures matrices, and a bf16 model's other ops cost
+    # more than fp32's on a CPU (the norms and RoPE upcast), which it would not see.
+    return [(d, f) for d in dtypes for f in formats
+            if not (f in FP32_ONLY and d != torch.float32)
+            and not (f == "bf16" and quantization == "auto" and d != torch.float32)]
+
+
+def split_crossover(matrices: list[torch.Tensor]) -> tuple[int | None, dict[str, list[float]]]:
+    """The fewest rows from which oneDNN's bf16 is faster than FBGEMM's fp16 at every larger count
+    of SPLIT_ROWS (None: never), and both formats' timings at SPLIT_ROWS."""
+    timings = {f: time_candidate(matrices, torch.float32, f, rows=SPLIT_ROWS) for f in ("fp16", "bf16")}
+    crossover = None
+    for i in reversed(range(len(SPLIT_ROWS))):
+        if timings["bf16"][i] >= timings["fp16"][i]:
+            break
+        crossover = SPLIT_ROWS[i]
+    return crossover, timings
 
 
 def timing_matrices(arch: ModelArch) -> list[torch.Tensor]:
@@ -75,12 +94,12 @@ def timing_matrices(arch: ModelArch) -> list[torch.Tensor]:
 
 
 def time_candidate(matrices: list[torch.Tensor], dtype: torch.dtype, quantization: str,
-                   repeats: int = 2) -> list[float]:
-    """Best ms of a pass over ``matrices`` (x @ W^T for each) at each of ROWS, in this format."""
-    weights = [m.to(dtype) if quantization == "none" else FORMATS[quantization].pack(m.to(dtype))
-               for m in matrices]
+                   repeats: int = 2, rows: tuple[int, ...] = ROWS, bf16_from_rows: int | None = None) -> list[float]:
+    """Best ms of a pass over ``matrices`` (x @ W^T for each) at each of ``rows``, in this format."""
+    pack = None if quantization == "none" else packer(quantization, bf16_from_rows)
+    weights = [m.to(dtype) if pack is None else pack(m.to(dtype)) for m in matrices]
     result = []
-    for rows in ROWS:
+    for rows in rows:
         inputs = {k: torch.ones(rows, k, dtype=dtype) for k in {w.shape[1] for w in weights}}
         best = float("inf")
         for _ in range(repeats + 1):  # the first pass pays the kernels' one-time setup
@@ -103,11 +122,17 @@ def choose_cpu_weights(arch: ModelArch, dtype: str, quantization: str, cache_dir
         try:
             entry = json.loads(path.read_text())
             if entry["key"] == key:
-                return WeightChoice(DTYPES[entry["dtype"]], entry["quantization"], entry["timings_ms"], cached=True)
+                return WeightChoice(DTYPES[entry["dtype"]], entry["quantization"], entry["timings_ms"], cached=True,
+                                    bf16_from_rows=entry.get("bf16_from_rows"))
         except (OSError, ValueError, KeyError):
             pass  # unreadable: measure again and overwrite
     matrices = timing_matrices(arch)
-    timings = {candidate_label(d, f): time_candidate(matrices, d, f) for d, f in options}
+    crossover = None
+    if (torch.float32, "fp16+bf16") in options:
+        crossover, _ = split_crossover(matrices)
+        if crossover is None:  # oneDNN never wins here: the split would be fp16 with twice the memory
+            options.remove((torch.float32, "fp16+bf16"))
+    timings = {candidate_label(d, f): time_candidate(matrices, d, f, bf16_from_rows=crossover) for d, f in options}
     del matrices
 
     def score(option: tuple[torch.dtype, str]) -> float:
@@ -115,12 +140,13 @@ def choose_cpu_weights(arch: ModelArch, dtype: str, quantization: str, cache_dir
         return math.prod(timings[candidate_label(*option)]) ** (1 / len(ROWS))
 
     best = min(options, key=score)
-    choice = WeightChoice(best[0], best[1], timings)
+    split = crossover if best[1] == "fp16+bf16" else None
+    choice = WeightChoice(best[0], best[1], timings, bf16_from_rows=split)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"key": key, "dtype": DTYPE_NAMES[best[0]], "quantization": best[1],
-                                   "timings_ms": timings}, indent=1))
+                                   "timings_ms": timings, "bf16_from_rows": split}, indent=1))
         tmp.replace(path)  # atomic: a concurrent start never reads half a file
     return choice
 
@@ -134,6 +160,7 @@ def _cache_key(arch: ModelArch, options: list[tuple[torch.dtype, str]]) -> str:
         "shapes": [arch.hidden_size, arch.intermediate_size, arch.num_heads, arch.num_kv_heads,
                    arch.head_dim, arch.vocab_size, arch.num_layers],
         "options": [candidate_label(*o) for o in options], "target_bytes": TARGET_BYTES, "rows": ROWS,
+        "split_rows": SPLIT_ROWS,
         "version": 1,
     }, sort_keys=True)
 
@@ -145,7 +172,8 @@ def describe(choice: WeightChoice) -> str:
     rows = "/".join(str(r) for r in ROWS)
     measured = "; ".join(f"{label} {'/'.join(f'{t:.1f}' for t in ms)} ms"
                          for label, ms in choice.timings_ms.items())
-    return f"{choice.label} ({'cached' if choice.cached else 'measured'} at {rows} rows: {measured})"
+    split = f", bf16 from {choice.bf16_from_rows} rows" if choice.bf16_from_rows else ""
+    return f"{choice.label}{split} ({'cached' if choice.cached else 'measured'} at {rows} rows: {measured})"
 
 
 def resolve_weights(dtype: str, quantization: str, device: torch.device, arch: ModelArch,

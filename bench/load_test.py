@@ -474,7 +474,7 @@ def main() -> None:
                         help="requests timed for that isolated latency, one at a time (default %(default)s)")
     parser.add_argument("--iso-exit", default=None, help="the exit timed (default: the shallowest served)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "fp16", "int8"],
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "fp16", "bf16", "fp16+bf16", "int8"],
                         help="the weight format, as `balcony serve --quantization` (the engine-only phases load "
                              "the same, so they compare like with like)")
     parser.add_argument("--adapters", default="default", help="as `balcony serve --adapters`")

@@ -11,7 +11,7 @@ from typing import Callable, Literal
 
 import torch
 
-from kernels import reference
+from kernels import cpu_decode, reference
 
 Backend = Literal["auto", "torch", "triton"]
 
@@ -26,6 +26,10 @@ class KernelOps:
     decode_attention: Callable  # (q, k_cache, v_cache, block_tables, context_lens, scale) -> out
     prefill_attention: Callable  # (q, k_cache, v_cache, block_tables, cu_q, ctx, scale, max_q) -> out
     swiglu: Callable  # (x, w_gate_up) -> SiLU(gate) * up
+    # A decode step's shared work once per step, then each layer's attention (kernels/cpu_decode.py);
+    # None: every layer calls rotary_and_cache and decode_attention.
+    decode_tables: Callable | None = None  # (cos, sin, positions, context_lens, max_context, k_cache, v_cache)
+    decode_attend: Callable | None = None  # (q, k, v, tables, slots, block_tables, scale) -> out
 
 
 TORCH_OPS = KernelOps(
@@ -35,6 +39,8 @@ TORCH_OPS = KernelOps(
     decode_attention=reference.decode_attention,
     prefill_attention=reference.prefill_attention,
     swiglu=reference.swiglu,
+    decode_tables=cpu_decode.decode_tables,
+    decode_attend=cpu_decode.attend,
 )
 
 

@@ -65,11 +65,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="activations dtype, and the weights' unless --quantization packs them (auto: bfloat16 on GPUs; "
                         "on CPUs the faster of float32 and bfloat16 as measured at the first start, then cached)")
-    p.add_argument("--quantization", default="auto", choices=["auto", "none", "fp16", "int8"],
-                   help="matrix format, CPU only: fp16 (fp16 weights, fp32 activations), int8 (weight-only int8 "
-                        "per output channel: lossy, quality per exit in docs/benchmarks.md), none (the dtype's); "
-                        "auto: with --dtype auto, the faster of none and fp16 as measured on this machine (never int8); "
-                        "with an explicit --dtype, none")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "fp16", "bf16", "fp16+bf16", "int8"],
+                   help="matrix format, CPU only: fp16 (fp16 weights for FBGEMM, fp32 activations), bf16 (bf16 "
+                        "weights packed for oneDNN; each product rounds its input to bf16), fp16+bf16 (both: fp16 for "
+                        "products of few rows, bf16 for many; twice the weight memory), int8 (weight-only int8 "
+                        "per output channel: lossy), none (the dtype's); quality per exit in docs/benchmarks.md; "
+                        "auto: with --dtype auto, the fastest of these as measured on this machine, the fp16+bf16 crossover too "
+                        "(never int8); with an explicit --dtype, none")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to run (auto: cuda if present)")
     p.add_argument("--max-model-len", type=int, default=None,

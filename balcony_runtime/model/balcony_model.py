@@ -25,7 +25,7 @@ from balcony_runtime.config import ModelArch
 from balcony_runtime.model.balcony import Balcony
 from balcony_runtime.model.decoder_layer import Attend, DecoderLayer
 from balcony_runtime.model.forward_batch import ForwardBatch
-from balcony_runtime.model.packed_weights import FORMATS, linear
+from balcony_runtime.model.packed_weights import FORMATS, linear, packer
 from balcony_runtime.staging import to_device
 from kernels import KernelOps
 
@@ -100,10 +100,11 @@ class BalconyModel(nn.Module):
         return "none"
 
     @torch.no_grad()
-    def pack_weights(self, fmt: str) -> None:
+    def pack_weights(self, fmt: str, bf16_from_rows: int | None = None) -> None:
         """Every matrix a step reads in a packed CPU format: backbone layers, balcony layers and the
         head (a separate packed copy when tied: the embedding lookup keeps its float rows). Norms,
-        lenses (one [H, H] map per exit) and the KV cache keep the model's dtype. Inference only."""
+        lenses (one [H, H] map per exit) and the KV cache keep the model's dtype. Inference only.
+        ``bf16_from_rows``: where the fp16+bf16 format switches (measured by weight_format.py)."""
         if self.quantization != "none":
             raise RuntimeError(f"weights are already packed as {self.quantization}")
         # Packing converts element by element in one thread per matrix (seconds of every start for
@@ -112,7 +113,7 @@ class BalconyModel(nn.Module):
         layers = [*self.layers, *(b.layer for b in self.balconies.values())]
         weights = [self.lm_head] + [getattr(layer, name) for layer in layers for name in DecoderLayer.MATRICES]
         with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-            head, *packed = pool.map(FORMATS[fmt].pack, weights)
+            head, *packed = pool.map(packer(fmt, bf16_from_rows), weights)
         per_layer = len(DecoderLayer.MATRICES)
         for i, layer in enumerate(layers):
             layer.pack_weights(fmt, packed[i * per_layer:(i + 1) * per_layer])
@@ -131,20 +132,25 @@ class BalconyModel(nn.Module):
         return linear(normed, self.lm_head).float()
 
     def _paged_attend(
-        self, batch: ForwardBatch, cache_layer: int, rows: slice, kv_cache: tuple[torch.Tensor, torch.Tensor]
+        self, batch: ForwardBatch, cache_layer: int, rows: slice, kv_cache: tuple[torch.Tensor, torch.Tensor],
+        tables=None,
     ) -> Attend:
-        """Attention of ``rows`` (a contiguous range) at one cache layer of the paged KV cache."""
+        """Attention of ``rows`` (a contiguous range) at one cache layer of the paged KV cache;
+        ``tables``: the step's shared decode work (ops.decode_tables), when the ops have it."""
         k_cache, v_cache = kv_cache
         offsets = batch.cu_query_lens_host
         tokens = slice(offsets[rows.start], offsets[rows.stop])
         block_tables = batch.block_tables[cache_layer, rows]  # [b, max_blocks]
-        context_lens = batch.context_lens[rows]  # [b]
-        max_query_len = max(batch.query_lens[rows])
         ops = self.ops
 
+        if tables is not None:
+            slots, rows_tables, scale = batch.slot_mapping[cache_layer, tokens], tables.rows(rows.start, rows.stop), self.scale
+            return lambda q, k, v: ops.decode_attend(q, k, v, rows_tables, slots, block_tables, scale)
+        context_lens = batch.context_lens[rows]  # [b]
         if batch.is_decode:
             return self.decode_attend(batch.positions[tokens], batch.slot_mapping[cache_layer, tokens],
                                       block_tables, context_lens, kv_cache)
+        max_query_len = max(batch.query_lens[rows])
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             q, _ = ops.rotary_and_cache(
@@ -186,6 +192,12 @@ class BalconyModel(nn.Module):
         # them, so a mixed batch reads it once instead of once per exit.
         normed: list[torch.Tensor] = []
         logits_indices = to_device(batch.logits_indices, torch.int64, hidden.device)  # [N], no host sync on CUDA
+        # A decode step's work shared by every layer (RoPE angles, key mask), once, where the ops
+        # have it (the CPU's torch ops in fp32: kernels/cpu_decode.py).
+        tables = None
+        if batch.is_decode and self.ops.decode_tables is not None and self.dtype == torch.float32:
+            tables = self.ops.decode_tables(self.rope_cos, self.rope_sin, batch.positions, batch.context_lens,
+                                            batch.max_context_len, *kv_cache)
 
         def emit(rows: slice, out: torch.Tensor, res: torch.Tensor, norm: torch.Tensor) -> None:
             """Normed states of the wanted tokens among ``rows``, whose hidden states are out + res."""
@@ -204,7 +216,7 @@ class BalconyModel(nn.Module):
             tokens = offsets[rows]
             hidden = hidden[:tokens]
             residual = None if residual is None else residual[:tokens]
-            attend = self._paged_attend(batch, l, slice(0, rows), kv_cache)
+            attend = self._paged_attend(batch, l, slice(0, rows), kv_cache, tables)
             hidden, residual = layer(hidden, residual, attend, self.ops)
             exiting = slice(rows_deeper_than[l + 1], rows)  # rows whose exit is l + 1
             if l + 1 < L and exiting.start < exiting.stop:
@@ -212,7 +224,7 @@ class BalconyModel(nn.Module):
                 # first and the list is flipped at the end to follow token order.
                 balcony = self.balconies[str(l + 1)]
                 tok = slice(offsets[exiting.start], offsets[exiting.stop])
-                attend = self._paged_attend(batch, self.cache_layers_of(l + 1)[-1], exiting, kv_cache)
+                attend = self._paged_attend(batch, self.cache_layers_of(l + 1)[-1], exiting, kv_cache, tables)
                 out, res = balcony(hidden[tok], residual[tok], attend, self.ops)
                 emit(exiting, out, res, balcony.norm)
         full_rows = rows_deeper_than[L - 1]

@@ -26,6 +26,7 @@ class ForwardBatch:
     logits_indices: list[int]  # ascending token indices whose logits the caller wants
     is_decode: bool  # every row has exactly one token: the decode kernel applies
     max_query_len: int  # longest row in this step
+    max_context_len: int  # longest of context_lens, on the host
 
     # cu_query_lens on the host, computed once: the model reads it at every layer.
     _cu_host: list[int] | None = field(default=None, init=False, repr=False, compare=False)

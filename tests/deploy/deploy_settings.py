@@ -37,7 +37,7 @@ CONTRACT_FLAGS: dict[str, set[str] | None] = {
     "--model": None,
     "--adapters": None,
     "--dtype": {"auto", "float32", "bfloat16", "float16"},
-    "--quantization": {"auto", "none", "fp16", "int8"},
+    "--quantization": {"auto", "none", "fp16", "bf16", "fp16+bf16", "int8"},
     "--device": {"auto", "cpu", "cuda"},
     "--enforce-eager": {"1", "true", "yes", "on", "0", "false", "no", "off"},
     "--host": None,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from balcony_runtime.config import ModelArch
+from balcony_runtime.model.packed_weights import Bf16Weight
 from balcony_runtime.weight_format import candidates, choose_cpu_weights, describe, resolve_weights
 
 
@@ -17,7 +18,13 @@ def arch(tiny_model):
 
 
 def test_candidates_follow_the_flags():
-    assert candidates("auto", "auto") == [(torch.float32, "none"), (torch.float32, "fp16"), (torch.bfloat16, "none")]
+    # oneDNN's packed bf16 joins where this CPU has a bf16 path, under fp32 activations only
+    onednn = [(torch.float32, "bf16"), (torch.float32, "fp16+bf16")] if Bf16Weight.supported() else []
+    assert candidates("auto", "auto") == [(torch.float32, "none"), (torch.float32, "fp16"), *onednn,
+                                          (torch.bfloat16, "none")]
+    assert candidates("auto", "bf16") == [(torch.float32, "bf16"), (torch.bfloat16, "bf16")]  # asked: both timed
+    assert candidates("bfloat16", "bf16") == [(torch.bfloat16, "bf16")]
+    assert candidates("auto", "fp16+bf16") == [(torch.float32, "fp16+bf16")]  # FBGEMM's half: fp32 only
     assert candidates("float32", "auto") == [(torch.float32, "none")]  # an explicit dtype keeps its weights
     assert candidates("float32", "fp16") == [(torch.float32, "fp16")]
     assert candidates("bfloat16", "auto") == [(torch.bfloat16, "none")]  # fp16 weights need fp32 activations
@@ -27,12 +34,17 @@ def test_candidates_follow_the_flags():
 
 def test_measured_choice_is_the_fastest_and_is_cached(arch: ModelArch, tmp_path):
     first = choose_cpu_weights(arch, "auto", "auto", tmp_path)
-    assert not first.cached and len(first.timings_ms) == 3
+    # the split is timed only where oneDNN's bf16 wins somewhere
+    assert not first.cached and len(first.timings_ms) in ((4, 5) if Bf16Weight.supported() else (3,))
+    split = first.timings_ms.get("float32 + fp16+bf16 weights")
+    assert (first.bf16_from_rows is not None) == (first.quantization == "fp16+bf16")
     assert all(len(ms) == 2 and min(ms) > 0 for ms in first.timings_ms.values())
     best = min(first.timings_ms, key=lambda label: first.timings_ms[label][0] * first.timings_ms[label][1])
     assert first.label == best
     again = choose_cpu_weights(arch, "auto", "auto", tmp_path)
     assert again.cached and (again.dtype, again.quantization) == (first.dtype, first.quantization)
+    assert again.bf16_from_rows == first.bf16_from_rows
+    del split
     assert "cached" in describe(again) and first.label in describe(again)
 
 
@@ -69,3 +81,18 @@ def test_gpu_keeps_its_exact_path_and_refuses_cpu_formats(arch):
 def test_bad_combinations_are_refused(arch, dtype, quantization, message):
     with pytest.raises(ValueError, match=message):
         resolve_weights(dtype, quantization, torch.device("cpu"), arch, None)
+
+
+def test_split_crossover_is_where_bf16_wins_from_then_on(monkeypatch):
+    import balcony_runtime.weight_format as wf
+
+    def fake(fp16, bf16):
+        table = {"fp16": fp16, "bf16": bf16}
+        monkeypatch.setattr(wf, "time_candidate", lambda m, d, f, rows: table[f])
+        return wf.split_crossover([])[0]
+
+    assert wf.SPLIT_ROWS == (2, 4, 8, 16, 32, 64)
+    assert fake([1, 1, 1, 2, 4, 8], [2, 2, 2, 1, 2, 4]) == 16
+    assert fake([1, 1, 1, 2, 4, 8], [2, 2, 2, 1, 5, 4]) == 64  # a loss at 32: only from 64 on
+    assert fake([1, 1, 1, 1, 1, 1], [2, 2, 2, 2, 2, 2]) is None  # never
+    assert fake([2, 2, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1]) == 2
