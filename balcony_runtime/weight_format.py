@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from balcony_runtime.config import ModelArch
-from balcony_runtime.model.packed_weights import FORMATS, QUANTIZATIONS, Bf16Weight, linear, packer
+from balcony_runtime.model.packed_weights import FORMATS, QUANTIZATIONS, Bf16Weight, linear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the --dtype names
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -69,16 +69,15 @@ def candidates(dtype: str, quantization: str) -> list[tuple[torch.dtype, str]]:
             and not (f == "bf16" and quantization == "auto" and d != torch.float32)]
 
 
-def split_crossover(matrices: list[torch.Tensor]) -> tuple[int | None, dict[str, list[float]]]:
+def split_crossover(fp16_ms: list[float], bf16_ms: list[float]) -> int | None:
     """The fewest rows from which oneDNN's bf16 is faster than FBGEMM's fp16 at every larger count
-    of SPLIT_ROWS (None: never), and both formats' timings at SPLIT_ROWS."""
-    timings = {f: time_candidate(matrices, torch.float32, f, rows=SPLIT_ROWS) for f in ("fp16", "bf16")}
+    of SPLIT_ROWS (None: never), given both formats' timings at SPLIT_ROWS."""
     crossover = None
-    for i in reversed(range(len(SPLIT_ROWS))):
-        if timings["bf16"][i] >= timings["fp16"][i]:
+    for rows, fp16, bf16 in reversed(list(zip(SPLIT_ROWS, fp16_ms, bf16_ms))):
+        if bf16 >= fp16:
             break
-        crossover = SPLIT_ROWS[i]
-    return crossover, timings
+        crossover = rows
+    return crossover
 
 
 def timing_matrices(arch: ModelArch) -> list[torch.Tensor]:
@@ -94,9 +93,9 @@ def timing_matrices(arch: ModelArch) -> list[torch.Tensor]:
 
 
 def time_candidate(matrices: list[torch.Tensor], dtype: torch.dtype, quantization: str,
-                   repeats: int = 2, rows: tuple[int, ...] = ROWS, bf16_from_rows: int | None = None) -> list[float]:
+                   repeats: int = 2, rows: tuple[int, ...] = ROWS) -> list[float]:
     """Best ms of a pass over ``matrices`` (x @ W^T for each) at each of ``rows``, in this format."""
-    pack = None if quantization == "none" else packer(quantization, bf16_from_rows)
+    pack = None if quantization == "none" else FORMATS[quantization].pack
     weights = [m.to(dtype) if pack is None else pack(m.to(dtype)) for m in matrices]
     result = []
     for rows in rows:
@@ -127,12 +126,25 @@ def choose_cpu_weights(arch: ModelArch, dtype: str, quantization: str, cache_dir
         except (OSError, ValueError, KeyError):
             pass  # unreadable: measure again and overwrite
     matrices = timing_matrices(arch)
-    crossover = None
-    if (torch.float32, "fp16+bf16") in options:
-        crossover, _ = split_crossover(matrices)
+    split = (torch.float32, "fp16+bf16")
+    crossover, timings = None, {}
+    if split in options:
+        # fp16 and bf16 timed once over ROWS and SPLIT_ROWS: the crossover comes from the sweep, and
+        # the split's own timing is theirs on each side of it (the same kernels on the same matrices).
+        swept_rows = tuple(sorted({*ROWS, *SPLIT_ROWS}))
+        swept = {f: dict(zip(swept_rows, time_candidate(matrices, torch.float32, f, rows=swept_rows)))
+                 for f in ("fp16", "bf16")}
+        for f, ms in swept.items():
+            timings[candidate_label(torch.float32, f)] = [ms[r] for r in ROWS]
+        crossover = split_crossover(*([swept[f][r] for r in SPLIT_ROWS] for f in ("fp16", "bf16")))
         if crossover is None:  # oneDNN never wins here: the split would be fp16 with twice the memory
-            options.remove((torch.float32, "fp16+bf16"))
-    timings = {candidate_label(d, f): time_candidate(matrices, d, f, bf16_from_rows=crossover) for d, f in options}
+            options.remove(split)
+        else:
+            timings[candidate_label(*split)] = [swept["fp16" if r < crossover else "bf16"][r] for r in ROWS]
+    for d, f in options:
+        if candidate_label(d, f) not in timings:
+            timings[candidate_label(d, f)] = time_candidate(matrices, d, f)
+    timings = {candidate_label(*o): timings[candidate_label(*o)] for o in options}  # in the options' order
     del matrices
 
     def score(option: tuple[torch.dtype, str]) -> float:

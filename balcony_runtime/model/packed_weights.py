@@ -1,7 +1,8 @@
 """CPU weight formats for decode: fewer bytes per weight, packed for the kernel that reads them.
 
 A CPU decode step is bound by reading the weights (docs/benchmarks.md), so the format of the
-matrices decides its pace more than anything else. Three formats, each run by a kernel torch ships:
+matrices decides its pace more than anything else. Three formats, each run by a kernel torch ships,
+and one split of two of them:
 
 - ``fp16``: weights rounded to fp16 and packed for FBGEMM's fp16 GEMM (``quantized.linear_dynamic_fp16``,
   despite the name no activation is quantized: fp32 activations, fp16 weights converted in registers,
