@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import torch
 
 from balcony_runtime.block_manager import BlockManager
-from balcony_runtime.detokenizer import IncrementalDetokenizer
+from balcony_runtime.detokenizer import IncrementalDetokenizer, token_texts
 from balcony_runtime.errors import RequestError
 from balcony_runtime.kv_cache import KVCache
 from balcony_runtime.loader import LoadedModel
@@ -148,6 +148,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.last_step: StepStats | None = None
         eos = self.tokenizer.eos_token_id
+        self.token_texts = token_texts(self.tokenizer)  # shared by every request's detokenizer
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
 
     def _blocks_for_memory(self, config: EngineConfig) -> int:
@@ -281,7 +282,7 @@ class LLMEngine:
             deadline=None if budget_ms is None else arrival + budget_ms / 1000,
             grammar=grammar, cache_layers=cache_layers, prefix_leader=leader,
         )
-        self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(self.tokenizer, params.stop), route)
+        self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(self.token_texts, params.stop), route)
         self.scheduler.add(request)
         return request_id
 

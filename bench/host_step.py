@@ -56,13 +56,16 @@ def engine_with(modules: dict[str, types.ModuleType] | None):
     if modules is None:
         yield
         return
-    saved = engine_module.ModelRunner, engine_module.IncrementalDetokenizer
+    saved = engine_module.ModelRunner, engine_module.IncrementalDetokenizer, engine_module.token_texts
+    old_detokenizer = modules["detokenizer"]
     engine_module.ModelRunner = modules["model_runner"].ModelRunner
-    engine_module.IncrementalDetokenizer = modules["detokenizer"].IncrementalDetokenizer
+    engine_module.IncrementalDetokenizer = old_detokenizer.IncrementalDetokenizer
+    # Detokenizers before the byte table took the tokenizer itself.
+    engine_module.token_texts = getattr(old_detokenizer, "token_texts", lambda tokenizer: tokenizer)
     try:
         yield
     finally:
-        engine_module.ModelRunner, engine_module.IncrementalDetokenizer = saved
+        engine_module.ModelRunner, engine_module.IncrementalDetokenizer, engine_module.token_texts = saved
 
 
 def main() -> None:
