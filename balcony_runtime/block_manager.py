@@ -16,7 +16,7 @@ class OutOfBlocks(Exception):
     """Raised when an allocation is attempted without the blocks for it (callers check first)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestBlocks:
     num_layers: int  # cache layers this request writes
     capacity_tokens: int  # tokens each layer's blocks can hold
@@ -86,6 +86,10 @@ class BlockManager:
 
     def capacity(self, request_id: str) -> int:
         return self._requests[request_id].capacity_tokens
+
+    def has_room(self, request_id: str, num_tokens: int) -> bool:
+        """Whether the request's blocks already hold ``num_tokens`` tokens (no grow needed)."""
+        return num_tokens <= self._requests[request_id].capacity_tokens
 
     def blocks_to_grow(self, request_id: str, num_tokens: int) -> int:
         held = self._requests[request_id]

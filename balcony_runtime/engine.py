@@ -25,7 +25,7 @@ from balcony_runtime.sampling_params import SamplingParams
 from balcony_runtime.routing.calibration import calibrate
 from balcony_runtime.routing.latency_model import LatencyModel, LoadSnapshot, RowLoad
 from balcony_runtime.routing.router import RouteDecision, Router
-from balcony_runtime.routing.step_cost import RowShape, StepShape
+from balcony_runtime.routing.step_cost import StepShape
 from balcony_runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from balcony_runtime.structured.token_masks import MaskFiller
 
@@ -52,7 +52,7 @@ class EngineConfig:
             raise ValueError("served_exits must name at least one exit")
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request (deltas), plus its state."""
 
@@ -89,13 +89,16 @@ class StepStats:
     @classmethod
     def of(cls, plan: SchedulerOutput, seconds: float, full_depth: int) -> "StepStats":
         rows = plan.scheduled
-        shapes = [RowShape(r.request.exit_layer, r.num_tokens, r.start, r.completes_sequence) for r in rows]
+        exits = [r.request.exit_layer for r in rows]
+        num_tokens = [r.num_tokens for r in rows]
+        shape = StepShape.of_columns(exits, num_tokens, [r.start for r in rows],
+                                     [r.completes_sequence for r in rows], full_depth)
         return cls(
             seconds=seconds,
-            shape=StepShape.of(shapes, full_depth),
+            shape=shape,
             num_rows=len(rows),
-            deepest_exit=rows[0].request.exit_layer,
-            num_prefill_tokens=sum(r.num_tokens for r in rows if r.num_tokens > 1),
+            deepest_exit=exits[0],
+            num_prefill_tokens=sum(n for n in num_tokens if n > 1) if shape.prefill_token_layers else 0,
             depth_limit=plan.depth_limit,
         )
 
@@ -348,41 +351,53 @@ class LLMEngine:
         return self._postprocess(plan, results)
 
     def _postprocess(self, plan: SchedulerOutput, results: list[RunResult]) -> list[RequestOutput]:
+        # Runs once per row per step: a running request's decode token goes through here, so the
+        # loop keeps to locals and touches a row's objects once (on a GPU this is host time per step).
         now = time.monotonic()
         outputs = []
+        tracked_of = self._tracked
         for item, result in zip(plan.scheduled, results):
             request = item.request
-            tracked = self._tracked[request.request_id]
-            tracked.prompt_logprobs.extend(result.prompt_logprobs)
+            params = request.params
+            tracked = tracked_of[request.request_id]
+            if result.prompt_logprobs:
+                tracked.prompt_logprobs.extend(result.prompt_logprobs)
             prompt_ready = False
-            if request.params.prompt_logprobs is not None and not request.prompt_logprobs_done:
+            if params.prompt_logprobs is not None and not request.prompt_logprobs_done:
                 if item.start + item.num_tokens >= request.num_prompt_tokens:
                     request.prompt_logprobs_done = prompt_ready = True
             new_ids, new_logprobs, new_text = [], [], ""
             reason = None
-            if result.sampled is not None:
-                if request.params.max_tokens == 0:
+            sampled = result.sampled
+            if sampled is not None:
+                if params.max_tokens == 0:
                     reason = "length"  # prompt scoring only: nothing is generated
                 else:
-                    token = result.sampled.token_id
-                    request.output_token_ids.append(token)
-                    request.first_token_time = request.first_token_time or now
+                    token = sampled.token_id
+                    output_ids = request.output_token_ids
+                    output_ids.append(token)
+                    if request.first_token_time is None:
+                        request.first_token_time = now
                     new_ids.append(token)
-                    if result.sampled.logprobs is not None:
-                        new_logprobs.append(result.sampled.logprobs)
-                    reason = self._stop_reason(request, token)
+                    if sampled.logprobs is not None:
+                        new_logprobs.append(sampled.logprobs)
+                    if token in request.eos_token_ids or token in params.stop_token_ids:
+                        reason = "stop"
+                    elif len(output_ids) >= params.max_tokens:
+                        reason = "length"
                     if request.grammar is not None and request.grammar.accept(token):
                         reason = "stop"  # the JSON is complete: only the end of sequence could follow
-                    is_special_stop = reason == "stop" and not tracked.detok.stopped
-                    new_text = tracked.detok.add(token, final=reason is not None)
-                    if tracked.detok.stopped:
+                    detok = tracked.detok
+                    is_special_stop = reason == "stop" and not detok.stopped
+                    new_text = detok.add(token, final=reason is not None)
+                    if detok.stopped:
                         reason = "stop"
                     elif is_special_stop:
-                        new_text += tracked.detok.flush()
+                        new_text += detok.flush()
             latency_s = budget_met = None
             if reason is not None:
                 self.scheduler.finish(request, reason)
-                self._tracked.pop(request.request_id)
+                tracked_of.pop(request.request_id)
                 self.runner.release(request.request_id)
                 latency_s = now - request.arrival_time
                 if request.deadline is not None:
@@ -390,36 +405,26 @@ class LLMEngine:
                 if tracked.route is not None and self.router is not None:
                     route = tracked.route
                     self.router.model.observe_request(route.expected_ms / 1000, latency_s, route.batch_rows)
-            outputs.append(
-                RequestOutput(
-                    request_id=request.request_id,
-                    exit_layer=request.exit_layer,
-                    new_token_ids=new_ids,
-                    new_text=new_text,
-                    new_logprobs=new_logprobs,
-                    prompt_logprobs=tracked.prompt_logprobs if prompt_ready else None,
-                    num_prompt_tokens=request.num_prompt_tokens,
-                    num_output_tokens=len(request.output_token_ids),
-                    finished=reason is not None,
-                    finish_reason=reason,
-                    arrival_time=request.arrival_time,
-                    first_scheduled_time=request.first_scheduled_time,
-                    first_token_time=request.first_token_time,
-                    route=tracked.route,
-                    latency_s=latency_s,
-                    budget_met=budget_met,
-                    num_cached_tokens=request.num_cached_tokens,
-                )
-            )
+            outputs.append(RequestOutput(
+                request_id=request.request_id,
+                exit_layer=request.exit_layer,
+                new_token_ids=new_ids,
+                new_text=new_text,
+                new_logprobs=new_logprobs,
+                prompt_logprobs=tracked.prompt_logprobs if prompt_ready else None,
+                num_prompt_tokens=request.num_prompt_tokens,
+                num_output_tokens=len(request.output_token_ids),
+                finished=reason is not None,
+                finish_reason=reason,
+                arrival_time=request.arrival_time,
+                first_scheduled_time=request.first_scheduled_time,
+                first_token_time=request.first_token_time,
+                route=tracked.route,
+                latency_s=latency_s,
+                budget_met=budget_met,
+                num_cached_tokens=request.num_cached_tokens,
+            ))
         return outputs
-
-    @staticmethod
-    def _stop_reason(request: Request, token: int) -> str | None:
-        if token in request.eos_token_ids or token in request.params.stop_token_ids:
-            return "stop"
-        if len(request.output_token_ids) >= request.params.max_tokens:
-            return "length"
-        return None
 
     # ---- convenience -----------------------------------------------------------------------
 

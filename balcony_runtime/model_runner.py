@@ -9,6 +9,7 @@ leaves or joins moves only itself); results come back in the scheduler's order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,12 +28,15 @@ from balcony_runtime.staging import to_device
 from balcony_runtime.structured.token_masks import mask_logits
 
 
-@dataclass
+_UNSET = object()  # a request whose generator is not made yet (None is a valid generator: the global RNG)
+
+
+@dataclass(slots=True)
 class RunResult:
     """What one step produced for one scheduled request."""
 
     sampled: SampledToken | None  # the next token, when this step completed the known sequence
-    prompt_logprobs: list[TokenLogprobs]  # logprobs of prompt tokens start+1.. covered by this chunk
+    prompt_logprobs: Sequence[TokenLogprobs]  # logprobs of prompt tokens start+1.. covered by this chunk
 
 
 @dataclass
@@ -82,22 +86,27 @@ class ModelRunner:
             logits = self.graphs.run(batch)  # a view of a static buffer, used before the next step
         else:
             logits = self.model(batch, self.kv_cache.as_tuple())  # [len(logits_indices), V] fp32
-        results = [RunResult(None, []) for _ in scheduled]
+        results = [RunResult(None, ()) for _ in scheduled]
         rows: list[SamplingRow] = []
         sampling: list[int] = []  # scheduled index of each sampling row
         sample_logit_rows: list[int] = []
         cursor = 0
+        prompt_targets, generators = layout.prompt_targets, self._generators
         for b, i in enumerate(layout.order):
             item = scheduled[i]
-            targets = layout.prompt_targets.get(b)
-            if targets:
-                span = logits[cursor : cursor + len(targets)]  # [n, V]
-                target = to_device(targets, torch.long, span.device)
-                results[i].prompt_logprobs = prompt_logprobs(span, target, item.request.params.prompt_logprobs)
-                cursor += len(targets)
+            if prompt_targets:
+                targets = prompt_targets.get(b)
+                if targets:
+                    span = logits[cursor : cursor + len(targets)]  # [n, V]
+                    target = to_device(targets, torch.long, span.device)
+                    results[i].prompt_logprobs = prompt_logprobs(span, target, item.request.params.prompt_logprobs)
+                    cursor += len(targets)
             if item.completes_sequence:
                 request = item.request
-                rows.append(SamplingRow(request.params, request.output_token_ids, self._generator(request)))
+                generator = generators.get(request.request_id, _UNSET)
+                if generator is _UNSET:
+                    generator = generators[request.request_id] = make_generator(request.params.seed, self.device)
+                rows.append(SamplingRow(request.params, request.output_token_ids, generator))
                 sampling.append(i)
                 sample_logit_rows.append(cursor)
                 cursor += 1
@@ -112,11 +121,6 @@ class ModelRunner:
             for i, token in zip(sampling, self.sampler(to_sample, rows)):
                 results[i].sampled = token
         return results
-
-    def _generator(self, request: Request) -> torch.Generator | None:
-        if request.request_id not in self._generators:
-            self._generators[request.request_id] = make_generator(request.params.seed, self.device)
-        return self._generators[request.request_id]
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> tuple[ForwardBatch, StepLayout]:
         """The model's input for these requests (ordered deepest exit first, as the scheduler

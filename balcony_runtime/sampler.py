@@ -52,7 +52,7 @@ _CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
 _PROMPT_LOGPROBS_CHUNK = 256  # positions per log_softmax in prompt_logprobs (256 x 49152 fp32 = 48 MiB)
 
 
-@dataclass
+@dataclass(slots=True)
 class SamplingRow:
     """One row of a batch to sample."""
 
@@ -61,7 +61,7 @@ class SamplingRow:
     generator: torch.Generator | None  # this request's RNG (seeded from params.seed), None = global RNG
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenLogprobs:
     """A token's log-probability under the model's raw distribution, with the most likely tokens."""
 
@@ -71,7 +71,7 @@ class TokenLogprobs:
     top: list[tuple[int, float]]  # top-n (token_id, logprob), most likely first (n may be 0)
 
 
-@dataclass
+@dataclass(slots=True)
 class SampledToken:
     """What the sampler chose for one row."""
 
@@ -112,14 +112,21 @@ class Sampler:
         raw = logits.float()  # [B, V]; may alias the caller's tensor, so never written
         device = raw.device
         sync_free = device.type != "cpu" if self.sync_free is None else self.sync_free
-        greedy = [i for i, r in enumerate(rows) if r.params.temperature < _MIN_TEMPERATURE]
-        sampled = [i for i, r in enumerate(rows) if r.params.temperature >= _MIN_TEMPERATURE]
-        has_penalties = any(r.params.has_penalties and r.output_token_ids for r in rows)
-        has_bias = any(r.params.logit_bias for r in rows)
+        greedy, sampled, wanted = [], [], []  # row indices: greedy, sampled, logprobs asked for
+        has_penalties = has_bias = False
+        for i, r in enumerate(rows):  # one pass: a decode step has a row per running request
+            params = r.params
+            (greedy if params.temperature < _MIN_TEMPERATURE else sampled).append(i)
+            has_penalties = has_penalties or bool(params.has_penalties and r.output_token_ids)
+            has_bias = has_bias or bool(params.logit_bias)
+            if params.logprobs is not None:
+                wanted.append(i)
         # The one full-size copy: penalties, bias, temperature and filters all write into it.
         work = raw.clone(memory_format=torch.contiguous_format) if sampled or has_penalties or has_bias else raw
-        apply_penalties_(work, rows)
-        apply_logit_bias_(work, rows)
+        if has_penalties:
+            apply_penalties_(work, rows)
+        if has_bias:
+            apply_logit_bias_(work, rows)
 
         if not sampled:
             tokens = work.argmax(dim=-1)  # [B]
@@ -142,14 +149,14 @@ class Sampler:
             uniform = _uniforms([r.generator for r in sampled_rows], device)  # [S]
             tokens[sampled_idx] = _inverse_cdf_sample(weights, uniform)
 
+        if not wanted:
+            return [SampledToken(t, None) for t in tokens.tolist()]  # the one transfer
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
-        wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        if wanted:
-            wanted_idx = to_device(wanted, torch.long, device)
-            raw_logprobs = torch.log_softmax(_select_rows(raw, wanted_idx), dim=-1)  # [W, V]
-            counts = [rows[i].params.logprobs for i in wanted]
-            for i, lp in zip(wanted, _token_logprobs(raw_logprobs, tokens[wanted_idx], counts)):
-                logprobs[i] = lp
+        wanted_idx = to_device(wanted, torch.long, device)
+        raw_logprobs = torch.log_softmax(_select_rows(raw, wanted_idx), dim=-1)  # [W, V]
+        counts = [rows[i].params.logprobs for i in wanted]
+        for i, lp in zip(wanted, _token_logprobs(raw_logprobs, tokens[wanted_idx], counts)):
+            logprobs[i] = lp
         return [SampledToken(t, lp) for t, lp in zip(tokens.tolist(), logprobs)]  # the one transfer
 
 

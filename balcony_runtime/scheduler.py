@@ -49,16 +49,17 @@ class SchedulerConfig:
             raise ValueError("starvation_ratio and unbudgeted_horizon_s must be >= 0, deadline_margin in [0, 1)")
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     start: int  # first token of this step's chunk (== request.num_computed_tokens)
     num_tokens: int  # tokens fed this step
+    # After this step every known token is cached, so the model's next token is sampled. Fixed when
+    # scheduled (the request gains its sampled token only after the step); read several times a step.
+    completes_sequence: bool = field(init=False)
 
-    @property
-    def completes_sequence(self) -> bool:
-        """After this step every known token is cached, so the model's next token is sampled."""
-        return self.start + self.num_tokens == self.request.num_tokens
+    def __post_init__(self) -> None:
+        self.completes_sequence = self.start + self.num_tokens == self.request.num_tokens
 
 
 @dataclass
@@ -156,15 +157,17 @@ class Scheduler:
                 i += 1
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.blocks.can_grow(request.request_id, request.num_computed_tokens + n):
-                victim = self._victim(self.running[i:])
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is request:
-                    break
-            if request.status is not RequestStatus.RUNNING:
-                continue  # it preempted itself; the next request now sits at index i
-            self.blocks.grow(request.request_id, request.num_computed_tokens + n)
+            if not self.blocks.has_room(request.request_id, request.num_computed_tokens + n):
+                # Most steps skip this: a decoding row needs a new block once every block_size tokens.
+                while not self.blocks.can_grow(request.request_id, request.num_computed_tokens + n):
+                    victim = self._victim(self.running[i:])
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is request:
+                        break
+                if request.status is not RequestStatus.RUNNING:
+                    continue  # it preempted itself; the next request now sits at index i
+                self.blocks.grow(request.request_id, request.num_computed_tokens + n)
             scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n))
             budget -= n
             i += 1
@@ -216,14 +219,14 @@ class Scheduler:
 
     def on_step_done(self, output: SchedulerOutput, seconds: float = 0.0) -> None:
         """The runner has written this step's tokens into the cache; it took ``seconds``."""
-        ran = set()
         for item in output.scheduled:
             request = item.request
             request.num_computed_tokens = item.start + item.num_tokens
             request.waited_s = 0.0
-            ran.add(request.request_id)
             if item.start < request.num_prompt_tokens:  # prompt blocks may have filled: offer them
                 self.blocks.cache_prefix(request.request_id, request.prompt_token_ids, request.num_computed_tokens)
-        for request in self.running:
-            if request.request_id not in ran:
-                request.waited_s += seconds
+        if len(output.scheduled) < len(self.running):  # scheduled rows are running: some sat out
+            ran = {item.request.request_id for item in output.scheduled}
+            for request in self.running:
+                if request.request_id not in ran:
+                    request.waited_s += seconds

@@ -52,18 +52,26 @@ class StepShape:
     @classmethod
     def of(cls, rows: Iterable[RowShape], full_depth: int) -> "StepShape":
         rows = list(rows)
-        deepest = max((r.exit_layer for r in rows), default=0)
-        balcony_groups = {r.exit_layer for r in rows if r.exit_layer < full_depth}
-        decode = prefill = heads = attention = 0
-        for r in rows:
-            layers = layers_run(r.exit_layer, full_depth)
-            if r.num_tokens == 1:
+        return cls.of_columns([r.exit_layer for r in rows], [r.num_tokens for r in rows],
+                              [r.num_cached for r in rows], [r.samples for r in rows], full_depth)
+
+    @classmethod
+    def of_columns(cls, exits: Sequence[int], num_tokens: Sequence[int], num_cached: Sequence[int],
+                   samples: Sequence[bool], full_depth: int) -> "StepShape":
+        """The shape of rows given column by column (what RowShape holds per row): the engine
+        computes this every step, without building an object per row."""
+        deepest = max(exits, default=0)
+        balcony_groups = sum(1 for e in set(exits) if e < full_depth)
+        decode = prefill = attention = 0
+        for e, n, c in zip(exits, num_tokens, num_cached):
+            layers = layers_run(e, full_depth)
+            if n == 1:
                 decode += layers
+                attention += layers * (c + 1)  # attention_pairs(1, c)
             else:
-                prefill += layers * r.num_tokens
-            heads += int(r.samples)
-            attention += layers * attention_pairs(r.num_tokens, r.num_cached)
-        return cls(min(deepest, full_depth) + len(balcony_groups), decode, prefill, heads, attention)
+                prefill += layers * n
+                attention += layers * attention_pairs(n, c)
+        return cls(min(deepest, full_depth) + balcony_groups, decode, prefill, sum(samples), attention)
 
     def features(self) -> tuple[float, ...]:
         return (1.0, self.layers, self.decode_token_layers, self.prefill_token_layers, self.head_rows,
