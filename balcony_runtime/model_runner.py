@@ -140,7 +140,11 @@ class ModelRunner:
         for b, item in enumerate(rows):
             request, start, n = item.request, item.start, item.num_tokens
             offset = len(input_ids)
-            input_ids += _tokens(request, start, start + n)
+            num_prompt = len(request.prompt_token_ids)
+            if n == 1 and start >= num_prompt:  # a decode row: its last sampled token
+                input_ids.append(request.output_token_ids[start - num_prompt])
+            else:
+                input_ids += _tokens(request, start, start + n)
             # Prompt logprobs: logits at position p score prompt token p + 1.
             if request.params.prompt_logprobs is not None and not request.prompt_logprobs_done:
                 last = min(start + n, request.num_prompt_tokens - 1)
