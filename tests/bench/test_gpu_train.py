@@ -1,0 +1,53 @@
+"""bench/gpu_train.py end to end on the CPU (--smoke): the weights split into parts that fit a
+device call and reassembled byte for byte, the text archive, the probe, the closed-form start, a
+short schedule, the held-out evaluation and the report, as the device would run it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_train.py"
+
+
+def test_pack_then_run_trains_and_reports(tmp_path, default_model):
+    from balcony_runtime.model_source import balcony_home
+
+    train = tmp_path / "train"
+    train.mkdir()
+    (train / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "b.txt").write_text("A held-out paragraph about rivers, mountains and the sea. " * 40)
+    pack = tmp_path / "pack"
+    subprocess.run([sys.executable, str(SCRIPT), "--pack", str(pack), "--data", str(train), "--heldout", str(held)],
+                   check=True)
+    parts = sorted(pack.rglob("*.part-*"))
+    assert [p.parent.name for p in parts] == ["a", "b"]
+    assert all(p.stat().st_size <= 48 * 2**20 for p in parts)  # each fits one 64 MiB carry
+
+    # On the device: part a was kept by an earlier call, part b arrives with this one.
+    (pack / "keep").mkdir()
+    for p in parts:
+        p.rename(pack / "keep" / p.name)
+    home, out = tmp_path / "home", tmp_path / "out"
+    env = {**os.environ, "BALCONY_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    subprocess.run([sys.executable, str(SCRIPT), "--run", str(pack), "--smoke", "--out", str(out)], check=True, env=env)
+
+    original = balcony_home() / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assembled = home / "downloads" / original.name
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(assembled) == digest(original)
+    report = json.loads((out / "gpu_train.json").read_text())
+    assert report["trained"] == {"steps": 2, "tokens": 2 * 2 * 64}
+    assert report["probe_tokens_per_s"] > 0
+    assert set(report["english_heldout"]["exits"]) == {"8", "15", "22"}
+    for row in report["english_heldout"]["exits"].values():
+        assert 1.0 < row["balcony"]["perplexity"] < 1e6
+    meta = json.loads((out / "adapters" / "balcony.json").read_text())
+    assert "gpu_train.py" in meta["training"]["command"]
+    assert (out / "gpu_train.md").read_text().startswith("# Balconies trained on cpu")
