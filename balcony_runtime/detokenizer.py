@@ -43,7 +43,7 @@ class TokenTexts(Protocol):
 
 @dataclass
 class IncrementalDetokenizer:
-    texts: TokenTexts | object  # token_texts(tokenizer), or a tokenizer (then built here: tests)
+    texts: TokenTexts  # token_texts(tokenizer), built once per tokenizer
     stop: tuple[str, ...] = ()
     pending: str = ""  # decoded text not handed out yet (held back for stop strings), cut at a stop
     emitted: int = 0  # characters handed out so far
@@ -52,8 +52,7 @@ class IncrementalDetokenizer:
     def __post_init__(self) -> None:
         # Text that might still become a stop string is held back until it cannot.
         self._hold = max((len(s) for s in self.stop), default=1) - 1
-        texts = self.texts if isinstance(self.texts, (ByteTexts, WindowTexts)) else token_texts(self.texts)
-        self._stream = texts.new_stream()
+        self._stream = self.texts.new_stream()
 
     def add(self, token_id: int, final: bool = False) -> str:
         """Append a token; return the text that is now safe to show (possibly empty)."""
