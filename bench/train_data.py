@@ -190,7 +190,7 @@ def copy_pydoc(root: Path, out: Path, share: float, seed: int) -> int:
     src = root / PYDOC
     split = DataConfig(sources=(str(src),), heldout_fraction=0.05, seed=0)
     files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in (".txt", ".rst"))
-    train = [p for p in files if p.stat().st_size and not is_heldout(str(p), split)]
+    train = [p for p in files if p.stat().st_size and not is_heldout(p.relative_to(src).as_posix(), split)]
     random.Random(seed).shuffle(train)
     total = 0
     for p in train[: int(len(train) * share)]:

@@ -49,7 +49,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class Document:
-    doc_id: str  # stable name: file path, or file path and line, or dataset row
+    doc_id: str  # stable name, wherever the data lives: path in its folder (or file name), with the line of a JSONL row; or dataset row
     text: str
     prompt: str | None = None
 
@@ -70,14 +70,17 @@ def iter_documents(config: DataConfig) -> Iterator[Document]:
             if not files:
                 raise DataError(f"folder {path} holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
             for file in files:
-                yield from _file_documents(file, config, skip_empty=True)
+                # Named relative to the folder: the held-out split must not change when the folder
+                # is unpacked somewhere else (a script that picks training files and `balcony eval`
+                # must agree on which are held out, wherever each finds them).
+                yield from _file_documents(file, config, skip_empty=True, name=file.relative_to(path).as_posix())
         elif path.is_file():
-            yield from _file_documents(path, config, skip_empty=False)
+            yield from _file_documents(path, config, skip_empty=False, name=path.name)
         else:
             raise DataError(f"data source {source!r} does not exist (a file, a folder or hf:NAME:SPLIT)")
 
 
-def _file_documents(path: Path, config: DataConfig, skip_empty: bool) -> Iterator[Document]:
+def _file_documents(path: Path, config: DataConfig, skip_empty: bool, name: str) -> Iterator[Document]:
     if path.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
         raise DataError(
             f"{path}: unknown data format {path.suffix or '(no suffix)'!r}; use text "
@@ -92,7 +95,7 @@ def _file_documents(path: Path, config: DataConfig, skip_empty: bool) -> Iterato
             return
         raise DataError(f"{path} is empty")
     if path.suffix in TEXT_SUFFIXES:
-        yield Document(str(path), text)
+        yield Document(name, text)
         return
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -104,7 +107,7 @@ def _file_documents(path: Path, config: DataConfig, skip_empty: bool) -> Iterato
         if not isinstance(row, dict) or not isinstance(row.get(config.text_field), str):
             raise DataError(f"{path}:{number} has no string field {config.text_field!r}")
         prompt = row.get(config.prompt_field)
-        yield Document(f"{path}:{number}", row[config.text_field], prompt if isinstance(prompt, str) else None)
+        yield Document(f"{name}:{number}", row[config.text_field], prompt if isinstance(prompt, str) else None)
 
 
 def _hf_documents(source: str, config: DataConfig) -> Iterator[Document]:

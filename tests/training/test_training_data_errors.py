@@ -76,3 +76,18 @@ def test_packed_stream_is_a_pure_function_of_the_index(default_model, text_corpu
     assert late.equal(b.sequence(b.per_epoch + 3))
     both = a.batch(10, 2, rank=0, world=2), a.batch(10, 2, rank=1, world=2)
     assert both[0][1].equal(a.sequence(12)) and both[1][0].equal(a.sequence(11))
+
+
+def test_heldout_split_does_not_depend_on_where_the_folder_is(text_corpus, tmp_path):
+    """A folder copied elsewhere (a data-building script's copy, another machine) holds out the
+    same documents: ids are paths inside the folder, so training and evaluation agree."""
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "corpus"
+    shutil.copytree(text_corpus, moved)
+
+    def held(folder):
+        config = DataConfig((str(folder),), seq_len=16, heldout_fraction=0.3, seed=5)
+        return {d.doc_id: d.text for d in iter_documents(config) if is_heldout(d.doc_id, config)}
+
+    assert held(text_corpus) and held(text_corpus) == held(moved)
