@@ -32,6 +32,7 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 FP32_ONLY = ("fp16", "fp16+bf16")  # FBGEMM's format: float32 activations in and out
 ROWS = (1, 16)  # one stream, and a busy batch
 SPLIT_ROWS = (2, 4, 8, 16, 32, 64)  # where fp16+bf16 may switch from FBGEMM to oneDNN
+BUSY_CORES = 0.5  # other processes using this many cores or more during the measurement: not cached
 TARGET_BYTES = 192 * 2**20  # fp32 bytes of the timed layers: past the last-level cache of a server CPU
 
 
@@ -42,6 +43,7 @@ class WeightChoice:
     timings_ms: dict[str, list[float]]  # candidate label -> ms per pass at each of ROWS
     cached: bool = False  # read back from disk instead of measured now
     bf16_from_rows: int | None = None  # fp16+bf16: products of this many rows and more take bf16
+    others_cores: float | None = None  # CPU cores other processes used while it was measured
 
     @property
     def label(self) -> str:
@@ -126,6 +128,8 @@ def choose_cpu_weights(arch: ModelArch, dtype: str, quantization: str, cache_dir
         except (OSError, ValueError, KeyError):
             pass  # unreadable: measure again and overwrite
     matrices = timing_matrices(arch)
+    contention = CpuContention()
+    contention.start()
     split = (torch.float32, "fp16+bf16")
     crossover, timings = None, {}
     if split in options:
@@ -146,6 +150,7 @@ def choose_cpu_weights(arch: ModelArch, dtype: str, quantization: str, cache_dir
             timings[candidate_label(d, f)] = time_candidate(matrices, d, f)
     timings = {candidate_label(*o): timings[candidate_label(*o)] for o in options}  # in the options' order
     del matrices
+    others = contention.others_cores()
 
     def score(option: tuple[torch.dtype, str]) -> float:
         # Geometric mean over ROWS: a format must win for one stream and for a batch alike.
@@ -153,14 +158,49 @@ def choose_cpu_weights(arch: ModelArch, dtype: str, quantization: str, cache_dir
 
     best = min(options, key=score)
     split = crossover if best[1] == "fp16+bf16" else None
-    choice = WeightChoice(best[0], best[1], timings, bf16_from_rows=split)
-    if path is not None:
+    choice = WeightChoice(best[0], best[1], timings, bf16_from_rows=split, others_cores=others)
+    # A verdict measured while other processes held the CPU is used for this run only: cached, it
+    # would keep a busy moment's pick (a start beside a training job once picked plain fp32, 3x
+    # slower) for every later start on this machine.
+    if path is not None and (others is None or others < BUSY_CORES):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"key": key, "dtype": DTYPE_NAMES[best[0]], "quantization": best[1],
                                    "timings_ms": timings, "bf16_from_rows": split}, indent=1))
         tmp.replace(path)  # atomic: a concurrent start never reads half a file
     return choice
+
+
+class CpuContention:
+    """CPU time other processes take while something is measured, from Linux's /proc/stat (the
+    whole machine's busy time, steal included) less this process's own; None where unavailable."""
+
+    def __init__(self, stat: Path = Path("/proc/stat")):
+        self.stat = stat
+        self._start: tuple[float, float, float] | None = None
+
+    def _busy_seconds(self) -> float | None:
+        try:
+            fields = self.stat.read_text().split("\n", 1)[0].split()  # "cpu user nice system idle iowait irq softirq steal ..."
+            ticks = [int(v) for v in fields[1:9]]
+        except (OSError, ValueError, IndexError):
+            return None
+        busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7]  # not idle, not iowait
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> None:
+        busy = self._busy_seconds()
+        self._start = None if busy is None else (busy, time.process_time(), time.perf_counter())
+
+    def others_cores(self) -> float | None:
+        """Average cores used by other processes since start()."""
+        busy = self._busy_seconds()
+        if self._start is None or busy is None:
+            return None
+        busy0, own0, wall0 = self._start
+        wall = time.perf_counter() - wall0
+        others = (busy - busy0) - (time.process_time() - own0)
+        return max(0.0, others / wall) if wall > 0 else None
 
 
 def _cache_key(arch: ModelArch, options: list[tuple[torch.dtype, str]]) -> str:
@@ -185,7 +225,11 @@ def describe(choice: WeightChoice) -> str:
     measured = "; ".join(f"{label} {'/'.join(f'{t:.1f}' for t in ms)} ms"
                          for label, ms in choice.timings_ms.items())
     split = f", bf16 from {choice.bf16_from_rows} rows" if choice.bf16_from_rows else ""
-    return f"{choice.label}{split} ({'cached' if choice.cached else 'measured'} at {rows} rows: {measured})"
+    busy = ""
+    if choice.others_cores is not None and choice.others_cores >= BUSY_CORES:
+        busy = (f"; other processes used {choice.others_cores:.1f} CPU cores meanwhile, so this verdict is "
+                "not cached and the next start measures again")
+    return f"{choice.label}{split} ({'cached' if choice.cached else 'measured'} at {rows} rows: {measured}{busy})"
 
 
 def resolve_weights(dtype: str, quantization: str, device: torch.device, arch: ModelArch,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -15,6 +16,15 @@ from balcony_runtime.weight_format import candidates, choose_cpu_weights, descri
 @pytest.fixture
 def arch(tiny_model):
     return tiny_model.model.arch
+
+
+@pytest.fixture
+def idle_machine(monkeypatch):
+    """Whatever else runs beside the tests, the measurement sees an idle machine (the busy case
+    has its own test with a real CPU hog)."""
+    from balcony_runtime.weight_format import CpuContention
+
+    monkeypatch.setattr(CpuContention, "others_cores", lambda self: 0.0)
 
 
 def test_candidates_follow_the_flags():
@@ -32,7 +42,7 @@ def test_candidates_follow_the_flags():
     assert candidates("float32", "none") == [(torch.float32, "none")]
 
 
-def test_measured_choice_is_the_fastest_and_is_cached(arch: ModelArch, tmp_path):
+def test_measured_choice_is_the_fastest_and_is_cached(arch: ModelArch, tmp_path, idle_machine):
     first = choose_cpu_weights(arch, "auto", "auto", tmp_path)
     # the split is timed only where oneDNN's bf16 wins somewhere
     assert not first.cached and len(first.timings_ms) in ((4, 5) if Bf16Weight.supported() else (3,))
@@ -48,7 +58,7 @@ def test_measured_choice_is_the_fastest_and_is_cached(arch: ModelArch, tmp_path)
     assert "cached" in describe(again) and first.label in describe(again)
 
 
-def test_a_corrupt_or_foreign_cache_entry_is_measured_again(arch, tmp_path):
+def test_a_corrupt_or_foreign_cache_entry_is_measured_again(arch, tmp_path, idle_machine):
     choose_cpu_weights(arch, "auto", "auto", tmp_path)
     (entry,) = tmp_path.iterdir()
     entry.write_text("{not json")
@@ -93,3 +103,45 @@ def test_split_crossover_is_where_bf16_wins_from_then_on():
     assert fake([1, 1, 1, 2, 4, 8], [2, 2, 2, 1, 5, 4]) == 64  # a loss at 32: only from 64 on
     assert fake([1, 1, 1, 1, 1, 1], [2, 2, 2, 2, 2, 2]) is None  # never
     assert fake([2, 2, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1]) == 2
+
+
+def test_a_verdict_measured_beside_other_busy_processes_is_not_cached(arch, tmp_path):
+    """A CPU hog next to the measurement: the verdict serves this start only, and says why."""
+    import multiprocessing
+
+    hog = multiprocessing.get_context("spawn").Process(target=_spin, args=(30.0,), daemon=True)
+    hog.start()
+    try:
+        choice = choose_cpu_weights(arch, "auto", "auto", tmp_path)
+    finally:
+        hog.kill()
+        hog.join()
+    assert choice.others_cores is not None and choice.others_cores >= 0.5
+    assert not list(tmp_path.iterdir())
+    assert "not cached" in describe(choice)
+
+
+def test_cpu_contention_counts_other_processes_only(tmp_path):
+    from balcony_runtime.weight_format import CpuContention
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 1000 5 0 0 0 0 0\ncpu0 1 2 3\n")
+    contention = CpuContention(stat)
+    contention.start()
+    ticks = os.sysconf("SC_CLK_TCK")
+    # one core's worth of others' time over however long this takes: the machine ran busy meanwhile
+    import time as clock
+    t0 = clock.perf_counter()
+    clock.sleep(0.2)
+    wall = clock.perf_counter() - t0
+    stat.write_text(f"cpu  {100 + int(wall * ticks * 1.0) + 1} 0 50 1000 5 0 0 0 0 0\n")
+    assert 0.8 <= contention.others_cores() <= 1.3
+    assert CpuContention(tmp_path / "missing").others_cores() is None
+
+
+def _spin(seconds: float) -> None:
+    import time as clock
+
+    end = clock.perf_counter() + seconds
+    while clock.perf_counter() < end:
+        pass
