@@ -59,6 +59,9 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         new_text = self._stream.text_of(token_id, final)
+        if not self.stop:  # nothing is held back: the text goes out as it completes
+            self.emitted += len(new_text)
+            return new_text
         if not new_text and not final:
             return ""
         pending = self.pending + new_text  # [<= hold + len(new_text)] characters
@@ -98,17 +101,23 @@ class ByteTexts:
 
 
 class ByteStream:
-    __slots__ = ("table", "_decode")
+    """UTF-8 decoding of a token's bytes as they come (what codecs' incremental decoder does,
+    without its extra Python frame per token): bytes of a cut-short character wait in ``pending``.
+    errors="replace" marks invalid bytes as the Rust decoder's from_utf8_lossy does (one U+FFFD
+    per maximal invalid subpart)."""
+
+    __slots__ = ("table", "pending")
 
     def __init__(self, table: tuple[bytes, ...]):
         self.table = table
-        # errors="replace" marks invalid bytes as the Rust decoder's from_utf8_lossy does (one
-        # U+FFFD per maximal invalid subpart); a cut-short character waits inside the decoder.
-        self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+        self.pending = b""  # the start of a character whose last bytes have not come yet
 
     def text_of(self, token_id: int, final: bool) -> str:
         table = self.table
-        return self._decode(table[token_id] if 0 <= token_id < len(table) else b"", final)
+        data = self.pending + (table[token_id] if 0 <= token_id < len(table) else b"")
+        text, used = codecs.utf_8_decode(data, "replace", final)
+        self.pending = data[used:]
+        return text
 
 
 def byte_level_table(tokenizer, check_sequences: int = 64) -> tuple[bytes, ...] | None:
