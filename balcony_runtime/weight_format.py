@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from balcony_runtime.config import ModelArch
+from balcony_runtime.cpu_contention import BUSY_CORES, CpuContention
 from balcony_runtime.model.packed_weights import FORMATS, QUANTIZATIONS, Bf16Weight, linear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the --dtype names
@@ -32,7 +33,6 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 FP32_ONLY = ("fp16", "fp16+bf16")  # FBGEMM's format: float32 activations in and out
 ROWS = (1, 16)  # one stream, and a busy batch
 SPLIT_ROWS = (2, 4, 8, 16, 32, 64)  # where fp16+bf16 may switch from FBGEMM to oneDNN
-BUSY_CORES = 0.5  # other processes using this many cores or more during the measurement: not cached
 TARGET_BYTES = 192 * 2**20  # fp32 bytes of the timed layers: past the last-level cache of a server CPU
 
 
@@ -169,38 +169,6 @@ def choose_cpu_weights(arch: ModelArch, dtype: str, quantization: str, cache_dir
                                    "timings_ms": timings, "bf16_from_rows": split}, indent=1))
         tmp.replace(path)  # atomic: a concurrent start never reads half a file
     return choice
-
-
-class CpuContention:
-    """CPU time other processes take while something is measured, from Linux's /proc/stat (the
-    whole machine's busy time, steal included) less this process's own; None where unavailable."""
-
-    def __init__(self, stat: Path = Path("/proc/stat")):
-        self.stat = stat
-        self._start: tuple[float, float, float] | None = None
-
-    def _busy_seconds(self) -> float | None:
-        try:
-            fields = self.stat.read_text().split("\n", 1)[0].split()  # "cpu user nice system idle iowait irq softirq steal ..."
-            ticks = [int(v) for v in fields[1:9]]
-        except (OSError, ValueError, IndexError):
-            return None
-        busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7]  # not idle, not iowait
-        return busy / os.sysconf("SC_CLK_TCK")
-
-    def start(self) -> None:
-        busy = self._busy_seconds()
-        self._start = None if busy is None else (busy, time.process_time(), time.perf_counter())
-
-    def others_cores(self) -> float | None:
-        """Average cores used by other processes since start()."""
-        busy = self._busy_seconds()
-        if self._start is None or busy is None:
-            return None
-        busy0, own0, wall0 = self._start
-        wall = time.perf_counter() - wall0
-        others = (busy - busy0) - (time.process_time() - own0)
-        return max(0.0, others / wall) if wall > 0 else None
 
 
 def _cache_key(arch: ModelArch, options: list[tuple[torch.dtype, str]]) -> str:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from balcony_runtime.cpu_contention import BUSY_CORES, CpuContention
 from balcony_runtime.routing.calibration_cache import CalibrationCache, CalibrationKey
 from balcony_runtime.routing.step_cost import RowShape, StepCostModel, StepShape
 
@@ -83,13 +84,21 @@ def calibrate(engine, batch: int = 8, steps: int = 3, prompt_tokens: int = 96, b
     log.info("calibration: measuring step costs at exits %s in %d runs, about %.0f s",
              ", ".join(map(str, exits)), len(plan), expected_seconds(plan, warm_samples, engine.model.full_depth))
     started = time.perf_counter()
+    contention = CpuContention()
+    contention.start()
     samples: list[tuple[StepShape, float]] = []
     for run in plan:
         _run(engine, params, run, samples, salt)
     model = StepCostModel(engine.model.full_depth)
     model.fit(samples)
     seconds = time.perf_counter() - started
-    if cache is not None:
+    others = contention.others_cores()
+    if cache is not None and others is not None and others >= BUSY_CORES:
+        # Costs measured beside another job would be the cached start of every later start here;
+        # live steps refit the model either way.
+        log.warning("calibration: measured in %.0f s while other processes used %.1f CPU cores; not cached, "
+                    "the next start measures again", seconds, others)
+    elif cache is not None:
         path = cache.store(key, model, seconds)
         log.info("calibration: measured in %.0f s, cached at %s", seconds, path)
     return model

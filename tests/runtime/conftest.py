@@ -78,3 +78,12 @@ class PagedHarness:
 def harness():
     """Factory of paged harnesses: ``harness(loaded, num_blocks=..., block_size=...)``."""
     return PagedHarness
+
+
+@pytest.fixture
+def idle_machine(monkeypatch):
+    """Start-up measurements see an idle machine whatever else runs beside the tests (they cache
+    nothing measured beside busy processes; that case has its own tests)."""
+    from balcony_runtime.cpu_contention import CpuContention
+
+    monkeypatch.setattr(CpuContention, "others_cores", lambda self: 0.0)

@@ -117,7 +117,7 @@ def test_a_damaged_or_foreign_entry_is_a_miss_not_a_crash(tmp_path, caplog):
     assert "unreadable" in caplog.text
 
 
-def test_a_hit_skips_measuring_and_a_key_change_measures_again(tmp_path):
+def test_a_hit_skips_measuring_and_a_key_change_measures_again(tmp_path, idle_machine):
     cache = CalibrationCache(tmp_path)
     first = FakeEngine()
     phases = []
@@ -145,7 +145,7 @@ def test_a_hit_skips_measuring_and_a_key_change_measures_again(tmp_path):
     assert len(list(tmp_path.glob("*.json"))) == 3
 
 
-def test_recalibrate_measures_and_replaces_the_entry(tmp_path):
+def test_recalibrate_measures_and_replaces_the_entry(tmp_path, idle_machine):
     small(FakeEngine(), CalibrationCache(tmp_path))
     (path,) = tmp_path.glob("*.json")
     before = json.loads(path.read_text())
@@ -165,9 +165,19 @@ def test_no_cache_measures_and_writes_nothing(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-def test_warm_up_on_a_hit_respects_max_num_seqs(tmp_path):
+def test_warm_up_on_a_hit_respects_max_num_seqs(tmp_path, idle_machine):
     cache = CalibrationCache(tmp_path)
     small(FakeEngine(max_num_seqs=1), cache)
     engine = FakeEngine(max_num_seqs=1)
     small(engine, cache)
     assert engine.steps == 2 * len(engine.exits)  # one request per exit, one at a time
+
+
+def test_a_calibration_measured_beside_busy_processes_is_not_cached(tmp_path, monkeypatch, caplog):
+    from balcony_runtime.cpu_contention import CpuContention
+
+    monkeypatch.setattr(CpuContention, "others_cores", lambda self: 1.5)
+    with caplog.at_level("WARNING", logger="balcony.calibration"):
+        small(FakeEngine(), CalibrationCache(tmp_path))
+    assert not list(tmp_path.iterdir())
+    assert "not cached" in caplog.text and "1.5 CPU cores" in caplog.text

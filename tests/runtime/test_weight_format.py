@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -16,15 +15,6 @@ from balcony_runtime.weight_format import candidates, choose_cpu_weights, descri
 @pytest.fixture
 def arch(tiny_model):
     return tiny_model.model.arch
-
-
-@pytest.fixture
-def idle_machine(monkeypatch):
-    """Whatever else runs beside the tests, the measurement sees an idle machine (the busy case
-    has its own test with a real CPU hog)."""
-    from balcony_runtime.weight_format import CpuContention
-
-    monkeypatch.setattr(CpuContention, "others_cores", lambda self: 0.0)
 
 
 def test_candidates_follow_the_flags():
@@ -119,24 +109,6 @@ def test_a_verdict_measured_beside_other_busy_processes_is_not_cached(arch, tmp_
     assert choice.others_cores is not None and choice.others_cores >= 0.5
     assert not list(tmp_path.iterdir())
     assert "not cached" in describe(choice)
-
-
-def test_cpu_contention_counts_other_processes_only(tmp_path):
-    from balcony_runtime.weight_format import CpuContention
-
-    stat = tmp_path / "stat"
-    stat.write_text("cpu  100 0 50 1000 5 0 0 0 0 0\ncpu0 1 2 3\n")
-    contention = CpuContention(stat)
-    contention.start()
-    ticks = os.sysconf("SC_CLK_TCK")
-    # one core's worth of others' time over however long this takes: the machine ran busy meanwhile
-    import time as clock
-    t0 = clock.perf_counter()
-    clock.sleep(0.2)
-    wall = clock.perf_counter() - t0
-    stat.write_text(f"cpu  {100 + int(wall * ticks * 1.0) + 1} 0 50 1000 5 0 0 0 0 0\n")
-    assert 0.8 <= contention.others_cores() <= 1.3
-    assert CpuContention(tmp_path / "missing").others_cores() is None
 
 
 def _spin(seconds: float) -> None:
