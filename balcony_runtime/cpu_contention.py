@@ -26,7 +26,8 @@ class CpuContention:
 
     def _busy_seconds(self) -> float | None:
         try:
-            fields = self.stat.read_text().split("\n", 1)[0].split()  # "cpu user nice system idle iowait irq softirq steal ..."
+            # The first line: "cpu user nice system idle iowait irq softirq steal ...", in clock ticks.
+            fields = self.stat.read_text().split("\n", 1)[0].split()
             ticks = [int(v) for v in fields[1:9]]
         except (OSError, ValueError, IndexError):
             return None

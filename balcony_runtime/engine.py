@@ -405,7 +405,8 @@ class LLMEngine:
                 if tracked.route is not None and self.router is not None:
                     route = tracked.route
                     self.router.model.observe_request(route.expected_ms / 1000, latency_s, route.batch_rows)
-            # Positional, in the field order of RequestOutput (17 keyword arguments were a measurable share of a row's host time):
+            # Positional, in the field order of RequestOutput (17 keyword arguments were a measurable
+            # share of a row's host time):
             # request_id, exit_layer, new_token_ids, new_text, new_logprobs, prompt_logprobs,
             # num_prompt_tokens, num_output_tokens, finished, finish_reason, arrival_time,
             # first_scheduled_time, first_token_time, route, latency_s, budget_met, num_cached_tokens.
