@@ -67,10 +67,9 @@ class IncrementalDetokenizer:
         pending = self.pending + new_text  # [<= hold + len(new_text)] characters
         # Earlier text was searched when it arrived with at least ``hold`` characters after it, so
         # a stop string can only start in what is still pending.
-        if self.stop:
-            hits = [i for s in self.stop if (i := pending.find(s)) >= 0]
-            if hits:
-                pending, self.stopped = pending[: min(hits)], True
+        hits = [i for s in self.stop if (i := pending.find(s)) >= 0]
+        if hits:
+            pending, self.stopped = pending[: min(hits)], True
         self.pending = pending
         safe = len(pending) if (self.stopped or final) else len(pending) - self._hold
         return self.flush(max(0, safe))

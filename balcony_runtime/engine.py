@@ -98,7 +98,7 @@ class StepStats:
             shape=shape,
             num_rows=len(rows),
             deepest_exit=exits[0],
-            num_prefill_tokens=sum(n for n in num_tokens if n > 1) if shape.prefill_token_layers else 0,
+            num_prefill_tokens=sum(n for n in num_tokens if n > 1),
             depth_limit=plan.depth_limit,
         )
 

@@ -141,7 +141,7 @@ class ModelRunner:
             request, start, n = item.request, item.start, item.num_tokens
             offset = len(input_ids)
             num_prompt = len(request.prompt_token_ids)
-            if n == 1 and start >= num_prompt:  # a decode row: its last sampled token
+            if n == 1 and start >= num_prompt:  # a decode row, most rows of most steps: no call, no slice
                 input_ids.append(request.output_token_ids[start - num_prompt])
             else:
                 input_ids += _tokens(request, start, start + n)

@@ -3,7 +3,8 @@
 A CPU decode step is bound by reading the weights, and which format reads fastest depends on the
 machine, not on a flag: on a 2-core EPYC without AVX-512, bf16 matrices (converted in software)
 beat fp32 for one row and lose for 16, FBGEMM's fp16 beats both; on one with AVX512-BF16, oneDNN's
-packed bf16 ties fp16 for one row and beats it for 16; and torch's int8 kernel is fast with bf16 activations but a scalar loop with fp32 ones there
+packed bf16 ties fp16 for one row and beats it for 16; and torch's int8 kernel is fast with bf16
+activations but a scalar loop with fp32 ones there
 (docs/benchmarks.md has the figures). So ``--dtype auto`` and
 ``--quantization auto`` time the candidates on matrices of the model's own shapes, enough layers
 to spill out of the caches, at 1 and 16 rows, and keep the fastest. The verdict is cached per

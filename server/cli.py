@@ -70,8 +70,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "weights packed for oneDNN; each product rounds its input to bf16), fp16+bf16 (both: fp16 for "
                         "products of few rows, bf16 for many; twice the weight memory), int8 (weight-only int8 "
                         "per output channel: lossy), none (the dtype's); quality per exit in docs/benchmarks.md; "
-                        "auto: with --dtype auto, the fastest of these as measured on this machine, the fp16+bf16 crossover too "
-                        "(never int8); with an explicit --dtype, none")
+                        "auto: with --dtype auto, the fastest of these as measured on this machine, the fp16+bf16 "
+                        "crossover too (never int8); with an explicit --dtype, none")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to run (auto: cuda if present)")
     p.add_argument("--max-model-len", type=int, default=None,

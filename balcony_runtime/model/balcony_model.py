@@ -144,7 +144,8 @@ class BalconyModel(nn.Module):
         ops = self.ops
 
         if tables is not None:
-            slots, rows_tables, scale = batch.slot_mapping[cache_layer, tokens], tables.rows(rows.start, rows.stop), self.scale
+            slots, scale = batch.slot_mapping[cache_layer, tokens], self.scale
+            rows_tables = tables.rows(rows.start, rows.stop)
             return lambda q, k, v: ops.decode_attend(q, k, v, rows_tables, slots, block_tables, scale)
         context_lens = batch.context_lens[rows]  # [b]
         if batch.is_decode:

@@ -63,10 +63,8 @@ class Int8Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> x @ W^T [..., N], in x's dtype."""
-        n, k = self.qweight.shape
-        flat = x.reshape(-1, k).contiguous()
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales)  # [rows, N]
-        return out.view(*x.shape[:-1], n)
+        return _on_rows(x, self.qweight.shape,
+                        lambda rows: torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales))
 
 
 @dataclass(frozen=True)
@@ -90,11 +88,7 @@ class Fp16Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] float32 -> x @ W^T [..., N] float32."""
-        if x.dim() == 2 and x.is_contiguous():  # a step's [T, K]: no reshapes (each call costs host time)
-            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
-        n, k = self.shape
-        flat = x.reshape(-1, k).contiguous()
-        return torch.ops.quantized.linear_dynamic_fp16(flat, self.packed).view(*x.shape[:-1], n)
+        return _on_rows(x, self.shape, lambda rows: torch.ops.quantized.linear_dynamic_fp16(rows, self.packed))
 
 
 @dataclass(frozen=True)
@@ -130,12 +124,12 @@ class Bf16Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> x @ W^T [..., N] in x's dtype (computed from bf16 input, rounded to bf16)."""
-        if x.dim() == 2 and x.is_contiguous():  # a step's [T, K]: no reshapes (each call costs host time)
-            return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, None, "none", [], "").to(x.dtype)
-        n, k = self.shape
-        flat = x.reshape(-1, k).to(torch.bfloat16).contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")  # [rows, N] bf16
-        return out.to(x.dtype).view(*x.shape[:-1], n)
+
+        def product(rows: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
+            out = torch.ops.mkldnn._linear_pointwise(rows.to(torch.bfloat16), self.packed, None, "none", [], "")
+            return out.to(x.dtype)
+
+        return _on_rows(x, self.shape, product)
 
 
 @dataclass(frozen=True)
@@ -171,6 +165,15 @@ class SplitWeight:
         """x [..., K] float32 -> x @ W^T [..., N] float32, by the copy suited to x's row count."""
         rows = x.numel() // x.shape[-1]
         return (self.many if rows >= self.bf16_from_rows else self.few).matmul(x)
+
+
+def _on_rows(x: torch.Tensor, shape: torch.Size, product: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``product`` of a contiguous [T, K] matrix, applied to x [..., K]: a step's 2-D input goes
+    straight in (each reshape costs host time per call), anything else is flattened and restored."""
+    if x.dim() == 2 and x.is_contiguous():
+        return product(x)
+    n, k = shape
+    return product(x.reshape(-1, k).contiguous()).view(*x.shape[:-1], n)
 
 
 PackedWeight = Int8Weight | Fp16Weight | Bf16Weight | SplitWeight

@@ -67,10 +67,9 @@ class StepShape:
             layers = layers_run(e, full_depth)
             if n == 1:
                 decode += layers
-                attention += layers * (c + 1)  # attention_pairs(1, c)
             else:
                 prefill += layers * n
-                attention += layers * attention_pairs(n, c)
+            attention += layers * attention_pairs(n, c)
         return cls(min(deepest, full_depth) + balcony_groups, decode, prefill, sum(samples), attention)
 
     def features(self) -> tuple[float, ...]:

@@ -49,7 +49,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class Document:
-    doc_id: str  # stable name, wherever the data lives: path in its folder (or file name), with the line of a JSONL row; or dataset row
+    # A stable name, wherever the data lives: the path inside its folder (or the file's name), with
+    # the line of a JSONL row; or the dataset row.
+    doc_id: str
     text: str
     prompt: str | None = None
 
