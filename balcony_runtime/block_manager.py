@@ -84,6 +84,11 @@ class BlockManager:
     def block_tables(self, request_id: str) -> list[list[int]]:
         return self._requests[request_id].tables
 
+    def tables_of(self, request_ids: list[str]) -> list[list[list[int]]]:
+        """block_tables of each request, in one call (the runner asks for every row each step)."""
+        held = self._requests
+        return [held[rid].tables for rid in request_ids]
+
     def capacity(self, request_id: str) -> int:
         return self._requests[request_id].capacity_tokens
 
@@ -138,8 +143,25 @@ class BlockManager:
             return
         if extra * held.num_layers > self.num_free_blocks:
             raise OutOfBlocks(f"{extra * held.num_layers} blocks needed, {self.num_free_blocks} free")
-        for table in held.tables:
-            table.extend(self._take() for _ in range(extra))
+        needed, free = extra * held.num_layers, self._free
+        if len(free) >= needed:
+            # The common case, once per block_size tokens of every decoding row: plain free blocks
+            # for every layer, taken in one slice (what _take would pop one by one, in that order).
+            taken = free[-needed:]
+            del free[-needed:]
+            taken.reverse()
+            refs = self._refs
+            for block in taken:
+                refs[block] = 1
+            if extra == 1:
+                for table, block in zip(held.tables, taken):
+                    table.append(block)
+            else:
+                for i, table in enumerate(held.tables):
+                    table.extend(taken[i * extra:(i + 1) * extra])
+        else:
+            for table in held.tables:
+                table.extend(self._take() for _ in range(extra))
         held.capacity_tokens = len(held.tables[0]) * self.block_size
 
     def cache_prefix(self, request_id: str, token_ids: list[int], num_computed: int) -> None:

@@ -18,7 +18,7 @@ from balcony_runtime.detokenizer import IncrementalDetokenizer, token_texts
 from balcony_runtime.errors import RequestError
 from balcony_runtime.kv_cache import KVCache
 from balcony_runtime.loader import LoadedModel
-from balcony_runtime.model_runner import ModelRunner, RunResult
+from balcony_runtime.model_runner import ModelRunner, StepResult
 from balcony_runtime.request import Request
 from balcony_runtime.sampler import TokenLogprobs
 from balcony_runtime.sampling_params import SamplingParams
@@ -342,45 +342,44 @@ class LLMEngine:
             return []
         self.masks.prefetch([item.request.grammar for item in plan.scheduled
                              if item.completes_sequence and item.request.grammar is not None])
-        results = self.runner.run(plan.scheduled)
+        result = self.runner.run(plan.scheduled)
         seconds = time.monotonic() - now
         self.scheduler.on_step_done(plan, seconds)
         self.last_step = StepStats.of(plan, seconds, self.model.full_depth)
         if self.router is not None:
             self.router.model.step_cost.observe(self.last_step.shape, seconds)
-        return self._postprocess(plan, results)
+        return self._postprocess(plan, result)
 
-    def _postprocess(self, plan: SchedulerOutput, results: list[RunResult]) -> list[RequestOutput]:
+    def _postprocess(self, plan: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         # Runs once per row per step: a running request's decode token goes through here, so the
         # loop keeps to locals and touches a row's objects once (on a GPU this is host time per step).
         now = time.monotonic()
         outputs = []
         tracked_of = self._tracked
-        for item, result in zip(plan.scheduled, results):
+        step_logprobs, step_prompt_logprobs = result.logprobs, result.prompt_logprobs
+        for i, (item, token) in enumerate(zip(plan.scheduled, result.tokens)):
             request = item.request
             params = request.params
             tracked = tracked_of[request.request_id]
-            if result.prompt_logprobs:
-                tracked.prompt_logprobs.extend(result.prompt_logprobs)
+            if step_prompt_logprobs and i in step_prompt_logprobs:
+                tracked.prompt_logprobs.extend(step_prompt_logprobs[i])
             prompt_ready = False
             if params.prompt_logprobs is not None and not request.prompt_logprobs_done:
                 if item.start + item.num_tokens >= request.num_prompt_tokens:
                     request.prompt_logprobs_done = prompt_ready = True
             new_ids, new_logprobs, new_text = [], [], ""
             reason = None
-            sampled = result.sampled
-            if sampled is not None:
+            if token is not None:
                 if params.max_tokens == 0:
                     reason = "length"  # prompt scoring only: nothing is generated
                 else:
-                    token = sampled.token_id
                     output_ids = request.output_token_ids
                     output_ids.append(token)
                     if request.first_token_time is None:
                         request.first_token_time = now
                     new_ids.append(token)
-                    if sampled.logprobs is not None:
-                        new_logprobs.append(sampled.logprobs)
+                    if step_logprobs is not None and step_logprobs[i] is not None:
+                        new_logprobs.append(step_logprobs[i])
                     if token in request.eos_token_ids or token in params.stop_token_ids:
                         reason = "stop"
                     elif len(output_ids) >= params.max_tokens:

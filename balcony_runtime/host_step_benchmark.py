@@ -121,7 +121,7 @@ def _wrap(engine: LLMEngine, times: dict) -> None:
     engine.scheduler.schedule = timed(engine.scheduler.schedule, "schedule")
     runner.prepare = timed(runner.prepare, "prepare")
     runner.model = _TimedModel(runner.model, timed)
-    runner.sampler = timed(runner.sampler, "sample")
+    runner.sampler.sample = timed(runner.sampler.sample, "sample")
     engine._postprocess = timed(engine._postprocess, "postprocess")
 
 

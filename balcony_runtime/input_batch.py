@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ class InputBatch:
         self.block_table = torch.full((num_cache_layers, rows, blocks), null_block, dtype=torch.int32, device=device)
         self._layers: dict[int, np.ndarray] = {}  # exit -> cache layers, as an index array
         self._last_ids: list[str] = []  # the request ids of the last arrangement, in slot order
+        self._unchanged = False  # the last arrange() found the same requests as the one before
 
     @property
     def num_slots(self) -> int:
@@ -70,7 +72,12 @@ class InputBatch:
         ``exits`` must be non-increasing (the scheduler's order), so group g spans the same index
         range in the arguments and in the slots."""
         if request_ids == self._last_ids:
-            return list(range(len(request_ids)))  # the same requests in the same slots as last step
+            # The same requests in the same slots as last step. None of them can have been
+            # re-allocated since (a preempted request misses at least the step that evicted it,
+            # which changes the ids), so update_blocks may skip its check for that.
+            self._unchanged = True
+            return list(range(len(request_ids)))
+        self._unchanged = False
         n = len(request_ids)
         self._reserve_slots(n)
         target: list[int | None] = [None] * n  # slot -> argument index
@@ -134,12 +141,13 @@ class InputBatch:
         """Write the blocks each of slots 0..B-1 gained since the last step; ``tables`` in slot order
         (the block manager's lists). Returns the most blocks any of these rows has per layer."""
         n = len(tables)
-        rows = self.slots
-        reset = [b for b in range(n) if tables[b] is not rows[b].tables]  # re-allocated after a preemption
-        for b in reset:
-            rows[b].tables = tables[b]
-        self._zero(reset)
-        have = np.fromiter((len(t[0]) for t in tables), dtype=np.int64, count=n)  # [B]
+        if not self._unchanged:
+            rows = self.slots
+            reset = [b for b in range(n) if tables[b] is not rows[b].tables]  # re-allocated after a preemption
+            for b in reset:
+                rows[b].tables = tables[b]
+            self._zero(reset)
+        have = np.array([len(t[0]) for t in tables], dtype=np.int64)  # [B]
         most = int(have.max()) if n else 0
         if most > self.block_table.shape[2]:
             self._grow_blocks(most)
@@ -159,13 +167,17 @@ class InputBatch:
         _, slots, width = self.block_table.shape
         values: list[int] = []
         index: list[np.ndarray] = []
-        for b in grow.tolist():
-            old, new = int(self.written[b]), int(have[b])
-            for table in tables[b]:
-                values.extend(table[old:new])
-            layers = self._layer_offsets(self.slots[b].exit_layer)  # [L_b]
-            index.append((layers[:, None] + (b * width + np.arange(old, new))[None, :]).ravel())  # [L_b * k]
-            self.written[b] = new
+        slot_rows = self.slots
+        for b, old, new in zip(grow.tolist(), self.written[grow].tolist(), have[grow].tolist()):
+            layers = self._layer_offsets(slot_rows[b].exit_layer)  # [L_b]
+            if new == old + 1:  # a decoding row that crossed into its next block: one id per layer
+                values += map(itemgetter(old), tables[b])
+                index.append(layers + (b * width + old))  # [L_b]
+            else:
+                for table in tables[b]:
+                    values += table[old:new]
+                index.append((layers[:, None] + (b * width + np.arange(old, new))[None, :]).ravel())  # [L_b * k]
+        self.written[grow] = have[grow]
         flat = to_device(np.concatenate(index), torch.long, self.device)  # into block_table.view(-1)
         self.block_table.view(-1)[flat] = to_device(values, torch.int32, self.device)
 

@@ -22,21 +22,21 @@ from balcony_runtime.model.balcony_model import BalconyModel
 from balcony_runtime.model.decode_graphs import DecodeGraphs
 from balcony_runtime.model.forward_batch import ForwardBatch
 from balcony_runtime.request import Request
-from balcony_runtime.sampler import Sampler, SampledToken, SamplingRow, TokenLogprobs, make_generator, prompt_logprobs
+from balcony_runtime.sampler import (RowClasses, Sampler, SamplingRow, TokenLogprobs, classify_rows, make_generator,
+                                     prompt_logprobs)
 from balcony_runtime.scheduler import ScheduledRequest
 from balcony_runtime.staging import to_device
 from balcony_runtime.structured.token_masks import mask_logits
 
 
-_UNSET = object()  # a request whose generator is not made yet (None is a valid generator: the global RNG)
-
-
 @dataclass(slots=True)
-class RunResult:
-    """What one step produced for one scheduled request."""
+class StepResult:
+    """What one step produced, by index into the scheduled list (columns, not an object per row:
+    a decode step has a row per running request)."""
 
-    sampled: SampledToken | None  # the next token, when this step completed the known sequence
-    prompt_logprobs: Sequence[TokenLogprobs]  # logprobs of prompt tokens start+1.. covered by this chunk
+    tokens: list[int | None]  # the next token of each request whose known sequence this step completed, else None
+    logprobs: list[TokenLogprobs | None] | None  # each row's sampled-token logprobs; None when no row asked
+    prompt_logprobs: dict[int, Sequence[TokenLogprobs]]  # logprobs of prompt tokens start+1.. covered by a chunk
 
 
 @dataclass
@@ -61,7 +61,11 @@ class ModelRunner:
         self.input_batch = InputBatch(model.cache_layers_of, model.num_cache_layers, self.device,
                                       null_block=scratch_block or 0)
         self.graphs: DecodeGraphs | None = None
-        self._generators: dict[str, torch.Generator | None] = {}
+        # request id -> what the sampler reads of it; made at its first sampled token and kept (its
+        # output list is the request's own, which grows in place) until the request is released.
+        self._sampling_rows: dict[str, SamplingRow] = {}
+        # The last step's sampled rows and their classes: the next step of the same rows reuses them.
+        self._classified: tuple[list[SamplingRow], RowClasses] = ([], classify_rows([]))
 
     def use_graphs(self, max_rows: int, max_model_len: int, record: bool | None = None) -> DecodeGraphs:
         """Serve decode steps of up to ``max_rows`` rows by replaying recorded pieces
@@ -76,22 +80,23 @@ class ModelRunner:
         return graphs
 
     def release(self, request_id: str) -> None:
-        self._generators.pop(request_id, None)
+        self._sampling_rows.pop(request_id, None)
         self.input_batch.remove(request_id)
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledRequest]) -> list[RunResult]:
+    def run(self, scheduled: list[ScheduledRequest]) -> StepResult:
         batch, layout = self.prepare(scheduled)
         if self.graphs is not None and self.graphs.can_run(batch):
             logits = self.graphs.run(batch)  # a view of a static buffer, used before the next step
         else:
             logits = self.model(batch, self.kv_cache.as_tuple())  # [len(logits_indices), V] fp32
-        results = [RunResult(None, ()) for _ in scheduled]
+        tokens: list[int | None] = [None] * len(scheduled)
+        prompt: dict[int, Sequence[TokenLogprobs]] = {}
         rows: list[SamplingRow] = []
         sampling: list[int] = []  # scheduled index of each sampling row
         sample_logit_rows: list[int] = []
         cursor = 0
-        prompt_targets, generators = layout.prompt_targets, self._generators
+        prompt_targets, sampling_rows = layout.prompt_targets, self._sampling_rows
         for b, i in enumerate(layout.order):
             item = scheduled[i]
             if prompt_targets:
@@ -99,17 +104,19 @@ class ModelRunner:
                 if targets:
                     span = logits[cursor : cursor + len(targets)]  # [n, V]
                     target = to_device(targets, torch.long, span.device)
-                    results[i].prompt_logprobs = prompt_logprobs(span, target, item.request.params.prompt_logprobs)
+                    prompt[i] = prompt_logprobs(span, target, item.request.params.prompt_logprobs)
                     cursor += len(targets)
             if item.completes_sequence:
                 request = item.request
-                generator = generators.get(request.request_id, _UNSET)
-                if generator is _UNSET:
-                    generator = generators[request.request_id] = make_generator(request.params.seed, self.device)
-                rows.append(SamplingRow(request.params, request.output_token_ids, generator))
+                row = sampling_rows.get(request.request_id)
+                if row is None:
+                    row = sampling_rows[request.request_id] = SamplingRow(
+                        request.params, request.output_token_ids, make_generator(request.params.seed, self.device))
+                rows.append(row)
                 sampling.append(i)
                 sample_logit_rows.append(cursor)
                 cursor += 1
+        logprobs = None
         if rows:
             if len(rows) == logits.shape[0]:  # no prompt logits: the sampled rows are all of them
                 to_sample = logits
@@ -118,41 +125,55 @@ class ModelRunner:
             grammars = [scheduled[i].request.grammar for i in sampling]
             if any(g is not None for g in grammars):  # structured outputs: -inf on what each row's grammar forbids
                 mask_logits(to_sample, grammars)
-            for i, token in zip(sampling, self.sampler(to_sample, rows)):
-                results[i].sampled = token
-        return results
+            if rows != self._classified[0]:  # identity per row (SamplingRow has no __eq__)
+                self._classified = rows, classify_rows(rows)
+            sampled, row_logprobs = self.sampler.sample(to_sample, rows, self._classified[1])
+            if row_logprobs is not None:
+                logprobs = [None] * len(scheduled)
+                for i, lp in zip(sampling, row_logprobs):
+                    logprobs[i] = lp
+            for i, token in zip(sampling, sampled):
+                tokens[i] = token
+        return StepResult(tokens, logprobs, prompt)
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> tuple[ForwardBatch, StepLayout]:
         """The model's input for these requests (ordered deepest exit first, as the scheduler
         orders them); batch row b holds scheduled[layout.order[b]]."""
         block_size = self.blocks.block_size
-        tables = [self.blocks.block_tables(item.request.request_id) for item in scheduled]
+        ids = [item.request.request_id for item in scheduled]
         exits = [item.request.exit_layer for item in scheduled]
-        order = self.input_batch.arrange([item.request.request_id for item in scheduled], exits, tables)
-        num_blocks = self.input_batch.update_blocks([tables[i] for i in order])
-        rows = [scheduled[i] for i in order]
+        tables = self.blocks.tables_of(ids)
+        order = self.input_batch.arrange(ids, exits, tables)
+        if order != list(range(len(order))):
+            tables, exits = [tables[i] for i in order], [exits[i] for i in order]
+            rows = [scheduled[i] for i in order]
+        else:
+            rows = scheduled  # each request sits where the scheduler listed it (most steps)
+        num_blocks = self.input_batch.update_blocks(tables)
 
-        input_ids: list[int] = []
-        starts = np.fromiter((item.start for item in rows), dtype=np.int64, count=len(rows))  # [B]
+        starts_list = [item.start for item in rows]
         query_lens = [item.num_tokens for item in rows]
-        logits_indices: list[int] = []
+        starts = np.asarray(starts_list, dtype=np.int64)  # [B]
         prompt_targets: dict[int, list[int]] = {}
-        for b, item in enumerate(rows):
-            request, start, n = item.request, item.start, item.num_tokens
-            offset = len(input_ids)
-            num_prompt = len(request.prompt_token_ids)
-            if n == 1 and start >= num_prompt:  # a decode row, most rows of most steps: no call, no slice
-                input_ids.append(request.output_token_ids[start - num_prompt])
-            else:
+        if sum(query_lens) == len(rows) and all(item.completes_sequence for item in rows):
+            # A decode step: every row feeds its last known token (the one after its cache) and is
+            # sampled (no prompt logits: its one token is past the prompt's last scored position).
+            input_ids = [(r.output_token_ids or r.prompt_token_ids)[-1] for r in (item.request for item in rows)]
+            logits_indices = list(range(len(rows)))
+        else:
+            input_ids, logits_indices = [], []
+            for b, item in enumerate(rows):
+                request, start, n = item.request, item.start, item.num_tokens
+                offset = len(input_ids)
                 input_ids += _tokens(request, start, start + n)
-            # Prompt logprobs: logits at position p score prompt token p + 1.
-            if request.params.prompt_logprobs is not None and not request.prompt_logprobs_done:
-                last = min(start + n, request.num_prompt_tokens - 1)
-                if last > start:
-                    prompt_targets[b] = request.prompt_token_ids[start + 1 : last + 1]
-                    logits_indices.extend(range(offset, offset + last - start))
-            if item.completes_sequence:
-                logits_indices.append(offset + n - 1)
+                # Prompt logprobs: logits at position p score prompt token p + 1.
+                if request.params.prompt_logprobs is not None and not request.prompt_logprobs_done:
+                    last = min(start + n, request.num_prompt_tokens - 1)
+                    if last > start:
+                        prompt_targets[b] = request.prompt_token_ids[start + 1 : last + 1]
+                        logits_indices.extend(range(offset, offset + last - start))
+                if item.completes_sequence:
+                    logits_indices.append(offset + n - 1)
 
         num_rows, num_tokens = len(rows), len(input_ids)
         is_decode = num_tokens == num_rows
@@ -170,12 +191,16 @@ class ModelRunner:
         block_tables = self.input_batch.view(num_rows, num_blocks)  # [C, B, max_blocks], a view
         # Slot of each token at every cache layer; rows that skip a layer point at block 0 but are
         # never read or written there (the model slices them away).
-        blocks = block_tables[:, to_device(token_rows, torch.int64, device), positions_t // block_size]  # [C, T]
-        slot_mapping = blocks.long() * block_size + positions_t % block_size  # [C, T]
+        if is_decode:  # token t is row t: a gather along the blocks (twice as fast as the indexing below)
+            index = (positions_t // block_size).view(1, -1, 1).expand(block_tables.shape[0], -1, 1)  # [C, T, 1]
+            blocks = block_tables.gather(2, index).squeeze(2)  # [C, T]
+        else:
+            blocks = block_tables[:, to_device(token_rows, torch.int64, device), positions_t // block_size]  # [C, T]
+        slot_mapping = blocks.long().mul_(block_size).add_(positions_t % block_size)  # [C, T]
         batch = ForwardBatch(
             input_ids=to_device(input_ids, torch.int64, device),
             positions=positions_t,
-            exits=[item.request.exit_layer for item in rows],
+            exits=exits,
             query_lens=query_lens,
             cu_query_lens=to_device(cu, torch.int32, device),
             context_lens=to_device(context_lens, torch.int32, device),

@@ -52,7 +52,7 @@ _CDF_BLOCK = 256  # tokens per block of the two-level inverse CDF
 _PROMPT_LOGPROBS_CHUNK = 256  # positions per log_softmax in prompt_logprobs (256 x 49152 fp32 = 48 MiB)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity: the runner keeps a request's row from step to step
 class SamplingRow:
     """One row of a batch to sample."""
 
@@ -79,6 +79,34 @@ class SampledToken:
     logprobs: TokenLogprobs | None  # None unless params.logprobs is not None
 
 
+@dataclass(slots=True)
+class RowClasses:
+    """Which rows of a batch need which work, from their parameters alone: what stays true while
+    the same rows are sampled step after step (the runner reuses it then)."""
+
+    greedy: list[int]  # row indices taking the argmax
+    sampled: list[int]  # row indices drawing from the filtered distribution
+    wanted: list[int]  # row indices whose request asked for logprobs
+    penalized: list[int]  # row indices with a presence or frequency penalty
+    has_bias: bool  # some row has a logit_bias
+
+
+def classify_rows(rows: Sequence["SamplingRow"]) -> RowClasses:
+    """One pass over the rows (a decode step has a row per running request)."""
+    classes = RowClasses([], [], [], [], False)
+    greedy, sampled = classes.greedy, classes.sampled
+    for i, r in enumerate(rows):
+        params = r.params
+        (greedy if params.temperature < _MIN_TEMPERATURE else sampled).append(i)
+        if params.logprobs is not None:
+            classes.wanted.append(i)
+        if params.has_penalties:
+            classes.penalized.append(i)
+        if params.logit_bias:
+            classes.has_bias = True
+    return classes
+
+
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
     """A generator seeded with `seed` on `device`, or None (use the global RNG) when seed is None."""
     if seed is None:
@@ -99,7 +127,17 @@ class Sampler:
         self.sync_free = sync_free
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken]:
-        """Sample one token per row. logits: [B, V], any float dtype (computed in fp32).
+        """Sample one token per row. logits: [B, V], any float dtype (computed in fp32)."""
+        tokens, logprobs = self.sample(logits, rows)
+        if logprobs is None:
+            return [SampledToken(t, None) for t in tokens]
+        return [SampledToken(t, lp) for t, lp in zip(tokens, logprobs)]
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow], classes: RowClasses | None = None
+               ) -> tuple[list[int], list[TokenLogprobs | None] | None]:
+        """What __call__ returns, as the token ids and (None when no row asked) each row's logprobs:
+        the engine's step reads these columns without an object per row. ``classes``:
+        classify_rows(rows), when the caller kept it from an earlier step of the same rows.
 
         Every index and parameter comes from the rows on the host, so greedy, top-k, top-p and
         temperature rows read nothing back from the device until the one transfer of the tokens at
@@ -108,19 +146,14 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [{len(rows)}, V], got {list(logits.shape)}")
         if not rows:
-            return []
+            return [], None
         raw = logits.float()  # [B, V]; may alias the caller's tensor, so never written
         device = raw.device
         sync_free = device.type != "cpu" if self.sync_free is None else self.sync_free
-        greedy, sampled, wanted = [], [], []  # row indices: greedy, sampled, logprobs asked for
-        has_penalties = has_bias = False
-        for i, r in enumerate(rows):  # one pass: a decode step has a row per running request
-            params = r.params
-            (greedy if params.temperature < _MIN_TEMPERATURE else sampled).append(i)
-            has_penalties = has_penalties or bool(params.has_penalties and r.output_token_ids)
-            has_bias = has_bias or bool(params.logit_bias)
-            if params.logprobs is not None:
-                wanted.append(i)
+        if classes is None:
+            classes = classify_rows(rows)
+        greedy, sampled, wanted, has_bias = classes.greedy, classes.sampled, classes.wanted, classes.has_bias
+        has_penalties = any(rows[i].output_token_ids for i in classes.penalized)  # nothing to count yet: no work
         # The one full-size copy: penalties, bias, temperature and filters all write into it.
         work = raw.clone(memory_format=torch.contiguous_format) if sampled or has_penalties or has_bias else raw
         if has_penalties:
@@ -150,14 +183,14 @@ class Sampler:
             tokens[sampled_idx] = _inverse_cdf_sample(weights, uniform)
 
         if not wanted:
-            return [SampledToken(t, None) for t in tokens.tolist()]  # the one transfer
+            return tokens.tolist(), None  # the one transfer
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
         wanted_idx = to_device(wanted, torch.long, device)
         raw_logprobs = torch.log_softmax(_select_rows(raw, wanted_idx), dim=-1)  # [W, V]
         counts = [rows[i].params.logprobs for i in wanted]
         for i, lp in zip(wanted, _token_logprobs(raw_logprobs, tokens[wanted_idx], counts)):
             logprobs[i] = lp
-        return [SampledToken(t, lp) for t, lp in zip(tokens.tolist(), logprobs)]  # the one transfer
+        return tokens.tolist(), logprobs  # the one transfer
 
 
 def apply_penalties_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:

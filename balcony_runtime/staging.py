@@ -16,9 +16,17 @@ import numpy as np
 import torch
 
 
+_NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.bool: np.bool_}
+
+
 def to_device(values: Sequence | np.ndarray | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``values`` as a tensor of ``dtype`` on ``device``; from pinned memory, non-blocking, on CUDA."""
-    host = torch.as_tensor(values, dtype=dtype)
+    if isinstance(values, (list, tuple)) and dtype in _NUMPY_DTYPES:
+        # numpy reads a list of Python numbers about 3x faster than torch.as_tensor does (a few
+        # hundred ids per step, several times a step), and torch shares numpy's buffer.
+        host = torch.from_numpy(np.array(values, dtype=_NUMPY_DTYPES[dtype]))
+    else:
+        host = torch.as_tensor(values, dtype=dtype)
     if device.type == "cpu":
         return host
     if device.type == "cuda":

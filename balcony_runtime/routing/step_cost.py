@@ -60,17 +60,17 @@ class StepShape:
                    samples: Sequence[bool], full_depth: int) -> "StepShape":
         """The shape of rows given column by column (what RowShape holds per row): the engine
         computes this every step, without building an object per row."""
-        deepest = max(exits, default=0)
-        balcony_groups = sum(1 for e in set(exits) if e < full_depth)
-        decode = prefill = attention = 0
-        for e, n, c in zip(exits, num_tokens, num_cached):
-            layers = layers_run(e, full_depth)
-            if n == 1:
-                decode += layers
-            else:
-                prefill += layers * n
-            attention += layers * attention_pairs(n, c)
-        return cls(min(deepest, full_depth) + balcony_groups, decode, prefill, sum(samples), attention)
+        if not len(exits):
+            return cls(0, 0, 0, 0, 0)
+        e = np.asarray(exits, dtype=np.int64)  # [B]
+        n = np.asarray(num_tokens, dtype=np.int64)  # [B]
+        c = np.asarray(num_cached, dtype=np.int64)  # [B]
+        layers = np.minimum(e + 1, full_depth)  # [B]: layers_run of each row
+        decode = n == 1  # [B]
+        attention = int((layers * (n * c + n * (n + 1) // 2)).sum())  # attention_pairs per row
+        balcony_groups = len(np.unique(e[e < full_depth]))
+        return cls(min(int(e.max()), full_depth) + balcony_groups, int(layers[decode].sum()),
+                   int((layers * n)[~decode].sum()), int(sum(samples)), attention)
 
     def features(self) -> tuple[float, ...]:
         return (1.0, self.layers, self.decode_token_layers, self.prefill_token_layers, self.head_rows,

@@ -64,6 +64,16 @@ def test_random_allocate_grow_free_abort(seed):
     assert bm.num_free_blocks == bm.num_blocks and bm.usage == 0.0
 
 
+def test_grow_takes_the_lowest_free_blocks_layer_by_layer_and_frees_them_all():
+    bm = BlockManager(num_blocks=40, block_size=4)
+    bm.allocate("a", 3, 16)  # 4 blocks per layer: 0-3, 4-7, 8-11
+    bm.grow("a", 17)  # one more block per layer
+    assert bm.block_tables("a") == [[0, 1, 2, 3, 12], [4, 5, 6, 7, 13], [8, 9, 10, 11, 14]]
+    bm.grow("a", 28)  # two more per layer
+    assert [t[5:] for t in bm.block_tables("a")] == [[15, 16], [17, 18], [19, 20]]
+    bm.free("a")
+    assert bm.num_free_blocks == 40 and bm.usage == 0.0
+
 def test_double_allocate_and_unknown_free():
     bm = BlockManager(num_blocks=10, block_size=2)
     bm.allocate("a", 2, 3)

@@ -36,6 +36,24 @@ def test_step_shape_counts_layers_once_and_rows_by_their_depth():
     assert shape.attention_layers == 30 * 11 + 2 * 9 * 6 + 16 * (20 * 21 // 2)
 
 
+def test_step_shape_of_random_steps_sums_each_row_as_the_docstring_says():
+    # The shape is computed with numpy over columns; here it is summed row by row from the formulas.
+    from balcony_runtime.routing.step_cost import attention_pairs, layers_run
+    rng = random.Random(1)
+    for _ in range(300):
+        rows = [RowShape(rng.choice(EXITS + (29, 40)), rng.choice((1, 1, 1, 7, 300)), rng.randrange(5000),
+                         rng.random() < 0.7) for _ in range(rng.randrange(12))]
+        shape = StepShape.of(rows, FULL)
+        assert shape.layers == (min(max(r.exit_layer for r in rows), FULL)
+                                + len({r.exit_layer for r in rows if r.exit_layer < FULL}) if rows else 0)
+        assert shape.decode_token_layers == sum(layers_run(r.exit_layer, FULL) for r in rows if r.num_tokens == 1)
+        assert shape.prefill_token_layers == sum(layers_run(r.exit_layer, FULL) * r.num_tokens
+                                                 for r in rows if r.num_tokens > 1)
+        assert shape.head_rows == sum(r.samples for r in rows)
+        assert shape.attention_layers == sum(layers_run(r.exit_layer, FULL) * attention_pairs(r.num_tokens, r.num_cached)
+                                             for r in rows)
+        assert all(type(v) is int for v in shape.features()[1:])
+
 def test_nnls_matches_brute_force_over_a_grid_and_stays_non_negative():
     rng = np.random.default_rng(0)
     a = rng.random((40, 4))
