@@ -28,10 +28,14 @@ delays it at most that long.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from balcony_runtime.block_manager import BlockManager
 from balcony_runtime.request import Request, RequestStatus
 from balcony_runtime.routing.step_cost import RowShape, StepCostModel
+
+
+_exit_of = attrgetter("request.exit_layer")
 
 
 @dataclass(frozen=True)
@@ -151,13 +155,14 @@ class Scheduler:
 
         # Running requests in admission order; one that cannot grow evicts a victim.
         i = 0
+        has_room = self.blocks.has_room
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             if depth is not None and request.exit_layer > depth:
                 i += 1
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.blocks.has_room(request.request_id, request.num_computed_tokens + n):
+            if not has_room(request.request_id, request.num_computed_tokens + n):
                 # Most steps skip this: a decoding row needs a new block once every block_size tokens.
                 while not self.blocks.can_grow(request.request_id, request.num_computed_tokens + n):
                     victim = self._victim(self.running[i:])
@@ -201,7 +206,7 @@ class Scheduler:
             scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n))
             budget -= n
 
-        scheduled.sort(key=lambda s: -s.request.exit_layer)  # stable: deepest first
+        scheduled.sort(key=_exit_of, reverse=True)  # deepest first; reverse keeps ties in order (stable)
         return SchedulerOutput(scheduled, preempted, depth)
 
     def _victim(self, candidates: list[Request]) -> Request:
