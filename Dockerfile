@@ -36,6 +36,12 @@ FROM ${CPU_IMAGE} AS cpu
 LABEL org.opencontainers.image.title="balcony-serve (CPU)" \
       org.opencontainers.image.description="OpenAI-compatible LLM server with per-request latency budgets" \
       org.opencontainers.image.licenses="Apache-2.0"
+# The CPU decode kernels (kernels/native) are compiled at the first start for the CPU the container
+# runs on (-march=native), so the image carries a C compiler; without one the torch ops serve.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 --user-group balcony \
     && mkdir -p /var/lib/balcony \
     && chown balcony:balcony /var/lib/balcony

@@ -107,7 +107,7 @@ def _load_weights(source: str, resolved: ResolvedModel, tokenizer: Future, *, ad
         raise ValueError(f"max_model_len {limit} exceeds the model's {arch.max_position_embeddings} positions")
     model = BalconyModel(
         arch, exits, backbone.inv_freq, backbone.attention_scaling, torch_dtype, torch_device,
-        select_ops(torch_device, kernel_backend), max_positions=limit,
+        select_ops(torch_device, kernel_backend, native_dir=balcony_home() / "native"), max_positions=limit,
     )
     _load_backbone(model, checkpoint, arch)
     del checkpoint

@@ -33,6 +33,7 @@ class DecodeTables:
     v_cache: torch.Tensor
     k_flat: torch.Tensor  # [num_blocks * block_size, Hk, D] the same pool as slots
     v_flat: torch.Tensor
+    context_lens: torch.Tensor | None = None  # [B] int32: keys of each row (the native kernels read it)
 
     def rows(self, start: int, stop: int) -> "DecodeTables":
         """The tables of rows start..stop-1 (a balcony's rows: the batch's last ones)."""
@@ -40,7 +41,8 @@ class DecodeTables:
             return self
         return DecodeTables(self.cos[start:stop], self.sin[start:stop],
                             None if self.valid is None else self.valid[start:stop],
-                            self.num_blocks, self.max_len, self.k_cache, self.v_cache, self.k_flat, self.v_flat)
+                            self.num_blocks, self.max_len, self.k_cache, self.v_cache, self.k_flat, self.v_flat,
+                            None if self.context_lens is None else self.context_lens[start:stop])
 
 
 def decode_tables(
@@ -66,6 +68,7 @@ def decode_tables(
         sin=torch.cat((-s, s), dim=-1).unsqueeze(1),
         valid=valid, num_blocks=num_blocks, max_len=max_len, k_cache=k_cache, v_cache=v_cache,
         k_flat=k_cache.view(-1, *k_cache.shape[2:]), v_flat=v_cache.view(-1, *v_cache.shape[2:]),
+        context_lens=context_lens,
     )
 
 

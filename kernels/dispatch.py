@@ -6,14 +6,16 @@ is made once, explicitly, and never consulted from module state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Literal
 
 import torch
 
-from kernels import cpu_decode, reference
+from kernels import cpu_decode, cpu_native, reference
 
-Backend = Literal["auto", "torch", "triton"]
+Backend = Literal["auto", "torch", "triton", "native"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class KernelOps:
     # None: every layer calls rotary_and_cache and decode_attention.
     decode_tables: Callable | None = None  # (cos, sin, positions, context_lens, max_context, k_cache, v_cache)
     decode_attend: Callable | None = None  # (q, k, v, tables, slots, block_tables, scale) -> out
+    silu_mul: Callable = reference.silu_mul  # (gate_up [T, 2I]) -> SiLU(gate) * up, after a packed product
 
 
 TORCH_OPS = KernelOps(
@@ -44,13 +47,31 @@ TORCH_OPS = KernelOps(
 )
 
 
-def select_ops(device: torch.device | str, backend: Backend = "auto") -> KernelOps:
+def native_ops(native: cpu_native.NativeKernels) -> KernelOps:
+    """The torch references with a CPU decode step's norms, attention and SwiGLU activation in C."""
+    return replace(TORCH_OPS, name="native", rms_norm=native.rms_norm, decode_attend=native.attend,
+                   silu_mul=native.silu_mul)
+
+
+def select_ops(device: torch.device | str, backend: Backend = "auto", native_dir: Path | None = None) -> KernelOps:
     """Pick the kernels for tensors on ``device``.
 
-    ``auto`` takes Triton when the device is CUDA and Triton imports, else the torch references;
-    ``triton`` insists (the interpreter, TRITON_INTERPRET=1, runs it on CPU tensors for tests).
+    ``auto`` takes Triton when the device is CUDA and Triton imports; on a CPU, the C kernels
+    (kernels/cpu_native.py, built under ``native_dir``) when ``native_dir`` is given and they
+    build, else the torch references. ``triton`` and ``native`` insist (the interpreter,
+    TRITON_INTERPRET=1, runs Triton on CPU tensors for tests).
     """
     device = torch.device(device)
+    if backend == "native" or (backend == "auto" and device.type == "cpu" and native_dir is not None):
+        if device.type != "cpu":
+            raise RuntimeError(f"the native kernels run on the CPU, not {device}")
+        if backend == "native":
+            try:
+                return native_ops(cpu_native.NativeKernels.open(cpu_native.build(native_dir or _default_native_dir())))
+            except cpu_native.NativeBuildError as exc:
+                raise RuntimeError(f"native CPU kernels requested but unavailable: {exc}") from exc
+        native = cpu_native.load(native_dir)
+        return native_ops(native) if native is not None else TORCH_OPS
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return TORCH_OPS
     try:
@@ -60,3 +81,8 @@ def select_ops(device: torch.device | str, backend: Backend = "auto") -> KernelO
             raise RuntimeError(f"Triton kernels requested but unavailable: {exc}") from exc
         return TORCH_OPS
     return TRITON_OPS
+
+
+def _default_native_dir() -> Path:
+    """Where ``native`` builds when the caller names no cache (tests, scripts): a temporary folder."""
+    return Path(tempfile.gettempdir()) / "balcony-native"

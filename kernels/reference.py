@@ -171,3 +171,9 @@ def swiglu(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
     """
     gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)  # [T, I] each
     return F.silu(gate) * up
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation of a fused gate/up product: gate_up [T, 2I] = [gate | up] -> SiLU(gate) * up [T, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
+    return F.silu(gate) * up

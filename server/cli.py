@@ -78,8 +78,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="longest prompt + output in tokens (default: the model's maximum)")
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV-cache blocks of 16 tokens x one layer (default: sized from memory)")
-    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
-                   help="kernel implementation (auto: Triton on CUDA, torch elsewhere)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton", "native"],
+                   help="kernel implementation (auto: Triton on CUDA; on a CPU the fused C loops of "
+                        "kernels/native when a C compiler builds them, else torch ops)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs (recorded at start-up "
                         "for up to 256 rows, one per depth segment, balcony and the head)")

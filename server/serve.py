@@ -180,8 +180,8 @@ def build_engine(args, config: ServeConfig, phases: StartupPhases):
                                             starvation_ratio=config.starvation_ratio,
                                             enforce_eager=args.enforce_eager, prefix_caching=config.prefix_caching))
     log.info("load: done; exits %s of %d layers, %s, %d KV-cache blocks%s", ", ".join(engine.exit_names()),
-             engine.model.full_depth, candidate_label(engine.model.dtype, engine.model.quantization),
-             engine.blocks.num_blocks,
+             engine.model.full_depth, candidate_label(engine.model.dtype, engine.model.quantization)
+             + f", {engine.model.ops.name} kernels", engine.blocks.num_blocks,
              f", {engine.graphs_recorded} CUDA graphs for decode" if engine.graphs_recorded else "")
 
     cache = CalibrationCache(balcony_home() / "calibration", reuse=not config.recalibrate)

@@ -11,7 +11,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from balcony_runtime.config import ModelArch
 from balcony_runtime.model.packed_weights import FORMATS, linear
@@ -67,8 +66,7 @@ class DecoderLayer(nn.Module):
         if isinstance(self.gate_up_proj, torch.Tensor):
             activated = ops.swiglu(normed, self.gate_up_proj)  # [T, I]
         else:  # a packed CPU weight: the product, then the activation
-            gate, up = self.gate_up_proj.matmul(normed).chunk(2, dim=-1)  # [T, I] each
-            activated = F.silu(gate) * up
+            activated = ops.silu_mul(self.gate_up_proj.matmul(normed))  # [T, 2I] -> [T, I]
         hidden = linear(activated, self.down_proj)  # [T, H]
         return hidden, residual
 

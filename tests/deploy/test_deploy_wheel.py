@@ -27,3 +27,4 @@ def test_wheel_includes_the_shipped_adapters(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert set(shipped) <= names
     assert {"server/cli.py", "kernels/dispatch.py", "balcony_runtime/loader.py"} <= names
+    assert "kernels/native/cpu_decode.c" in names  # compiled where it runs (kernels/cpu_native.py)

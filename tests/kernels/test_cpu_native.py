@@ -1,0 +1,124 @@
+"""The C kernels of kernels/native against the torch references, built here with the system compiler."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kernels import cpu_decode, cpu_native, reference
+from kernels.dispatch import TORCH_OPS, select_ops
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory) -> cpu_native.NativeKernels:
+    return cpu_native.NativeKernels.open(cpu_native.build(tmp_path_factory.mktemp("native")))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_the_reference(native, rows, with_residual):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 576, generator=g) * 3
+    residual = torch.randn(rows, 576, generator=g) if with_residual else None
+    weight = torch.randn(576, generator=g)
+    out, total = native.rms_norm(x, weight, 1e-5, residual)
+    ref_out, ref_total = reference.rms_norm(x, weight, 1e-5, residual)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total, ref_total, rtol=0, atol=0)  # an exact fp32 add
+    if residual is None:
+        assert total is x  # as the reference: no copy of the input
+
+
+def test_silu_mul_matches_the_reference_over_the_whole_range(native):
+    g = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(5, 2 * 1536, generator=g) * 8
+    gate_up[0, :6] = torch.tensor([-200.0, -90.0, -30.0, 0.0, 30.0, 200.0])  # past exp's range both ways
+    torch.testing.assert_close(native.silu_mul(gate_up), reference.silu_mul(gate_up), rtol=2e-6, atol=1e-6)
+
+
+def _decode_case(rows: int, context: list[int], seed: int, block_size: int = 16, hq: int = 9, hk: int = 3, d: int = 64):
+    """A paged cache holding ``context[b] - 1`` tokens of row b, and the step's new q, k, v as
+    column ranges of one qkv product (as the model hands them over)."""
+    g = torch.Generator().manual_seed(seed)
+    per_row = max(-(-c // block_size) for c in context) + 1
+    num_blocks = rows * per_row + 3
+    k_cache = torch.randn(num_blocks, block_size, hk, d, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, hk, d, generator=g)
+    # Shuffled blocks, inside a wider table of several layers (row stride past the row's blocks).
+    order = torch.randperm(num_blocks, generator=g)[: rows * per_row].view(rows, per_row).int()
+    layered = torch.zeros(2, rows, per_row + 5, dtype=torch.int32)
+    layered[1, :, :per_row] = order
+    block_tables = layered[1]
+    context_lens = torch.tensor(context, dtype=torch.int32)
+    positions = (context_lens - 1).long()
+    slots = block_tables.long().gather(1, (positions // block_size)[:, None]).squeeze(1) * block_size + positions % block_size
+    qkv = torch.randn(rows, (hq + 2 * hk) * d, generator=g)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    cos, sin = torch.randn(4096, d // 2, generator=g), torch.randn(4096, d // 2, generator=g)
+    return (q.view(rows, hq, d), k.view(rows, hk, d), v.view(rows, hk, d), k_cache, v_cache, cos, sin, positions,
+            context_lens, slots, block_tables)
+
+
+@pytest.mark.parametrize("context", [[1], [37], [900], [5, 17, 33, 64], [1, 300, 16, 17, 2, 129]])
+def test_decode_attention_matches_the_reference_and_writes_the_same_cache(native, context):
+    q, k, v, k_cache, v_cache, cos, sin, positions, lens, slots, block_tables = _decode_case(len(context), context, 7)
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+    outs = []
+    for attend, (kc, vc) in zip((native.attend, cpu_decode.attend), caches):
+        tables = cpu_decode.decode_tables(cos, sin, positions, lens, max(context), kc, vc)
+        outs.append(attend(q, k, v, tables, slots, block_tables, 0.125))
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(caches[0][0], caches[1][0], rtol=1e-6, atol=1e-6)  # rotated keys
+    torch.testing.assert_close(caches[0][1], caches[1][1], rtol=0, atol=0)  # values, copied
+    # And against the plain reference path (rotary_and_cache, then decode_attention).
+    kc, vc = k_cache.clone(), v_cache.clone()
+    rotated, _ = reference.rotary_and_cache(q, k, v, cos, sin, positions, kc, vc, slots)
+    expected = reference.decode_attention(rotated, kc, vc, block_tables, lens, 0.125)
+    torch.testing.assert_close(outs[0], expected, rtol=2e-5, atol=2e-5)
+
+
+def test_inputs_the_loops_do_not_take_go_to_the_reference(native):
+    x, weight = torch.randn(2, 64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+    out, _ = native.rms_norm(x, weight, 1e-5)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, reference.rms_norm(x, weight, 1e-5)[0])
+    strided = torch.randn(64, 4).t()  # [4, 64], not contiguous
+    torch.testing.assert_close(native.rms_norm(strided, torch.ones(64), 1e-5)[0],
+                               reference.rms_norm(strided, torch.ones(64), 1e-5)[0])
+    # Under autograd the reference runs, so gradients flow.
+    leaf = torch.randn(2, 64, requires_grad=True)
+    native.rms_norm(leaf, torch.ones(64), 1e-5)[0].sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+def test_build_is_cached_and_a_missing_compiler_falls_back_to_torch(tmp_path, monkeypatch, caplog):
+    first = cpu_native.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert cpu_native.build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing to run: no cc, gcc or clang
+    assert cpu_native.load(tmp_path / "elsewhere") is None
+    assert "native CPU kernels unavailable" in caplog.text
+    assert select_ops("cpu", "auto", native_dir=tmp_path / "elsewhere") is TORCH_OPS
+    with pytest.raises(RuntimeError, match="native CPU kernels requested but unavailable"):
+        select_ops("cpu", "native", native_dir=tmp_path / "elsewhere")
+
+
+def test_a_failing_compile_reports_the_compiler_error(tmp_path, monkeypatch):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'cc: fatal error: nothing works' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    with pytest.raises(cpu_native.NativeBuildError, match="nothing works"):
+        cpu_native.build(tmp_path / "cache")
+    assert not any((tmp_path / "cache").iterdir())
+
+
+def test_auto_on_a_cpu_selects_the_native_ops_when_they_build(tmp_path):
+    ops = select_ops("cpu", "auto", native_dir=tmp_path)
+    assert ops.name == "native"
+    assert select_ops("cpu", "auto").name == "torch"  # no cache folder named: torch ops
+    assert os.listdir(tmp_path)
