@@ -7,6 +7,7 @@ and /ready says 503 until the model is loaded, warmed up and the router calibrat
 from __future__ import annotations
 
 import asyncio
+import threading
 import hmac
 import logging
 import time
@@ -63,6 +64,31 @@ def prepare_engine(build: Callable[[], LLMEngine], state: ServerState) -> AsyncE
     return AsyncEngine(engine, state.metrics, state.config.max_queued_requests)
 
 
+async def in_own_thread(fn: Callable, *args):
+    """``await fn(*args)`` run in a new thread that ends with it.
+
+    Not asyncio.to_thread: its executor's threads live on, and the model's load, warm-up and
+    calibration run torch's OpenMP-parallel products, so that thread would keep an OpenMP team for
+    the process's lifetime beside the step loop's. libgomp then counts more threads than cores and
+    makes every waiting worker sleep almost at once instead of spinning; each of a decode step's
+    hundred-odd parallel products then pays a wake-up (a one-row step on two cores: 7.9 -> 9.5 ms,
+    docs/benchmarks.md). A thread that has exited takes its team with it.
+    """
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(lambda: done.cancelled() or done.set_exception(exc))
+        else:
+            loop.call_soon_threadsafe(lambda: done.cancelled() or done.set_result(result))
+
+    threading.Thread(target=run, name="balcony-loader", daemon=True).start()
+    return await done
+
+
 def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: str,
                on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
     state = ServerState(config, model_name)
@@ -73,7 +99,7 @@ def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: 
 
         async def load() -> None:
             try:
-                engine = await asyncio.to_thread(prepare_engine, build, state)
+                engine = await in_own_thread(prepare_engine, build, state)
             except BaseException as exc:
                 log.exception("model failed to load")
                 state.load_error = f"{type(exc).__name__}: {exc}"
