@@ -74,14 +74,16 @@ def _compiler() -> str:
     raise NativeBuildError("no C compiler (cc, gcc or clang) on PATH")
 
 
-def build(cache_dir: Path) -> Path:
-    """Compile the source into ``cache_dir`` (once per source, compiler and CPU); returns the library."""
+def build(cache_dir: Path, defines: tuple[str, ...] = ()) -> Path:
+    """Compile the source into ``cache_dir`` (once per source, compiler and CPU); returns the library.
+    ``defines``: extra macros (tests build BALCONY_PORTABLE, the loops without AVX-512 intrinsics)."""
     compiler = _compiler()
+    flags = (*_FLAGS, *(f"-D{name}" for name in defines))
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeBuildError(f"{compiler} --version failed: {exc}") from exc
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(_FLAGS), _cpu_flags(),
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     target = Path(cache_dir) / f"cpu_decode-{key}.so"
     if target.exists():
@@ -91,7 +93,7 @@ def build(cache_dir: Path) -> Path:
     fd, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", scratch, "-lm"],
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", scratch, "-lm"],
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise NativeBuildError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")

@@ -13,6 +13,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+/* BALCONY_PORTABLE: the plain loops only (tests build both). */
+#if defined(__AVX512F__) && !defined(BALCONY_PORTABLE)
+#define BALCONY_AVX512 1
+#include <immintrin.h>
+#endif
 
 /* exp(x) for x in [-87.3, 88.3] (clamped outside), to about 2 ulp: Cephes' expf, written so the
  * compiler vectorizes the loops that call it (libm's expf stays scalar without -ffast-math, which
@@ -84,6 +89,78 @@ void balcony_rope_cache(const float *q, const float *k, const float *v, int64_t 
     }
 }
 
+/* scores[h * len + p] = scale * q_h . k_{p, h / group} for p < len: one row's attention scores,
+ * the portable loop (any head size). */
+static void row_scores(const float *qb, const float *k_cache, const int32_t *table, int64_t len,
+                       int64_t hq, int64_t hk, int64_t d, int64_t block_size, float scale, float *scores) {
+    int64_t group = hq / hk, kv_row = hk * d;
+    for (int64_t p0 = 0; p0 < len; p0 += block_size) {
+        const float *block = k_cache + (int64_t)table[p0 / block_size] * block_size * kv_row;
+        int64_t count = len - p0 < block_size ? len - p0 : block_size;
+        for (int64_t j = 0; j < count; j++) {
+            for (int64_t g = 0; g < hk; g++) {
+                const float *key = block + j * kv_row + g * d;
+                for (int64_t h = g * group; h < (g + 1) * group; h++) {
+                    const float *qh = qb + h * d;
+                    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t i = 0; i < d; i++) dot += qh[i] * key[i];
+                    scores[h * len + p0 + j] = dot * scale;
+                }
+            }
+        }
+    }
+}
+
+#if defined(BALCONY_AVX512)
+/* Lane j of the result is the sum of the 16 lanes of v[j]: sixteen horizontal sums for about the
+ * price of three, by adding while transposing (pairs of floats, then of 128-bit quarters). */
+static inline __m512 sum_each16(const __m512 v[16]) {
+    __m512 pair[8], quad[4];
+    for (int k = 0; k < 8; k++)  /* per quarter: [a0+a2, b0+b2, a1+a3, b1+b3] of v[2k], v[2k+1] */
+        pair[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+    for (int k = 0; k < 4; k++)  /* per quarter: the quarter's sums of v[4k .. 4k+3] */
+        quad[k] = _mm512_add_ps(_mm512_shuffle_ps(pair[2 * k], pair[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                _mm512_shuffle_ps(pair[2 * k], pair[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[0], quad[1], 0x88), _mm512_shuffle_f32x4(quad[0], quad[1], 0xDD));
+    __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2], quad[3], 0x88), _mm512_shuffle_f32x4(quad[2], quad[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88), _mm512_shuffle_f32x4(x01, x23, 0xDD));
+}
+
+/* row_scores for head size 64 with AVX-512: sixteen positions at a time, each dot product four
+ * fused multiply-adds, the sixteen sums reduced together. */
+static void row_scores_d64(const float *qb, const float *k_cache, const int32_t *table, int64_t len,
+                           int64_t hq, int64_t hk, int64_t block_size, float scale, float *scores) {
+    int64_t group = hq / hk, kv_row = hk * 64;
+    const __m512 scaled = _mm512_set1_ps(scale);
+    for (int64_t p0 = 0; p0 < len; p0 += 16) {
+        int64_t count = len - p0 < 16 ? len - p0 : 16;
+        const float *keys[16];
+        for (int64_t j = 0; j < 16; j++) {
+            int64_t p = p0 + (j < count ? j : 0); /* past the end: any valid key, its sum is not stored */
+            keys[j] = k_cache + ((int64_t)table[p / block_size] * block_size + p % block_size) * kv_row;
+        }
+        __mmask16 keep = (__mmask16)((1u << count) - 1u);
+        for (int64_t g = 0; g < hk; g++) {
+            for (int64_t h = g * group; h < (g + 1) * group; h++) {
+                const float *qh = qb + h * 64;
+                __m512 q0 = _mm512_loadu_ps(qh), q1 = _mm512_loadu_ps(qh + 16);
+                __m512 q2 = _mm512_loadu_ps(qh + 32), q3 = _mm512_loadu_ps(qh + 48);
+                __m512 acc[16];
+                for (int j = 0; j < 16; j++) {
+                    const float *k = keys[j] + g * 64;
+                    __m512 a = _mm512_mul_ps(q0, _mm512_loadu_ps(k));
+                    a = _mm512_fmadd_ps(q1, _mm512_loadu_ps(k + 16), a);
+                    a = _mm512_fmadd_ps(q2, _mm512_loadu_ps(k + 32), a);
+                    acc[j] = _mm512_fmadd_ps(q3, _mm512_loadu_ps(k + 48), a);
+                }
+                _mm512_mask_storeu_ps(scores + h * len + p0, keep, _mm512_mul_ps(sum_each16(acc), scaled));
+            }
+        }
+    }
+}
+#endif
+
 /* One query token per row against its paged context. q: [B, Hq, D]; k_cache, v_cache: [blocks,
  * block_size, Hk, D]; tables: int32 [B, *] with row stride `table_stride`; context_lens: int32 [B]
  * (keys 0..len-1 of row b); out: [B, Hq, D]. Query head h reads kv head h / (Hq / Hk). Softmax in
@@ -102,16 +179,12 @@ int balcony_decode_attention(const float *q, const float *k_cache, const float *
         const int32_t *table = tables + b * table_stride;
         const float *qb = q + b * hq * d;
         float *ob = out + b * hq * d;
-        for (int64_t p = 0; p < len; p++) {
-            const float *key = k_cache + ((int64_t)table[p / block_size] * block_size + p % block_size) * kv_row;
-            for (int64_t h = 0; h < hq; h++) {
-                const float *qh = qb + h * d, *kh = key + (h / group) * d;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t i = 0; i < d; i++) dot += qh[i] * kh[i];
-                scores[h * len + p] = dot * scale;
-            }
-        }
+#if defined(BALCONY_AVX512)
+        if (d == 64)
+            row_scores_d64(qb, k_cache, table, len, hq, hk, block_size, scale, scores);
+        else
+#endif
+            row_scores(qb, k_cache, table, len, hq, hk, d, block_size, scale, scores);
         for (int64_t h = 0; h < hq; h++) {
             float *sh = scores + h * len, top = -INFINITY, total = 0.0f;
 #pragma omp simd reduction(max : top)
@@ -126,12 +199,16 @@ int balcony_decode_attention(const float *q, const float *k_cache, const float *
             for (int64_t p = 0; p < len; p++) sh[p] *= inv;
         }
         memset(ob, 0, (size_t)(hq * d) * sizeof(float));
-        for (int64_t p = 0; p < len; p++) {
-            const float *value = v_cache + ((int64_t)table[p / block_size] * block_size + p % block_size) * kv_row;
-            for (int64_t h = 0; h < hq; h++) {
-                const float *vh = value + (h / group) * d, weight = scores[h * len + p];
-                float *oh = ob + h * d;
-                for (int64_t i = 0; i < d; i++) oh[i] += weight * vh[i];
+        for (int64_t p0 = 0; p0 < len; p0 += block_size) {
+            const float *block = v_cache + (int64_t)table[p0 / block_size] * block_size * kv_row;
+            int64_t count = len - p0 < block_size ? len - p0 : block_size;
+            for (int64_t j = 0; j < count; j++) {
+                for (int64_t h = 0; h < hq; h++) {
+                    const float *vh = block + j * kv_row + (h / group) * d;
+                    float weight = scores[h * len + p0 + j], *oh = ob + h * d;
+#pragma omp simd
+                    for (int64_t i = 0; i < d; i++) oh[i] += weight * vh[i];
+                }
             }
         }
     }

@@ -11,9 +11,11 @@ from kernels import cpu_decode, cpu_native, reference
 from kernels.dispatch import TORCH_OPS, select_ops
 
 
-@pytest.fixture(scope="module")
-def native(tmp_path_factory) -> cpu_native.NativeKernels:
-    return cpu_native.NativeKernels.open(cpu_native.build(tmp_path_factory.mktemp("native")))
+@pytest.fixture(scope="module", params=["default", "portable"])
+def native(request, tmp_path_factory) -> cpu_native.NativeKernels:
+    """The library as served (AVX-512 where the CPU has it) and with the plain loops only."""
+    defines = ("BALCONY_PORTABLE",) if request.param == "portable" else ()
+    return cpu_native.NativeKernels.open(cpu_native.build(tmp_path_factory.mktemp("native"), defines))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16])
