@@ -53,7 +53,8 @@ def main() -> None:
     for rows, keys in ((1, 200), (1, 2000), (16, 200), (16, 1000)):
         args = attention_case(rows, keys)
         print(f"| RoPE + cache write + attention, {rows} row(s), {keys:,} keys | "
-              f"{best_us(lambda: native.attend(*args), 200):.1f} | {best_us(lambda: cpu_decode.attend(*args), 200):.1f} |")
+              f"{best_us(lambda: native.attend(*args), 200):.1f} | "
+              f"{best_us(lambda: cpu_decode.attend(*args), 200):.1f} |")
 
 
 if __name__ == "__main__":

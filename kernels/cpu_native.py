@@ -88,9 +88,12 @@ def build(cache_dir: Path, defines: tuple[str, ...] = ()) -> Path:
     target = Path(cache_dir) / f"cpu_decode-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed: a concurrent start never loads a half-written file.
-    fd, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    except OSError as exc:  # a read-only or full cache folder: serve with the torch ops
+        raise NativeBuildError(f"cannot write to {target.parent}: {exc}") from exc
     os.close(fd)
     try:
         done = subprocess.run([compiler, *flags, str(SOURCE), "-o", scratch, "-lm"],

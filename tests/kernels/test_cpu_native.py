@@ -124,3 +124,10 @@ def test_auto_on_a_cpu_selects_the_native_ops_when_they_build(tmp_path):
     assert ops.name == "native"
     assert select_ops("cpu", "auto").name == "torch"  # no cache folder named: torch ops
     assert os.listdir(tmp_path)
+
+
+def test_an_unwritable_cache_folder_falls_back_to_torch(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    assert cpu_native.load(blocker / "native") is None
+    assert select_ops("cpu", "auto", native_dir=blocker / "native") is TORCH_OPS
