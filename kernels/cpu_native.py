@@ -187,10 +187,15 @@ def _plain(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
+def open_built(cache_dir: Path) -> NativeKernels:
+    """The C kernels built for this machine (compiling them once); NativeBuildError says why not."""
+    return NativeKernels.open(build(cache_dir))
+
+
 def load(cache_dir: Path) -> NativeKernels | None:
-    """The C kernels built for this machine (compiling them once), or None with the reason logged."""
+    """open_built, or None with the reason logged (callers then use the torch ops)."""
     try:
-        return NativeKernels.open(build(cache_dir))
+        return open_built(cache_dir)
     except NativeBuildError as exc:
         log.warning("native CPU kernels unavailable, using torch ops: %s", exc)
         return None

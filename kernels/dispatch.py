@@ -62,14 +62,14 @@ def select_ops(device: torch.device | str, backend: Backend = "auto", native_dir
     TRITON_INTERPRET=1, runs Triton on CPU tensors for tests).
     """
     device = torch.device(device)
-    if backend == "native" or (backend == "auto" and device.type == "cpu" and native_dir is not None):
+    if backend == "native":
         if device.type != "cpu":
             raise RuntimeError(f"the native kernels run on the CPU, not {device}")
-        if backend == "native":
-            try:
-                return native_ops(cpu_native.NativeKernels.open(cpu_native.build(native_dir or _default_native_dir())))
-            except cpu_native.NativeBuildError as exc:
-                raise RuntimeError(f"native CPU kernels requested but unavailable: {exc}") from exc
+        try:
+            return native_ops(cpu_native.open_built(native_dir or _default_native_dir()))
+        except cpu_native.NativeBuildError as exc:
+            raise RuntimeError(f"native CPU kernels requested but unavailable: {exc}") from exc
+    if backend == "auto" and device.type == "cpu" and native_dir is not None:
         native = cpu_native.load(native_dir)
         return native_ops(native) if native is not None else TORCH_OPS
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
