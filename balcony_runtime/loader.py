@@ -87,7 +87,8 @@ def _load_weights(source: str, resolved: ResolvedModel, tokenizer: Future, *, ad
     backbone = read_backbone_config(resolved.path)
     arch = backbone.arch
     torch_device = resolve_device(device)
-    weights = resolve_weights(dtype, quantization, torch_device, arch, balcony_home() / "weight_formats")
+    ops = select_ops(torch_device, kernel_backend, native_dir=balcony_home() / "native")
+    weights = resolve_weights(dtype, quantization, torch_device, arch, balcony_home() / "weight_formats", ops.native)
     torch_dtype = weights.dtype
 
     checkpoint = read_safetensors_dir(resolved.path)
@@ -107,7 +108,7 @@ def _load_weights(source: str, resolved: ResolvedModel, tokenizer: Future, *, ad
         raise ValueError(f"max_model_len {limit} exceeds the model's {arch.max_position_embeddings} positions")
     model = BalconyModel(
         arch, exits, backbone.inv_freq, backbone.attention_scaling, torch_dtype, torch_device,
-        select_ops(torch_device, kernel_backend, native_dir=balcony_home() / "native"), max_positions=limit,
+        ops, max_positions=limit,
     )
     _load_backbone(model, checkpoint, arch)
     del checkpoint

@@ -21,13 +21,17 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from balcony_runtime.config import ModelArch
 from balcony_runtime.cpu_contention import BUSY_CORES, CpuContention
-from balcony_runtime.model.packed_weights import FORMATS, QUANTIZATIONS, Bf16Weight, linear
+from balcony_runtime.model.packed_weights import (FORMATS, QUANTIZATIONS, Bf16Weight, Fp16Weight, PackedWeight,
+                                                  linear, packer)
+from kernels.cpu_native import NativeKernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the --dtype names
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -96,9 +100,12 @@ def timing_matrices(arch: ModelArch) -> list[torch.Tensor]:
 
 
 def time_candidate(matrices: list[torch.Tensor], dtype: torch.dtype, quantization: str,
-                   repeats: int = 2, rows: tuple[int, ...] = ROWS) -> list[float]:
-    """Best ms of a pass over ``matrices`` (x @ W^T for each) at each of ``rows``, in this format."""
-    pack = None if quantization == "none" else FORMATS[quantization].pack
+                   repeats: int = 2, rows: tuple[int, ...] = ROWS, native: NativeKernels | None = None,
+                   pack: Callable[[torch.Tensor], PackedWeight] | None = None) -> list[float]:
+    """Best ms of a pass over ``matrices`` (x @ W^T for each) at each of ``rows``, in this format
+    (packed by ``pack`` if given, else as the loader would with the ``native`` kernels)."""
+    if pack is None and quantization != "none":
+        pack = packer(quantization, native=native)
     weights = [m.to(dtype) if pack is None else pack(m.to(dtype)) for m in matrices]
     result = []
     for rows in rows:
@@ -113,12 +120,15 @@ def time_candidate(matrices: list[torch.Tensor], dtype: torch.dtype, quantizatio
     return result
 
 
-def choose_cpu_weights(arch: ModelArch, dtype: str, quantization: str, cache_dir: Path | None) -> WeightChoice:
-    """Measure the candidates the flags allow (or read the verdict cached for this machine)."""
+def choose_cpu_weights(arch: ModelArch, dtype: str, quantization: str, cache_dir: Path | None,
+                       native: NativeKernels | None = None) -> WeightChoice:
+    """Measure the candidates the flags allow (or read the verdict cached for this machine), each
+    packed as the loader will pack it with the ``native`` kernels (None: torch's kernels only)."""
     options = candidates(dtype, quantization)
     if len(options) == 1:
         return WeightChoice(*options[0], timings_ms={})
-    key = _cache_key(arch, options)
+    native_fp16 = native is not None and native.fp16_linear_fast
+    key = _cache_key(arch, options, native_fp16)
     path = None if cache_dir is None else cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path is not None and path.is_file():
         try:
@@ -136,11 +146,16 @@ def choose_cpu_weights(arch: ModelArch, dtype: str, quantization: str, cache_dir
     if split in options:
         # fp16 and bf16 timed once over ROWS and SPLIT_ROWS: the crossover comes from the sweep, and
         # the split's own timing is theirs on each side of it (the same kernels on the same matrices).
+        # The fp16 side is the split's own fp16 copy: with native kernels, their blocked layout
+        # alone, which is not the fp16 format's (that keeps FBGEMM's too, for many rows).
         swept_rows = tuple(sorted({*ROWS, *SPLIT_ROWS}))
-        swept = {f: dict(zip(swept_rows, time_candidate(matrices, torch.float32, f, rows=swept_rows)))
-                 for f in ("fp16", "bf16")}
+        split_fp16 = partial(Fp16Weight.pack, native=native, fbgemm=False)
+        swept = {"fp16": time_candidate(matrices, torch.float32, "fp16", rows=swept_rows, pack=split_fp16),
+                 "bf16": time_candidate(matrices, torch.float32, "bf16", rows=swept_rows)}
+        swept = {f: dict(zip(swept_rows, ms)) for f, ms in swept.items()}
         for f, ms in swept.items():
-            timings[candidate_label(torch.float32, f)] = [ms[r] for r in ROWS]
+            if not (f == "fp16" and native_fp16):
+                timings[candidate_label(torch.float32, f)] = [ms[r] for r in ROWS]
         crossover = split_crossover(*([swept[f][r] for r in SPLIT_ROWS] for f in ("fp16", "bf16")))
         if crossover is None:  # oneDNN never wins here: the split would be fp16 with twice the memory
             options.remove(split)
@@ -148,7 +163,7 @@ def choose_cpu_weights(arch: ModelArch, dtype: str, quantization: str, cache_dir
             timings[candidate_label(*split)] = [swept["fp16" if r < crossover else "bf16"][r] for r in ROWS]
     for d, f in options:
         if candidate_label(d, f) not in timings:
-            timings[candidate_label(d, f)] = time_candidate(matrices, d, f)
+            timings[candidate_label(d, f)] = time_candidate(matrices, d, f, native=native)
     timings = {candidate_label(*o): timings[candidate_label(*o)] for o in options}  # in the options' order
     del matrices
     others = contention.others_cores()
@@ -172,7 +187,7 @@ def choose_cpu_weights(arch: ModelArch, dtype: str, quantization: str, cache_dir
     return choice
 
 
-def _cache_key(arch: ModelArch, options: list[tuple[torch.dtype, str]]) -> str:
+def _cache_key(arch: ModelArch, options: list[tuple[torch.dtype, str]], native_fp16: bool) -> str:
     from balcony_runtime.routing.calibration_cache import machine_name
 
     return json.dumps({
@@ -181,7 +196,7 @@ def _cache_key(arch: ModelArch, options: list[tuple[torch.dtype, str]]) -> str:
         "shapes": [arch.hidden_size, arch.intermediate_size, arch.num_heads, arch.num_kv_heads,
                    arch.head_dim, arch.vocab_size, arch.num_layers],
         "options": [candidate_label(*o) for o in options], "target_bytes": TARGET_BYTES, "rows": ROWS,
-        "split_rows": SPLIT_ROWS,
+        "split_rows": SPLIT_ROWS, "fp16_kernel": "native" if native_fp16 else "fbgemm",
         "version": 1,
     }, sort_keys=True)
 
@@ -202,9 +217,10 @@ def describe(choice: WeightChoice) -> str:
 
 
 def resolve_weights(dtype: str, quantization: str, device: torch.device, arch: ModelArch,
-                    cache_dir: Path | None) -> WeightChoice:
+                    cache_dir: Path | None, native: NativeKernels | None = None) -> WeightChoice:
     """The dtype and weight format a model loads with, from the ``--dtype`` and ``--quantization``
-    flags: GPUs take bf16 (auto) and their exact Triton path; CPUs measure (choose_cpu_weights)."""
+    flags: GPUs take bf16 (auto) and their exact Triton path; CPUs measure (choose_cpu_weights,
+    with the ``native`` kernels the model will run)."""
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     if quantization not in QUANTIZATIONS:
@@ -217,4 +233,4 @@ def resolve_weights(dtype: str, quantization: str, device: torch.device, arch: M
     if quantization in FP32_ONLY and dtype not in ("auto", "float32"):
         raise ValueError(f"--quantization {quantization} runs float32 activations through FBGEMM: use it "
                          f"with --dtype float32 or auto, not {dtype}")
-    return choose_cpu_weights(arch, dtype, quantization, cache_dir)
+    return choose_cpu_weights(arch, dtype, quantization, cache_dir, native)

@@ -9,6 +9,11 @@ products stay in torch (FBGEMM, oneDNN); what lies between them becomes four cal
 - ``attend``: RoPE of q and k, the cache write of k and v, and paged decode attention;
 - ``silu_mul``: SwiGLU's activation of the fused gate/up product.
 
+And one product (native/fp16_linear.c): fp16 weights in blocks of 16 output rows times fp32
+activations, split across torch's own OpenMP team. For a step of a few rows it reads the weights
+faster than FBGEMM's fp16 GEMM (docs/benchmarks.md), so the fp16 weight format
+(model/packed_weights.py) takes it where it is vectorized and threaded (``fp16_linear_fast``).
+
 The source is compiled once per machine with the system C compiler (``cc``, -O3 -march=native;
 well under a second) into a cache directory the caller names, keyed by the source, the compiler
 and the CPU's flags, and loaded with ctypes, which passes raw pointers: no torch headers, no
@@ -38,9 +43,13 @@ from kernels.cpu_decode import DecodeTables
 
 log = logging.getLogger("balcony.kernels")
 
-SOURCE = Path(__file__).with_name("native") / "cpu_decode.c"
-# -fopenmp-simd: the loops' `omp simd` reductions vectorize (no OpenMP runtime is linked; torch has its own).
-_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared")
+SOURCES = tuple(Path(__file__).with_name("native") / name for name in ("cpu_decode.c", "fp16_linear.c"))
+_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared")
+# -fopenmp: the fp16 product's parallel loop, run by the libgomp torch loaded (same soname, so the
+# loader reuses it: one team of threads in the process). Where the compiler has no OpenMP (clang
+# without libomp), -fopenmp-simd: the `omp simd` loops still vectorize, the product runs on one
+# thread and FBGEMM keeps the fp16 products.
+_OPENMP_FLAGS = (("-fopenmp",), ("-fopenmp-simd",))
 
 _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {  # C name -> (argument types, return type)
@@ -48,7 +57,11 @@ _SIGNATURES = {  # C name -> (argument types, return type)
     "balcony_rope_cache": ([_p, _p, _p, _i64, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64], None),
     "balcony_decode_attention": ([_p, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _i64, _f32], ctypes.c_int),
     "balcony_silu_mul": ([_p, _p, _i64, _i64], None),
+    "balcony_fp16_linear": ([_p, _p, _p, _i64, _i64, _i64, _i64], None),
+    "balcony_fp16_linear_fast": ([], ctypes.c_int),
+    "balcony_openmp_version": ([], ctypes.c_int),
 }
+FP16_BLOCK = 16  # output rows per block of the fp16 product's weight layout (native/fp16_linear.c)
 
 
 class NativeBuildError(RuntimeError):
@@ -75,7 +88,7 @@ def _compiler() -> str:
 
 
 def build(cache_dir: Path, defines: tuple[str, ...] = ()) -> Path:
-    """Compile the source into ``cache_dir`` (once per source, compiler and CPU); returns the library.
+    """Compile the sources into ``cache_dir`` (once per source, compiler and CPU); returns the library.
     ``defines``: extra macros (tests build BALCONY_PORTABLE, the loops without AVX-512 intrinsics)."""
     compiler = _compiler()
     flags = (*_FLAGS, *(f"-D{name}" for name in defines))
@@ -83,8 +96,8 @@ def build(cache_dir: Path, defines: tuple[str, ...] = ()) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeBuildError(f"{compiler} --version failed: {exc}") from exc
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(flags), _cpu_flags(),
-                                    platform.machine()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*(source.read_text() for source in SOURCES), version, " ".join(flags),
+                                    repr(_OPENMP_FLAGS), _cpu_flags(), platform.machine()]).encode()).hexdigest()[:16]
     target = Path(cache_dir) / f"cpu_decode-{key}.so"
     if target.exists():
         return target
@@ -96,9 +109,12 @@ def build(cache_dir: Path, defines: tuple[str, ...] = ()) -> Path:
         raise NativeBuildError(f"cannot write to {target.parent}: {exc}") from exc
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", scratch, "-lm"],
-                              capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
+        for openmp in _OPENMP_FLAGS:  # the first that compiles
+            done = subprocess.run([compiler, *flags, *openmp, *map(str, SOURCES), "-o", scratch, "-lm"],
+                                  capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                break
+        else:
             raise NativeBuildError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
         os.replace(scratch, target)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -109,12 +125,28 @@ def build(cache_dir: Path, defines: tuple[str, ...] = ()) -> Path:
     return target
 
 
+def openmp_runtimes() -> set[str]:
+    """The OpenMP runtime libraries mapped into this process (by file), from /proc/self/maps
+    (empty where there is none to read)."""
+    names = ("libgomp", "libiomp", "libomp")
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    paths = {line.split(maxsplit=5)[-1] for line in lines if any(n in line.rsplit("/", 1)[-1] for n in names)}
+    return {os.path.realpath(p) for p in paths if p.startswith("/")}
+
+
 @dataclass(frozen=True)
 class NativeKernels:
     """The C loops behind the signatures of kernels.dispatch.KernelOps' fields."""
 
     lib: ctypes.CDLL
     path: Path
+    # fp16_linear is vectorized and runs on torch's own OpenMP team: faster than FBGEMM's fp16 GEMM
+    # for a few rows. False where the build has no AVX-512 or no OpenMP, or where a second OpenMP
+    # runtime got loaded (two teams would take turns on the cores); the product is exact anyway.
+    fp16_linear_fast: bool = False
 
     @classmethod
     def open(cls, path: Path) -> "NativeKernels":
@@ -125,7 +157,25 @@ class NativeKernels:
                 fn.argtypes, fn.restype = args, result
         except (OSError, AttributeError) as exc:
             raise NativeBuildError(f"cannot load {path}: {exc}") from exc
-        return cls(lib, Path(path))
+        fast = bool(lib.balcony_fp16_linear_fast())
+        if fast and len(openmp_runtimes()) > 1:
+            log.warning("native fp16 products off: the process has two OpenMP runtimes (%s); FBGEMM's serve",
+                        ", ".join(sorted(openmp_runtimes())))
+            fast = False
+        return cls(lib, Path(path), fast)
+
+    def fp16_linear(self, x: torch.Tensor, blocked: torch.Tensor, n: int) -> torch.Tensor:
+        """x [T, K] @ W^T -> [T, n] fp32, W given as block_fp16(W) ([ceil(n / 16), K, 16] fp16).
+        Inference only (no autograd). Checks are the cheap ones: a one-row step makes 121 of these
+        calls, and ``blocked`` comes from block_fp16."""
+        if x.dtype is not torch.float32 or x.dim() != 2 or not x.is_contiguous() or x.shape[1] != blocked.shape[1]:
+            raise ValueError(f"fp16_linear takes a contiguous fp32 [T, {blocked.shape[1]}] input, "
+                             f"not {x.dtype} {tuple(x.shape)}")
+        rows, k = x.shape
+        out = torch.empty(rows, n)
+        self.lib.balcony_fp16_linear(x.data_ptr(), blocked.data_ptr(), out.data_ptr(), rows, n, k,
+                                     torch.get_num_threads())
+        return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +225,22 @@ class NativeKernels:
         if failed:
             raise MemoryError("decode attention could not allocate its scores")
         return out
+
+
+def block_fp16(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] -> fp16 [ceil(N / 16), K, 16]: blocked[b, k, j] = weight[16 b + j, k], zero rows
+    past N (native/fp16_linear.c's layout)."""
+    n, k = weight.shape
+    blocks = -(-n // FP16_BLOCK)
+    padded = torch.zeros(blocks * FP16_BLOCK, k, dtype=torch.float16)
+    padded[:n] = weight.detach()
+    return padded.view(blocks, FP16_BLOCK, k).transpose(1, 2).contiguous()
+
+
+def unblock_fp16(blocked: torch.Tensor, n: int) -> torch.Tensor:
+    """block_fp16's inverse: [ceil(N / 16), K, 16] -> [N, K] fp16."""
+    blocks, k, width = blocked.shape
+    return blocked.transpose(1, 2).reshape(blocks * width, k)[:n]
 
 
 def _plain(*tensors: torch.Tensor | None) -> bool:

@@ -33,6 +33,9 @@ class KernelOps:
     decode_tables: Callable | None = None  # (cos, sin, positions, context_lens, max_context, k_cache, v_cache)
     decode_attend: Callable | None = None  # (q, k, v, tables, slots, block_tables, scale) -> out
     silu_mul: Callable = reference.silu_mul  # (gate_up [T, 2I]) -> SiLU(gate) * up, after a packed product
+    # The C kernels behind the native fields, whose fp16 product the CPU weight formats take
+    # (model/packed_weights.py); None for the other backends.
+    native: cpu_native.NativeKernels | None = None
 
 
 TORCH_OPS = KernelOps(
@@ -50,7 +53,7 @@ TORCH_OPS = KernelOps(
 def native_ops(native: cpu_native.NativeKernels) -> KernelOps:
     """The torch references with a CPU decode step's norms, attention and SwiGLU activation in C."""
     return replace(TORCH_OPS, name="native", rms_norm=native.rms_norm, decode_attend=native.attend,
-                   silu_mul=native.silu_mul)
+                   silu_mul=native.silu_mul, native=native)
 
 
 def select_ops(device: torch.device | str, backend: Backend = "auto", native_dir: Path | None = None) -> KernelOps:

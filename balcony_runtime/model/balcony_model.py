@@ -113,7 +113,7 @@ class BalconyModel(nn.Module):
         layers = [*self.layers, *(b.layer for b in self.balconies.values())]
         weights = [self.lm_head] + [getattr(layer, name) for layer in layers for name in DecoderLayer.MATRICES]
         with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-            head, *packed = pool.map(packer(fmt, bf16_from_rows), weights)
+            head, *packed = pool.map(packer(fmt, bf16_from_rows, self.ops.native), weights)
         per_layer = len(DecoderLayer.MATRICES)
         for i, layer in enumerate(layers):
             layer.pack_weights(fmt, packed[i * per_layer:(i + 1) * per_layer])

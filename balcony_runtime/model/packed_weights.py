@@ -6,7 +6,10 @@ and one split of two of them:
 
 - ``fp16``: weights rounded to fp16 and packed for FBGEMM's fp16 GEMM (``quantized.linear_dynamic_fp16``,
   despite the name no activation is quantized: fp32 activations, fp16 weights converted in registers,
-  fp32 accumulation). Half of fp32's bytes and the same rounding as a 16-bit checkpoint.
+  fp32 accumulation). Half of fp32's bytes and the same rounding as a 16-bit checkpoint. Where the
+  native C kernels run threaded and vectorized (kernels/cpu_native.py), products of a few rows take
+  their blocked fp16 layout instead: the same values and arithmetic, read faster and called with a
+  tenth of FBGEMM's fixed cost per call (docs/benchmarks.md, "fp16 products in C").
 - ``bf16``: weights rounded to bf16 and reordered once into oneDNN's blocked layout, run by oneDNN's
   linear (``mkldnn._linear_pointwise``, the kernel inductor's CPU freezing uses). Each product rounds
   its input and output to bf16 (fp32 accumulation), so it is the numerics of a bf16 model's matrices.
@@ -35,6 +38,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from kernels.cpu_native import NativeKernels, block_fp16, unblock_fp16
 
 
 @dataclass(frozen=True)
@@ -69,25 +74,45 @@ class Int8Weight:
 
 @dataclass(frozen=True)
 class Fp16Weight:
-    packed: torch.Tensor  # FBGEMM's opaque packed fp16 matrix
+    """fp16 weights for fp32 activations, in FBGEMM's packing, the native kernels' blocked layout
+    (kernels/cpu_native.py), or both: then products of up to NATIVE_ROWS rows take the blocked copy
+    (faster there: a one-row step reads the weights bandwidth-bound and pays ~2 us per call
+    against FBGEMM's ~11) and larger ones FBGEMM's (a compute-bound GEMM)."""
+
+    packed: torch.Tensor | None  # FBGEMM's opaque packed fp16 matrix
     shape: torch.Size  # [N, K] of the original weight
+    blocked: torch.Tensor | None = None  # [ceil(N / 16), K, 16] fp16 (cpu_native.block_fp16)
+    native: NativeKernels | None = None  # runs ``blocked``
+
+    NATIVE_ROWS = 3  # where FBGEMM's copy exists too: products of this many rows or fewer take the native one
 
     @classmethod
-    def pack(cls, weight: torch.Tensor) -> "Fp16Weight":
-        """weight [N, K] (float32 or bfloat16) -> FBGEMM-packed fp16 (values past fp16's range saturate)."""
+    def pack(cls, weight: torch.Tensor, native: NativeKernels | None = None, fbgemm: bool = True) -> "Fp16Weight":
+        """weight [N, K] (float32 or bfloat16) -> fp16 (values past fp16's range saturate). ``native``
+        (when its product is fast): a blocked copy for few rows; ``fbgemm=False``: that copy only
+        (for SplitWeight, whose bf16 copy serves the many-row products)."""
         w = weight.detach().float().contiguous()
-        return cls(torch.ops.quantized.linear_prepack_fp16(w, None), w.shape)
+        if native is None or not native.fp16_linear_fast:
+            return cls(torch.ops.quantized.linear_prepack_fp16(w, None), w.shape)
+        fp16_max = torch.finfo(torch.float16).max
+        blocked = block_fp16(w.clamp(-fp16_max, fp16_max))  # saturate as FBGEMM's packing does
+        packed = torch.ops.quantized.linear_prepack_fp16(w, None) if fbgemm else None
+        return cls(packed, w.shape, blocked, native)
 
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
 
     def dequantize(self) -> torch.Tensor:
         """[N, K] float32: the weight as the kernel sees it."""
+        if self.blocked is not None:
+            return unblock_fp16(self.blocked, self.shape[0]).float()
         weight, _ = torch.ops.quantized.linear_unpack_fp16(self.packed)
         return weight
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] float32 -> x @ W^T [..., N] float32."""
+        if self.blocked is not None and (self.packed is None or x.numel() <= self.NATIVE_ROWS * self.shape[1]):
+            return _on_rows(x, self.shape, lambda rows: self.native.fp16_linear(rows, self.blocked, self.shape[0]))
         return _on_rows(x, self.shape, lambda rows: torch.ops.quantized.linear_dynamic_fp16(rows, self.packed))
 
 
@@ -145,10 +170,11 @@ class SplitWeight:
     bf16_from_rows: int
 
     @classmethod
-    def pack(cls, weight: torch.Tensor, bf16_from_rows: int = 16) -> "SplitWeight":
+    def pack(cls, weight: torch.Tensor, bf16_from_rows: int = 16, native: NativeKernels | None = None) -> "SplitWeight":
+        """``native``: the fp16 copy in the native kernels' layout alone (Fp16Weight.pack)."""
         if bf16_from_rows < 1:
             raise ValueError(f"bf16_from_rows must be >= 1, got {bf16_from_rows}")
-        return cls(Fp16Weight.pack(weight), Bf16Weight.pack(weight), bf16_from_rows)
+        return cls(Fp16Weight.pack(weight, native, fbgemm=False), Bf16Weight.pack(weight), bf16_from_rows)
 
     @property
     def shape(self) -> torch.Size:
@@ -181,10 +207,14 @@ FORMATS = {"int8": Int8Weight, "fp16": Fp16Weight, "bf16": Bf16Weight, "fp16+bf1
 QUANTIZATIONS = ("auto", "none", *FORMATS)
 
 
-def packer(fmt: str, bf16_from_rows: int | None = None) -> Callable[[torch.Tensor], PackedWeight]:
-    """weight -> packed weight in format ``fmt`` (``bf16_from_rows``: the fp16+bf16 split's crossover)."""
-    if fmt == "fp16+bf16" and bf16_from_rows is not None:
-        return partial(SplitWeight.pack, bf16_from_rows=bf16_from_rows)
+def packer(fmt: str, bf16_from_rows: int | None = None, native: NativeKernels | None = None
+           ) -> Callable[[torch.Tensor], PackedWeight]:
+    """weight -> packed weight in format ``fmt`` (``bf16_from_rows``: the fp16+bf16 split's crossover;
+    ``native``: the C kernels, whose fp16 product the fp16 formats take where it is fast)."""
+    if fmt == "fp16+bf16":
+        return partial(SplitWeight.pack, bf16_from_rows=bf16_from_rows or 16, native=native)
+    if fmt == "fp16":
+        return partial(Fp16Weight.pack, native=native)
     return FORMATS[fmt].pack
 
 

@@ -103,6 +103,37 @@ def test_inputs_the_loops_do_not_take_go_to_the_reference(native):
     assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("n, k", [(48, 40), (50, 33), (7, 1), (3072, 576)])
+def test_fp16_linear_is_the_product_of_fp16_rounded_weights(native, rows, n, k):
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    w = torch.randn(n, k, generator=g) * 0.1
+    x = torch.randn(rows, k, generator=g)
+    blocked = cpu_native.block_fp16(w)
+    assert blocked.shape == (-(-n // 16), k, 16) and blocked.dtype == torch.float16
+    torch.testing.assert_close(cpu_native.unblock_fp16(blocked, n), w.half(), rtol=0, atol=0)
+    out = native.fp16_linear(x, blocked, n)
+    assert out.shape == (rows, n)
+    # fp32 sums of the same products as the reference, in another order
+    torch.testing.assert_close(out, x @ w.half().float().T, rtol=1e-5, atol=1e-5 * k ** 0.5)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        native.fp16_linear(x.double(), blocked, n)
+
+
+@needs_compiler
+def test_the_fast_fp16_linear_runs_on_torchs_openmp_runtime_only(tmp_path, monkeypatch, caplog):
+    torch.ones(64, 64) @ torch.ones(64, 64)  # torch's OpenMP runtime loaded and used
+    served = cpu_native.open_built(tmp_path)
+    if served.fp16_linear_fast:
+        assert len(cpu_native.openmp_runtimes()) == 1  # the library took torch's, not a second one
+    assert not cpu_native.NativeKernels.open(cpu_native.build(tmp_path, ("BALCONY_PORTABLE",))).fp16_linear_fast
+    # Two runtimes would be two thread teams taking turns on the cores: FBGEMM keeps the products.
+    monkeypatch.setattr(cpu_native, "openmp_runtimes", lambda: {"/a/libgomp.so.1", "/b/libiomp5.so"})
+    assert not cpu_native.NativeKernels.open(served.path).fp16_linear_fast
+    if served.fp16_linear_fast:
+        assert "two OpenMP runtimes" in caplog.text
+
+
 @needs_compiler
 def test_build_is_cached_and_a_missing_compiler_falls_back_to_torch(tmp_path, monkeypatch, caplog):
     first = cpu_native.build(tmp_path)

@@ -72,6 +72,49 @@ def test_split_weight_takes_fp16_below_its_crossover_and_bf16_from_it():
         SplitWeight.pack(w, bf16_from_rows=0)
 
 
+@pytest.fixture(scope="module")
+def fast_native(tmp_path_factory):
+    """The native kernels where their fp16 product is fast here (AVX-512, OpenMP), else a skip."""
+    from kernels import cpu_native
+
+    try:
+        native = cpu_native.open_built(tmp_path_factory.mktemp("native"))
+    except cpu_native.NativeBuildError as exc:
+        pytest.skip(f"native kernels unavailable: {exc}")
+    if not native.fp16_linear_fast:
+        pytest.skip("the native fp16 product is not vectorized and threaded on this machine")
+    return native
+
+
+def test_fp16_with_native_kernels_takes_the_blocked_copy_for_few_rows(fast_native):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(50, 40, generator=g)
+    w[0, 0] = 1e6  # past fp16's range: saturates, as FBGEMM's packing does
+    packed = packer("fp16", native=fast_native)(w)
+    fbgemm = Fp16Weight.pack(w)
+    assert packed.blocked is not None and packed.packed is not None
+    torch.testing.assert_close(packed.dequantize(), fbgemm.dequantize(), rtol=0, atol=0)
+    for rows in (1, Fp16Weight.NATIVE_ROWS, Fp16Weight.NATIVE_ROWS + 1, 17):
+        x = torch.randn(rows, 40, generator=g)
+        expected = (fast_native.fp16_linear(x, packed.blocked, 50) if rows <= Fp16Weight.NATIVE_ROWS
+                    else fbgemm.matmul(x))
+        torch.testing.assert_close(packed.matmul(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(packed.matmul(x), x @ fbgemm.dequantize().T, rtol=1e-5, atol=1e-2)
+
+
+@needs_onednn_bf16
+def test_split_weight_with_native_kernels_keeps_one_fp16_copy(fast_native):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 40, generator=g)
+    split = packer("fp16+bf16", bf16_from_rows=8, native=fast_native)(w)
+    assert split.few.packed is None and split.few.blocked is not None  # the bf16 copy serves many rows
+    for rows in (1, 5, 8):
+        x = torch.randn(rows, 40, generator=g)
+        expected = (split.many if rows >= 8 else split.few).matmul(x)
+        torch.testing.assert_close(split.matmul(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(split.few.matmul(x[:5]), x[:5] @ w.half().float().T, rtol=1e-5, atol=1e-5)
+
+
 def test_zero_row_does_not_divide_by_zero():
     w = torch.zeros(4, 8)
     w[1] = 1.0
