@@ -84,7 +84,7 @@ class Fp16Weight:
     blocked: torch.Tensor | None = None  # [ceil(N / 16), K, 16] fp16 (cpu_native.block_fp16)
     native: NativeKernels | None = None  # runs ``blocked``
 
-    NATIVE_ROWS = 3  # where FBGEMM's copy exists too: products of this many rows or fewer take the native one
+    NATIVE_ROWS = 4  # where FBGEMM's copy exists too, products of this many rows or fewer take the native one (bench/fp16_products.py)
 
     @classmethod
     def pack(cls, weight: torch.Tensor, native: NativeKernels | None = None, fbgemm: bool = True) -> "Fp16Weight":
