@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -29,7 +30,7 @@ class FakeEngine:
         self.model = SimpleNamespace(
             full_depth=FULL_DEPTH, exits=tuple(e for e in exits if e < FULL_DEPTH), balconies=balconies,
             norm=SimpleNamespace(device=torch.device("cpu")), dtype=torch.float32,
-            ops=SimpleNamespace(name="torch"), quantization="none", arch="tiny-arch", cache_layers_of=lambda e: range(e + 1),
+            ops=SimpleNamespace(name="torch", native=None), quantization="none", arch="tiny-arch", cache_layers_of=lambda e: range(e + 1),
         )
         self.loaded = SimpleNamespace(identity="fake-model", fingerprint=fingerprint, max_model_len=512)
         self.blocks = SimpleNamespace(fits_at_all=lambda layers, tokens: True)
@@ -143,6 +144,14 @@ def test_a_hit_skips_measuring_and_a_key_change_measures_again(tmp_path, idle_ma
     small(packed, cache)
     assert packed.steps == first.steps
     assert len(list(tmp_path.glob("*.json"))) == 3
+
+    # Another build of the native kernels (their sources changed): another step cost.
+    for build in ("cpu_decode-aaaa.so", "cpu_decode-bbbb.so"):
+        rebuilt = FakeEngine()
+        rebuilt.model.ops = SimpleNamespace(name="native", native=SimpleNamespace(path=Path(build), fp16_linear_fast=True))
+        small(rebuilt, cache)
+        assert rebuilt.steps == first.steps
+    assert len(list(tmp_path.glob("*.json"))) == 5
 
 
 def test_recalibrate_measures_and_replaces_the_entry(tmp_path, idle_machine):
