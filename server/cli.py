@@ -66,7 +66,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="activations dtype, and the weights' unless --quantization packs them (auto: bfloat16 on GPUs; "
                         "on CPUs the faster of float32 and bfloat16 as measured at the first start, then cached)")
     p.add_argument("--quantization", default="auto", choices=["auto", "none", "fp16", "bf16", "fp16+bf16", "int8"],
-                   help="matrix format, CPU only: fp16 (fp16 weights for FBGEMM, fp32 activations), bf16 (bf16 "
+                   help="matrix format, CPU only: fp16 (fp16 weights, fp32 activations: FBGEMM, and the native "
+                        "C product for steps of few rows where it builds), bf16 (bf16 "
                         "weights packed for oneDNN; each product rounds its input to bf16), fp16+bf16 (both: fp16 for "
                         "products of few rows, bf16 for many; twice the weight memory), int8 (weight-only int8 "
                         "per output channel: lossy), none (the dtype's); quality per exit in docs/benchmarks.md; "
