@@ -8,8 +8,8 @@ and one split of two of them:
   despite the name no activation is quantized: fp32 activations, fp16 weights converted in registers,
   fp32 accumulation). Half of fp32's bytes and the same rounding as a 16-bit checkpoint. Where the
   native C kernels run threaded and vectorized (kernels/cpu_native.py), products of a few rows take
-  their blocked fp16 layout instead: the same values and arithmetic, read faster and called with a
-  tenth of FBGEMM's fixed cost per call (docs/benchmarks.md, "fp16 products in C").
+  their blocked fp16 layout instead: the same values and arithmetic, read faster and called at a
+  fraction of FBGEMM's fixed cost per call (docs/benchmarks.md, "fp16 products in C").
 - ``bf16``: weights rounded to bf16 and reordered once into oneDNN's blocked layout, run by oneDNN's
   linear (``mkldnn._linear_pointwise``, the kernel inductor's CPU freezing uses). Each product rounds
   its input and output to bf16 (fp32 accumulation), so it is the numerics of a bf16 model's matrices.
@@ -76,15 +76,16 @@ class Int8Weight:
 class Fp16Weight:
     """fp16 weights for fp32 activations, in FBGEMM's packing, the native kernels' blocked layout
     (kernels/cpu_native.py), or both: then products of up to NATIVE_ROWS rows take the blocked copy
-    (faster there: a one-row step reads the weights bandwidth-bound and pays ~2 us per call
-    against FBGEMM's ~11) and larger ones FBGEMM's (a compute-bound GEMM)."""
+    (faster there: a step of few rows is bound by reading the weights, and a call costs a fraction
+    of FBGEMM's fixed cost) and larger ones FBGEMM's (a compute-bound GEMM there; the crossover is
+    measured by bench/fp16_products.py)."""
 
     packed: torch.Tensor | None  # FBGEMM's opaque packed fp16 matrix
     shape: torch.Size  # [N, K] of the original weight
     blocked: torch.Tensor | None = None  # [ceil(N / 16), K, 16] fp16 (cpu_native.block_fp16)
     native: NativeKernels | None = None  # runs ``blocked``
 
-    NATIVE_ROWS = 4  # where FBGEMM's copy exists too, products of this many rows or fewer take the native one (bench/fp16_products.py)
+    NATIVE_ROWS = 4  # with both copies: products of this many rows or fewer take the blocked one
 
     @classmethod
     def pack(cls, weight: torch.Tensor, native: NativeKernels | None = None, fbgemm: bool = True) -> "Fp16Weight":
@@ -112,7 +113,8 @@ class Fp16Weight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] float32 -> x @ W^T [..., N] float32."""
         if self.blocked is not None and (self.packed is None or x.numel() <= self.NATIVE_ROWS * self.shape[1]):
-            return _on_rows(x, self.shape, lambda rows: self.native.fp16_linear(rows, self.blocked, self.shape[0]))
+            n = self.shape[0]
+            return _on_rows(x, self.shape, lambda rows: self.native.fp16_linear(rows, self.blocked, n))
         return _on_rows(x, self.shape, lambda rows: torch.ops.quantized.linear_dynamic_fp16(rows, self.packed))
 
 
@@ -170,7 +172,8 @@ class SplitWeight:
     bf16_from_rows: int
 
     @classmethod
-    def pack(cls, weight: torch.Tensor, bf16_from_rows: int = 16, native: NativeKernels | None = None) -> "SplitWeight":
+    def pack(cls, weight: torch.Tensor, bf16_from_rows: int = 16,
+             native: NativeKernels | None = None) -> "SplitWeight":
         """``native``: the fp16 copy in the native kernels' layout alone (Fp16Weight.pack)."""
         if bf16_from_rows < 1:
             raise ValueError(f"bf16_from_rows must be >= 1, got {bf16_from_rows}")

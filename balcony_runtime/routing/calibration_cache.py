@@ -51,10 +51,13 @@ class CalibrationKey:
         # The native library's file name carries a digest of its sources and build: a change to
         # the C kernels (the fp16 product, say) changes what a step costs.
         native = model.ops.native
-        kernels = model.ops.name if native is None else f"{model.ops.name} {native.path.name} fp16={native.fp16_linear_fast}"
+        kernels = model.ops.name
+        if native is not None:
+            kernels += f" {native.path.name} fp16={native.fp16_linear_fast}"
         return cls(
             model=f"{engine.loaded.identity} {engine.loaded.fingerprint}",
-            structure=f"{model.arch} exits={list(engine.exits)} lens={lens} kernels={kernels} weights={model.quantization}",
+            structure=(f"{model.arch} exits={list(engine.exits)} lens={lens} kernels={kernels} "
+                       f"weights={model.quantization}"),
             dtype=str(model.dtype).removeprefix("torch."),
             device=str(device),
             threads=torch.get_num_threads(),

@@ -148,7 +148,8 @@ def test_a_hit_skips_measuring_and_a_key_change_measures_again(tmp_path, idle_ma
     # Another build of the native kernels (their sources changed): another step cost.
     for build in ("cpu_decode-aaaa.so", "cpu_decode-bbbb.so"):
         rebuilt = FakeEngine()
-        rebuilt.model.ops = SimpleNamespace(name="native", native=SimpleNamespace(path=Path(build), fp16_linear_fast=True))
+        native = SimpleNamespace(path=Path(build), fp16_linear_fast=True)
+        rebuilt.model.ops = SimpleNamespace(name="native", native=native)
         small(rebuilt, cache)
         assert rebuilt.steps == first.steps
     assert len(list(tmp_path.glob("*.json"))) == 5
