@@ -18,6 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+import torch
+
+from balcony_runtime.cpu_threads import ThreadGovernor
 from balcony_runtime.engine import LLMEngine, RequestOutput
 from balcony_runtime.errors import BalconyError
 from balcony_runtime.routing.router import RouteDecision
@@ -71,10 +74,17 @@ class Submission:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_queued: int):
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_queued: int,
+                 governor: ThreadGovernor | None = None):
         self.engine = engine
         self.metrics = metrics
         self.max_queued = max_queued
+        # CPU steps: the OpenMP team narrows while other processes hold cores (cpu_threads.py).
+        if governor is None and engine.model.norm.device.type == "cpu":
+            governor = ThreadGovernor(full=torch.get_num_threads())
+        self.governor = governor
+        if governor is not None:
+            metrics.cpu_threads.set(governor.threads)
         # (command, future or None): run by the step loop between steps.
         self._commands: queue.SimpleQueue[tuple[Callable, concurrent.futures.Future | None]] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -184,6 +194,8 @@ class AsyncEngine:
             self._run_commands(block=not engine.has_unfinished())
             if not engine.has_unfinished():
                 continue
+            if self.governor is not None:
+                self.metrics.cpu_threads.set(self.governor.tick())
             try:
                 outputs = engine.step()
             except Exception as exc:  # a bug or device error: fail the requests in flight, keep serving

@@ -37,6 +37,8 @@ class ServerMetrics:
         self.running = Gauge("balcony:num_requests_running", "Requests running.", registry=r)
         self.waiting = Gauge("balcony:num_requests_waiting", "Requests waiting.", registry=r)
         self.kv_usage = Gauge("balcony:kv_cache_usage_perc", "KV-cache usage, 0 to 1.", registry=r)
+        self.cpu_threads = Gauge("balcony:cpu_threads", "Threads a CPU step runs on (fewer while other "
+                                 "processes hold cores).", registry=r)
         self.prompt_tokens = Counter("balcony:prompt_tokens", "Prompt tokens processed.", ["exit"], registry=r)
         self.generation_tokens = Counter("balcony:generation_tokens", "Tokens generated.", ["exit"], registry=r)
         self.request_success = Counter("balcony:request_success", "Finished requests.",
