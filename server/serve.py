@@ -161,12 +161,18 @@ def build_engine(args, config: ServeConfig, phases: StartupPhases):
     and read (or measure and store) its step costs."""
     import torch
 
+    from balcony_runtime.cpu_threads import ThreadGovernor
     from balcony_runtime.engine import EngineConfig, LLMEngine
     from balcony_runtime.model_source import balcony_home, resolve_model
     from balcony_runtime.routing.calibration_cache import CalibrationCache
     from balcony_runtime.weight_format import candidate_label, describe as describe_weights
     from server.cli import load_from_args
 
+    # Other processes' CPU use is read over the load; if they hold cores, warm-up and calibration
+    # run on the cores left (cpu_threads.py), then the step loop's own governor takes over.
+    full_threads = torch.get_num_threads()
+    governor = ThreadGovernor(full=full_threads)
+    governor.tick()
     resolve_model(args.model, on_phase=phases.enter)  # a download and a conversion happen here, once
     phases.enter("load")
     log.info("load: %s (dtype %s, device %s, %d threads)", args.model, args.dtype, args.device,
@@ -184,8 +190,13 @@ def build_engine(args, config: ServeConfig, phases: StartupPhases):
              + f", {engine.model.ops.name} kernels", engine.blocks.num_blocks,
              f", {engine.graphs_recorded} CUDA graphs for decode" if engine.graphs_recorded else "")
 
+    if engine.model.norm.device.type == "cpu":
+        governor.tick()
     cache = CalibrationCache(balcony_home() / "calibration", reuse=not config.recalibrate)
-    engine.calibrate(cache=cache, on_phase=phases.enter)
+    try:
+        engine.calibrate(cache=cache, on_phase=phases.enter)
+    finally:
+        torch.set_num_threads(full_threads)
     # What exists now (weights, tokenizer, CUDA graphs, imported modules: millions of objects) lives
     # as long as the process: moved out of the collector's generations, a full collection during a
     # step walks only what requests allocate (as vLLM's engine core does after start-up).
