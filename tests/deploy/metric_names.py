@@ -48,6 +48,7 @@ CONTRACT = [
     Metric("balcony:num_requests_running", "gauge", frozenset()),
     Metric("balcony:num_requests_waiting", "gauge", frozenset()),
     Metric("balcony:kv_cache_usage_perc", "gauge", frozenset()),
+    Metric("balcony:cpu_threads", "gauge", frozenset()),
     Metric("balcony:prompt_tokens_total", "counter", EXIT),
     Metric("balcony:generation_tokens_total", "counter", EXIT),
     Metric("balcony:request_success_total", "counter", EXIT | {"finished_reason"}),
