@@ -59,7 +59,6 @@ _SIGNATURES = {  # C name -> (argument types, return type)
     "balcony_silu_mul": ([_p, _p, _i64, _i64], None),
     "balcony_fp16_linear": ([_p, _p, _p, _i64, _i64, _i64, _i64], None),
     "balcony_fp16_linear_fast": ([], ctypes.c_int),
-    "balcony_openmp_version": ([], ctypes.c_int),
 }
 FP16_BLOCK = 16  # output rows per block of the fp16 product's weight layout (native/fp16_linear.c)
 

@@ -35,15 +35,6 @@ int balcony_fp16_linear_fast(void) {
 #endif
 }
 
-/* OpenMP's runtime in use (0 without OpenMP): lets Python check it is the one torch loaded. */
-int balcony_openmp_version(void) {
-#if defined(_OPENMP)
-    return _OPENMP;
-#else
-    return 0;
-#endif
-}
-
 #if !defined(BALCONY_F16_AVX512)
 static float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
