@@ -15,9 +15,6 @@
  * single-threaded; Python then keeps FBGEMM for the products (balcony_fp16_linear_fast says which).
  */
 #include <stdint.h>
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 #if defined(__AVX512F__) && !defined(BALCONY_PORTABLE)
 #define BALCONY_F16_AVX512 1
 #include <immintrin.h>
