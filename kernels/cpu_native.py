@@ -157,9 +157,10 @@ class NativeKernels:
         except (OSError, AttributeError) as exc:
             raise NativeBuildError(f"cannot load {path}: {exc}") from exc
         fast = bool(lib.balcony_fp16_linear_fast())
-        if fast and len(openmp_runtimes()) > 1:
+        runtimes = openmp_runtimes() if fast else set()
+        if len(runtimes) > 1:
             log.warning("native fp16 products off: the process has two OpenMP runtimes (%s); FBGEMM's serve",
-                        ", ".join(sorted(openmp_runtimes())))
+                        ", ".join(sorted(runtimes)))
             fast = False
         return cls(lib, Path(path), fast)
 

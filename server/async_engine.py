@@ -74,17 +74,15 @@ class Submission:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_queued: int,
-                 governor: ThreadGovernor | None = None):
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_queued: int):
         self.engine = engine
         self.metrics = metrics
         self.max_queued = max_queued
         # CPU steps: the OpenMP team narrows while other processes hold cores (cpu_threads.py).
-        if governor is None and engine.model.norm.device.type == "cpu":
-            governor = ThreadGovernor(full=torch.get_num_threads())
-        self.governor = governor
-        if governor is not None:
-            metrics.cpu_threads.set(governor.threads)
+        self.governor = None
+        if engine.model.norm.device.type == "cpu":
+            self.governor = ThreadGovernor(full=torch.get_num_threads())
+            metrics.cpu_threads.set(self.governor.threads)
         # (command, future or None): run by the step loop between steps.
         self._commands: queue.SimpleQueue[tuple[Callable, concurrent.futures.Future | None]] = queue.SimpleQueue()
         self._stop = threading.Event()
