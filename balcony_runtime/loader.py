@@ -108,7 +108,7 @@ def _load_weights(source: str, resolved: ResolvedModel, tokenizer: Future, *, ad
         raise ValueError(f"max_model_len {limit} exceeds the model's {arch.max_position_embeddings} positions")
     model = BalconyModel(
         arch, exits, backbone.inv_freq, backbone.attention_scaling, torch_dtype, torch_device,
-        ops, max_positions=limit,
+        ops, max_positions=limit, balcony_widths=balcony_mlp_widths(balcony_tensors),
     )
     _load_backbone(model, checkpoint, arch)
     del checkpoint
@@ -138,6 +138,13 @@ def _load_backbone(model: BalconyModel, tensors: dict[str, torch.Tensor], arch: 
                 layer.load_hf(tensors, f"model.layers.{i}.")
     except KeyError as exc:
         raise ModelSourceError(f"checkpoint is missing tensor {exc.args[0]}") from exc
+
+
+def balcony_mlp_widths(balcony_tensors: dict[int, dict[str, torch.Tensor]]) -> dict[int, int]:
+    """Each balcony's MLP width, read off its down projection ([H, I]); a balcony whose tensor is
+    missing is left to _load_balcony's error."""
+    return {k: tensors["mlp.down_proj.weight"].shape[1]
+            for k, tensors in balcony_tensors.items() if "mlp.down_proj.weight" in tensors}
 
 
 def _load_balcony(balcony, tensors: dict[str, torch.Tensor], exit_layer: int) -> None:

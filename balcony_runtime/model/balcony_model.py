@@ -41,7 +41,9 @@ class BalconyModel(nn.Module):
         device: torch.device | str,
         ops: KernelOps,
         max_positions: int | None = None,
+        balcony_widths: dict[int, int] | None = None,
     ):
+        """``balcony_widths``: MLP hidden units per exit where a balcony's differ from the backbone's."""
         super().__init__()
         self.arch, self.ops, self.dtype = arch, ops, dtype
         self.exits = tuple(sorted(set(exits)))  # balcony exits, shallow to deep
@@ -54,7 +56,8 @@ class BalconyModel(nn.Module):
             if arch.tie_word_embeddings
             else nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size, **factory))
         )
-        self.balconies = nn.ModuleDict({str(k): Balcony(arch, k, dtype, device) for k in self.exits})
+        widths = balcony_widths or {}
+        self.balconies = nn.ModuleDict({str(k): Balcony(arch, k, dtype, device, widths.get(k)) for k in self.exits})
         self.scale = arch.head_dim**-0.5
 
         positions = torch.arange(max_positions or arch.max_position_embeddings, dtype=torch.float32)

@@ -57,6 +57,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", default=None, metavar="ADAPTERS",
                    help="start from trained adapters (e.g. balcony_runtime/shipped_adapters/smollm2-135m) "
                         "with a fresh schedule: continued training")
+    p.add_argument("--balcony-mlp-width", type=int, default=None, metavar="UNITS",
+                   help="grow every balcony's MLP to this many hidden units before training, computing "
+                        "what it computed before (new units start with zero output); default: keep the width")
     p.add_argument("--first-sequence", type=int, default=0, metavar="N",
                    help="start at packed sequence N of the data order, e.g. after the sequences a warm start "
                         "already saw (tokens seen / seq-len)")
@@ -106,7 +109,8 @@ def cmd_train(args) -> int:
         config = TrainConfig(
             data=data_config(args), output_dir=args.output_dir, model=args.model, exits=args.exits,
             init=args.init, init_from=args.init_from, lens_tokens=args.lens_tokens, lens_norm=args.lens_norm,
-            lens_heldout_every=args.lens_heldout_every, lens_weighting=args.lens_weighting, first_sequence=args.first_sequence, device=args.device, autocast=args.autocast, micro_batch_size=args.micro_batch_size,
+            lens_heldout_every=args.lens_heldout_every, lens_weighting=args.lens_weighting,
+            balcony_mlp_width=args.balcony_mlp_width, first_sequence=args.first_sequence, device=args.device, autocast=args.autocast, micro_batch_size=args.micro_batch_size,
             grad_accum=args.grad_accum, total_tokens=args.tokens, max_steps=args.max_steps,
             stop_after=args.stop_after, lr=args.lr, weight_decay=args.weight_decay,
             warmup_fraction=args.warmup_fraction, clip_norm=args.clip_norm, kl_chunk=args.kl_chunk,

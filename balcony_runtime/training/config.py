@@ -23,6 +23,7 @@ class TrainConfig:
     lens_norm: str = "final"  # init="lens": balcony final norm copied from the backbone's ("final") or layers[k]'s ("exit")
     lens_weighting: str = "none"  # init="lens": per-token weights of the fit ("none" or "relative": 1 / mean(y^2))
     lens_heldout_every: int = 10  # init="lens": every n-th fit batch is held out to choose the ridge strength
+    balcony_mlp_width: int | None = None  # grow each balcony's MLP to this many units (function-preserving); None: keep
     init_from: str | None = None  # adapters directory to start from instead (warm start with a new schedule)
     device: str = "auto"  # cpu, cuda, or auto (cuda:<LOCAL_RANK> under torchrun when available)
     autocast: str = "auto"  # bf16 autocast: "auto" (where the device supports it), "bf16" or "off"
@@ -56,6 +57,8 @@ class TrainConfig:
             raise ValueError(f"init must be 'last', 'random' or 'lens', got {self.init!r}")
         if self.init == "lens" and (self.lens_tokens < 1 or self.lens_norm not in ("final", "exit")):
             raise ValueError("init='lens' needs lens_tokens >= 1 and lens_norm 'final' or 'exit'")
+        if self.balcony_mlp_width is not None and self.balcony_mlp_width < 1:
+            raise ValueError(f"balcony_mlp_width must be at least 1, got {self.balcony_mlp_width}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.metric_tokens < 1:

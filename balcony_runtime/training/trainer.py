@@ -145,6 +145,10 @@ def prepare_model(config: TrainConfig, device: torch.device) -> LoadedModel:
         torch.manual_seed(config.seed)
         for k in model.exits:
             model.balconies[str(k)].init_from_backbone(model.layers, random=True)
+    if config.balcony_mlp_width is not None:
+        generator = torch.Generator().manual_seed(config.seed)  # the same new units in every process
+        for k in model.exits:
+            model.balconies[str(k)].widen_mlp(config.balcony_mlp_width, generator)
     for _, p in named_balcony_parameters(model):
         p.requires_grad_(True)
     return loaded

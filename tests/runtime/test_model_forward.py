@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
@@ -56,7 +58,8 @@ def exit_reference(loaded, hf, ids: list[int], k: int) -> torch.Tensor:
     """Exit k from transformers pieces: hidden_states[k] -> LlamaDecoderLayer(balcony) -> norm -> head."""
     model = loaded.model
     balcony = model.balconies[str(k)]
-    config = hf.config
+    config = copy.copy(hf.config)
+    config.intermediate_size = balcony.mlp_width  # a balcony's MLP may be wider than the backbone's
     layer = LlamaDecoderLayer(config, layer_idx=0).eval()
     layer.load_state_dict(balcony.layer.hf_state_dict())
     norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)

@@ -131,9 +131,11 @@ def logits_of(loaded, harness, token_ids, exit_layer):
 
 @pytest.fixture(scope="module")
 def tiny_pair(tiny_model_dir):
-    """The tiny model dense and a copy whose matrices are then packed, balconies perturbed alike."""
+    """The tiny model dense and a copy whose matrices are then packed, balconies perturbed alike
+    (exit 2's MLP widened to an odd width, as issue 12's wide balconies are packed too)."""
     def build():
         loaded = load_model(str(tiny_model_dir), adapters=None, exits=(1, 2, 3), dtype="float32", device="cpu")
+        loaded.model.balconies["2"].widen_mlp(157, torch.Generator().manual_seed(3))
         perturb_balconies(loaded.model, seed=1)
         return loaded
     return build

@@ -115,3 +115,26 @@ def test_first_sequence_shifts_the_data_order(text_corpus, tiny_model_dir, tmp_p
 def test_warm_start_refuses_random_init(text_corpus, tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="init_from"):
         tiny_config(text_corpus, tiny_model_dir, tmp_path, init="random", init_from=str(tmp_path))
+
+
+def test_wider_balconies_train_resume_exactly_and_export_their_width(text_corpus, tiny_model_dir, tmp_path):
+    """--balcony-mlp-width: the widened balconies train (the new units' output columns leave zero),
+    resume bit-identically across a stop (the widening is redone from the same seed before the
+    checkpoint is read), and the exported adapters load at that width."""
+    wide = dict(balcony_mlp_width=150, grad_accum=2)
+    straight = tmp_path / "straight"
+    train(tiny_config(text_corpus, tiny_model_dir, straight, **wide), log=lambda _: None)
+    pieces = tmp_path / "pieces"
+    train(tiny_config(text_corpus, tiny_model_dir, pieces, stop_after=2, **wide), log=lambda _: None)
+    train(tiny_config(text_corpus, tiny_model_dir, pieces, **wide), log=lambda _: None)
+    a = load_file(str(straight / "checkpoint" / "balconies.safetensors"))
+    b = load_file(str(pieces / "checkpoint" / "balconies.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+    reloaded = load_model(str(tiny_model_dir), adapters=str(straight / "adapters"), dtype="float32", device="cpu")
+    base = reloaded.model.arch.intermediate_size
+    for k in reloaded.model.exits:
+        layer = reloaded.model.balconies[str(k)].layer
+        assert reloaded.model.balconies[str(k)].mlp_width == 150
+        assert layer.down_proj[:, base:].abs().max() > 0  # the new units were trained
+    assert reloaded.adapters.training["recipe"]["balcony_mlp_width"] == 150
