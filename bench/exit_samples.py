@@ -45,7 +45,8 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     answers = {name: engine.generate(prompts, params, exit_layer=name) for name in engine.exit_names()}
     lines = [f"Greedy answers, chat template, {args.max_tokens} tokens at most, adapters `{args.adapters}` "
-             f"(`python bench/exit_samples.py --adapters {args.adapters} --max-tokens {args.max_tokens}`).", ""]
+             f"(`python bench/exit_samples.py --adapters {args.adapters} --max-tokens {args.max_tokens}"
+             f"{'' if args.dtype == 'auto' else ' --dtype ' + args.dtype}`).", ""]
     for i, prompt in enumerate(PROMPTS):
         lines.append(f"**{prompt}**")
         lines.append("")

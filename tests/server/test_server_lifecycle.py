@@ -73,7 +73,8 @@ def test_disconnect_aborts_and_frees_blocks(strict_server):
     aborted_before = strict_server.metric("balcony:request_success_total", finished_reason="abort")
     with strict_server.client() as client:
         with client.stream("POST", "/v1/completions", json={"model": "strict", "stream": True, **LONG}) as r:
-            next(r.iter_lines())
+            first = next(r.iter_lines())
+            assert r.status_code == 200 and first.startswith("data: "), (r.status_code, first)
             # The first chunk can leave before the first step has allocated the request's blocks.
             assert wait_for(lambda: strict_server.metric("balcony:kv_cache_usage_perc") > 0)
     assert wait_for(lambda: strict_server.metric("balcony:kv_cache_usage_perc") == 0)
