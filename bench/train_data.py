@@ -208,12 +208,15 @@ def prompts(n: int, seed: int) -> list[str]:
     return pool[:n]
 
 
-def generate(out: Path, n: int, max_tokens: int, batch: int, seed: int, dtype: str) -> dict:
+def generate(out: Path, n: int, max_tokens: int, batch: int, seed: int, dtype: str, quantization: str) -> dict:
     from balcony_runtime.engine import CompletedRequest, EngineConfig, LLMEngine
     from balcony_runtime.loader import load_model
     from balcony_runtime.sampling_params import SamplingParams
 
-    loaded = load_model(adapters=None, dtype=dtype)
+    # The serving load (measured dtype and weight format, as ``balcony serve`` picks them): the
+    # library's plain default keeps weights unpacked, where a dtype measured for one row can be far
+    # slower at this batch (bf16 converted in software on CPUs without native bf16).
+    loaded = load_model(adapters=None, dtype=dtype, quantization=quantization)
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=1024))
     tok = loaded.tokenizer
     path = out / "gen" / "generations.jsonl"
@@ -258,7 +261,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dtype", default="auto", help="generation dtype (auto: bf16 on CPUs with native bf16)")
+    ap.add_argument("--dtype", default="auto", help="generation dtype (auto: measured, as balcony serve does)")
+    ap.add_argument("--quantization", default="auto", help="CPU weight format (auto: measured, never lossy int8)")
     ap.add_argument("--skip-generation", action="store_true")
     args = ap.parse_args()
 
@@ -272,7 +276,7 @@ def main() -> None:
     report = {"text_chars": build_text(root, out), "pydoc_chars": copy_pydoc(root, out, args.pydoc_share, args.seed)}
     print(json.dumps(report), flush=True)
     if not args.skip_generation:
-        report["generation"] = generate(out, args.prompts, args.max_tokens, args.batch, args.seed, args.dtype)
+        report["generation"] = generate(out, args.prompts, args.max_tokens, args.batch, args.seed, args.dtype, args.quantization)
     (out / "manifest.json").write_text(json.dumps({"args": vars(args), **report}, indent=1) + "\n")
     print(json.dumps(report), flush=True)
 
