@@ -15,7 +15,9 @@ fit-lens`` as one folder source:
 - ``gen/generations.jsonl``: the full model's own answers (through ``LLMEngine.generate``, batched,
   temperature 0.8, top-p 0.95, one seed per prompt) to varied prompts (instructions, questions,
   openings of documents), with the prompt in the ``prompt`` field so ``--chat-template`` rebuilds
-  the exact chat the model answered.
+  the exact chat the model answered. With ``--exits 8,15,22`` the balconies answer instead, in
+  turn (an ``exit`` field says which): the exits' own text, which training then scores with the
+  full model's distributions (on-policy for the students, as in generalized knowledge distillation).
 
 The held-out English set of docs/training.md (doc-debian, debian-reference-en) is never read here.
 """
@@ -208,7 +210,8 @@ def prompts(n: int, seed: int) -> list[str]:
     return pool[:n]
 
 
-def generate(out: Path, n: int, max_tokens: int, batch: int, seed: int, dtype: str, quantization: str) -> dict:
+def generate(out: Path, n: int, max_tokens: int, batch: int, seed: int, dtype: str, quantization: str,
+             exits: list[str], adapters: str) -> dict:
     from balcony_runtime.engine import CompletedRequest, EngineConfig, LLMEngine
     from balcony_runtime.loader import load_model
     from balcony_runtime.sampling_params import SamplingParams
@@ -216,7 +219,8 @@ def generate(out: Path, n: int, max_tokens: int, batch: int, seed: int, dtype: s
     # The serving load (measured dtype and weight format, as ``balcony serve`` picks them): the
     # library's plain default keeps weights unpacked, where a dtype measured for one row can be far
     # slower at this batch (bf16 converted in software on CPUs without native bf16).
-    loaded = load_model(adapters=None, dtype=dtype, quantization=quantization)
+    only_full = exits == ["full"]
+    loaded = load_model(adapters=None if only_full else adapters, dtype=dtype, quantization=quantization)
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=1024))
     tok = loaded.tokenizer
     path = out / "gen" / "generations.jsonl"
@@ -235,16 +239,19 @@ def generate(out: Path, n: int, max_tokens: int, batch: int, seed: int, dtype: s
             # one seed per prompt: reproducible whatever the batch
             params = [SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=seed + start + i)
                       for i in range(len(group))]
-            rids = [engine.add_request(i, p) for i, p in zip(ids, params)]
+            # prompt k is answered at exits[k % len(exits)]: with exits, the text is the student's
+            # own (on-policy for the exits; training scores it with the full model's KL)
+            at = [exits[(start + i) % len(exits)] for i in range(len(group))]
+            rids = [engine.add_request(i, p, exit_layer=e) for i, p, e in zip(ids, params, at)]
             done = {rid: CompletedRequest(rid) for rid in rids}
             while engine.has_unfinished():
                 for o in engine.step():
                     if o.request_id in done:
                         done[o.request_id].absorb(o)
             outs = [done[r] for r in rids]
-            for p, o in zip(group, outs):
+            for p, o, e in zip(group, outs, at):
                 tokens += len(o.token_ids)
-                f.write(json.dumps({"prompt": p, "text": o.text.strip(), "finish": o.finish_reason}) + "\n")
+                f.write(json.dumps({"prompt": p, "text": o.text.strip(), "finish": o.finish_reason, "exit": e}) + "\n")
             f.flush()
             print(f"generated {start + len(group)}/{len(todo)} prompts, {tokens} tokens, "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
@@ -263,6 +270,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="auto", help="generation dtype (auto: measured, as balcony serve does)")
     ap.add_argument("--quantization", default="auto", help="CPU weight format (auto: measured, never lossy int8)")
+    ap.add_argument("--exits", default="full",
+                    help="comma-separated exits that answer the prompts in turn (e.g. 8,15,22): the exits' own text")
+    ap.add_argument("--adapters", default="default", help="the balconies that answer at --exits (default: shipped)")
     ap.add_argument("--skip-generation", action="store_true")
     args = ap.parse_args()
 
@@ -276,7 +286,8 @@ def main() -> None:
     report = {"text_chars": build_text(root, out), "pydoc_chars": copy_pydoc(root, out, args.pydoc_share, args.seed)}
     print(json.dumps(report), flush=True)
     if not args.skip_generation:
-        report["generation"] = generate(out, args.prompts, args.max_tokens, args.batch, args.seed, args.dtype, args.quantization)
+        report["generation"] = generate(out, args.prompts, args.max_tokens, args.batch, args.seed, args.dtype, args.quantization,
+                                        args.exits.split(","), args.adapters)
     (out / "manifest.json").write_text(json.dumps({"args": vars(args), **report}, indent=1) + "\n")
     print(json.dumps(report), flush=True)
 
