@@ -423,12 +423,19 @@ class LLMEngine:
     def generate(
         self,
         prompts: Iterable[str | Sequence[int]],
-        params: SamplingParams = SamplingParams(),
-        exit_layer: int | str | None = None,
+        params: SamplingParams | list[SamplingParams] = SamplingParams(),
+        exit_layer: int | str | None | list[int | str | None] = None,
         budget_ms: float | None = None,
     ) -> list["CompletedRequest"]:
-        """Run prompts to completion together (continuous batching) and return them in order."""
-        ids = [self.add_request(p, params, exit_layer, budget_ms=budget_ms) for p in prompts]
+        """Run prompts to completion together (continuous batching) and return them in order.
+
+        ``params`` and ``exit_layer`` are one for all prompts, or a list with one per prompt."""
+        prompts = list(prompts)
+        each_params = params if isinstance(params, list) else [params] * len(prompts)
+        each_exit = exit_layer if isinstance(exit_layer, list) else [exit_layer] * len(prompts)
+        if not len(each_params) == len(each_exit) == len(prompts):
+            raise ValueError("per-prompt params and exits must have one entry per prompt")
+        ids = [self.add_request(p, sp, e, budget_ms=budget_ms) for p, sp, e in zip(prompts, each_params, each_exit)]
         done: dict[str, CompletedRequest] = {rid: CompletedRequest(rid) for rid in ids}
         while self.has_unfinished():
             for out in self.step():

@@ -212,15 +212,14 @@ def prompts(n: int, seed: int) -> list[str]:
 
 def generate(out: Path, n: int, max_tokens: int, batch: int, seed: int, dtype: str, quantization: str,
              exits: list[str], adapters: str) -> dict:
-    from balcony_runtime.engine import CompletedRequest, EngineConfig, LLMEngine
+    from balcony_runtime.engine import EngineConfig, LLMEngine
     from balcony_runtime.loader import load_model
     from balcony_runtime.sampling_params import SamplingParams
 
     # The serving load (measured dtype and weight format, as ``balcony serve`` picks them): the
     # library's plain default keeps weights unpacked, where a dtype measured for one row can be far
     # slower at this batch (bf16 converted in software on CPUs without native bf16).
-    only_full = exits == ["full"]
-    loaded = load_model(adapters=None if only_full else adapters, dtype=dtype, quantization=quantization)
+    loaded = load_model(adapters=None if exits == ["full"] else adapters, dtype=dtype, quantization=quantization)
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=1024))
     tok = loaded.tokenizer
     path = out / "gen" / "generations.jsonl"
@@ -242,13 +241,7 @@ def generate(out: Path, n: int, max_tokens: int, batch: int, seed: int, dtype: s
             # prompt k is answered at exits[k % len(exits)]: with exits, the text is the student's
             # own (on-policy for the exits; training scores it with the full model's KL)
             at = [exits[(start + i) % len(exits)] for i in range(len(group))]
-            rids = [engine.add_request(i, p, exit_layer=e) for i, p, e in zip(ids, params, at)]
-            done = {rid: CompletedRequest(rid) for rid in rids}
-            while engine.has_unfinished():
-                for o in engine.step():
-                    if o.request_id in done:
-                        done[o.request_id].absorb(o)
-            outs = [done[r] for r in rids]
+            outs = engine.generate(ids, params, exit_layer=at)
             for p, o, e in zip(group, outs, at):
                 tokens += len(o.token_ids)
                 f.write(json.dumps({"prompt": p, "text": o.text.strip(), "finish": o.finish_reason, "exit": e}) + "\n")

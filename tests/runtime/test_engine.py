@@ -85,6 +85,18 @@ def test_long_prompt_is_chunked_while_decodes_keep_moving(tiny_model):
     assert tokens_per_step == [1] * 6  # the 120-token prompt never stalls the running decode
 
 
+def test_generate_takes_params_and_exits_per_prompt(tiny_model):
+    exits = [1, "full", 3]
+    params = [SamplingParams(max_tokens=n, temperature=0.8, seed=n, ignore_eos=True) for n in (5, 9, 7)]
+    solo = [LLMEngine(tiny_model, EngineConfig(num_kv_blocks=512)).generate([p], sp, exit_layer=e)[0]
+            for p, sp, e in zip(PROMPTS, params, exits)]
+    together = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=512)).generate(PROMPTS[:3], params, exit_layer=exits)
+    assert [o.token_ids for o in together] == [o.token_ids for o in solo]
+    assert [len(o.token_ids) for o in together] == [5, 9, 7]
+    with pytest.raises(ValueError):
+        LLMEngine(tiny_model, EngineConfig(num_kv_blocks=512)).generate(PROMPTS[:3], params[:2])
+
+
 def test_mixed_exits_in_one_engine_match_solo_runs(tiny_model):
     solo = {
         e: LLMEngine(tiny_model, EngineConfig(num_kv_blocks=512)).generate(PROMPTS[:1], GREEDY, exit_layer=e)[0]
