@@ -52,7 +52,8 @@ def run_eval(config: EvalConfig, log=print) -> dict:
         "adapters": str(config.adapters) if config.adapters else None,
         "adapters_training": (loaded.adapters.training if loaded.adapters else None),
         "data": {"sources": list(data.sources), "seq_len": data.seq_len, "heldout_fraction": data.heldout_fraction,
-                 "seed": data.seed, "chat_template": data.chat_template},
+                 "seed": data.seed, "chat_template": data.chat_template,
+                 "raw_share": data.raw_share},
         "autocast_bf16": config.autocast,
         "eval_s": round(time.perf_counter() - start, 1),
     }

@@ -25,6 +25,9 @@ def add_data_options(p: argparse.ArgumentParser, heldout_help: str) -> None:
                    help="wrap each document as the assistant turn of the model's chat template (as the paper did)")
     p.add_argument("--chat-prompt", default="Write a document.",
                    help="user turn for --chat-template when a document has no prompt field")
+    p.add_argument("--raw-share", type=float, default=0.0,
+                   help="with --chat-template, the share of documents (drawn by document) kept as plain text, "
+                        "as completions and log-likelihood scoring see it (default %(default)s)")
     p.add_argument("--heldout-fraction", type=float, default=0.05, help=heldout_help)
     p.add_argument("--seed", type=int, default=0, help="fixes the held-out split and the data order")
 
@@ -33,7 +36,7 @@ def data_config(args):
     from balcony_runtime.training.data import DataConfig
 
     return DataConfig(sources=tuple(args.data), seq_len=args.seq_len, text_field=args.text_field,
-                      chat_template=args.chat_template, chat_prompt=args.chat_prompt,
+                      chat_template=args.chat_template, chat_prompt=args.chat_prompt, raw_share=args.raw_share,
                       heldout_fraction=args.heldout_fraction, seed=args.seed)
 
 

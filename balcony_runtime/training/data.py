@@ -34,6 +34,10 @@ class DataConfig:
     text_field: str = "text"  # JSONL / dataset field holding the document
     chat_template: bool = False  # wrap each document as an assistant reply (the paper's cosmopedia setup)
     chat_prompt: str = "Write a document."  # user turn when chat_template is on and no prompt field
+    # With chat_template, this share of documents (chosen by document, like the held-out split) stays
+    # plain text: completions and lm-eval's log-likelihoods score raw text, which a chat-only run
+    # never shows the exits.
+    raw_share: float = 0.0
     prompt_field: str = "prompt"  # JSONL / dataset field used as the user turn if present
     heldout_fraction: float = 0.05  # share of documents held out for evaluation (1: all, for eval-only sets)
     seed: int = 0  # fixes the held-out split and the epoch shuffles
@@ -45,6 +49,10 @@ class DataConfig:
             raise DataError(f"sequence length must be at least 2, got {self.seq_len}")
         if not 0.0 <= self.heldout_fraction <= 1.0:
             raise DataError(f"held-out fraction must be in [0, 1], got {self.heldout_fraction}")
+        if not 0.0 <= self.raw_share <= 1.0:
+            raise DataError(f"raw share must be in [0, 1], got {self.raw_share}")
+        if self.raw_share > 0 and not self.chat_template:
+            raise DataError("a raw share only applies with the chat template (without it every document is raw)")
 
 
 @dataclass(frozen=True)
@@ -56,9 +64,18 @@ class Document:
     prompt: str | None = None
 
 
+def _unit_hash(key: str) -> float:
+    """A fixed draw in [0, 1) per key: the same in every process and on every machine."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
 def is_heldout(doc_id: str, config: DataConfig) -> bool:
-    digest = hashlib.sha256(f"{config.seed}:{doc_id}".encode()).digest()
-    return config.heldout_fraction == 1.0 or int.from_bytes(digest[:8], "big") / 2**64 < config.heldout_fraction
+    return config.heldout_fraction == 1.0 or _unit_hash(f"{config.seed}:{doc_id}") < config.heldout_fraction
+
+
+def is_raw(doc_id: str, config: DataConfig) -> bool:
+    """Whether a document stays plain text under the chat template (its own draw, not the held-out one)."""
+    return config.raw_share > 0 and _unit_hash(f"raw:{config.seed}:{doc_id}") < config.raw_share
 
 
 def iter_documents(config: DataConfig) -> Iterator[Document]:
@@ -135,7 +152,7 @@ def _hf_documents(source: str, config: DataConfig) -> Iterator[Document]:
 
 def encode_document(doc: Document, tokenizer, config: DataConfig) -> list[int]:
     """Token ids of one document, ending in EOS so packed documents stay apart."""
-    if config.chat_template:
+    if config.chat_template and not is_raw(doc.doc_id, config):
         messages = [
             {"role": "user", "content": doc.prompt or config.chat_prompt},
             {"role": "assistant", "content": doc.text},

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from balcony_runtime.training.data import (
-    DataConfig, DataError, PackedStream, is_heldout, iter_documents, split_documents,
+    DataConfig, DataError, PackedStream, encode_document, is_heldout, is_raw, iter_documents,
+    split_documents,
 )
 from balcony_runtime.training.config import TrainConfig
 from balcony_runtime.training.trainer import train
@@ -91,3 +92,27 @@ def test_heldout_split_does_not_depend_on_where_the_folder_is(text_corpus, tmp_p
         return {d.doc_id: d.text for d in iter_documents(config) if is_heldout(d.doc_id, config)}
 
     assert held(text_corpus) and held(text_corpus) == held(moved)
+
+
+def test_raw_share_keeps_a_seeded_share_of_documents_plain(text_corpus, default_model):
+    """--raw-share: the drawn documents encode exactly as without the template, the rest as chats;
+    the draw is by document and seed, and independent of the held-out draw."""
+    tok = default_model.tokenizer
+    config = DataConfig((str(text_corpus),), seq_len=16, chat_template=True, raw_share=0.5, seed=5)
+    plain = DataConfig(config.sources, seq_len=16)
+    chat = DataConfig(config.sources, seq_len=16, chat_template=True, seed=5)
+    docs = list(iter_documents(config))
+    raw = {d.doc_id for d in docs if is_raw(d.doc_id, config)}
+    assert 0 < len(raw) < len(docs)
+    for doc in docs:
+        want = plain if doc.doc_id in raw else chat
+        assert encode_document(doc, tok, config) == encode_document(doc, tok, want)
+    assert raw != {d.doc_id for d in docs if is_raw(d.doc_id, DataConfig(config.sources, chat_template=True,
+                                                                          raw_share=0.5, seed=6))}
+    held = DataConfig(config.sources, heldout_fraction=0.5, seed=5)
+    assert raw != {d.doc_id for d in docs if is_heldout(d.doc_id, held)}
+    assert not any(is_raw(d.doc_id, chat) for d in docs)
+    with pytest.raises(DataError, match="raw share"):
+        DataConfig(config.sources, raw_share=1.5, chat_template=True)
+    with pytest.raises(DataError, match="only applies with the chat template"):
+        DataConfig(config.sources, raw_share=0.5)
