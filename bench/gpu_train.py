@@ -6,7 +6,7 @@ start (``--init lens``), then trains every balcony by the KL recipe for as many 
 budget allows, then scores every exit on the held-out English and writes the adapters and a report.
 
     # here: pack what travels (the device call's carry is 64 MiB in all, the GGUF is 94 MiB: two parts)
-    python bench/gpu_train.py --pack .gputrain --data /tmp/fitdata /tmp/onpol --heldout /tmp/english
+    python bench/gpu_train.py --pack .gputrain --data /tmp/fit2 /tmp/fit3 --heldout /tmp/english
     # on the device, call 1 (carry .gputrain/a): keep part a in an ignored folder the next call sees
     mkdir -p .gputrain/keep && cp .gputrain/a/* .gputrain/keep/
     # call 2, at once (carry .gputrain/b and .gputrain/text.tar.xz): assemble and train
