@@ -83,6 +83,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="kl: forward KL through the LM head (the paper's); fisher / logits: head-free, the "
                         "balcony's normed output pulled onto the full model's under the KL's average Fisher "
                         "or the centred-logit metric (an [H, H] matrix: no LM head in a step)")
+    p.add_argument("--reverse-kl-weight", type=float, default=0.0,
+                   help="--objective kl: train on (1 - b) KL(full || exit) + b KL(exit || full); the reverse KL "
+                        "pulls an exit onto the full model's largest modes (greedy text, top-1 agreement) "
+                        "rather than spreading it over the full model's tail (default %(default)s)")
     p.add_argument("--metric-tokens", type=int, default=8192,
                    help="--objective fisher: teacher tokens the metric is averaged over, from --first-sequence "
                         "(default %(default)s)")
@@ -117,7 +121,8 @@ def cmd_train(args) -> int:
             grad_accum=args.grad_accum, total_tokens=args.tokens, max_steps=args.max_steps,
             stop_after=args.stop_after, lr=args.lr, weight_decay=args.weight_decay,
             warmup_fraction=args.warmup_fraction, clip_norm=args.clip_norm, kl_chunk=args.kl_chunk,
-            objective=args.objective, metric_tokens=args.metric_tokens,
+            objective=args.objective, reverse_kl_weight=args.reverse_kl_weight,
+            metric_tokens=args.metric_tokens,
             save_every=args.save_every, snapshot_every=args.snapshot_every, log_every=args.log_every,
             resume=not args.no_resume,
             adapter_dtype=args.adapter_dtype, command=shlex.join(["balcony"] + sys.argv[1:]),

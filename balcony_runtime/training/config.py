@@ -40,6 +40,7 @@ class TrainConfig:
     clip_norm: float = 1.0  # global gradient-norm clip
     kl_chunk: int = 512  # positions per chunk of full-vocabulary logits in the KL
     objective: str = "kl"  # "kl" (the paper's), or head-free: "fisher" / "logits" (training/head_free.py)
+    reverse_kl_weight: float = 0.0  # objective="kl": b in (1 - b) KL(full || exit) + b KL(exit || full)
     metric_tokens: int = 8192  # objective="fisher": teacher tokens the [H, H] metric is averaged over
     save_every: int = 100  # optimizer steps between checkpoints
     log_every: int = 10  # optimizer steps between progress lines
@@ -61,6 +62,10 @@ class TrainConfig:
             raise ValueError(f"balcony_mlp_width must be at least 1, got {self.balcony_mlp_width}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not 0.0 <= self.reverse_kl_weight <= 1.0:
+            raise ValueError(f"reverse_kl_weight must be in [0, 1], got {self.reverse_kl_weight}")
+        if self.reverse_kl_weight and self.objective != "kl":
+            raise ValueError("reverse_kl_weight mixes the KL through the head: it needs objective 'kl'")
         if self.metric_tokens < 1:
             raise ValueError(f"metric_tokens must be at least 1, got {self.metric_tokens}")
         if self.autocast not in ("auto", "bf16", "off"):

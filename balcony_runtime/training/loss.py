@@ -8,7 +8,14 @@ p = softmax(x):
     KL = <p, x - y> - log sum_v exp(x_v) + log sum_v exp(y_v)      dKL/dz = softmax(z) - p
 
 so no student log-softmax is ever materialised, and the gradient of each chunk goes straight through
-the frozen head (grad_z @ W) into the exit's normed hidden state. One chunk of teacher and student
+the frozen head (grad_z @ W) into the exit's normed hidden state.
+
+With reverse_weight b > 0 the objective is (1 - b) KL(p || q) + b KL(q || p), q = softmax(y). The
+reverse KL is mode-seeking: a student too small to cover the teacher's spread is pulled onto its
+largest modes rather than spread between them (what greedy decoding and top-1 agreement reward; the
+forward KL is what perplexity rewards). With d = x - y and L_x, L_y the two log-partition functions,
+
+    KL(q || p) = -<q, d> + L_x - L_y = R        dR/dz = q * (-d + L_x - L_y - R) One chunk of teacher and student
 logits is alive at a time (about 5 x chunk x V fp32 numbers at the peak); the balconies' own
 backward runs once at the end from the accumulated [T, H] gradient.
 """
@@ -44,8 +51,9 @@ def teacher_chunk(model: BalconyModel, hidden: torch.Tensor, weight: torch.Tenso
 
 
 def student_chunk(model: BalconyModel, hidden: torch.Tensor, teacher: TeacherChunk,
-                  weight: torch.Tensor | None, grad_scale: float | None):
-    """Sum over the chunk of KL(p || softmax(z)), and grad_scale x its gradient w.r.t. hidden [c, H].
+                  weight: torch.Tensor | None, grad_scale: float | None, reverse_weight: float = 0.0):
+    """Sum over the chunk of (1 - b) KL(p || q) + b KL(q || p) with q = softmax(z) and b =
+    reverse_weight, and grad_scale x its gradient w.r.t. hidden [c, H].
 
     With x and y the teacher's and student's logits less their row maxima,
     KL = <p, x - y> - log sum exp x + log sum exp y. Taking x - y before the dot product keeps fp32
@@ -54,16 +62,30 @@ def student_chunk(model: BalconyModel, hidden: torch.Tensor, teacher: TeacherChu
     weight = model.lm_head if weight is None else weight
     shifted = lm_logits(model, hidden, weight)  # [c, V] fp32
     shifted.sub_(shifted.amax(dim=-1, keepdim=True))  # y
-    p_dot_diff = row_dot(teacher.probs, teacher.shifted_logits - shifted)  # [c]
+    diff = teacher.shifted_logits - shifted  # d = x - y: [c, V]
+    p_dot_diff = row_dot(teacher.probs, diff)  # [c]
     total = shifted.exp_().sum(dim=-1, keepdim=True)  # shifted now holds exp(y): [c, V]
-    kl = (p_dot_diff - teacher.log_total + total.view(-1).log()).sum()
+    log_ratio = teacher.log_total - total.view(-1).log()  # L_x - L_y: [c]
+    forward = p_dot_diff - log_ratio  # KL(p || q) per row: [c]
+    if reverse_weight == 0.0:
+        loss = forward.sum()
+        if grad_scale is None:
+            return loss, None
+        del diff  # one [c, V] buffer fewer at the peak
+        # softmax(z) - p, written straight in the head's dtype: one pass instead of three plus a cast
+        grad_z = torch.empty(shifted.shape, dtype=weight.dtype, device=shifted.device)
+        torch.sub(shifted.div_(total), teacher.probs, out=grad_z)
+        return loss, (grad_z @ weight).float() * grad_scale  # [c, H]
+    q = shifted.div_(total)  # [c, V]
+    reverse = log_ratio - row_dot(q, diff)  # KL(q || p) per row: [c]
+    loss = ((1.0 - reverse_weight) * forward + reverse_weight * reverse).sum()
     if grad_scale is None:
-        return kl, None
-    # softmax(z) - p, written straight in the head's dtype: one pass instead of three plus a cast
-    grad_z = torch.empty(shifted.shape, dtype=weight.dtype, device=shifted.device)
-    torch.sub(shifted.div_(total), teacher.probs, out=grad_z)
-    grad_hidden = (grad_z @ weight).float() * grad_scale  # [c, H]
-    return kl, grad_hidden
+        return loss, None
+    # b q (L_x - L_y - R - d) + (1 - b)(q - p), built in place in diff
+    diff.neg_().add_((log_ratio - reverse).unsqueeze(1)).mul_(q).mul_(reverse_weight)
+    diff.add_(q, alpha=1.0 - reverse_weight).sub_(teacher.probs, alpha=1.0 - reverse_weight)
+    grad_hidden = (diff.to(weight.dtype) @ weight).float() * grad_scale  # [c, H]
+    return loss, grad_hidden
 
 
 def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -79,8 +101,10 @@ def distillation_loss(
     chunk_size: int,
     grad_scale: float | None,
     head_weight: torch.Tensor | None = None,
+    reverse_weight: float = 0.0,
 ) -> dict[int, torch.Tensor]:
-    """Sum over this batch's tokens of KL(p_full || q_exit), per exit (detached fp32 scalars).
+    """Sum over this batch's tokens of KL(p_full || q_exit), per exit (detached fp32 scalars); with
+    reverse_weight b, of (1 - b) KL(p_full || q_exit) + b KL(q_exit || p_full).
 
     grad_scale: when given, back-propagates grad_scale x (sum over exits of the KL sums) into the
     balconies. The caller picks grad_scale = 1 / (tokens x exits x steps averaged).
@@ -96,7 +120,8 @@ def distillation_loss(
             rows = slice(start, start + chunk_size)
             teacher_part = teacher_chunk(model, teacher[rows], head_weight)
             for k in exits:
-                kl, grad = student_chunk(model, students[k][rows], teacher_part, head_weight, grad_scale)
+                kl, grad = student_chunk(model, students[k][rows], teacher_part, head_weight, grad_scale,
+                                         reverse_weight)
                 sums[k] += kl.cpu()
                 if grad is not None:
                     grads[k][rows] = grad

@@ -271,7 +271,8 @@ def train(config: TrainConfig, loaded: LoadedModel | None = None, log=print) -> 
                 window["backbone_s"] += time.perf_counter() - t
                 with amp():
                     if metric is None:
-                        micro = distillation_loss(model, states, exits, config.kl_chunk, grad_scale, head_weight)
+                        micro = distillation_loss(model, states, exits, config.kl_chunk, grad_scale, head_weight,
+                                                  config.reverse_kl_weight)
                     else:
                         micro = head_free_loss(model, states, exits, metric, grad_scale)
                 for k in exits:
@@ -308,7 +309,8 @@ def train(config: TrainConfig, loaded: LoadedModel | None = None, log=print) -> 
                 if env.rank == 0:
                     with log_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
-                    loss_text = " ".join(f"{config.objective}@{k} {v:.3f}" for k, v in record["loss"].items())
+                    label = "mixed-kl" if config.reverse_kl_weight else config.objective
+                    loss_text = " ".join(f"{label}@{k} {v:.3f}" for k, v in record["loss"].items())
                     log(f"step {state['step']}/{total_steps} | {state['tokens_seen']:,} tok | {tok_s:,.0f} tok/s | "
                         f"{loss_text} | lr {lr:.2e} | backbone {record['backbone_fraction']:.0%} | "
                         f"ETA {format_seconds(record['eta_s'])}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
@@ -77,3 +78,51 @@ def test_bf16_head_copy_gives_close_loss(tiny_trainable):
         bf16 = distillation_loss(model, states, exits, 16, None, model.lm_head.to(torch.bfloat16))
     for k in exits:
         assert abs(fp32[k] - bf16[k]) <= 0.05 * fp32[k] + 1e-3
+
+
+def mixed_kl_sum(teacher_logits: torch.Tensor, student_logits: torch.Tensor, b: float) -> torch.Tensor:
+    """(1 - b) KL(p || q) + b KL(q || p), straight from log-softmaxes (the reference)."""
+    p_log = teacher_logits.float().log_softmax(-1)
+    q_log = student_logits.float().log_softmax(-1)
+    reverse = (q_log.exp() * (q_log - p_log)).sum()
+    return (1 - b) * kl_sum(teacher_logits, student_logits) + b * reverse
+
+
+@pytest.mark.parametrize("b", [0.5, 1.0])
+def test_mixed_reverse_kl_loss_and_gradients_equal_autograd(tiny_trainable, b):
+    model, exits = tiny_trainable.model, tiny_trainable.model.exits
+    ids = torch.randint(0, model.arch.vocab_size, (2, 18), generator=torch.Generator().manual_seed(3))
+    balcony_params = list(model.balconies.parameters())
+    scale = 1.0 / (ids.numel() * len(exits))
+    with torch.no_grad():  # sharper exits: far enough from the teacher that the two KLs differ
+        for k in exits:
+            model.balconies[str(k)].norm.mul_(40.0)
+
+    states = backbone_pass(model, ids, set(exits))
+    ours = distillation_loss(model, states, exits, chunk_size=5, grad_scale=scale, reverse_weight=b)
+    chunked = [p.grad.clone() for p in balcony_params]
+    assert all(p.grad is None for p in model.backbone_parameters())
+
+    model.zero_grad(set_to_none=True)
+    states = backbone_pass(model, ids, set(exits))
+    with torch.no_grad():
+        teacher = lm_logits(model, final_normed(model, *states.final))
+    refs = {k: mixed_kl_sum(teacher, lm_logits(model, balcony_normed(model, k, states)), b) for k in exits}
+    (sum(refs.values()) * scale).backward()
+    for k in exits:
+        torch.testing.assert_close(ours[k], refs[k].detach(), rtol=1e-4, atol=1e-5)
+        # the reverse KL differs from the forward one: the mixed loss is not the forward KL relabelled
+        forward = float(kl_sum(teacher, lm_logits(model, balcony_normed(model, k, states))))
+        assert abs(float(refs[k]) - forward) > 0.01 * forward
+    for g, p in zip(chunked, balcony_params):
+        assert (g - p.grad).norm() <= 1e-3 * p.grad.norm()  # sharp exits: fp32 sums of larger terms, so a norm-wise bound
+
+
+@pytest.mark.parametrize("bad", [{"reverse_kl_weight": -0.1}, {"reverse_kl_weight": 1.5},
+                                 {"reverse_kl_weight": 0.5, "objective": "fisher"}])
+def test_reverse_kl_weight_is_checked(bad):
+    from balcony_runtime.training.config import TrainConfig
+    from balcony_runtime.training.data import DataConfig
+
+    with pytest.raises(ValueError, match="reverse_kl_weight"):
+        TrainConfig(data=DataConfig(sources=("x.txt",)), output_dir="out", max_steps=1, **bad)
