@@ -15,9 +15,10 @@ reverse KL is mode-seeking: a student too small to cover the teacher's spread is
 largest modes rather than spread between them (what greedy decoding and top-1 agreement reward; the
 forward KL is what perplexity rewards). With d = x - y and L_x, L_y the two log-partition functions,
 
-    KL(q || p) = -<q, d> + L_x - L_y = R        dR/dz = q * (-d + L_x - L_y - R) One chunk of teacher and student
-logits is alive at a time (about 5 x chunk x V fp32 numbers at the peak); the balconies' own
-backward runs once at the end from the accumulated [T, H] gradient.
+    KL(q || p) = -<q, d> + L_x - L_y = R        dR/dz = q * (-d + L_x - L_y - R)
+
+One chunk of teacher and student logits is alive at a time (about 5 x chunk x V fp32 numbers at the
+peak); the balconies' own backward runs once at the end from the accumulated [T, H] gradient.
 """
 
 from __future__ import annotations
