@@ -18,7 +18,7 @@ from balcony_runtime.detokenizer import IncrementalDetokenizer, token_texts
 from balcony_runtime.errors import RequestError
 from balcony_runtime.kv_cache import KVCache
 from balcony_runtime.loader import LoadedModel
-from balcony_runtime.model_runner import ModelRunner, StepResult
+from balcony_runtime.model_runner import ModelRunner, PendingStep, StepResult
 from balcony_runtime.request import Request
 from balcony_runtime.sampler import TokenLogprobs
 from balcony_runtime.sampling_params import SamplingParams
@@ -44,6 +44,10 @@ class EngineConfig:
     enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps
     cuda_graph_max_rows: int = 256  # decode steps of more rows (or max_num_seqs, if fewer) run eagerly
     prefix_caching: bool = True  # prompts' whole blocks are reused by later requests (prefix_cache.py)
+    # Launch step N+1 before reading step N's tokens, so the host's work (schedule, prepare, the
+    # outputs of step N) overlaps the device's. None: on for CUDA devices, off on a CPU, where the
+    # forward runs on the calling thread and nothing would overlap.
+    overlap_steps: bool | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or (self.num_kv_blocks is not None and self.num_kv_blocks < 1):
@@ -103,6 +107,17 @@ class StepStats:
         )
 
 
+@dataclass(slots=True)
+class _Launched:
+    """A step whose tokens the host has not read: its plan, and where each sampled row's
+    placeholder sits in its request's output (None: the row samples nothing)."""
+
+    plan: SchedulerOutput
+    pending: PendingStep
+    positions: list[int | None]
+    started: float  # time.monotonic() when its step() began
+
+
 @dataclass
 class _Tracked:
     request: Request
@@ -150,6 +165,11 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self.last_step: StepStats | None = None
+        on_device = self.model.norm.device.type == "cuda"
+        self.overlap_steps = on_device if config.overlap_steps is None else config.overlap_steps
+        self._in_flight: _Launched | None = None  # an overlapped step not yet read back
+        self._last_resolved = 0.0  # time.monotonic() when the last step's tokens were read
+        self._num_needs_sync = 0  # tracked requests with Request.needs_sync
         eos = self.tokenizer.eos_token_id
         self.token_texts = token_texts(self.tokenizer)  # shared by every request's detokenizer
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
@@ -284,7 +304,10 @@ class LLMEngine:
             eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
             deadline=None if budget_ms is None else arrival + budget_ms / 1000,
             grammar=grammar, cache_layers=cache_layers, prefix_leader=leader,
+            needs_sync=(grammar is not None or params.has_penalties or params.logprobs is not None
+                        or params.prompt_logprobs is not None),
         )
+        self._num_needs_sync += request.needs_sync
         self._tracked[request_id] = _Tracked(request, IncrementalDetokenizer(self.token_texts, params.stop), route)
         self.scheduler.add(request)
         return request_id
@@ -299,15 +322,18 @@ class LLMEngine:
         tracked = self._tracked.pop(request_id, None)
         if tracked is None:
             return False
+        self._num_needs_sync -= tracked.request.needs_sync
         self.scheduler.finish(tracked.request, "abort")
         self.runner.release(request_id)
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        """Requests are queued or running, or a launched step's tokens are still to be read."""
+        return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
     def request_needs_prefill(self, request_id: str) -> bool:
-        """True while the request is unfinished and has not produced its first token."""
+        """True while the request is unfinished and no step has sampled its first token (an
+        overlapped step may have sampled it without the host having read it yet)."""
         tracked = self._tracked.get(request_id)
         return tracked is not None and not tracked.request.output_token_ids
 
@@ -336,21 +362,73 @@ class LLMEngine:
     # ---- the step loop ---------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step; return the outputs of every step whose tokens were read.
+
+        Synchronous (the default on a CPU): the step's tokens are read at once and its outputs
+        returned. Overlapped (``overlap_steps``, the default on CUDA; vLLM v1's async scheduling):
+        step N+1 is scheduled and launched before step N's tokens are read, so the host's work
+        runs while the device computes. The scheduler counts each token a launched step samples
+        as known: the request's output holds a placeholder -1 - j for it (j: its row among the
+        step's sampled tokens), the next step feeds the device's token in its place, and reading
+        the step replaces it. Stops are therefore seen a step late: a request that stops at step N
+        also ran in step N+1, whose token for it is dropped. A step with a request that needs its
+        last token on the host (grammars, penalties, logprobs) first reads the step in flight."""
         now = time.monotonic()
         plan = self.scheduler.schedule(now)
+        outputs: list[RequestOutput] = []
+        in_flight = self._in_flight
+        if in_flight is not None and (plan.is_empty or not self.overlap_steps or (
+                self._num_needs_sync and any(item.request.needs_sync for item in plan.scheduled))):
+            outputs = self._resolve(in_flight, None)
+            in_flight = self._in_flight = None
+            if not plan.is_empty:  # scheduled before those outputs: drop the requests they finished
+                plan.scheduled = [item for item in plan.scheduled if not item.request.is_finished]
         if plan.is_empty:
-            return []
+            return outputs
         self.masks.prefetch([item.request.grammar for item in plan.scheduled
                              if item.completes_sequence and item.request.grammar is not None])
-        result = self.runner.run(plan.scheduled)
-        seconds = time.monotonic() - now
-        self.scheduler.on_step_done(plan, seconds)
+        launched = self._launch(plan, in_flight, now)
+        if self.overlap_steps:
+            if in_flight is not None:
+                outputs += self._resolve(in_flight, plan)
+            self._in_flight = launched
+        else:
+            outputs += self._resolve(launched, None)
+        return outputs
+
+    def _launch(self, plan: SchedulerOutput, in_flight: _Launched | None, now: float) -> _Launched:
+        scheduled = plan.scheduled
+        pending = self.runner.launch(scheduled, None if in_flight is None else in_flight.pending.tokens)
+        self.scheduler.on_step_launched(plan)
+        # Each sampled row's token, unread yet, holds its place in the request's output.
+        positions: list[int | None] = [None] * len(scheduled)
+        for j, i in enumerate(pending.sampling):
+            request = scheduled[i].request
+            if request.params.max_tokens:  # else: prompt scoring, nothing is generated
+                output_ids = request.output_token_ids
+                positions[i] = len(output_ids)
+                output_ids.append(-1 - j)
+        return _Launched(plan, pending, positions, now)
+
+    def _resolve(self, launched: _Launched, later: SchedulerOutput | None) -> list[RequestOutput]:
+        """Read a launched step's tokens and turn them into outputs; ``later``: the step launched
+        since, if any."""
+        result = launched.pending.result()
+        done = time.monotonic()
+        # The step's time on the critical path: from its launch, or from the previous step's read
+        # when it was launched while that one was still running.
+        seconds = done - max(launched.started, self._last_resolved)
+        self._last_resolved = done
+        plan = launched.plan
+        self.scheduler.on_step_timed(plan, seconds, later)
         self.last_step = StepStats.of(plan, seconds, self.model.full_depth)
         if self.router is not None:
             self.router.model.step_cost.observe(self.last_step.shape, seconds)
-        return self._postprocess(plan, result)
+        return self._postprocess(plan, result, launched.positions)
 
-    def _postprocess(self, plan: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+    def _postprocess(self, plan: SchedulerOutput, result: StepResult, positions: list[int | None]
+                     ) -> list[RequestOutput]:
+        """``positions[i]``: where row i's placeholder sits in its request's output."""
         # Runs once per row per step: a running request's decode token goes through here, so the
         # loop keeps to locals and touches a row's objects once (on a GPU this is host time per step).
         now = time.monotonic()
@@ -360,7 +438,9 @@ class LLMEngine:
         for i, (item, token) in enumerate(zip(plan.scheduled, result.tokens)):
             request = item.request
             params = request.params
-            tracked = tracked_of[request.request_id]
+            tracked = tracked_of.get(request.request_id)
+            if tracked is None:
+                continue  # finished or aborted after this step was launched: its token is dropped
             if step_prompt_logprobs and i in step_prompt_logprobs:
                 tracked.prompt_logprobs.extend(step_prompt_logprobs[i])
             prompt_ready = False
@@ -369,12 +449,15 @@ class LLMEngine:
                     request.prompt_logprobs_done = prompt_ready = True
             new_ids, new_logprobs, new_text = [], [], ""
             reason = None
+            num_output = len(request.output_token_ids)  # this step's own token last, once placed
             if token is not None:
                 if params.max_tokens == 0:
                     reason = "length"  # prompt scoring only: nothing is generated
                 else:
                     output_ids = request.output_token_ids
-                    output_ids.append(token)
+                    position = positions[i]
+                    output_ids[position] = token  # its placeholder
+                    num_output = position + 1  # a later step's placeholder may follow it
                     if request.first_token_time is None:
                         request.first_token_time = now
                     new_ids.append(token)
@@ -382,7 +465,7 @@ class LLMEngine:
                         new_logprobs.append(step_logprobs[i])
                     if token in request.eos_token_ids or token in params.stop_token_ids:
                         reason = "stop"
-                    elif len(output_ids) >= params.max_tokens:
+                    elif position + 1 >= params.max_tokens:
                         reason = "length"
                     if request.grammar is not None and request.grammar.accept(token):
                         reason = "stop"  # the JSON is complete: only the end of sequence could follow
@@ -395,8 +478,12 @@ class LLMEngine:
                         new_text += detok.flush()
             latency_s = budget_met = None
             if reason is not None:
+                position = positions[i]
+                if position is not None and len(request.output_token_ids) > position + 1:
+                    del request.output_token_ids[position + 1 :]  # a later step's placeholder
                 self.scheduler.finish(request, reason)
                 tracked_of.pop(request.request_id)
+                self._num_needs_sync -= request.needs_sync
                 self.runner.release(request.request_id)
                 latency_s = now - request.arrival_time
                 if request.deadline is not None:
@@ -412,7 +499,7 @@ class LLMEngine:
             outputs.append(RequestOutput(
                 request.request_id, request.exit_layer, new_ids, new_text, new_logprobs,
                 tracked.prompt_logprobs if prompt_ready else None,
-                len(request.prompt_token_ids), len(request.output_token_ids), reason is not None, reason,
+                len(request.prompt_token_ids), num_output, reason is not None, reason,
                 request.arrival_time, request.first_scheduled_time, request.first_token_time,
                 tracked.route, latency_s, budget_met, request.num_cached_tokens,
             ))

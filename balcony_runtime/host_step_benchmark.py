@@ -5,7 +5,14 @@ logits of the right shape, so what is timed is the work the host does around the
 what decides whether the device waits). The stub's logits cover ``vocab`` real token ids: the
 sampler's arithmetic over the vocabulary is device work, and on a CPU it would swamp the host work
 the benchmark is about (an argmax over 256 x 49152 logits is several milliseconds on two cores).
-Shared by bench/host_step.py and, when wired, ``balcony bench --host-only``.
+Shared by bench/host_step.py and ``balcony bench --host-only``.
+
+A simulated device (``device_ms``): each step's forward and sampling occupy a device for that long,
+one step after another, as a GPU stream runs them, and reading a step's tokens waits until the
+device is done with it. The host spins meanwhile, as a CUDA event wait does by default; the spin is
+not counted as host work. Then the step's wall time shows how much of the host's work the device waits for: about host +
+device per step when steps run synchronously, about max(host, device) when they overlap
+(EngineConfig.overlap_steps).
 """
 
 from __future__ import annotations
@@ -52,6 +59,43 @@ class StubModel(torch.nn.Module):
         return self.table[:n] if n <= len(self.table) else self.table[torch.arange(n) % len(self.table)]  # [N, V]
 
 
+class SimulatedDevice:
+    """A device that runs one step at a time for ``step_ms`` each: a launched step starts when the
+    previous one ends (or at launch, if the device is idle) and its tokens are ready when it ends."""
+
+    def __init__(self, step_ms: float):
+        self.step_s = step_ms / 1000
+        self.free_at = 0.0  # time.perf_counter() when the device finishes what it was given
+        self.waited_cpu_s = 0.0  # CPU time the host spent waiting for it (not host work)
+
+    def wrap(self, runner) -> None:
+        launch = runner.launch
+
+        def launched(*args, **kwargs):
+            pending = launch(*args, **kwargs)
+            self.free_at = max(time.perf_counter(), self.free_at) + self.step_s
+            return _SimulatedPending(pending, self.free_at, self)
+
+        runner.launch = launched
+
+
+class _SimulatedPending:
+    """A PendingStep whose result waits for the simulated device."""
+
+    def __init__(self, pending, ready_at: float, device: SimulatedDevice):
+        self._pending, self._ready_at, self._device = pending, ready_at, device
+
+    def __getattr__(self, name):
+        return getattr(self._pending, name)
+
+    def result(self):
+        start = time.thread_time()
+        while time.perf_counter() < self._ready_at:
+            pass
+        self._device.waited_cpu_s += time.thread_time() - start
+        return self._pending.result()
+
+
 @dataclass(frozen=True)
 class HostStep:
     rows: int
@@ -59,13 +103,22 @@ class HostStep:
     step_ms: float  # median wall time of engine.step() over the decode steps
     step_cpu_ms: float  # median CPU time of this thread per step: the host work, even on a busy machine
     phase_ms: dict  # phase -> median CPU milliseconds of this thread per step
+    device_ms: float = 0.0  # the simulated device's time per step (0: none)
+    overlap: bool = False  # steps overlapped (EngineConfig.overlap_steps)
+
+    @property
+    def device_idle_ms(self) -> float:
+        """Per step, how long the simulated device waited for the host."""
+        return max(0.0, self.step_ms - self.device_ms)
 
 
 def measure_host_step(
     loaded: LoadedModel, rows: int, context: int, steps: int = 30, vocab: int = 512,
     params: SamplingParams | None = None, block_size: int = 16, exit_layer=None,
+    device_ms: float = 0.0, overlap: bool = False,
 ) -> HostStep:
-    """Median host milliseconds per decode step with ``rows`` requests at ``context`` tokens each."""
+    """Median host milliseconds per decode step with ``rows`` requests at ``context`` tokens each,
+    on a simulated device taking ``device_ms`` per step, steps overlapped or not."""
     stub = StubModel(loaded.model, vocab)
     # Real token ids whose text is mostly whole characters, so the detokenizer works as in serving.
     token_pool = list(range(256, 256 + vocab))
@@ -78,8 +131,11 @@ def measure_host_step(
     per_row_blocks = stub.num_cache_layers * -(-length // block_size)
     # Eager: the stub stands in for the whole forward, so there is nothing to record as CUDA graphs.
     config = EngineConfig(max_num_seqs=rows, max_num_batched_tokens=budget, block_size=block_size,
-                          num_kv_blocks=rows * per_row_blocks, enforce_eager=True)
+                          num_kv_blocks=rows * per_row_blocks, enforce_eager=True, overlap_steps=overlap)
     engine = LLMEngine(stub_loaded, config)
+    device = SimulatedDevice(device_ms)
+    if device_ms:
+        device.wrap(engine.runner)
     rng = random.Random(0)
     for _ in range(rows):
         engine.add_request([rng.choice(token_pool) for _ in range(context)], params, exit_layer=exit_layer)
@@ -96,14 +152,14 @@ def measure_host_step(
     gc.freeze()
     try:
         for _ in range(steps):
-            start, start_cpu = time.perf_counter(), time.thread_time()
+            start, start_cpu, waited = time.perf_counter(), time.thread_time(), device.waited_cpu_s
             engine.step()
             totals.append(time.perf_counter() - start)
-            cpu.append(time.thread_time() - start_cpu)
+            cpu.append(time.thread_time() - start_cpu - (device.waited_cpu_s - waited))
     finally:
         gc.unfreeze()
     return HostStep(rows, context, 1e3 * statistics.median(totals), 1e3 * statistics.median(cpu),
-                    {p: 1e3 * statistics.median(v) for p, v in times.items() if v})
+                    {p: 1e3 * statistics.median(v) for p, v in times.items() if v}, device_ms, overlap)
 
 
 def _wrap(engine: LLMEngine, times: dict) -> None:
@@ -121,7 +177,8 @@ def _wrap(engine: LLMEngine, times: dict) -> None:
     engine.scheduler.schedule = timed(engine.scheduler.schedule, "schedule")
     runner.prepare = timed(runner.prepare, "prepare")
     runner.model = _TimedModel(runner.model, timed)
-    runner.sampler.sample = timed(runner.sampler.sample, "sample")
+    runner.sampler.sample = timed(runner.sampler.sample, "sample")  # rows asking for logprobs
+    runner.sampler.sample_on_device = timed(runner.sampler.sample_on_device, "sample")
     engine._postprocess = timed(engine._postprocess, "postprocess")
 
 

@@ -83,14 +83,23 @@ class ModelRunner:
         self._sampling_rows.pop(request_id, None)
         self.input_batch.remove(request_id)
 
-    @torch.inference_mode()
     def run(self, scheduled: list[ScheduledRequest]) -> StepResult:
-        batch, layout = self.prepare(scheduled)
+        """One step, its tokens read back at once."""
+        return self.launch(scheduled).result()
+
+    @torch.inference_mode()
+    def launch(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None) -> "PendingStep":
+        """Enqueue one step: its forward and its sampling, without waiting for the sampled tokens
+        (on a GPU the host returns while the device works; on a CPU the work is done on return).
+
+        ``previous``: the sampled tokens of the step before, [S] on the device, not yet read. A
+        request whose last token is a placeholder -1 - j (see LLMEngine, overlapped steps) is fed
+        previous[j]. Rows that ask for logprobs, and prompt logprobs, are read back here."""
+        batch, layout = self.prepare(scheduled, previous)
         if self.graphs is not None and self.graphs.can_run(batch):
             logits = self.graphs.run(batch)  # a view of a static buffer, used before the next step
         else:
             logits = self.model(batch, self.kv_cache.as_tuple())  # [len(logits_indices), V] fp32
-        tokens: list[int | None] = [None] * len(scheduled)
         prompt: dict[int, Sequence[TokenLogprobs]] = {}
         rows: list[SamplingRow] = []
         sampling: list[int] = []  # scheduled index of each sampling row
@@ -116,29 +125,29 @@ class ModelRunner:
                 sampling.append(i)
                 sample_logit_rows.append(cursor)
                 cursor += 1
-        logprobs = None
-        if rows:
-            if len(rows) == logits.shape[0]:  # no prompt logits: the sampled rows are all of them
-                to_sample = logits
-            else:
-                to_sample = logits[to_device(sample_logit_rows, torch.long, logits.device)]
-            grammars = [scheduled[i].request.grammar for i in sampling]
-            if any(g is not None for g in grammars):  # structured outputs: -inf on what each row's grammar forbids
-                mask_logits(to_sample, grammars)
-            if rows != self._classified[0]:  # identity per row (SamplingRow has no __eq__)
-                self._classified = rows, classify_rows(rows)
-            sampled, row_logprobs = self.sampler.sample(to_sample, rows, self._classified[1])
-            if row_logprobs is not None:
-                logprobs = [None] * len(scheduled)
-                for i, lp in zip(sampling, row_logprobs):
-                    logprobs[i] = lp
-            for i, token in zip(sampling, sampled):
-                tokens[i] = token
-        return StepResult(tokens, logprobs, prompt)
+        if not rows:
+            return PendingStep(len(scheduled), sampling, None, [], None, prompt)
+        if len(rows) == logits.shape[0]:  # no prompt logits: the sampled rows are all of them
+            to_sample = logits
+        else:
+            to_sample = logits[to_device(sample_logit_rows, torch.long, logits.device)]
+        grammars = [scheduled[i].request.grammar for i in sampling]
+        if any(g is not None for g in grammars):  # structured outputs: -inf on what each row's grammar forbids
+            mask_logits(to_sample, grammars)
+        if rows != self._classified[0]:  # identity per row (SamplingRow has no __eq__)
+            self._classified = rows, classify_rows(rows)
+        classes = self._classified[1]
+        if classes.wanted:  # logprobs are read back now (their top-n are lists of Python numbers)
+            sampled, row_logprobs = self.sampler.sample(to_sample, rows, classes)
+            tokens = to_device(sampled, torch.long, self.device)
+            return PendingStep(len(scheduled), sampling, tokens, sampled, row_logprobs, prompt)
+        tokens = self.sampler.sample_on_device(to_sample, rows, classes)  # [S]
+        return PendingStep(len(scheduled), sampling, tokens, None, None, prompt)
 
-    def prepare(self, scheduled: list[ScheduledRequest]) -> tuple[ForwardBatch, StepLayout]:
+    def prepare(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None
+                ) -> tuple[ForwardBatch, StepLayout]:
         """The model's input for these requests (ordered deepest exit first, as the scheduler
-        orders them); batch row b holds scheduled[layout.order[b]]."""
+        orders them); batch row b holds scheduled[layout.order[b]]. ``previous``: see :meth:`launch`."""
         block_size = self.blocks.block_size
         ids = [item.request.request_id for item in scheduled]
         exits = [item.request.exit_layer for item in scheduled]
@@ -197,8 +206,14 @@ class ModelRunner:
         else:
             blocks = block_tables[:, to_device(token_rows, torch.int64, device), positions_t // block_size]  # [C, T]
         slot_mapping = blocks.long().mul_(block_size).add_(positions_t % block_size)  # [C, T]
+        input_ids_t = to_device(input_ids, torch.int64, device)  # [T]
+        if input_ids and min(input_ids) < 0:  # placeholders of tokens the previous step sampled
+            if previous is None:
+                raise RuntimeError("a placeholder token without the step that samples it")
+            # -1 - j -> previous[j], on the device: the host never reads the sampled tokens first.
+            input_ids_t = torch.where(input_ids_t < 0, previous[(-1 - input_ids_t).clamp_(min=0)], input_ids_t)
         batch = ForwardBatch(
-            input_ids=to_device(input_ids, torch.int64, device),
+            input_ids=input_ids_t,
             positions=positions_t,
             exits=exits,
             query_lens=query_lens,
@@ -212,6 +227,51 @@ class ModelRunner:
             max_context_len=int(context_lens.max()),
         )
         return batch, StepLayout(order, prompt_targets)
+
+
+class PendingStep:
+    """A launched step whose sampled tokens the host has not read yet (:meth:`result` reads them).
+
+    On a GPU the tokens are copied into pinned host memory behind the step's work on the stream,
+    with an event to wait on, so the host can launch the next step first (LLMEngine, overlapped
+    steps); on a CPU they are ready when the step is launched."""
+
+    __slots__ = ("num_scheduled", "sampling", "tokens", "_host", "_event", "_listed", "_logprobs", "_prompt")
+
+    def __init__(self, num_scheduled: int, sampling: list[int], tokens: torch.Tensor | None,
+                 listed: list[int] | None, logprobs: list[TokenLogprobs | None] | None,
+                 prompt: dict[int, Sequence[TokenLogprobs]]):
+        self.num_scheduled = num_scheduled
+        self.sampling = sampling  # scheduled index of each sampled row, in the order of `tokens`
+        self.tokens = tokens  # [S] int64 on the device: what the next step may read before the host
+        self._listed = listed  # the tokens as a list, once read
+        self._logprobs = logprobs  # per sampled row, when a row asked
+        self._prompt = prompt
+        self._host = self._event = None
+        if listed is None and tokens is not None and tokens.device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> StepResult:
+        """The step's tokens by scheduled index (waits for the device on a GPU)."""
+        if self._listed is None and self.tokens is not None:
+            if self._event is not None:
+                self._event.synchronize()
+                self._listed = self._host.tolist()
+            else:
+                self._listed = self.tokens.tolist()
+        tokens: list[int | None] = [None] * self.num_scheduled
+        logprobs = None
+        if self.sampling:
+            for i, token in zip(self.sampling, self._listed):
+                tokens[i] = token
+            if self._logprobs is not None:
+                logprobs = [None] * self.num_scheduled
+                for i, lp in zip(self.sampling, self._logprobs):
+                    logprobs[i] = lp
+        return StepResult(tokens, logprobs, self._prompt)
 
 
 def _tokens(request: Request, start: int, stop: int) -> list[int]:

@@ -143,16 +143,41 @@ class Sampler:
         temperature rows read nothing back from the device until the one transfer of the tokens at
         the end (penalties and logprobs, when asked for, read more).
         """
+        if not rows:
+            self._check(logits, rows)
+            return [], None
+        if classes is None:
+            classes = classify_rows(rows)
+        tokens = self.sample_on_device(logits, rows, classes)  # [B]
+        wanted = classes.wanted
+        if not wanted:
+            return tokens.tolist(), None  # the one transfer
+        device = tokens.device
+        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+        wanted_idx = to_device(wanted, torch.long, device)
+        raw_logprobs = torch.log_softmax(_select_rows(logits.float(), wanted_idx), dim=-1)  # [W, V]
+        counts = [rows[i].params.logprobs for i in wanted]
+        for i, lp in zip(wanted, _token_logprobs(raw_logprobs, tokens[wanted_idx], counts)):
+            logprobs[i] = lp
+        return tokens.tolist(), logprobs  # the one transfer
+
+    @staticmethod
+    def _check(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [{len(rows)}, V], got {list(logits.shape)}")
-        if not rows:
-            return [], None
+
+    def sample_on_device(self, logits: torch.Tensor, rows: list[SamplingRow], classes: RowClasses | None = None
+                         ) -> torch.Tensor:
+        """The chosen token of every row, [B] int64 on the logits' device, without reading anything
+        back (an overlapped engine step hands it to the next step's input before the host sees it).
+        Logprobs are not computed here: :meth:`sample` adds them."""
+        self._check(logits, rows)
         raw = logits.float()  # [B, V]; may alias the caller's tensor, so never written
         device = raw.device
         sync_free = device.type != "cpu" if self.sync_free is None else self.sync_free
         if classes is None:
             classes = classify_rows(rows)
-        greedy, sampled, wanted, has_bias = classes.greedy, classes.sampled, classes.wanted, classes.has_bias
+        greedy, sampled, has_bias = classes.greedy, classes.sampled, classes.has_bias
         has_penalties = any(rows[i].output_token_ids for i in classes.penalized)  # nothing to count yet: no work
         # The one full-size copy: penalties, bias, temperature and filters all write into it.
         work = raw.clone(memory_format=torch.contiguous_format) if sampled or has_penalties or has_bias else raw
@@ -181,16 +206,7 @@ class Sampler:
             weights = _probability_weights_(scaled, top_k, top_p, sync_free)  # [S, V], in place of `scaled`
             uniform = _uniforms([r.generator for r in sampled_rows], device)  # [S]
             tokens[sampled_idx] = _inverse_cdf_sample(weights, uniform)
-
-        if not wanted:
-            return tokens.tolist(), None  # the one transfer
-        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
-        wanted_idx = to_device(wanted, torch.long, device)
-        raw_logprobs = torch.log_softmax(_select_rows(raw, wanted_idx), dim=-1)  # [W, V]
-        counts = [rows[i].params.logprobs for i in wanted]
-        for i, lp in zip(wanted, _token_logprobs(raw_logprobs, tokens[wanted_idx], counts)):
-            logprobs[i] = lp
-        return tokens.tolist(), logprobs  # the one transfer
+        return tokens
 
 
 def apply_penalties_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:

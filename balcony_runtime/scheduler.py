@@ -161,6 +161,11 @@ class Scheduler:
             if depth is not None and request.exit_layer > depth:
                 i += 1
                 continue
+            output_ids = request.output_token_ids
+            if output_ids and len(output_ids) >= request.params.max_tokens:
+                # Its last token is still being sampled (an overlapped step): it finishes with it.
+                i += 1
+                continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not has_room(request.request_id, request.num_computed_tokens + n):
                 # Most steps skip this: a decoding row needs a new block once every block_size tokens.
@@ -224,14 +229,27 @@ class Scheduler:
 
     def on_step_done(self, output: SchedulerOutput, seconds: float = 0.0) -> None:
         """The runner has written this step's tokens into the cache; it took ``seconds``."""
+        self.on_step_launched(output)
+        self.on_step_timed(output, seconds)
+
+    def on_step_launched(self, output: SchedulerOutput) -> None:
+        """The step's tokens are (or, on a device still working, will be before any later step
+        reads them) in the cache: the next schedule may build on them."""
         for item in output.scheduled:
             request = item.request
             request.num_computed_tokens = item.start + item.num_tokens
             request.waited_s = 0.0
             if item.start < request.num_prompt_tokens:  # prompt blocks may have filled: offer them
                 self.blocks.cache_prefix(request.request_id, request.prompt_token_ids, request.num_computed_tokens)
+
+    def on_step_timed(self, output: SchedulerOutput, seconds: float, later: SchedulerOutput | None = None) -> None:
+        """The step took ``seconds``: the running requests it left out waited that long, unless they
+        run in ``later``, a step launched since (an overlapped engine times a step after launching
+        the next)."""
         if len(output.scheduled) < len(self.running):  # scheduled rows are running: some sat out
             ran = {item.request.request_id for item in output.scheduled}
+            if later is not None:
+                ran.update(item.request.request_id for item in later.scheduled)
             for request in self.running:
                 if request.request_id not in ran:
                     request.waited_s += seconds

@@ -136,10 +136,22 @@ def load(model_dir: Path, exits: tuple[int, ...], dtype: str, device: str, backe
     return loaded
 
 
-def engine_of(loaded: LoadedModel, max_num_seqs: int, batched_tokens: int = 2048, eager: bool = False) -> LLMEngine:
-    """An engine as `balcony serve` builds one (CUDA graphs for decode on a GPU unless ``eager``)."""
+def engine_of(loaded: LoadedModel, max_num_seqs: int, batched_tokens: int = 2048, eager: bool = False,
+              overlap: bool | None = None) -> LLMEngine:
+    """An engine as `balcony serve` builds one (CUDA graphs for decode on a GPU unless ``eager``;
+    steps overlapped on a GPU unless ``overlap`` is False)."""
     return LLMEngine(loaded, EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=batched_tokens,
-                                          kv_cache_memory_gb=4.0, enforce_eager=eager))
+                                          kv_cache_memory_gb=4.0, enforce_eager=eager, overlap_steps=overlap))
+
+
+def greedy_ids(loaded: LoadedModel, prompts: list[list[int]], exits: list[int], new_tokens: list[int],
+               overlap: bool) -> list[list[int]]:
+    """Greedy tokens of every prompt at its exit, in one engine, without logprobs (rows that ask for
+    them make an overlapped engine read each step before the next)."""
+    engine = engine_of(loaded, len(prompts), batched_tokens=32, overlap=overlap)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in new_tokens]
+    outs = engine.generate(prompts, params, exits)
+    return [o.token_ids for o in outs]
 
 
 # ---- 2. parity ------------------------------------------------------------------------------
@@ -220,6 +232,18 @@ def parity(report: Report, model_dir: Path, exits: tuple[int, ...], device: str,
                 {"mode": mode, "dtype": dtype, "exit": name, "max_abs_diff": diff, "top1": top1, "ok": ok})
             if not ok:
                 report.failures.append(f"parity {mode} {dtype} exit {name}: {diff:.3g}")
+        # Overlapped steps (step N+1 launched before step N's tokens are read) against synchronous
+        # ones: the same greedy tokens, with rows of every exit finishing at different steps.
+        lengths = [24, 9, 17, 3, 12][: len(depths)]
+        synchronous = greedy_ids(loaded, prompts, depths, lengths, overlap=False)
+        overlapped = greedy_ids(loaded, prompts, depths, lengths, overlap=True)
+        same = synchronous == overlapped
+        report.add(f"| overlapped steps | {dtype} | all | {sum(map(len, overlapped))} | greedy tokens "
+                   f"{'equal' if same else 'DIFFER'} to synchronous steps | - | - | {'yes' if same else '**NO**'} |")
+        report.figures.setdefault("overlap_parity", []).append({"dtype": dtype, "tokens": sum(map(len, overlapped)),
+                                                                "ok": same})
+        if not same:
+            report.failures.append(f"overlapped steps {dtype}: greedy tokens differ from synchronous steps")
         del hf, loaded
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -334,8 +358,9 @@ def host_time(report: Report, loaded: LoadedModel, batches: list[int], cuda: boo
                    "kernels during it (torch.profiler, 8 steps; the profiler adds some host time). Their",
                    "ratio is how host-bound the step is: 1.0 means the GPU never waits.", "",
                    "| mode | rows | wall ms/step | GPU kernel ms/step | wall / kernel |", "|---|---|---|---|---|")
-    for mode in modes if cuda else []:
-        engine = engine_of(loaded, max(batches), eager=mode == "eager")
+    # "synchronous": graphs, each step's tokens read before the next is scheduled (--no-overlap-steps).
+    for mode in [*modes, "synchronous"] if cuda else []:
+        engine = engine_of(loaded, max(batches), eager=mode == "eager", overlap=False if mode == "synchronous" else None)
         params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
         for b in batches:
             ids = [engine.add_request(list(range(1000 + r, 1256 + r)), params, "full") for r in range(b)]

@@ -3,6 +3,7 @@
     python bench/host_step.py                       # the default shapes, this checkout
     python bench/host_step.py --baseline HEAD       # and the runner, sampler and detokenizer of HEAD
     python bench/host_step.py --shape 64x256 --steps 50
+    python bench/host_step.py --device-ms 1 --device-ms 4    # and on a simulated device, overlapped or not
 
 Prints a markdown table: median milliseconds per engine.step(), as CPU time of the stepping thread
 (the host work, robust to a busy machine) and as wall time, and the CPU time of each phase
@@ -58,7 +59,7 @@ def engine_with(modules: dict[str, types.ModuleType] | None):
         return
     saved = engine_module.ModelRunner, engine_module.IncrementalDetokenizer, engine_module.token_texts
     old_detokenizer = modules["detokenizer"]
-    engine_module.ModelRunner = modules["model_runner"].ModelRunner
+    engine_module.ModelRunner = _with_launch(modules["model_runner"].ModelRunner)
     engine_module.IncrementalDetokenizer = old_detokenizer.IncrementalDetokenizer
     # Detokenizers before the byte table took the tokenizer itself.
     engine_module.token_texts = getattr(old_detokenizer, "token_texts", lambda tokenizer: tokenizer)
@@ -68,6 +69,26 @@ def engine_with(modules: dict[str, types.ModuleType] | None):
         engine_module.ModelRunner, engine_module.IncrementalDetokenizer, engine_module.token_texts = saved
 
 
+def _with_launch(runner_class: type) -> type:
+    """An older runner (run() only, before overlapped steps) with the launch() the engine calls."""
+    if hasattr(runner_class, "launch"):
+        return runner_class
+
+    class Done:
+        def __init__(self, result):
+            self._result, self.tokens = result, None
+            self.sampling = [i for i, token in enumerate(result.tokens) if token is not None]
+
+        def result(self):
+            return self._result
+
+    class Launching(runner_class):
+        def launch(self, scheduled, previous=None):
+            return Done(self.run(scheduled))
+
+    return Launching
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", action="append", help="ROWSxCONTEXT (repeatable; default the three goal shapes)")
@@ -75,6 +96,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=512, help="width of the stub's logits")
     parser.add_argument("--baseline", help="git revision whose runner, sampler and detokenizer to time as well")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--device-ms", type=float, action="append",
+                        help="also time each shape on a simulated device taking this long per step, steps "
+                             "synchronous and overlapped (repeatable); prints a second table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shape] if args.shape else SHAPES
@@ -93,6 +117,19 @@ def main() -> None:
             p = r.phase_ms
             print(f"| {label} | {rows} x {context} | {r.step_cpu_ms:.3f} | {r.step_ms:.3f} | {p['schedule']:.3f} | {p['prepare']:.3f} | "
                   f"{p['forward']:.3f} | {p['sample']:.3f} | {p['postprocess']:.3f} |", flush=True)
+    if not args.device_ms:
+        return
+    print("\nOn a simulated device (each step occupies it for the given time, one after another; reading a "
+          "step's tokens waits for it), this checkout:\n")
+    print("| rows x context | device ms/step | steps | host CPU ms/step | wall ms/step | device idle ms/step |")
+    print("|---|---|---|---|---|---|")
+    for rows, context in shapes:
+        for device_ms in args.device_ms:
+            for overlap in (False, True):
+                r = measure_host_step(loaded, rows, context, steps=args.steps, vocab=args.vocab,
+                                      device_ms=device_ms, overlap=overlap)
+                print(f"| {rows} x {context} | {device_ms:g} | {'overlapped' if overlap else 'synchronous'} | "
+                      f"{r.step_cpu_ms:.3f} | {r.step_ms:.3f} | {r.device_idle_ms:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -197,13 +197,20 @@ def bench_host_only(args) -> int:
 
     try:
         loaded = load_from_args(args)
-        result = measure_host_step(loaded, args.rows, args.context)
+        if args.device_ms < 0:
+            raise ValueError(f"--device-ms must be >= 0, got {args.device_ms}")
+        result = measure_host_step(loaded, args.rows, args.context, device_ms=args.device_ms,
+                                   overlap=args.overlap)
     except (BalconyError, ValueError) as exc:
         print(f"balcony bench: {exc}", file=sys.stderr)
         return 2
     phases = ", ".join(f"{phase} {ms:.2f}" for phase, ms in result.phase_ms.items())
     print(f"host ms per decode step, {args.rows} rows x {args.context} tokens of context (forward stubbed): "
           f"{result.step_cpu_ms:.2f} CPU, {result.step_ms:.2f} wall; per phase (CPU): {phases}")
+    if args.device_ms:
+        mode = "overlapped" if args.overlap else "synchronous"
+        print(f"simulated device of {args.device_ms:g} ms per step, {mode} steps: "
+              f"{result.step_ms:.2f} ms per step, the device idle {result.device_idle_ms:.2f} ms of it")
     return 0
 
 
@@ -290,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rows", type=int, default=64, help="rows of the --host-only step (default %(default)s)")
     bench.add_argument("--context", type=int, default=256,
                        help="tokens of context per row in the --host-only step (default %(default)s)")
+    bench.add_argument("--device-ms", type=float, default=0.0,
+                       help="with --host-only: a simulated device taking this long per step, so the step's wall "
+                            "time shows the host work the device waits for (default: none)")
+    bench.add_argument("--overlap", action="store_true",
+                       help="with --host-only: overlapped steps (step N+1 launched before step N's tokens are "
+                            "read), as `balcony serve` runs them on CUDA")
     bench.set_defaults(run=cmd_bench)
     return parser
 

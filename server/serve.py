@@ -110,7 +110,7 @@ def serve(args) -> int:
             max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout,
             budget_policy=args.budget_policy, exits=args.exits, starvation_ratio=args.starvation_ratio,
             served_model_name=args.served_model_name, tool_call_parser=args.tool_call_parser,
-            prefix_caching=args.prefix_caching,
+            prefix_caching=args.prefix_caching, overlap_steps=args.overlap_steps,
             recalibrate=args.recalibrate,
             log_level=args.log_level,
         )
@@ -184,7 +184,9 @@ def build_engine(args, config: ServeConfig, phases: StartupPhases):
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=config.max_num_seqs, num_kv_blocks=args.num_kv_blocks,
                                             budget_policy=config.budget_policy, served_exits=served,
                                             starvation_ratio=config.starvation_ratio,
-                                            enforce_eager=args.enforce_eager, prefix_caching=config.prefix_caching))
+                                            enforce_eager=args.enforce_eager, prefix_caching=config.prefix_caching,
+                                            # None: overlapped on CUDA, synchronous on a CPU
+                                            overlap_steps=None if config.overlap_steps else False))
     log.info("load: done; exits %s of %d layers, %s, %d KV-cache blocks%s", ", ".join(engine.exit_names()),
              engine.model.full_depth, candidate_label(engine.model.dtype, engine.model.quantization)
              + f", {engine.model.ops.name} kernels", engine.blocks.num_blocks,

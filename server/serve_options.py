@@ -23,6 +23,7 @@ class ServeConfig:
     starvation_ratio: float = 2.0  # requests left out of depth-limited steps wait at most this many full steps
     served_model_name: str | None = None  # model name in the API (default: the model source)
     prefix_caching: bool = True  # prompts' computed blocks serve later requests with the same prefix
+    overlap_steps: bool = True  # on CUDA, launch each step before reading the previous one's tokens
     tool_call_parser: str = "auto"  # tool_choice "auto"'s call format: from the chat template, named, or none
     recalibrate: bool = False  # measure step costs at start even when a cached calibration fits
     log_level: str = "info"  # debug adds one line per HTTP request
@@ -86,6 +87,9 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", default=d.prefix_caching,
                    help="compute every prompt in full instead of reading the blocks an earlier request with the "
                         "same leading tokens (a shared system prompt, another choice of the same prompt) computed")
+    p.add_argument("--no-overlap-steps", dest="overlap_steps", action="store_false", default=d.overlap_steps,
+                   help="on CUDA, read each step's tokens before scheduling the next instead of scheduling and "
+                        "launching step N+1 while the device computes step N (CPU steps never overlap)")
     p.add_argument("--tool-call-parser", default=d.tool_call_parser, choices=TOOL_CALL_PARSERS,
                    help="how tool_choice 'auto' reads calls out of replies: 'auto' picks the format the "
                         "chat template declares (hermes or llama3_json), a name forces one, 'none' answers "

@@ -53,6 +53,7 @@ CONTRACT_FLAGS: dict[str, set[str] | None] = {
     "--starvation-ratio": None,
     "--served-model-name": None,
     "--no-prefix-caching": {"1", "true", "yes", "on", "0", "false", "no", "off"},
+    "--no-overlap-steps": {"1", "true", "yes", "on", "0", "false", "no", "off"},
     "--tool-call-parser": {"auto", "hermes", "llama3_json", "none"},
     "--log-level": {"debug", "info", "warning", "error"},
 }

@@ -27,6 +27,8 @@ def test_smoke_run_passes_and_reports_every_section(tiny_model_dir, tmp_path):
     data = json.loads(figures.read_text())
     parity = data["figures"]["parity"]
     assert {row["exit"] for row in parity} == {"full", "1", "2", "3"} and all(row["ok"] for row in parity)
+    overlap = data["figures"]["overlap_parity"]  # overlapped steps give the synchronous steps' greedy tokens
+    assert overlap and all(row["ok"] and row["tokens"] > 0 for row in overlap)
     assert all(row["max_abs_diff"] < 1e-4 for row in parity)  # fp32 on the CPU: exact up to rounding
     assert {row["served"].split(" ")[0] for row in data["figures"]["server"]} == {"full", "exit"}
 

@@ -89,6 +89,20 @@ def test_bench_host_only_times_the_host_side_of_a_decode_step(capsys, tiny_model
         assert f"{phase} " in out
 
 
+@pytest.mark.parametrize("overlap", [[], ["--overlap"]])
+def test_bench_host_only_on_a_simulated_device_is_never_faster_than_the_device(capsys, tiny_model_dir, overlap):
+    code = main(["bench", "--model", str(tiny_model_dir), "--adapters", "none", "--dtype", "float32",
+                 "--host-only", "--rows", "4", "--context", "16", "--device-ms", "5", *overlap])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    line = next(x for x in out.splitlines() if x.startswith("simulated device of 5 ms"))
+    assert ("overlapped" if overlap else "synchronous") in line
+    per_step = float(line.split(": ")[1].split(" ms per step")[0])
+    assert per_step >= 5.0 * 0.99  # the device's queue paces the steps
+    code = main(["bench", "--model", str(tiny_model_dir), "--adapters", "none", "--host-only", "--device-ms", "-1"])
+    assert code == 2 and "--device-ms must be >= 0" in capsys.readouterr().err
+
+
 def test_generate_takes_a_cpu_weight_format_and_refuses_an_impossible_one(capsys, tiny_model_dir):
     code, err = generate(capsys, tiny_model_dir, "--quantization", "int8", "--raw")
     assert code == 0, err
@@ -97,7 +111,9 @@ def test_generate_takes_a_cpu_weight_format_and_refuses_an_impossible_one(capsys
     assert code == 2 and "float32 activations" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("variable, attribute", [("BALCONY_NO_PREFIX_CACHING", "prefix_caching"),
+                                                 ("BALCONY_NO_OVERLAP_STEPS", "overlap_steps")])
 @pytest.mark.parametrize("value, expected", [("true", False), ("0", True)])
-def test_a_no_switch_reads_its_variable_as_the_switch(monkeypatch, value, expected):
-    monkeypatch.setenv("BALCONY_NO_PREFIX_CACHING", value)
-    assert subcommand("serve").parse_args([]).prefix_caching is expected
+def test_a_no_switch_reads_its_variable_as_the_switch(monkeypatch, variable, attribute, value, expected):
+    monkeypatch.setenv(variable, value)
+    assert getattr(subcommand("serve").parse_args([]), attribute) is expected
