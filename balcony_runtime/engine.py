@@ -114,7 +114,7 @@ class _Launched:
 
     plan: SchedulerOutput
     pending: PendingStep
-    positions: list[int | None]
+    positions: list[int | None] | None  # None: no placeholders (the tokens are appended when read)
     started: float  # time.monotonic() when its step() began
 
 
@@ -387,19 +387,24 @@ class LLMEngine:
             return outputs
         self.masks.prefetch([item.request.grammar for item in plan.scheduled
                              if item.completes_sequence and item.request.grammar is not None])
-        launched = self._launch(plan, in_flight, now)
         if self.overlap_steps:
+            launched = self._launch(plan, in_flight, now)
             if in_flight is not None:
                 outputs += self._resolve(in_flight, plan)
             self._in_flight = launched
         else:
-            outputs += self._resolve(launched, None)
+            outputs += self._resolve(self._launch(plan, None, now, placeholders=False), None)
         return outputs
 
-    def _launch(self, plan: SchedulerOutput, in_flight: _Launched | None, now: float) -> _Launched:
+    def _launch(self, plan: SchedulerOutput, in_flight: _Launched | None, now: float,
+                placeholders: bool = True) -> _Launched:
+        """``placeholders`` False: the step is read before anything else reads the requests' outputs
+        (synchronous steps), so its tokens are appended when read instead."""
         scheduled = plan.scheduled
         pending = self.runner.launch(scheduled, None if in_flight is None else in_flight.pending.tokens)
         self.scheduler.on_step_launched(plan)
+        if not placeholders:
+            return _Launched(plan, pending, None, now)
         # Each sampled row's token, unread yet, holds its place in the request's output.
         positions: list[int | None] = [None] * len(scheduled)
         for j, i in enumerate(pending.sampling):
@@ -426,9 +431,10 @@ class LLMEngine:
             self.router.model.step_cost.observe(self.last_step.shape, seconds)
         return self._postprocess(plan, result, launched.positions)
 
-    def _postprocess(self, plan: SchedulerOutput, result: StepResult, positions: list[int | None]
+    def _postprocess(self, plan: SchedulerOutput, result: StepResult, positions: list[int | None] | None
                      ) -> list[RequestOutput]:
-        """``positions[i]``: where row i's placeholder sits in its request's output."""
+        """``positions[i]``: where row i's placeholder sits in its request's output (None: the
+        tokens are appended)."""
         # Runs once per row per step: a running request's decode token goes through here, so the
         # loop keeps to locals and touches a row's objects once (on a GPU this is host time per step).
         now = time.monotonic()
@@ -455,8 +461,12 @@ class LLMEngine:
                     reason = "length"  # prompt scoring only: nothing is generated
                 else:
                     output_ids = request.output_token_ids
-                    position = positions[i]
-                    output_ids[position] = token  # its placeholder
+                    if positions is None:
+                        position = len(output_ids)
+                        output_ids.append(token)
+                    else:
+                        position = positions[i]
+                        output_ids[position] = token  # its placeholder
                     num_output = position + 1  # a later step's placeholder may follow it
                     if request.first_token_time is None:
                         request.first_token_time = now
@@ -478,7 +488,7 @@ class LLMEngine:
                         new_text += detok.flush()
             latency_s = budget_met = None
             if reason is not None:
-                position = positions[i]
+                position = None if positions is None else positions[i]
                 if position is not None and len(request.output_token_ids) > position + 1:
                     del request.output_token_ids[position + 1 :]  # a later step's placeholder
                 self.scheduler.finish(request, reason)

@@ -207,9 +207,7 @@ class ModelRunner:
             blocks = block_tables[:, to_device(token_rows, torch.int64, device), positions_t // block_size]  # [C, T]
         slot_mapping = blocks.long().mul_(block_size).add_(positions_t % block_size)  # [C, T]
         input_ids_t = to_device(input_ids, torch.int64, device)  # [T]
-        if input_ids and min(input_ids) < 0:  # placeholders of tokens the previous step sampled
-            if previous is None:
-                raise RuntimeError("a placeholder token without the step that samples it")
+        if previous is not None and input_ids and min(input_ids) < 0:  # tokens the previous step sampled
             # -1 - j -> previous[j], on the device: the host never reads the sampled tokens first.
             input_ids_t = torch.where(input_ids_t < 0, previous[(-1 - input_ids_t).clamp_(min=0)], input_ids_t)
         batch = ForwardBatch(
