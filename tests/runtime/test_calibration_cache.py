@@ -49,6 +49,9 @@ class FakeEngine:
     def abort(self, rid) -> None:
         self.requests.pop(rid, None)
 
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
     def step(self) -> list:
         self.steps += 1
         waiting = [r for r in self.requests.values() if not r["prefilled"]]
