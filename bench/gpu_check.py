@@ -356,7 +356,9 @@ def host_time(report: Report, loaded: LoadedModel, batches: list[int], cuda: boo
     if cuda:
         report.add("Wall time of a full-depth decode step (context 256) against the time the GPU spent in",
                    "kernels during it (torch.profiler, 8 steps; the profiler adds some host time). Their",
-                   "ratio is how host-bound the step is: 1.0 means the GPU never waits.", "",
+                   "ratio is how host-bound the step is: 1.0 means the GPU never waits. `graphs` and `eager`",
+                   "overlap steps (step N+1 launched before step N's tokens are read, the default on a GPU);",
+                   "`synchronous`: graphs with `--no-overlap-steps`.", "",
                    "| mode | rows | wall ms/step | GPU kernel ms/step | wall / kernel |", "|---|---|---|---|---|")
     # "synchronous": graphs, each step's tokens read before the next is scheduled (--no-overlap-steps).
     for mode in [*modes, "synchronous"] if cuda else []:
