@@ -87,3 +87,18 @@ def idle_machine(monkeypatch):
     from balcony_runtime.cpu_contention import CpuContention
 
     monkeypatch.setattr(CpuContention, "others_cores", lambda self: 0.0)
+
+
+@pytest.fixture
+def count_preemptions():
+    """A function stepping an engine until nothing is left; it returns the most preemptions any
+    tracked request had meanwhile."""
+
+    def run(engine) -> int:
+        preempted = 0
+        while engine.has_unfinished():
+            engine.step()
+            preempted = max(preempted, sum(t.request.num_preemptions for t in engine._tracked.values()))
+        return preempted
+
+    return run

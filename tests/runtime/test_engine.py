@@ -44,15 +44,11 @@ def test_preemption_and_chunked_prefill_do_not_change_outputs(tiny_model):
     assert tight.scheduler.running == [] and len(tight.scheduler.waiting) == 0
 
 
-def test_preemption_happened_in_tight_pool(tiny_model):
+def test_preemption_happened_in_tight_pool(tiny_model, count_preemptions):
     engine = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=60, block_size=4, max_num_seqs=8))
     for p in PROMPTS * 2:
         engine.add_request(p, GREEDY)
-    preempted = 0
-    while engine.has_unfinished():
-        engine.step()
-        preempted = max(preempted, sum(t.request.num_preemptions for t in engine._tracked.values()))
-    assert preempted > 0
+    assert count_preemptions(engine) > 0
 
 
 def test_requests_join_and_leave_at_step_boundaries(tiny_model):

@@ -66,7 +66,7 @@ def test_stops_seen_a_step_late_drop_the_extra_token(tiny_model):
     assert len(overlapped[3].token_ids) == 1
 
 
-def test_preemption_and_chunked_prefill_match_synchronous_steps(tiny_model):
+def test_preemption_and_chunked_prefill_match_synchronous_steps(tiny_model, count_preemptions):
     greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     config = dict(num_kv_blocks=60, block_size=4, max_num_batched_tokens=7, max_num_seqs=8)
     sync, overlapped = run_both(tiny_model, PROMPTS * 2, greedy, **config)
@@ -74,11 +74,7 @@ def test_preemption_and_chunked_prefill_match_synchronous_steps(tiny_model):
     engine = LLMEngine(tiny_model, EngineConfig(overlap_steps=True, **config))
     for p in PROMPTS * 2:
         engine.add_request(p, greedy)
-    preempted = 0
-    while engine.has_unfinished():
-        engine.step()
-        preempted = max(preempted, sum(t.request.num_preemptions for t in engine._tracked.values()))
-    assert preempted > 0
+    assert count_preemptions(engine) > 0
 
 
 def test_seeded_sampling_matches_synchronous_steps(tiny_model):
