@@ -42,9 +42,12 @@ class ExitRate:
 def engine_decode_rate(engine: LLMEngine, batch: int, exit_layer, tokens: int) -> tuple[float, float]:
     """(tokens/s over decode steps, mean decode step seconds) for ``batch`` concurrent requests."""
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(PROMPTS[i % len(PROMPTS)] + f" ({i})", params, exit_layer=exit_layer)
-    engine.step()  # prefill of every prompt (they fit one step's token budget)
+    ids = {engine.add_request(PROMPTS[i % len(PROMPTS)] + f" ({i})", params, exit_layer=exit_layer)
+           for i in range(batch)}
+    # The prefill of every prompt (they fit one step's token budget), until its first tokens are
+    # read: the step that samples them with synchronous steps, the one after with overlapped steps.
+    while ids:
+        ids -= {o.request_id for o in engine.step() if o.new_token_ids}
     generated, steps, start = 0, 0, time.perf_counter()
     while engine.has_unfinished():
         generated += sum(len(o.new_token_ids) for o in engine.step())

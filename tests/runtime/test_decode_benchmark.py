@@ -15,8 +15,9 @@ def tiny(tiny_model_dir):
     return load_model(str(tiny_model_dir), adapters=None, dtype="float32", device="cpu")
 
 
-def test_engine_decode_rate_counts_every_decoded_token(tiny):
-    engine = LLMEngine(tiny, EngineConfig(max_num_seqs=4))
+@pytest.mark.parametrize("overlap", [False, True])
+def test_engine_decode_rate_counts_every_decoded_token(tiny, overlap):
+    engine = LLMEngine(tiny, EngineConfig(max_num_seqs=4, overlap_steps=overlap))
     generated = []
     original_step = engine.step
 
@@ -28,8 +29,11 @@ def test_engine_decode_rate_counts_every_decoded_token(tiny):
     engine.step = counting_step
     rate, step_s = engine_decode_rate(engine, 3, "full", 5)
     assert rate > 0 and step_s > 0
-    assert generated[0] == 3  # the prefill step samples the first token of each request
-    assert sum(generated[1:]) == 3 * 4  # the rest are decode tokens, the ones the rate counts
+    # The prefill samples the first token of each request; it is read at once, or with overlapped
+    # steps by the next call. The rest are decode tokens, the ones the rate counts.
+    first = 1 if overlap else 0
+    assert generated[:first] == [0] * first and generated[first] == 3
+    assert sum(generated[first + 1 :]) == 3 * 4
     assert not engine.has_unfinished()
 
 
