@@ -379,8 +379,9 @@ class LLMEngine:
         in_flight = self._in_flight
         if in_flight is not None and (plan.is_empty or not self.overlap_steps or (
                 self._num_needs_sync and any(item.request.needs_sync for item in plan.scheduled))):
+            self._in_flight = None  # first: a step that fails to be read is not read again
             outputs = self._resolve(in_flight, None)
-            in_flight = self._in_flight = None
+            in_flight = None
             if not plan.is_empty:  # scheduled before those outputs: drop the requests they finished
                 plan.scheduled = [item for item in plan.scheduled if not item.request.is_finished]
         if plan.is_empty:
@@ -388,10 +389,9 @@ class LLMEngine:
         self.masks.prefetch([item.request.grammar for item in plan.scheduled
                              if item.completes_sequence and item.request.grammar is not None])
         if self.overlap_steps:
-            launched = self._launch(plan, in_flight, now)
+            self._in_flight = self._launch(plan, in_flight, now)
             if in_flight is not None:
                 outputs += self._resolve(in_flight, plan)
-            self._in_flight = launched
         else:
             outputs += self._resolve(self._launch(plan, None, now, placeholders=False), None)
         return outputs

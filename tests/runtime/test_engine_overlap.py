@@ -167,3 +167,34 @@ def test_choices_sharing_a_prompt_match_synchronous_steps(tiny_model, n):
         outs.append(([tokens[r] for r in ids], [cached[r] for r in ids]))
     assert outs[0] == outs[1]
     assert outs[1][1][1] > 0  # the follower read the leader's prompt blocks
+
+
+def test_a_step_that_fails_to_be_read_is_not_read_again(tiny_model):
+    """A device error surfaces when a step is read; the server then aborts what was in flight
+    (server/async_engine.py) and keeps stepping: the failed step must not come back."""
+    engine = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=1024, overlap_steps=True))
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    doomed = [engine.add_request(p, greedy) for p in PROMPTS[:2]]
+    engine.step()  # launched, not read
+
+    class DeviceError(RuntimeError):
+        pass
+
+    class Failing:  # the launched step, as a device that died under it would hand it back
+        def __init__(self, pending):
+            self.tokens, self.sampling = pending.tokens, pending.sampling
+
+        def result(self):
+            raise DeviceError("device lost")
+
+    engine._in_flight.pending = Failing(engine._in_flight.pending)
+    with pytest.raises(DeviceError):
+        engine.step()
+    for rid in doomed:
+        engine.abort(rid)
+    later = engine.add_request(PROMPTS[2], greedy)
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [t for o in engine.step() for t in o.new_token_ids if o.request_id == later]
+    reference = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=1024)).generate([PROMPTS[2]], greedy)[0]
+    assert tokens == reference.token_ids and engine.blocks.num_used_blocks == 0
