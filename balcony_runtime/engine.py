@@ -19,7 +19,7 @@ from balcony_runtime.errors import RequestError
 from balcony_runtime.kv_cache import KVCache
 from balcony_runtime.loader import LoadedModel
 from balcony_runtime.model_runner import ModelRunner, PendingStep, StepResult
-from balcony_runtime.request import Request
+from balcony_runtime.request import Request, RequestStatus
 from balcony_runtime.sampler import TokenLogprobs
 from balcony_runtime.sampling_params import SamplingParams
 from balcony_runtime.routing.calibration import calibrate
@@ -371,45 +371,56 @@ class LLMEngine:
         as known: the request's output holds a placeholder -1 - j for it (j: its row among the
         step's sampled tokens), the next step feeds the device's token in its place, and reading
         the step replaces it. Stops are therefore seen a step late: a request that stops at step N
-        also ran in step N+1, whose token for it is dropped. A step with a request that needs its
-        last token on the host (grammars, penalties, logprobs) first reads the step in flight."""
+        also ran in step N+1, whose token for it is dropped. A step with a request whose sampling
+        needs its last token on the host (a grammar's mask, penalties) launches its forward, reads
+        the step in flight while the device runs it, then samples."""
         now = time.monotonic()
         plan = self.scheduler.schedule(now)
         outputs: list[RequestOutput] = []
         in_flight = self._in_flight
-        if in_flight is not None and (plan.is_empty or not self.overlap_steps or (
-                self._num_needs_sync and any(item.request.needs_sync for item in plan.scheduled))):
+        if in_flight is not None and plan.is_empty:
             self._in_flight = None  # first: a step that fails to be read is not read again
-            outputs = self._resolve(in_flight, None)
-            in_flight = None
-            if not plan.is_empty:  # scheduled before those outputs: drop the requests they finished
-                plan.scheduled = [item for item in plan.scheduled if not item.request.is_finished]
+            return self._resolve(in_flight, None)
         if plan.is_empty:
             return outputs
-        self.masks.prefetch([item.request.grammar for item in plan.scheduled
-                             if item.completes_sequence and item.request.grammar is not None])
-        if self.overlap_steps:
-            self._in_flight = self._launch(plan, in_flight, now)
-            if in_flight is not None:
-                outputs += self._resolve(in_flight, plan)
-        else:
-            outputs += self._resolve(self._launch(plan, None, now, placeholders=False), None)
+        if not self.overlap_steps:
+            self._prefetch_masks(plan)
+            pending = self.runner.launch(plan.scheduled)
+            self.scheduler.on_step_launched(plan)
+            return self._resolve(_Launched(plan, pending, None, now), None)
+        if in_flight is not None and self._num_needs_sync and any(item.request.needs_sync for item in plan.scheduled):
+            # Some row's sampling needs the step in flight read first (its grammar's mask, its
+            # penalties' counts): the forward goes ahead, the sampling waits for the read.
+            forwarded = self.runner.forward(plan.scheduled, in_flight.pending.tokens)
+            self.scheduler.on_step_launched(plan)
+            self._in_flight = None
+            outputs = self._resolve(in_flight, plan)
+            self._prefetch_masks(plan)
+            self._in_flight = self._placed(plan, self.runner.sample(forwarded, some_finished=True), now)
+            return outputs
+        self._prefetch_masks(plan)
+        pending = self.runner.launch(plan.scheduled, None if in_flight is None else in_flight.pending.tokens)
+        self.scheduler.on_step_launched(plan)
+        self._in_flight = self._placed(plan, pending, now)
+        if in_flight is not None:
+            outputs = self._resolve(in_flight, plan)
         return outputs
 
-    def _launch(self, plan: SchedulerOutput, in_flight: _Launched | None, now: float,
-                placeholders: bool = True) -> _Launched:
-        """``placeholders`` False: the step is read before anything else reads the requests' outputs
-        (synchronous steps), so its tokens are appended when read instead."""
+    def _prefetch_masks(self, plan: SchedulerOutput) -> None:
+        """Start filling the grammar masks of the plan's sampled rows (structured/token_masks.py)."""
+        self.masks.prefetch([item.request.grammar for item in plan.scheduled if item.completes_sequence
+                             and item.request.grammar is not None and not item.request.is_finished])
+
+    def _placed(self, plan: SchedulerOutput, pending: PendingStep, now: float) -> _Launched:
+        """A launched step whose sampled tokens hold their places in the requests' outputs as
+        placeholders until it is read (requests finished meanwhile get none)."""
         scheduled = plan.scheduled
-        pending = self.runner.launch(scheduled, None if in_flight is None else in_flight.pending.tokens)
-        self.scheduler.on_step_launched(plan)
-        if not placeholders:
-            return _Launched(plan, pending, None, now)
         # Each sampled row's token, unread yet, holds its place in the request's output.
         positions: list[int | None] = [None] * len(scheduled)
         for j, i in enumerate(pending.sampling):
             request = scheduled[i].request
-            if request.params.max_tokens:  # else: prompt scoring, nothing is generated
+            if request.params.max_tokens and request.status is not RequestStatus.FINISHED:
+                # (no placeholder for prompt scoring: nothing is generated)
                 output_ids = request.output_token_ids
                 positions[i] = len(output_ids)
                 output_ids.append(-1 - j)

@@ -69,14 +69,14 @@ class SimulatedDevice:
         self.waited_cpu_s = 0.0  # CPU time the host spent waiting for it (not host work)
 
     def wrap(self, runner) -> None:
-        launch = runner.launch
+        sample = runner.sample  # every launched step ends with it (ModelRunner.launch, or the engine)
 
-        def launched(*args, **kwargs):
-            pending = launch(*args, **kwargs)
+        def sampled(*args, **kwargs):
+            pending = sample(*args, **kwargs)
             self.free_at = max(time.perf_counter(), self.free_at) + self.step_s
             return _SimulatedPending(pending, self.free_at, self)
 
-        runner.launch = launched
+        runner.sample = sampled
 
 
 class _SimulatedPending:
@@ -178,7 +178,8 @@ def _wrap(engine: LLMEngine, times: dict) -> None:
     runner.prepare = timed(runner.prepare, "prepare")
     runner.model = _TimedModel(runner.model, timed)
     runner.sampler.sample = timed(runner.sampler.sample, "sample")  # rows asking for logprobs
-    runner.sampler.sample_on_device = timed(runner.sampler.sample_on_device, "sample")
+    if hasattr(runner.sampler, "sample_on_device"):  # (bench/host_step.py --baseline: an older sampler)
+        runner.sampler.sample_on_device = timed(runner.sampler.sample_on_device, "sample")
     engine._postprocess = timed(engine._postprocess, "postprocess")
 
 

@@ -87,14 +87,19 @@ class ModelRunner:
         """One step, its tokens read back at once."""
         return self.launch(scheduled).result()
 
-    @torch.inference_mode()
     def launch(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None) -> "PendingStep":
-        """Enqueue one step: its forward and its sampling, without waiting for the sampled tokens
+        """Enqueue one step, its forward and its sampling, without waiting for the sampled tokens
         (on a GPU the host returns while the device works; on a CPU the work is done on return).
 
         ``previous``: the sampled tokens of the step before, [S] on the device, not yet read. A
         request whose last token is a placeholder -1 - j (see LLMEngine, overlapped steps) is fed
         previous[j]. Rows that ask for logprobs, and prompt logprobs, are read back here."""
+        return self.sample(self.forward(scheduled, previous))
+
+    @torch.inference_mode()
+    def forward(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None) -> "ForwardedStep":
+        """The first half of :meth:`launch`: the model's forward (and prompt logprobs). An engine
+        may read the previous step between the two halves, while the device runs this forward."""
         batch, layout = self.prepare(scheduled, previous)
         if self.graphs is not None and self.graphs.can_run(batch):
             logits = self.graphs.run(batch)  # a view of a static buffer, used before the next step
@@ -125,13 +130,24 @@ class ModelRunner:
                 sampling.append(i)
                 sample_logit_rows.append(cursor)
                 cursor += 1
+        return ForwardedStep(scheduled, logits, rows, sampling, sample_logit_rows, prompt)
+
+    @torch.inference_mode()
+    def sample(self, step: "ForwardedStep", some_finished: bool = False) -> "PendingStep":
+        """The second half of :meth:`launch`: masks, penalties and sampling of a forwarded step.
+        ``some_finished``: requests may have finished since the forward; their rows are sampled
+        without their grammar (their tokens are dropped)."""
+        scheduled, logits, rows, sampling = step.scheduled, step.logits, step.rows, step.sampling
         if not rows:
-            return PendingStep(len(scheduled), sampling, None, [], None, prompt)
+            return PendingStep(len(scheduled), sampling, None, [], None, step.prompt)
         if len(rows) == logits.shape[0]:  # no prompt logits: the sampled rows are all of them
             to_sample = logits
         else:
-            to_sample = logits[to_device(sample_logit_rows, torch.long, logits.device)]
-        grammars = [scheduled[i].request.grammar for i in sampling]
+            to_sample = logits[to_device(step.sample_logit_rows, torch.long, logits.device)]
+        if some_finished:
+            grammars = [None if r.is_finished else r.grammar for r in (scheduled[i].request for i in sampling)]
+        else:
+            grammars = [scheduled[i].request.grammar for i in sampling]
         if any(g is not None for g in grammars):  # structured outputs: -inf on what each row's grammar forbids
             mask_logits(to_sample, grammars)
         if rows != self._classified[0]:  # identity per row (SamplingRow has no __eq__)
@@ -140,9 +156,9 @@ class ModelRunner:
         if classes.wanted:  # logprobs are read back now (their top-n are lists of Python numbers)
             sampled, row_logprobs = self.sampler.sample(to_sample, rows, classes)
             tokens = to_device(sampled, torch.long, self.device)
-            return PendingStep(len(scheduled), sampling, tokens, sampled, row_logprobs, prompt)
+            return PendingStep(len(scheduled), sampling, tokens, sampled, row_logprobs, step.prompt)
         tokens = self.sampler.sample_on_device(to_sample, rows, classes)  # [S]
-        return PendingStep(len(scheduled), sampling, tokens, None, None, prompt)
+        return PendingStep(len(scheduled), sampling, tokens, None, None, step.prompt)
 
     def prepare(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None
                 ) -> tuple[ForwardBatch, StepLayout]:
@@ -225,6 +241,18 @@ class ModelRunner:
             max_context_len=int(context_lens.max()),
         )
         return batch, StepLayout(order, prompt_targets)
+
+
+@dataclass(slots=True)
+class ForwardedStep:
+    """A step whose forward is launched and whose rows are not sampled yet."""
+
+    scheduled: list[ScheduledRequest]
+    logits: torch.Tensor  # [rows of logits, V]: prompt-logprob positions, then one per sampled row
+    rows: list[SamplingRow]  # the sampled rows
+    sampling: list[int]  # scheduled index of each sampled row
+    sample_logit_rows: list[int]  # each sampled row's row of logits
+    prompt: dict[int, Sequence[TokenLogprobs]]  # prompt logprobs by scheduled index
 
 
 class PendingStep:

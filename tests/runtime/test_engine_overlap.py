@@ -198,3 +198,30 @@ def test_a_step_that_fails_to_be_read_is_not_read_again(tiny_model):
         tokens += [t for o in engine.step() for t in o.new_token_ids if o.request_id == later]
     reference = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=1024)).generate([PROMPTS[2]], greedy)[0]
     assert tokens == reference.token_ids and engine.blocks.num_used_blocks == 0
+
+
+def test_rows_needing_the_host_keep_steps_in_flight(tiny_model):
+    """A penalized row needs its last token counted before sampling: its step's forward is launched,
+    the step in flight read meanwhile, then the rows sampled; the new step stays in flight."""
+    engine = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=1024, overlap_steps=True))
+    deferred = []
+    sample = engine.runner.sample
+
+    def counting_sample(step, some_finished=False):
+        deferred.append(some_finished)  # True: sampled after the step before was read
+        return sample(step, some_finished)
+
+    engine.runner.sample = counting_sample
+    params = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, presence_penalty=1.0),
+              SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)]
+    ids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS[:2], params)]
+    tokens = {rid: [] for rid in ids}
+    in_flight_after = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            tokens[o.request_id] += o.new_token_ids
+        in_flight_after.append(engine._in_flight is not None)
+    reference = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=1024)).generate(PROMPTS[:2], params)
+    assert [tokens[r] for r in ids] == [o.token_ids for o in reference]
+    assert sum(deferred) >= 8  # every decode step read the step before during its forward
+    assert all(in_flight_after[:10])
