@@ -161,12 +161,14 @@ class Scheduler:
             if depth is not None and request.exit_layer > depth:
                 i += 1
                 continue
+            n = request.num_tokens - request.num_computed_tokens
             output_ids = request.output_token_ids
-            if output_ids and len(output_ids) >= request.params.max_tokens:
-                # Its last token is still being sampled (an overlapped step): it finishes with it.
+            if n <= 0 or (output_ids and len(output_ids) >= request.params.max_tokens):
+                # Nothing left to compute (a scored prompt), or its last token is still being sampled
+                # (an overlapped step): it finishes when that step is read.
                 i += 1
                 continue
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            n = min(n, budget)
             if not has_room(request.request_id, request.num_computed_tokens + n):
                 # Most steps skip this: a decoding row needs a new block once every block_size tokens.
                 while not self.blocks.can_grow(request.request_id, request.num_computed_tokens + n):

@@ -225,3 +225,30 @@ def test_rows_needing_the_host_keep_steps_in_flight(tiny_model):
     assert [tokens[r] for r in ids] == [o.token_ids for o in reference]
     assert sum(deferred) >= 8  # every decode step read the step before during its forward
     assert all(in_flight_after[:10])
+
+
+def test_prompt_scoring_in_chunks_is_not_scheduled_again(tiny_model):
+    """max_tokens=0 with prompt logprobs (lm-eval's loglikelihood) has nothing to compute once its
+    prompt is: no step may schedule it again while the step that scores it is in flight."""
+    score = SamplingParams(max_tokens=0, prompt_logprobs=2)
+    decode = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outs = []
+    for overlap in (False, True):
+        engine = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=512, max_num_batched_tokens=5, overlap_steps=overlap))
+        schedule = engine.scheduler.schedule
+
+        def checked(now, schedule=schedule):
+            plan = schedule(now)
+            assert all(item.num_tokens > 0 for item in plan.scheduled)
+            return plan
+
+        engine.scheduler.schedule = checked
+        alone = engine.generate([PROMPTS[2]], score)  # the scored prompt alone in its steps
+        beside = engine.generate(PROMPTS[:3], [decode, score, decode])
+        outs.append(alone + beside)
+    sync, overlapped = outs
+    same(sync, overlapped)
+    for s_out, o_out in ((sync[0], overlapped[0]), (sync[2], overlapped[2])):
+        assert o_out.token_ids == [] and o_out.finish_reason == "length"
+        assert [(lp.token_id, round(lp.logprob, 5)) for lp in o_out.prompt_logprobs] == \
+            [(lp.token_id, round(lp.logprob, 5)) for lp in s_out.prompt_logprobs]
