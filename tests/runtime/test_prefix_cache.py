@@ -164,6 +164,7 @@ def test_choices_of_one_prompt_wait_for_the_first_and_share_its_blocks(tiny_mode
     first = engine.scheduler.schedule(0.0)
     assert [s.request.request_id for s in first.scheduled] == [leader]  # the others wait for its prompt
     engine.scheduler.on_step_done(first)
+    engine._tracked[leader].request.output_token_ids.append(7)  # the token its prompt step sampled
     second = engine.scheduler.schedule(0.0)
     assert {s.request.request_id for s in second.scheduled} == {leader, *siblings}
     prompt_len = engine._tracked[leader].request.num_prompt_tokens
