@@ -1,5 +1,7 @@
-"""The synchronous engine: requests in, a step loop of schedule -> run -> post-process, outputs out.
+"""The engine: requests in, a step loop of schedule -> launch -> read -> post-process, outputs out.
 
+Called from one thread. On CUDA a step is launched before the previous one is read, so the host's
+work overlaps the device's (LLMEngine.step); on a CPU each step is read as soon as it is launched.
 Free of HTTP concerns: the server wraps it in an async front (server/async_engine.py).
 """
 
