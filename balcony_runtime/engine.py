@@ -378,13 +378,12 @@ class LLMEngine:
         the step in flight while the device runs it, then samples."""
         now = time.monotonic()
         plan = self.scheduler.schedule(now)
-        outputs: list[RequestOutput] = []
         in_flight = self._in_flight
-        if in_flight is not None and plan.is_empty:
+        if plan.is_empty:
+            if in_flight is None:
+                return []
             self._in_flight = None  # first: a step that fails to be read is not read again
             return self._resolve(in_flight, None)
-        if plan.is_empty:
-            return outputs
         if not self.overlap_steps:
             self._prefetch_masks(plan)
             pending = self.runner.launch(plan.scheduled)
@@ -404,9 +403,7 @@ class LLMEngine:
         pending = self.runner.launch(plan.scheduled, None if in_flight is None else in_flight.pending.tokens)
         self.scheduler.on_step_launched(plan)
         self._in_flight = self._placed(plan, pending, now)
-        if in_flight is not None:
-            outputs = self._resolve(in_flight, plan)
-        return outputs
+        return [] if in_flight is None else self._resolve(in_flight, plan)
 
     def _prefetch_masks(self, plan: SchedulerOutput) -> None:
         """Start filling the grammar masks of the plan's sampled rows (structured/token_masks.py)."""
@@ -417,7 +414,6 @@ class LLMEngine:
         """A launched step whose sampled tokens hold their places in the requests' outputs as
         placeholders until it is read (requests finished meanwhile get none)."""
         scheduled = plan.scheduled
-        # Each sampled row's token, unread yet, holds its place in the request's output.
         positions: list[int | None] = [None] * len(scheduled)
         for j, i in enumerate(pending.sampling):
             request = scheduled[i].request

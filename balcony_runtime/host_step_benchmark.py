@@ -10,9 +10,9 @@ Shared by bench/host_step.py and ``balcony bench --host-only``.
 A simulated device (``device_ms``): each step's forward and sampling occupy a device for that long,
 one step after another, as a GPU stream runs them, and reading a step's tokens waits until the
 device is done with it. The host spins meanwhile, as a CUDA event wait does by default; the spin is
-not counted as host work. Then the step's wall time shows how much of the host's work the device waits for: about host +
-device per step when steps run synchronously, about max(host, device) when they overlap
-(EngineConfig.overlap_steps).
+not counted as host work. Then the step's wall time shows how much of the host's work the device
+waits for: about host + device per step when steps run synchronously, about max(host, device) when
+they overlap (EngineConfig.overlap_steps).
 """
 
 from __future__ import annotations

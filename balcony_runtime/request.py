@@ -43,9 +43,9 @@ class Request:
     # Another choice of the same prompt: admitted once that one's prompt is computed, so the prompt's
     # blocks are read from the prefix cache instead of being computed again.
     prefix_leader: "Request | None" = None
-    # Its step reads its last token on the host before sampling (a grammar's mask, penalties) or
-    # reads back more than the token (logprobs): an overlapped engine resolves the step before
-    # launching one with it.
+    # Its sampling reads its last token on the host (a grammar's mask, penalties) or reads back
+    # more than the token (logprobs): an overlapped engine reads the step in flight before sampling
+    # a step with it (LLMEngine.step).
     needs_sync: bool = False
 
     @property
