@@ -92,10 +92,6 @@ class BlockManager:
     def capacity(self, request_id: str) -> int:
         return self._requests[request_id].capacity_tokens
 
-    def has_room(self, request_id: str, num_tokens: int) -> bool:
-        """Whether the request's blocks already hold ``num_tokens`` tokens (no grow needed)."""
-        return num_tokens <= self._requests[request_id].capacity_tokens
-
     def blocks_to_grow(self, request_id: str, num_tokens: int) -> int:
         held = self._requests[request_id]
         extra = self.blocks_per_layer(num_tokens) - len(held.tables[0]) if held.tables else 0

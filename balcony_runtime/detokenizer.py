@@ -94,9 +94,22 @@ def token_texts(tokenizer) -> TokenTexts:
 @dataclass(frozen=True)
 class ByteTexts:
     table: tuple[bytes, ...]  # token id -> its bytes (b"" for special tokens)
+    # token id -> its text when its bytes are whole UTF-8 characters on their own, else None: what
+    # a stream with nothing pending hands out for it without decoding (most tokens, most steps).
+    whole: tuple[str | None, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "whole", tuple(_whole_text(b) for b in self.table))
 
     def new_stream(self) -> "ByteStream":
-        return ByteStream(self.table)
+        return ByteStream(self.table, self.whole)
+
+
+def _whole_text(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 class ByteStream:
@@ -105,14 +118,19 @@ class ByteStream:
     errors="replace" marks invalid bytes as the Rust decoder's from_utf8_lossy does (one U+FFFD
     per maximal invalid subpart)."""
 
-    __slots__ = ("table", "pending")
+    __slots__ = ("table", "whole", "pending")
 
-    def __init__(self, table: tuple[bytes, ...]):
+    def __init__(self, table: tuple[bytes, ...], whole: tuple[str | None, ...]):
         self.table = table
+        self.whole = whole  # ByteTexts.whole
         self.pending = b""  # the start of a character whose last bytes have not come yet
 
     def text_of(self, token_id: int, final: bool) -> str:
         table = self.table
+        if not self.pending and 0 <= token_id < len(table):
+            text = self.whole[token_id]
+            if text is not None:  # whole characters after whole characters: nothing to decode
+                return text
         data = self.pending + (table[token_id] if 0 <= token_id < len(table) else b"")
         text, used = codecs.utf_8_decode(data, "replace", final)
         self.pending = data[used:]

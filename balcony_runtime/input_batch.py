@@ -56,6 +56,12 @@ class InputBatch:
     def num_slots(self) -> int:
         return len(self.slots)
 
+    @property
+    def arrangement(self) -> list[str]:
+        """The request ids in slots 0..B-1 after the last arrange(): the same list object for as
+        long as the arrangement stays the same (a new one whenever a request joins, leaves or moves)."""
+        return self._last_ids
+
     def remove(self, request_id: str) -> None:
         """Free a finished or aborted request's slot (its row is zeroed when the slot is reused)."""
         slot = self.slot_of.pop(request_id, None)

@@ -45,6 +45,9 @@ class StepLayout:
 
     order: list[int]  # order[b]: index into the scheduled list of batch row b
     prompt_targets: dict[int, list[int]]  # batch row -> prompt tokens its prompt logits score, in order
+    # In a decode step (every row feeds one token and is sampled) whose rows sit in the scheduler's
+    # order, the batch's arrangement (InputBatch.arrangement); None otherwise.
+    decode_arrangement: list[str] | None = None
 
 
 class ModelRunner:
@@ -66,6 +69,9 @@ class ModelRunner:
         self._sampling_rows: dict[str, SamplingRow] = {}
         # The last step's sampled rows and their classes: the next step of the same rows reuses them.
         self._classified: tuple[list[SamplingRow], RowClasses] = ([], classify_rows([]))
+        # The last decode step's (arrangement, rows, sampling, sample_logit_rows), None after any
+        # other step: the next decode step of the same arrangement reuses the lists as they are.
+        self._decode_rows: tuple[list[str], list[SamplingRow], list[int], list[int]] | None = None
 
     def use_graphs(self, max_rows: int, max_model_len: int, record: bool | None = None) -> DecodeGraphs:
         """Serve decode steps of up to ``max_rows`` rows by replaying recorded pieces
@@ -106,6 +112,11 @@ class ModelRunner:
         else:
             logits = self.model(batch, self.kv_cache.as_tuple())  # [len(logits_indices), V] fp32
         prompt: dict[int, Sequence[TokenLogprobs]] = {}
+        arrangement, cached = layout.decode_arrangement, self._decode_rows
+        if arrangement is not None and cached is not None and cached[0] is arrangement:
+            # A decode step of the same requests in the same rows as the last (most steps under
+            # steady load): each row samples with the same SamplingRow as then.
+            return ForwardedStep(scheduled, logits, *cached[1:], prompt)
         rows: list[SamplingRow] = []
         sampling: list[int] = []  # scheduled index of each sampling row
         sample_logit_rows: list[int] = []
@@ -130,6 +141,7 @@ class ModelRunner:
                 sampling.append(i)
                 sample_logit_rows.append(cursor)
                 cursor += 1
+        self._decode_rows = None if arrangement is None else (arrangement, rows, sampling, sample_logit_rows)
         return ForwardedStep(scheduled, logits, rows, sampling, sample_logit_rows, prompt)
 
     @torch.inference_mode()
@@ -150,7 +162,7 @@ class ModelRunner:
             grammars = [scheduled[i].request.grammar for i in sampling]
         if any(g is not None for g in grammars):  # structured outputs: -inf on what each row's grammar forbids
             mask_logits(to_sample, grammars)
-        if rows != self._classified[0]:  # identity per row (SamplingRow has no __eq__)
+        if rows is not self._classified[0] and rows != self._classified[0]:  # identity per row (no __eq__)
             self._classified = rows, classify_rows(rows)
         classes = self._classified[1]
         if classes.wanted:  # logprobs are read back now (their top-n are lists of Python numbers)
@@ -180,7 +192,8 @@ class ModelRunner:
         query_lens = [item.num_tokens for item in rows]
         starts = np.asarray(starts_list, dtype=np.int64)  # [B]
         prompt_targets: dict[int, list[int]] = {}
-        if sum(query_lens) == len(rows) and all(item.completes_sequence for item in rows):
+        all_sampled = sum(query_lens) == len(rows) and all(item.completes_sequence for item in rows)
+        if all_sampled:
             # A decode step: every row feeds its last known token (the one after its cache) and is
             # sampled (no prompt logits: its one token is past the prompt's last scored position).
             input_ids = [(r.output_token_ids or r.prompt_token_ids)[-1] for r in (item.request for item in rows)]
@@ -240,7 +253,9 @@ class ModelRunner:
             max_query_len=int(lens.max()),
             max_context_len=int(context_lens.max()),
         )
-        return batch, StepLayout(order, prompt_targets)
+        # (only where each row sits where the scheduler listed it, so the lists reused are the same)
+        decode_arrangement = self.input_batch.arrangement if all_sampled and rows is scheduled else None
+        return batch, StepLayout(order, prompt_targets, decode_arrangement)
 
 
 @dataclass(slots=True)

@@ -53,17 +53,25 @@ class SchedulerConfig:
             raise ValueError("starvation_ratio and unbudgeted_horizon_s must be >= 0, deadline_margin in [0, 1)")
 
 
-@dataclass(slots=True)
 class ScheduledRequest:
-    request: Request
-    start: int  # first token of this step's chunk (== request.num_computed_tokens)
-    num_tokens: int  # tokens fed this step
-    # After this step every known token is cached, so the model's next token is sampled. Fixed when
-    # scheduled (the request gains its sampled token only after the step); read several times a step.
-    completes_sequence: bool = field(init=False)
+    """One request's share of a step. A plain class with slots: the scheduler makes one per row per
+    step, and a dataclass's __post_init__ was a measurable share of that."""
 
-    def __post_init__(self) -> None:
-        self.completes_sequence = self.start + self.num_tokens == self.request.num_tokens
+    __slots__ = ("request", "start", "num_tokens", "completes_sequence")
+
+    def __init__(self, request: Request, start: int, num_tokens: int, completes_sequence: bool | None = None):
+        self.request = request
+        self.start = start  # first token of this step's chunk (== request.num_computed_tokens)
+        self.num_tokens = num_tokens  # tokens fed this step
+        # After this step every known token is cached, so the model's next token is sampled. Fixed
+        # when scheduled (the request gains its sampled token only after the step); read several
+        # times a step. The scheduler passes it; other callers may leave it to be worked out.
+        self.completes_sequence = (start + num_tokens == request.num_tokens if completes_sequence is None
+                                   else completes_sequence)
+
+    def __repr__(self) -> str:
+        return (f"ScheduledRequest({self.request.request_id!r}, start={self.start}, "
+                f"num_tokens={self.num_tokens}, completes_sequence={self.completes_sequence})")
 
 
 @dataclass
@@ -153,34 +161,37 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
 
-        # Running requests in admission order; one that cannot grow evicts a victim.
+        # Running requests in admission order; one that cannot grow evicts a victim. This loop runs
+        # once per running request per step (host time on a GPU): locals, one read of each field.
         i = 0
-        has_room = self.blocks.has_room
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        running, capacity = self.running, self.blocks.capacity
+        while i < len(running) and budget > 0:
+            request = running[i]
             if depth is not None and request.exit_layer > depth:
                 i += 1
                 continue
-            n = request.num_tokens - request.num_computed_tokens
-            output_ids = request.output_token_ids
-            if n <= 0 or (output_ids and len(output_ids) >= request.params.max_tokens):
+            start, num_output = request.num_computed_tokens, len(request.output_token_ids)
+            total = len(request.prompt_token_ids) + num_output
+            n = total - start
+            if n <= 0 or (num_output and num_output >= request.params.max_tokens):
                 # Nothing left to compute (a scored prompt), or its last token is still being sampled
                 # (an overlapped step): it finishes when that step is read.
                 i += 1
                 continue
-            n = min(n, budget)
-            if not has_room(request.request_id, request.num_computed_tokens + n):
+            if n > budget:
+                n = budget
+            if start + n > capacity(request.request_id):
                 # Most steps skip this: a decoding row needs a new block once every block_size tokens.
-                while not self.blocks.can_grow(request.request_id, request.num_computed_tokens + n):
-                    victim = self._victim(self.running[i:])
+                while not self.blocks.can_grow(request.request_id, start + n):
+                    victim = self._victim(running[i:])
                     self._preempt(victim)
                     preempted.append(victim)
                     if victim is request:
                         break
                 if request.status is not RequestStatus.RUNNING:
                     continue  # it preempted itself; the next request now sits at index i
-                self.blocks.grow(request.request_id, request.num_computed_tokens + n)
-            scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n))
+                self.blocks.grow(request.request_id, start + n)
+            scheduled.append(ScheduledRequest(request, start, n, start + n == total))
             budget -= n
             i += 1
 

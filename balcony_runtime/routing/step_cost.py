@@ -62,15 +62,22 @@ class StepShape:
         computes this every step, without building an object per row."""
         if not len(exits):
             return cls(0, 0, 0, 0, 0)
+        # Once per step: few numpy calls (each costs microseconds of overhead whatever its size).
+        distinct = set(exits)
+        balcony_groups = sum(1 for x in distinct if x < full_depth)
         e = np.asarray(exits, dtype=np.int64)  # [B]
-        n = np.asarray(num_tokens, dtype=np.int64)  # [B]
         c = np.asarray(num_cached, dtype=np.int64)  # [B]
         layers = np.minimum(e + 1, full_depth)  # [B]: layers_run of each row
-        decode = n == 1  # [B]
-        attention = int((layers * (n * c + n * (n + 1) // 2)).sum())  # attention_pairs per row
-        balcony_groups = len(np.unique(e[e < full_depth]))
-        return cls(min(int(e.max()), full_depth) + balcony_groups, int(layers[decode].sum()),
-                   int((layers * n)[~decode].sum()), int(sum(samples)), attention)
+        if min(num_tokens) == max(num_tokens) == 1:  # a decode step: every row feeds one token
+            decode_token_layers, prefill_token_layers = int(layers.sum()), 0
+            attention = int(layers @ (c + 1))  # attention_pairs per row, n = 1
+        else:
+            n = np.asarray(num_tokens, dtype=np.int64)  # [B]
+            decode = n == 1  # [B]
+            decode_token_layers, prefill_token_layers = int(layers[decode].sum()), int((layers * n)[~decode].sum())
+            attention = int((layers * (n * c + n * (n + 1) // 2)).sum())  # attention_pairs per row
+        return cls(min(max(distinct), full_depth) + balcony_groups, decode_token_layers, prefill_token_layers,
+                   sum(samples), attention)
 
     def features(self) -> tuple[float, ...]:
         return (1.0, self.layers, self.decode_token_layers, self.prefill_token_layers, self.head_rows,

@@ -69,3 +69,51 @@ def test_prepare_matches_the_batch_built_from_scratch(tiny_model):
             item.request.num_computed_tokens += item.num_tokens
             if item.completes_sequence:
                 item.request.output_token_ids.append(rng.randrange(100, 1000))
+
+
+def test_decode_steps_of_unchanged_rows_sample_each_row_as_a_fresh_pass_does(tiny_model):
+    """A decode step of the same rows as the last reuses that step's sampling lists; over steps where
+    rows join, leave, skip a step and come back in another order, they must match the lists built
+    row by row (a second runner that never reuses them)."""
+    model = tiny_model.model
+    rng = random.Random(1)
+    blocks = BlockManager(600, 4)
+    runners = [ModelRunner(model, KVCache.allocate(model.arch, 600, 4, model.dtype, "cpu"), blocks) for _ in range(2)]
+    live: list[Request] = []
+    reused = 0
+    previous_rows = None
+    for step in range(40):
+        if step % 15 == 0 or not live:  # arrivals, prefilled whole in their first step
+            for _ in range(3):
+                e = rng.choice([1, 3, model.full_depth])
+                prompt = [rng.randrange(100, 1000) for _ in range(rng.randrange(2, 9))]
+                r = Request(f"r{step}-{len(live)}", prompt, SamplingParams(), e, len(model.cache_layers_of(e)), 0.0)
+                blocks.allocate(r.request_id, r.num_cache_layers, 0)
+                live.append(r)
+        if step % 7 == 3 and len(live) > 2:  # one finishes
+            r = live.pop(rng.randrange(len(live)))
+            blocks.free(r.request_id)
+            for runner in runners:
+                runner.release(r.request_id)
+        skipped = set(rng.sample(range(len(live)), 1)) if step % 11 == 5 else set()  # sits out a step
+        order = sorted((r for i, r in enumerate(live) if i not in skipped), key=lambda r: -r.exit_layer)
+        if step % 13 == 8:  # the scheduler lists one exit group in another order
+            order.reverse()
+            order.sort(key=lambda r: -r.exit_layer)
+        scheduled = []
+        for r in order:
+            n = r.num_tokens - r.num_computed_tokens
+            blocks.grow(r.request_id, r.num_computed_tokens + n)
+            scheduled.append(ScheduledRequest(r, r.num_computed_tokens, n))
+        runners[1]._decode_rows = None  # the reference builds its lists row by row every step
+        fast, slow = (runner.forward(scheduled) for runner in runners)
+        assert fast.sampling == slow.sampling and fast.sample_logit_rows == slow.sample_logit_rows, step
+        assert [row.output_token_ids for row in fast.rows] == [row.output_token_ids for row in slow.rows]
+        for row, i in zip(fast.rows, fast.sampling):
+            assert row.output_token_ids is scheduled[i].request.output_token_ids, step
+        reused += fast.rows is previous_rows
+        previous_rows = fast.rows
+        for item in scheduled:
+            item.request.num_computed_tokens += item.num_tokens
+            item.request.output_token_ids.append(rng.randrange(100, 1000))
+    assert reused >= 15  # the reuse did happen (most steps here are steady decode)
