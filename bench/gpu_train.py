@@ -1,16 +1,20 @@
 """Train the default model's balconies on one GPU within a wall-clock budget (issue 12, item 7).
 
-From a bare machine without internet access: the backbone's GGUF file, the training text and the
-English held-out text travel with the repository, nothing is downloaded. The run fits the closed-form
+From a bare machine without internet access: the backbone's GGUF file travels in two parts, the
+training text and the English held-out text are in the repository (bench/data/gpu_train_text.tar.xz,
+bench/data/README.md says what it holds and how it was made); nothing is downloaded. The run fits the closed-form
 start (``--init lens``), then trains every balcony by the KL recipe for as many tokens as the
 budget allows, then scores every exit on the held-out English and writes the adapters and a report.
 
     # here: pack what travels (the device call's carry is 64 MiB in all, the GGUF is 94 MiB: two parts)
-    python bench/gpu_train.py --pack .gputrain --data /tmp/fit2 /tmp/fit3 --heldout /tmp/english
+    python bench/gpu_train.py --pack .gputrain
     # on the device, call 1 (carry .gputrain/a): keep part a in an ignored folder the next call sees
     mkdir -p .gputrain/keep && cp .gputrain/a/* .gputrain/keep/
-    # call 2, at once (carry .gputrain/b and .gputrain/text.tar.xz): assemble and train
+    # call 2, at once (carry .gputrain/b): assemble and train
     cp .gputrain/b/* .gputrain/keep/ && python bench/gpu_train.py --run .gputrain --minutes 8 --out $OUT
+
+    # other text instead of the repository's: --pack also archives it (then carry .gputrain/text.tar.xz too)
+    python bench/gpu_train.py --pack .gputrain --data /tmp/fit2 /tmp/fit3 --heldout /tmp/english
 
     TRITON_INTERPRET=1 python bench/gpu_train.py --run DIR --smoke --out OUT   # tiny, on the CPU: tests this script
 
@@ -38,10 +42,12 @@ sys.path.insert(0, str(REPO))
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the file balcony_runtime.model_source expects in downloads/
 PART_BYTES = 48 * 2**20  # each weight part with room to spare in one 64 MiB carry
 TEXT_ARCHIVE = "text.tar.xz"  # train/ and heldout/ inside
+REPO_TEXT = REPO / "bench" / "data" / "gpu_train_text.tar.xz"  # the same layout, in git: used when DIR has none
 
 
-def pack(directory: Path, data: list[str], heldout: str) -> None:
-    """Split the cached GGUF into parts a/ and b/ and archive the training and held-out text."""
+def pack(directory: Path, data: list[str], heldout: str | None) -> None:
+    """Split the cached GGUF into parts a/ and b/; with ``data``, archive it and the held-out text
+    (else the run reads the repository's archive)."""
     from balcony_runtime.model_source import balcony_home, resolve_model
 
     gguf = balcony_home() / "downloads" / GGUF_NAME
@@ -53,16 +59,18 @@ def pack(directory: Path, data: list[str], heldout: str) -> None:
     for name, piece in (("a", blob[:PART_BYTES]), ("b", blob[PART_BYTES:])):
         (directory / name).mkdir(parents=True, exist_ok=True)
         (directory / name / f"{GGUF_NAME}.part-{name}").write_bytes(piece)
-    with tarfile.open(directory / TEXT_ARCHIVE, "w:xz") as tar:
-        for i, source in enumerate(data):
-            tar.add(source, arcname=f"train/{i}-{Path(source).name}")
-        tar.add(heldout, arcname="heldout")
+    if data:
+        with tarfile.open(directory / TEXT_ARCHIVE, "w:xz") as tar:
+            for i, source in enumerate(data):
+                tar.add(source, arcname=f"train/{i}-{Path(source).name}")
+            tar.add(heldout, arcname="heldout")
     sizes = {p.relative_to(directory).as_posix(): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
     print(json.dumps(sizes, indent=1))
 
 
 def unpack(directory: Path, home: Path) -> tuple[Path, Path]:
-    """Assemble the GGUF where the model source looks for it; unpack the text. Returns (train, heldout)."""
+    """Assemble the GGUF where the model source looks for it; unpack the text (DIR's archive, else
+    the repository's). Returns (train, heldout)."""
     parts = sorted((directory / "keep").glob(f"{GGUF_NAME}.part-*")) or sorted(directory.rglob(f"{GGUF_NAME}.part-*"))
     target = home / "downloads" / GGUF_NAME
     if parts and not target.is_file():
@@ -73,7 +81,8 @@ def unpack(directory: Path, home: Path) -> tuple[Path, Path]:
         target.with_suffix(".tmp").rename(target)
     text = directory / "text"
     if not text.is_dir():
-        with tarfile.open(directory / TEXT_ARCHIVE) as tar:
+        archive = directory / TEXT_ARCHIVE if (directory / TEXT_ARCHIVE).is_file() else REPO_TEXT
+        with tarfile.open(archive) as tar:
             tar.extractall(text, filter="data")
     return text / "train", text / "heldout"
 
@@ -100,9 +109,10 @@ def probe_rate(args, train_dir: Path, loaded, device: str) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pack", metavar="DIR", help="write the weight parts and the text archive to DIR")
-    parser.add_argument("--data", nargs="+", default=[], help="--pack: training sources (folders or files)")
-    parser.add_argument("--heldout", help="--pack: the held-out English folder")
+    parser.add_argument("--pack", metavar="DIR", help="write the weight parts (and, with --data, a text archive) to DIR")
+    parser.add_argument("--data", nargs="+", default=[],
+                        help="--pack: training sources (folders or files) instead of the repository's text")
+    parser.add_argument("--heldout", help="--pack with --data: the held-out English folder")
     parser.add_argument("--run", metavar="DIR", help="train from DIR (what --pack wrote, parts possibly in DIR/keep)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_train"), help="report and adapters")
     parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget, start to report")
@@ -115,8 +125,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: tests this script")
     args = parser.parse_args()
     if args.pack:
-        if not args.data or not args.heldout:
-            parser.error("--pack needs --data and --heldout")
+        if bool(args.data) != bool(args.heldout):
+            parser.error("--data and --heldout go together (neither: the repository's text is used)")
         pack(Path(args.pack), args.data, args.heldout)
         return 0
     if not args.run:

@@ -51,3 +51,22 @@ def test_pack_then_run_trains_and_reports(tmp_path, default_model):
     meta = json.loads((out / "adapters" / "balcony.json").read_text())
     assert "gpu_train.py" in meta["training"]["command"]
     assert (out / "gpu_train.md").read_text().startswith("# Balconies trained on cpu")
+
+
+def test_the_repositorys_text_is_read_when_the_pack_has_none(tmp_path):
+    """A run whose directory holds no text archive unpacks bench/data's: training text from the
+    recorded sources, and a held-out English set that shares no file with it."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_train
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    train, heldout = gpu_train.unpack(tmp_path, tmp_path / "home")  # no parts, no text.tar.xz
+    folders = {p.relative_to(train).parts[:2] for p in train.rglob("*") if p.is_file() and len(p.relative_to(train).parts) > 2}
+    assert folders == {("0-fit2", "text"), ("0-fit2", "pydoc"), ("0-fit2", "gen"), ("1-fit3", "wordnet")}
+    answers = (train / "0-fit2" / "gen" / "generations.jsonl").read_text().splitlines()
+    assert len(answers) == 320 and all(json.loads(line)["prompt"] for line in answers)
+    held = sorted(p.name for p in heldout.iterdir())
+    assert "constitution.txt" in held and len(held) == 17
+    trained_text = {p.read_text(errors="replace")[:200] for p in train.rglob("*.txt")}
+    assert not any(p.read_text()[:200] in trained_text for p in heldout.iterdir())
