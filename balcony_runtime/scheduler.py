@@ -252,7 +252,7 @@ class Scheduler:
             request = item.request
             request.num_computed_tokens = item.start + item.num_tokens
             request.waited_s = 0.0
-            if item.start < request.num_prompt_tokens:  # prompt blocks may have filled: offer them
+            if item.start < len(request.prompt_token_ids):  # prompt blocks may have filled: offer them
                 self.blocks.cache_prefix(request.request_id, request.prompt_token_ids, request.num_computed_tokens)
 
     def on_step_timed(self, output: SchedulerOutput, seconds: float, later: SchedulerOutput | None = None) -> None:
