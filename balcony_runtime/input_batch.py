@@ -2,7 +2,7 @@
 
 The shape of vLLM v1's InputBatch. A request keeps a row (a slot) while it runs. Its block table at
 every cache layer it writes lives in one persistent tensor [num_cache_layers, rows, max_blocks] on the
-device, written only where the block manager added blocks since the last step (a re-allocated
+device, written only where a row's context reached blocks not written yet (a re-allocated
 request, after a preemption, is rewritten whole). Each step the scheduled requests are arranged to
 fill slots 0..B-1 grouped by exit, deepest first, the order the model needs; a request already inside
 its group's range stays put and only the others move in, so a step moves the rows that joined, left
@@ -143,9 +143,14 @@ class InputBatch:
         self._last_ids = [request_ids[i] for i in target]
         return target  # type: ignore[return-value]
 
-    def update_blocks(self, tables: list[list[list[int]]]) -> int:
-        """Write the blocks each of slots 0..B-1 gained since the last step; ``tables`` in slot order
-        (the block manager's lists). Returns the most blocks any of these rows has per layer."""
+    def update_blocks(self, tables: list[list[list[int]]], needed: np.ndarray) -> int:
+        """Write the blocks each of slots 0..B-1 reads this step (``needed``[B] per layer, from its
+        first) and did not have in block_table; ``tables`` in slot order (the block manager's
+        lists, each at least that long). Returns the most blocks any of these rows reads.
+
+        A row's blocks are written as its context reaches them, not as they are allocated (a
+        prefill chunk's or a prefix's blocks may come earlier): the check is one comparison of
+        arrays, where counting every row's blocks was a Python pass over the rows each step."""
         n = len(tables)
         if not self._unchanged:
             rows = self.slots
@@ -153,13 +158,12 @@ class InputBatch:
             for b in reset:
                 rows[b].tables = tables[b]
             self._zero(reset)
-        have = np.array([len(t[0]) for t in tables], dtype=np.int64)  # [B]
-        most = int(have.max()) if n else 0
+        most = int(needed.max()) if n else 0
         if most > self.block_table.shape[2]:
             self._grow_blocks(most)
-        grow = np.flatnonzero(have > self.written[:n])
+        grow = np.flatnonzero(needed > self.written[:n])
         if grow.size:
-            self._write(grow, have, tables)
+            self._write(grow, needed, tables)
         return most
 
     def view(self, num_rows: int, num_blocks: int) -> torch.Tensor:
@@ -169,7 +173,7 @@ class InputBatch:
     # ---- internals -------------------------------------------------------------------------
 
     def _write(self, grow: np.ndarray, have: np.ndarray, tables: list[list[list[int]]]) -> None:
-        """Copy the new block ids of rows ``grow`` into block_table with one indexed write."""
+        """Copy block ids written[b]:have[b] of rows b in ``grow`` into block_table with one indexed write."""
         _, slots, width = self.block_table.shape
         values: list[int] = []
         index: list[np.ndarray] = []

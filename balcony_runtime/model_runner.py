@@ -186,11 +186,11 @@ class ModelRunner:
             rows = [scheduled[i] for i in order]
         else:
             rows = scheduled  # each request sits where the scheduler listed it (most steps)
-        num_blocks = self.input_batch.update_blocks(tables)
-
-        starts_list = [item.start for item in rows]
+        starts = np.asarray([item.start for item in rows], dtype=np.int64)  # [B]
         query_lens = [item.num_tokens for item in rows]
-        starts = np.asarray(starts_list, dtype=np.int64)  # [B]
+        lens = np.asarray(query_lens, dtype=np.int64)  # [B]
+        context_lens = starts + lens  # [B]
+        num_blocks = self.input_batch.update_blocks(tables, -(-context_lens // block_size))
         prompt_targets: dict[int, list[int]] = {}
         all_sampled = sum(query_lens) == len(rows) and all(item.completes_sequence for item in rows)
         if all_sampled:
@@ -215,8 +215,6 @@ class ModelRunner:
 
         num_rows, num_tokens = len(rows), len(input_ids)
         is_decode = num_tokens == num_rows
-        lens = np.asarray(query_lens, dtype=np.int64)  # [B]
-        context_lens = starts + lens  # [B]
         cu = np.zeros(num_rows + 1, dtype=np.int64)  # [B + 1]
         np.cumsum(lens, out=cu[1:])
         if is_decode:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,22 +22,25 @@ def cache_layers_of(exit_layer: int) -> list[int]:
     return list(range(exit_layer)) + [FULL + EXITS.index(exit_layer)]
 
 
-def dense_tables(blocks: BlockManager, ids: list[str], exits: list[int]) -> torch.Tensor:
-    """[C, B, max_blocks] built from nothing, zeros where a row has no block (the old runner's way)."""
-    width = max(len(blocks.block_tables(r)[0]) for r in ids)
-    out = torch.zeros(NUM_CACHE_LAYERS, len(ids), width, dtype=torch.int32)
-    for row, (rid, e) in enumerate(zip(ids, exits)):
-        tables = blocks.block_tables(rid)
-        out[cache_layers_of(e), row, : len(tables[0])] = torch.tensor(tables, dtype=torch.int32)
+def dense_tables(blocks: BlockManager, ids: list[str], exits: list[int], needed: list[int]) -> torch.Tensor:
+    """[C, B, max_blocks] built from nothing: each row's first needed[b] blocks, zeros elsewhere
+    (the old runner's way)."""
+    out = torch.zeros(NUM_CACHE_LAYERS, len(ids), max(needed), dtype=torch.int32)
+    for row, (rid, e, k) in enumerate(zip(ids, exits, needed)):
+        tables = [t[:k] for t in blocks.block_tables(rid)]
+        out[cache_layers_of(e), row, :k] = torch.tensor(tables, dtype=torch.int32)
     return out
 
 
-def step(batch: InputBatch, blocks: BlockManager, ids: list[str], exits: list[int]) -> list[int]:
+def step(batch: InputBatch, blocks: BlockManager, ids: list[str], exits: list[int],
+         needed: dict[str, int] | None = None) -> list[int]:
+    """One step's arrangement and block writes; ``needed``: blocks each row reads (default: all it holds)."""
     tables = [blocks.block_tables(r) for r in ids]
     order = batch.arrange(ids, exits, tables)
-    width = batch.update_blocks([tables[i] for i in order])
+    each = [len(tables[i][0]) if needed is None else needed[ids[i]] for i in order]
+    width = batch.update_blocks([tables[i] for i in order], np.asarray(each))
     got = batch.view(len(ids), width)
-    expected = dense_tables(blocks, [ids[i] for i in order], [exits[i] for i in order])
+    expected = dense_tables(blocks, [ids[i] for i in order], [exits[i] for i in order], each)
     assert torch.equal(got, expected)
     assert sorted(order) == list(range(len(ids)))
     assert all(exits[order[b]] == exits[b] for b in range(len(ids)))  # each row inside its exit group
@@ -71,13 +75,13 @@ def test_random_lives_match_tables_built_from_scratch(seed):
             else:  # decodes (or a prefill chunk)
                 e, n = live[rid]
                 n += rng.choice([1, 1, 1, 5])
-                blocks.grow(rid, n)
+                blocks.grow(rid, n + rng.choice([0, 0, 3, 9]))  # sometimes ahead of what the step reads
                 live[rid] = (e, n)
         if not live:
             continue
         running = [r for r in live if rng.random() < 0.8] or list(live)  # some rows skip a step
         running.sort(key=lambda r: -live[r][0])  # deepest first, as the scheduler orders rows
-        step(batch, blocks, running, [live[r][0] for r in running])
+        step(batch, blocks, running, [live[r][0] for r in running], {r: -(-live[r][1] // 4) for r in running})
 
 
 def test_a_steady_batch_moves_nothing_and_a_leaver_moves_one_row():
