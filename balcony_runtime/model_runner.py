@@ -72,6 +72,7 @@ class ModelRunner:
         # The last decode step's (arrangement, rows, sampling, sample_logit_rows), None after any
         # other step: the next decode step of the same arrangement reuses the lists as they are.
         self._decode_rows: tuple[list[str], list[SamplingRow], list[int], list[int]] | None = None
+        self._arange = torch.arange(0, dtype=torch.int32, device=self.device)  # see _row_offsets
 
     def use_graphs(self, max_rows: int, max_model_len: int, record: bool | None = None) -> DecodeGraphs:
         """Serve decode steps of up to ``max_rows`` rows by replaying recorded pieces
@@ -101,6 +102,13 @@ class ModelRunner:
         request whose last token is a placeholder -1 - j (see LLMEngine, overlapped steps) is fed
         previous[j]. Rows that ask for logprobs, and prompt logprobs, are read back here."""
         return self.sample(self.forward(scheduled, previous))
+
+    def _row_offsets(self, num_rows: int) -> torch.Tensor:
+        """0, 1, ..., num_rows as int32 on the device: a decode step's cu_query_lens (a view of a
+        tensor kept between steps; nothing writes to it)."""
+        if self._arange.shape[0] <= num_rows:
+            self._arange = torch.arange(2 * num_rows + 2, dtype=torch.int32, device=self.device)
+        return self._arange[: num_rows + 1]
 
     @torch.inference_mode()
     def forward(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None) -> "ForwardedStep":
@@ -215,14 +223,15 @@ class ModelRunner:
 
         num_rows, num_tokens = len(rows), len(input_ids)
         is_decode = num_tokens == num_rows
-        cu = np.zeros(num_rows + 1, dtype=np.int64)  # [B + 1]
-        np.cumsum(lens, out=cu[1:])
-        if is_decode:
-            token_rows, positions = np.arange(num_rows), starts  # [T], [T]
+        device = self.device
+        if is_decode:  # row b is token b: no offsets to compute or copy
+            positions, cu_t, max_query_len = starts, self._row_offsets(num_rows), 1  # [T], [B + 1]
         else:
+            cu = np.zeros(num_rows + 1, dtype=np.int64)  # [B + 1]
+            np.cumsum(lens, out=cu[1:])
             token_rows = np.repeat(np.arange(num_rows), lens)  # [T]
             positions = np.arange(num_tokens) - cu[token_rows] + starts[token_rows]  # [T]
-        device = self.device
+            cu_t, max_query_len = to_device(cu, torch.int32, device), int(lens.max())
         positions_t = to_device(positions, torch.int64, device)  # [T]
         block_tables = self.input_batch.view(num_rows, num_blocks)  # [C, B, max_blocks], a view
         # Slot of each token at every cache layer; rows that skip a layer point at block 0 but are
@@ -232,7 +241,7 @@ class ModelRunner:
             blocks = block_tables.gather(2, index).squeeze(2)  # [C, T]
         else:
             blocks = block_tables[:, to_device(token_rows, torch.int64, device), positions_t // block_size]  # [C, T]
-        slot_mapping = blocks.long().mul_(block_size).add_(positions_t % block_size)  # [C, T]
+        slot_mapping = torch.add(positions_t % block_size, blocks, alpha=block_size)  # [C, T] int64
         input_ids_t = to_device(input_ids, torch.int64, device)  # [T]
         if previous is not None and input_ids and min(input_ids) < 0:  # tokens the previous step sampled
             # -1 - j -> previous[j], on the device: the host never reads the sampled tokens first.
@@ -242,13 +251,13 @@ class ModelRunner:
             positions=positions_t,
             exits=exits,
             query_lens=query_lens,
-            cu_query_lens=to_device(cu, torch.int32, device),
+            cu_query_lens=cu_t,
             context_lens=to_device(context_lens, torch.int32, device),
             block_tables=block_tables,
             slot_mapping=slot_mapping,
             logits_indices=logits_indices,
             is_decode=is_decode,
-            max_query_len=int(lens.max()),
+            max_query_len=max_query_len,
             max_context_len=int(context_lens.max()),
         )
         # (only where each row sits where the scheduler listed it, so the lists reused are the same)

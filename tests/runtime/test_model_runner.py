@@ -38,8 +38,9 @@ def test_prepare_matches_the_batch_built_from_scratch(tiny_model):
     blocks = BlockManager(2000, 4)
     runner = ModelRunner(model, KVCache.allocate(model.arch, 8, 4, model.dtype, "cpu"), blocks)
     live: list[Request] = []
-    for step in range(25):
-        for _ in range(rng.randrange(0, 3)):
+    decode_steps = 0
+    for step in range(40):
+        for _ in range(rng.randrange(0, 3) if step % 4 == 0 else 0):  # arrivals, with decode-only steps between
             e = rng.choice([1, 2, 3, model.full_depth])
             prompt = [rng.randrange(100, 1000) for _ in range(rng.randrange(1, 20))]
             r = Request(f"r{step}-{len(live)}", prompt, SamplingParams(), e, len(model.cache_layers_of(e)), 0.0)
@@ -65,10 +66,18 @@ def test_prepare_matches_the_batch_built_from_scratch(tiny_model):
         assert batch.exits == [r.request.exit_layer for r in rows] == sorted(batch.exits, reverse=True)
         assert batch.query_lens == [r.num_tokens for r in rows]
         assert batch.context_lens.tolist() == [r.start + r.num_tokens for r in rows]
+        offsets = [0]
+        for r in rows:
+            offsets.append(offsets[-1] + r.num_tokens)
+        assert batch.cu_query_lens.tolist() == offsets and batch.cu_query_lens.dtype == torch.int32
+        assert batch.max_query_len == max(r.num_tokens for r in rows)
+        assert batch.slot_mapping.dtype == torch.int64
+        decode_steps += batch.is_decode
         for item in scheduled:  # the step ran: the tokens are cached, a sampled token joins
             item.request.num_computed_tokens += item.num_tokens
             if item.completes_sequence:
                 item.request.output_token_ids.append(rng.randrange(100, 1000))
+    assert decode_steps >= 3  # both ways of building the batch were checked
 
 
 def test_decode_steps_of_unchanged_rows_sample_each_row_as_a_fresh_pass_does(tiny_model):
