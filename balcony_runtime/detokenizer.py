@@ -126,12 +126,16 @@ class ByteStream:
         self.pending = b""  # the start of a character whose last bytes have not come yet
 
     def text_of(self, token_id: int, final: bool) -> str:
-        table = self.table
-        if not self.pending and 0 <= token_id < len(table):
+        table, pending = self.table, self.pending
+        if not 0 <= token_id < len(table):
+            data = pending  # an id outside the vocabulary decodes to nothing, as in the backend
+        elif pending:
+            data = pending + table[token_id]
+        else:
             text = self.whole[token_id]
             if text is not None:  # whole characters after whole characters: nothing to decode
                 return text
-        data = self.pending + (table[token_id] if 0 <= token_id < len(table) else b"")
+            data = table[token_id]
         text, used = codecs.utf_8_decode(data, "replace", final)
         self.pending = data[used:]
         return text

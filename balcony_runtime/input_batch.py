@@ -172,13 +172,13 @@ class InputBatch:
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _write(self, grow: np.ndarray, have: np.ndarray, tables: list[list[list[int]]]) -> None:
-        """Copy block ids written[b]:have[b] of rows b in ``grow`` into block_table with one indexed write."""
+    def _write(self, grow: np.ndarray, upto: np.ndarray, tables: list[list[list[int]]]) -> None:
+        """Copy block ids written[b]:upto[b] of rows b in ``grow`` into block_table with one indexed write."""
         _, slots, width = self.block_table.shape
         values: list[int] = []
         index: list[np.ndarray] = []
         slot_rows = self.slots
-        for b, old, new in zip(grow.tolist(), self.written[grow].tolist(), have[grow].tolist()):
+        for b, old, new in zip(grow.tolist(), self.written[grow].tolist(), upto[grow].tolist()):
             layers = self._layer_offsets(slot_rows[b].exit_layer)  # [L_b]
             if new == old + 1:  # a decoding row that crossed into its next block: one id per layer
                 values += map(itemgetter(old), tables[b])
@@ -187,7 +187,7 @@ class InputBatch:
                 for table in tables[b]:
                     values += table[old:new]
                 index.append((layers[:, None] + (b * width + np.arange(old, new))[None, :]).ravel())  # [L_b * k]
-        self.written[grow] = have[grow]
+        self.written[grow] = upto[grow]
         flat = to_device(np.concatenate(index), torch.long, self.device)  # into block_table.view(-1)
         self.block_table.view(-1)[flat] = to_device(values, torch.int32, self.device)
 

@@ -103,13 +103,6 @@ class ModelRunner:
         previous[j]. Rows that ask for logprobs, and prompt logprobs, are read back here."""
         return self.sample(self.forward(scheduled, previous))
 
-    def _row_offsets(self, num_rows: int) -> torch.Tensor:
-        """0, 1, ..., num_rows as int32 on the device: a decode step's cu_query_lens (a view of a
-        tensor kept between steps; nothing writes to it)."""
-        if self._arange.shape[0] <= num_rows:
-            self._arange = torch.arange(2 * num_rows + 2, dtype=torch.int32, device=self.device)
-        return self._arange[: num_rows + 1]
-
     @torch.inference_mode()
     def forward(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None) -> "ForwardedStep":
         """The first half of :meth:`launch`: the model's forward (and prompt logprobs). An engine
@@ -200,7 +193,8 @@ class ModelRunner:
         context_lens = starts + lens  # [B]
         num_blocks = self.input_batch.update_blocks(tables, -(-context_lens // block_size))
         prompt_targets: dict[int, list[int]] = {}
-        all_sampled = sum(query_lens) == len(rows) and all(item.completes_sequence for item in rows)
+        is_decode = sum(query_lens) == len(rows)  # every row feeds one token
+        all_sampled = is_decode and all(item.completes_sequence for item in rows)
         if all_sampled:
             # A decode step: every row feeds its last known token (the one after its cache) and is
             # sampled (no prompt logits: its one token is past the prompt's last scored position).
@@ -222,7 +216,6 @@ class ModelRunner:
                     logits_indices.append(offset + n - 1)
 
         num_rows, num_tokens = len(rows), len(input_ids)
-        is_decode = num_tokens == num_rows
         device = self.device
         if is_decode:  # row b is token b: no offsets to compute or copy
             positions, cu_t, max_query_len = starts, self._row_offsets(num_rows), 1  # [T], [B + 1]
@@ -263,6 +256,13 @@ class ModelRunner:
         # (only where each row sits where the scheduler listed it, so the lists reused are the same)
         decode_arrangement = self.input_batch.arrangement if all_sampled and rows is scheduled else None
         return batch, StepLayout(order, prompt_targets, decode_arrangement)
+
+    def _row_offsets(self, num_rows: int) -> torch.Tensor:
+        """0, 1, ..., num_rows as int32 on the device: a decode step's cu_query_lens (a view of a
+        tensor kept between steps; nothing writes to it)."""
+        if self._arange.shape[0] <= num_rows:
+            self._arange = torch.arange(2 * num_rows + 2, dtype=torch.int32, device=self.device)
+        return self._arange[: num_rows + 1]
 
 
 @dataclass(slots=True)
