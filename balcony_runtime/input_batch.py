@@ -48,6 +48,11 @@ class InputBatch:
         self.written = np.zeros(rows, dtype=np.int64)  # [rows] blocks per layer already in block_table
         self.null_block = null_block  # what entries past a row's blocks and at skipped layers hold
         self.block_table = torch.full((num_cache_layers, rows, blocks), null_block, dtype=torch.int32, device=device)
+        # [C, rows] each row's last written block at every layer (block_table[:, b, written[b] - 1]):
+        # a decode step's token is written there. Read as one contiguous slice, where gathering it from
+        # block_table touched one scattered entry per row and layer of a table that outgrows the caches.
+        self.last_block = torch.full((num_cache_layers, rows), null_block, dtype=torch.int32, device=device)
+        self._last_exact = False  # after update_blocks: every row's last written block is the last it reads
         self._layers: dict[int, np.ndarray] = {}  # exit -> cache layers, as an index array
         self._last_ids: list[str] = []  # the request ids of the last arrangement, in slot order
         self._unchanged = False  # the last arrange() found the same requests as the one before
@@ -134,6 +139,7 @@ class InputBatch:
                 self.slots[s] = None
             src_t, dst_t = to_device(src, torch.long, self.device), to_device(dst, torch.long, self.device)
             self.block_table[:, dst_t] = self.block_table[:, src_t]  # [C, moved, W]; the right side is read first
+            self.last_block[:, dst_t] = self.last_block[:, src_t]  # [C, moved]
             self.written[dst] = self.written[src]
         for slot in fresh:
             i = target[slot]
@@ -161,10 +167,19 @@ class InputBatch:
         most = int(needed.max()) if n else 0
         if most > self.block_table.shape[2]:
             self._grow_blocks(most)
-        grow = np.flatnonzero(needed > self.written[:n])
+        written = self.written[:n]
+        grow = np.flatnonzero(needed > written)
         if grow.size:
             self._write(grow, needed, tables)
+        # (a row's context only grows, so written == needed unless its blocks were read further back)
+        self._last_exact = bool((written == needed).all())
         return most
+
+    def last_blocks(self, num_rows: int) -> torch.Tensor | None:
+        """The block each of slots 0..num_rows-1 reads last this step, at every cache layer: [C,
+        num_rows], a view (``null_block`` at layers a row skips); None when some row read fewer blocks
+        than it has written (the caller then looks its blocks up in the table)."""
+        return self.last_block[:, :num_rows] if self._last_exact else None
 
     def view(self, num_rows: int, num_blocks: int) -> torch.Tensor:
         """The block tables of slots 0..num_rows-1: [C, num_rows, num_blocks], a view (no copy)."""
@@ -173,23 +188,40 @@ class InputBatch:
     # ---- internals -------------------------------------------------------------------------
 
     def _write(self, grow: np.ndarray, upto: np.ndarray, tables: list[list[list[int]]]) -> None:
-        """Copy block ids written[b]:upto[b] of rows b in ``grow`` into block_table with one indexed write."""
+        """Copy block ids written[b]:upto[b] of rows b in ``grow`` into block_table, and each one's
+        last into last_block, with one indexed write each."""
         _, slots, width = self.block_table.shape
-        values: list[int] = []
-        index: list[np.ndarray] = []
-        slot_rows = self.slots
-        for b, old, new in zip(grow.tolist(), self.written[grow].tolist(), upto[grow].tolist()):
-            layers = self._layer_offsets(slot_rows[b].exit_layer)  # [L_b]
-            if new == old + 1:  # a decoding row that crossed into its next block: one id per layer
+        slot_rows, layer_offsets = self.slots, self._layer_offsets
+        old_of, new_of = self.written[grow], upto[grow]  # [G]
+        crossed = new_of == old_of + 1  # [G] decoding rows that reached their next block: one id per layer
+        values: list[int] = []  # the new block ids, in the order of `index`
+        index: list[np.ndarray] = []  # where each goes in block_table.view(-1)
+        last: list[np.ndarray] = []  # where in `values` each grown row's new last block per layer is
+        if crossed.any():  # most steps' only rows: their ids are their last blocks too
+            rows, olds = grow[crossed], old_of[crossed]  # [R]
+            offsets = [layer_offsets(slot_rows[b].exit_layer) for b in rows.tolist()]  # [L_b] each
+            for b, old in zip(rows.tolist(), olds.tolist()):
                 values += map(itemgetter(old), tables[b])
-                index.append(layers + (b * width + old))  # [L_b]
-            else:
-                for table in tables[b]:
-                    values += table[old:new]
-                index.append((layers[:, None] + (b * width + np.arange(old, new))[None, :]).ravel())  # [L_b * k]
-        self.written[grow] = upto[grow]
-        flat = to_device(np.concatenate(index), torch.long, self.device)  # into block_table.view(-1)
-        self.block_table.view(-1)[flat] = to_device(values, torch.int32, self.device)
+            index.append(np.concatenate(offsets) + np.repeat(rows * width + olds, [len(o) for o in offsets]))
+            last.append(np.arange(len(values)))
+        for b, old, new in zip(grow[~crossed].tolist(), old_of[~crossed].tolist(), new_of[~crossed].tolist()):
+            layers = layer_offsets(slot_rows[b].exit_layer)  # [L_b]
+            first = len(values)
+            for table in tables[b]:
+                values += table[old:new]
+            index.append((layers[:, None] + (b * width + np.arange(old, new))[None, :]).ravel())  # [L_b * k]
+            last.append(np.arange(first + new - old - 1, len(values), new - old))  # [L_b]
+        self.written[grow] = new_of
+        # [N] into block_table.view(-1): layer * slots * width + slot * width + block
+        flat = np.concatenate(index) if len(index) > 1 else index[0]
+        values_t = to_device(values, torch.int32, self.device)  # [N]
+        self.block_table.view(-1)[to_device(flat, torch.long, self.device)] = values_t
+        # Each row's new last block per layer into last_block.view(-1): layer * slots + slot.
+        at = np.concatenate(last) if len(last) > 1 else last[0]  # [M]
+        if len(at) < len(values):
+            values_t = values_t[to_device(at, torch.long, self.device)]
+            flat = flat[at]
+        self.last_block.view(-1)[to_device(flat // width, torch.long, self.device)] = values_t
 
     def _layer_offsets(self, exit_layer: int) -> np.ndarray:
         """Flat offsets of an exit's cache layers in block_table: layer * rows * width."""
@@ -200,7 +232,9 @@ class InputBatch:
 
     def _zero(self, slots: list[int]) -> None:
         if slots:
-            self.block_table[:, to_device(slots, torch.long, self.device)] = self.null_block
+            slots_t = to_device(slots, torch.long, self.device)
+            self.block_table[:, slots_t] = self.null_block
+            self.last_block[:, slots_t] = self.null_block
             self.written[slots] = 0
 
     def _reserve_slots(self, n: int) -> None:
@@ -214,6 +248,9 @@ class InputBatch:
                            dtype=torch.int32, device=self.device)
         grown[:, :first] = self.block_table
         self.block_table = grown
+        last = torch.full((grown.shape[0], 2 * first), self.null_block, dtype=torch.int32, device=self.device)
+        last[:, :first] = self.last_block
+        self.last_block = last
         self.slots += [None] * first
         self.written = np.concatenate([self.written, np.zeros(first, dtype=np.int64)])
         self._layers.clear()

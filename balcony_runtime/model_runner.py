@@ -229,7 +229,9 @@ class ModelRunner:
         block_tables = self.input_batch.view(num_rows, num_blocks)  # [C, B, max_blocks], a view
         # Slot of each token at every cache layer; rows that skip a layer point at block 0 but are
         # never read or written there (the model slices them away).
-        if is_decode:  # token t is row t: a gather along the blocks (twice as fast as the indexing below)
+        if is_decode and (last := self.input_batch.last_blocks(num_rows)) is not None:
+            blocks = last  # [C, T]: token t is row t, written into the last block its context reaches
+        elif is_decode:  # a gather along the blocks (twice as fast as the indexing below)
             index = (positions_t // block_size).view(1, -1, 1).expand(block_tables.shape[0], -1, 1)  # [C, T, 1]
             blocks = block_tables.gather(2, index).squeeze(2)  # [C, T]
         else:

@@ -42,6 +42,12 @@ def step(batch: InputBatch, blocks: BlockManager, ids: list[str], exits: list[in
     got = batch.view(len(ids), width)
     expected = dense_tables(blocks, [ids[i] for i in order], [exits[i] for i in order], each)
     assert torch.equal(got, expected)
+    last = batch.last_blocks(len(ids))
+    if last is not None:  # each row's last block read, as the step's table holds it
+        at = torch.tensor(each).sub(1).view(1, -1, 1).expand(NUM_CACHE_LAYERS, -1, 1)
+        assert torch.equal(last, expected.gather(2, at).squeeze(2))
+    else:  # only when a row read fewer blocks than were written for it (never as a context grows)
+        assert (batch.written[: len(ids)] != np.asarray(each)).any()
     assert sorted(order) == list(range(len(ids)))
     assert all(exits[order[b]] == exits[b] for b in range(len(ids)))  # each row inside its exit group
     return order
