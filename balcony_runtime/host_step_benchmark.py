@@ -119,47 +119,73 @@ def measure_host_step(
 ) -> HostStep:
     """Median host milliseconds per decode step with ``rows`` requests at ``context`` tokens each,
     on a simulated device taking ``device_ms`` per step, steps overlapped or not."""
-    stub = StubModel(loaded.model, vocab)
-    # Real token ids whose text is mostly whole characters, so the detokenizer works as in serving.
-    token_pool = list(range(256, 256 + vocab))
-    budget = max(8192, rows)  # tokens per step
-    # Rows prefilled first decode while the others prefill: none may finish before the timed steps end.
-    prefill_steps = -(-rows * context // (budget - rows)) + 1
-    params = params or SamplingParams(max_tokens=prefill_steps + steps + 2, temperature=0, ignore_eos=True)
-    length = context + params.max_tokens
-    stub_loaded = dataclasses.replace(loaded, model=stub, max_model_len=length)
-    per_row_blocks = stub.num_cache_layers * -(-length // block_size)
-    # Eager: the stub stands in for the whole forward, so there is nothing to record as CUDA graphs.
-    config = EngineConfig(max_num_seqs=rows, max_num_batched_tokens=budget, block_size=block_size,
-                          num_kv_blocks=rows * per_row_blocks, enforce_eager=True, overlap_steps=overlap)
-    engine = LLMEngine(stub_loaded, config)
-    device = SimulatedDevice(device_ms)
-    if device_ms:
-        device.wrap(engine.runner)
-    rng = random.Random(0)
-    for _ in range(rows):
-        engine.add_request([rng.choice(token_pool) for _ in range(context)], params, exit_layer=exit_layer)
-    while any(not t.request.output_token_ids for t in engine._tracked.values()):
-        engine.step()  # prefill, in chunks of the token budget
+    run = HostStepRun(loaded, rows, context, steps, vocab, params, block_size, exit_layer, device_ms, overlap)
+    return measure_interleaved([run], steps)[0]
 
-    times = {p: [] for p in _PHASES}
-    _wrap(engine, times)
-    totals, cpu = [], []
-    assert all(len(t.request.output_token_ids) + steps <= params.max_tokens for t in engine._tracked.values())
+
+def measure_interleaved(runs: list["HostStepRun"], steps: int) -> list[HostStep]:
+    """Time ``steps`` decode steps of each run, one step of each in turn: a machine whose speed
+    drifts from minute to minute (a shared VM) slows them alike, so their ratio holds."""
     # As `balcony serve` does once it is ready (server/serve.py): what exists by now lives as long as
     # the process, so the collector stops re-walking it.
     gc.collect()
     gc.freeze()
     try:
         for _ in range(steps):
-            start, start_cpu, waited = time.perf_counter(), time.thread_time(), device.waited_cpu_s
-            engine.step()
-            totals.append(time.perf_counter() - start)
-            cpu.append(time.thread_time() - start_cpu - (device.waited_cpu_s - waited))
+            for run in runs:
+                run.step()
     finally:
         gc.unfreeze()
-    return HostStep(rows, context, 1e3 * statistics.median(totals), 1e3 * statistics.median(cpu),
-                    {p: 1e3 * statistics.median(v) for p, v in times.items() if v}, device_ms, overlap)
+    return [run.result() for run in runs]
+
+
+class HostStepRun:
+    """One engine on the stub model, its ``rows`` requests prefilled to ``context`` tokens, ready for
+    up to ``steps`` timed decode steps (:meth:`step`). The engine module's classes at construction
+    are the ones it uses (bench/host_step.py builds one with an older runner this way)."""
+
+    def __init__(self, loaded: LoadedModel, rows: int, context: int, steps: int = 30, vocab: int = 512,
+                 params: SamplingParams | None = None, block_size: int = 16, exit_layer=None,
+                 device_ms: float = 0.0, overlap: bool = False):
+        stub = StubModel(loaded.model, vocab)
+        # Real token ids whose text is mostly whole characters, so the detokenizer works as in serving.
+        token_pool = list(range(256, 256 + vocab))
+        budget = max(8192, rows)  # tokens per step
+        # Rows prefilled first decode while the others prefill: none may finish before the timed steps end.
+        prefill_steps = -(-rows * context // (budget - rows)) + 1
+        params = params or SamplingParams(max_tokens=prefill_steps + steps + 2, temperature=0, ignore_eos=True)
+        length = context + params.max_tokens
+        stub_loaded = dataclasses.replace(loaded, model=stub, max_model_len=length)
+        per_row_blocks = stub.num_cache_layers * -(-length // block_size)
+        # Eager: the stub stands in for the whole forward, so there is nothing to record as CUDA graphs.
+        config = EngineConfig(max_num_seqs=rows, max_num_batched_tokens=budget, block_size=block_size,
+                              num_kv_blocks=rows * per_row_blocks, enforce_eager=True, overlap_steps=overlap)
+        engine = LLMEngine(stub_loaded, config)
+        self.device = SimulatedDevice(device_ms)
+        if device_ms:
+            self.device.wrap(engine.runner)
+        rng = random.Random(0)
+        for _ in range(rows):
+            engine.add_request([rng.choice(token_pool) for _ in range(context)], params, exit_layer=exit_layer)
+        while any(not t.request.output_token_ids for t in engine._tracked.values()):
+            engine.step()  # prefill, in chunks of the token budget
+        assert all(len(t.request.output_token_ids) + steps <= params.max_tokens for t in engine._tracked.values())
+        self.engine, self.rows, self.context, self.device_ms, self.overlap = engine, rows, context, device_ms, overlap
+        self.phases: dict[str, list[float]] = {p: [] for p in _PHASES}
+        _wrap(engine, self.phases)
+        self.wall: list[float] = []  # seconds per timed step
+        self.cpu: list[float] = []  # CPU seconds of this thread per timed step, the device's wait excluded
+
+    def step(self) -> None:
+        device = self.device
+        start, start_cpu, waited = time.perf_counter(), time.thread_time(), device.waited_cpu_s
+        self.engine.step()
+        self.wall.append(time.perf_counter() - start)
+        self.cpu.append(time.thread_time() - start_cpu - (device.waited_cpu_s - waited))
+
+    def result(self) -> HostStep:
+        return HostStep(self.rows, self.context, 1e3 * statistics.median(self.wall), 1e3 * statistics.median(self.cpu),
+                        {p: 1e3 * statistics.median(v) for p, v in self.phases.items() if v}, self.device_ms, self.overlap)
 
 
 def _wrap(engine: LLMEngine, times: dict) -> None:

@@ -1,7 +1,7 @@
 """Host milliseconds per decode step (the model's forward stubbed), now and at an older revision.
 
     python bench/host_step.py                       # the default shapes, this checkout
-    python bench/host_step.py --baseline HEAD       # and the runner, sampler and detokenizer of HEAD
+    python bench/host_step.py --baseline HEAD       # and the step's host side of HEAD, a step of each in turn
     python bench/host_step.py --shape 64x256 --steps 50
     python bench/host_step.py --device-ms 1 --device-ms 4    # and on a simulated device, overlapped or not
 
@@ -26,21 +26,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from balcony_runtime import engine as engine_module  # noqa: E402
-from balcony_runtime.host_step_benchmark import measure_host_step  # noqa: E402
+from balcony_runtime.host_step_benchmark import HostStepRun, measure_host_step, measure_interleaved  # noqa: E402
 from balcony_runtime.loader import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ((64, 256), (256, 1024), (256, 4096))
-OLD_FILES = ("sampler", "detokenizer", "model_runner")  # the step's host side, loaded in this order
+OLD_FILES = ("sampler", "detokenizer", "input_batch", "model_runner")  # the step's host side, loaded in this order
 
 
 def old_modules(revision: str) -> dict[str, types.ModuleType]:
-    """The runner, sampler and detokenizer of ``revision`` as standalone modules (each importing
-    the others' old versions)."""
+    """The runner, its batch state, sampler and detokenizer of ``revision`` as standalone modules
+    (each importing the others' old versions)."""
     modules: dict[str, types.ModuleType] = {}
     for name in OLD_FILES:
-        source = subprocess.run(["git", "show", f"{revision}:balcony_runtime/{name}.py"], cwd=ROOT,
-                                check=True, capture_output=True, text=True).stdout
+        shown = subprocess.run(["git", "show", f"{revision}:balcony_runtime/{name}.py"], cwd=ROOT,
+                               capture_output=True, text=True)
+        if shown.returncode and name == "input_batch":
+            continue  # a revision from before the persistent batch state
+        shown.check_returncode()
+        source = shown.stdout
         for dep in modules:
             source = source.replace(f"from balcony_runtime.{dep} import", f"from _old_{dep} import")
         spec = importlib.util.spec_from_loader(f"_old_{name}", loader=None)
@@ -94,7 +98,7 @@ def main() -> None:
     parser.add_argument("--shape", action="append", help="ROWSxCONTEXT (repeatable; default the three goal shapes)")
     parser.add_argument("--steps", type=int, default=30, help="decode steps timed per shape (median reported)")
     parser.add_argument("--vocab", type=int, default=512, help="width of the stub's logits")
-    parser.add_argument("--baseline", help="git revision whose runner, sampler and detokenizer to time as well")
+    parser.add_argument("--baseline", help="git revision whose runner, batch state, sampler and detokenizer to time as well, a step of each in turn")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device-ms", type=float, action="append",
                         help="also time each shape on a simulated device taking this long per step, steps "
@@ -111,9 +115,12 @@ def main() -> None:
     print("| code | rows x context | step CPU ms | step wall ms | schedule | prepare | forward stub | sample | postprocess |")
     print("|---|---|---|---|---|---|---|---|---|")
     for rows, context in shapes:
+        runs = []
         for label, modules in versions:
-            with engine_with(modules):
-                r = measure_host_step(loaded, rows, context, steps=args.steps, vocab=args.vocab)
+            with engine_with(modules):  # the engine keeps the classes it was built with
+                runs.append(HostStepRun(loaded, rows, context, steps=args.steps, vocab=args.vocab))
+        # One step of each version in turn: the machine's drift slows both alike.
+        for (label, _), r in zip(versions, measure_interleaved(runs, args.steps)):
             p = r.phase_ms
             print(f"| {label} | {rows} x {context} | {r.step_cpu_ms:.3f} | {r.step_ms:.3f} | {p['schedule']:.3f} | {p['prepare']:.3f} | "
                   f"{p['forward']:.3f} | {p['sample']:.3f} | {p['postprocess']:.3f} |", flush=True)
