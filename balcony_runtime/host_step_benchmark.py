@@ -141,12 +141,14 @@ def measure_interleaved(runs: list["HostStepRun"], steps: int) -> list[HostStep]
 
 class HostStepRun:
     """One engine on the stub model, its ``rows`` requests prefilled to ``context`` tokens, ready for
-    up to ``steps`` timed decode steps (:meth:`step`). The engine module's classes at construction
-    are the ones it uses (bench/host_step.py builds one with an older runner this way)."""
+    up to ``steps`` timed decode steps (:meth:`step`). ``engine_module``: where LLMEngine and
+    EngineConfig come from (bench/host_step.py passes an older revision's; default this checkout's)."""
 
     def __init__(self, loaded: LoadedModel, rows: int, context: int, steps: int = 30, vocab: int = 512,
                  params: SamplingParams | None = None, block_size: int = 16, exit_layer=None,
-                 device_ms: float = 0.0, overlap: bool = False):
+                 device_ms: float = 0.0, overlap: bool = False, engine_module=None):
+        engine_class, config_class = (LLMEngine, EngineConfig) if engine_module is None else \
+            (engine_module.LLMEngine, engine_module.EngineConfig)
         stub = StubModel(loaded.model, vocab)
         # Real token ids whose text is mostly whole characters, so the detokenizer works as in serving.
         token_pool = list(range(256, 256 + vocab))
@@ -158,9 +160,9 @@ class HostStepRun:
         stub_loaded = dataclasses.replace(loaded, model=stub, max_model_len=length)
         per_row_blocks = stub.num_cache_layers * -(-length // block_size)
         # Eager: the stub stands in for the whole forward, so there is nothing to record as CUDA graphs.
-        config = EngineConfig(max_num_seqs=rows, max_num_batched_tokens=budget, block_size=block_size,
+        config = config_class(max_num_seqs=rows, max_num_batched_tokens=budget, block_size=block_size,
                               num_kv_blocks=rows * per_row_blocks, enforce_eager=True, overlap_steps=overlap)
-        engine = LLMEngine(stub_loaded, config)
+        engine = engine_class(stub_loaded, config)
         self.device = SimulatedDevice(device_ms)
         if device_ms:
             self.device.wrap(engine.runner)

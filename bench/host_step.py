@@ -13,7 +13,6 @@ Prints a markdown table: median milliseconds per engine.step(), as CPU time of t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import os
 import subprocess
@@ -25,18 +24,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from balcony_runtime import engine as engine_module  # noqa: E402
 from balcony_runtime.host_step_benchmark import HostStepRun, measure_host_step, measure_interleaved  # noqa: E402
 from balcony_runtime.loader import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ((64, 256), (256, 1024), (256, 4096))
-OLD_FILES = ("sampler", "detokenizer", "input_batch", "model_runner")  # the step's host side, loaded in this order
+# The step's host side, loaded in this order (each file's imports of the ones before it rewritten).
+OLD_FILES = ("sampler", "detokenizer", "input_batch", "block_manager", "model_runner", "scheduler", "engine")
 
 
 def old_modules(revision: str) -> dict[str, types.ModuleType]:
-    """The runner, its batch state, sampler and detokenizer of ``revision`` as standalone modules
-    (each importing the others' old versions)."""
+    """The engine of ``revision`` with its scheduler, block manager, runner, batch state, sampler
+    and detokenizer, as standalone modules, each importing the others' old versions (the rest of
+    the package is this checkout's)."""
     modules: dict[str, types.ModuleType] = {}
     for name in OLD_FILES:
         shown = subprocess.run(["git", "show", f"{revision}:balcony_runtime/{name}.py"], cwd=ROOT,
@@ -55,50 +55,12 @@ def old_modules(revision: str) -> dict[str, types.ModuleType]:
     return modules
 
 
-@contextlib.contextmanager
-def engine_with(modules: dict[str, types.ModuleType] | None):
-    """The engine module using ``modules``' runner and detokenizer (None: this checkout's)."""
-    if modules is None:
-        yield
-        return
-    saved = engine_module.ModelRunner, engine_module.IncrementalDetokenizer, engine_module.token_texts
-    old_detokenizer = modules["detokenizer"]
-    engine_module.ModelRunner = _with_launch(modules["model_runner"].ModelRunner)
-    engine_module.IncrementalDetokenizer = old_detokenizer.IncrementalDetokenizer
-    # Detokenizers before the byte table took the tokenizer itself.
-    engine_module.token_texts = getattr(old_detokenizer, "token_texts", lambda tokenizer: tokenizer)
-    try:
-        yield
-    finally:
-        engine_module.ModelRunner, engine_module.IncrementalDetokenizer, engine_module.token_texts = saved
-
-
-def _with_launch(runner_class: type) -> type:
-    """An older runner (run() only, before overlapped steps) with the launch() the engine calls."""
-    if hasattr(runner_class, "launch"):
-        return runner_class
-
-    class Done:
-        def __init__(self, result):
-            self._result, self.tokens = result, None
-            self.sampling = [i for i, token in enumerate(result.tokens) if token is not None]
-
-        def result(self):
-            return self._result
-
-    class Launching(runner_class):
-        def launch(self, scheduled, previous=None):
-            return Done(self.run(scheduled))
-
-    return Launching
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", action="append", help="ROWSxCONTEXT (repeatable; default the three goal shapes)")
     parser.add_argument("--steps", type=int, default=30, help="decode steps timed per shape (median reported)")
     parser.add_argument("--vocab", type=int, default=512, help="width of the stub's logits")
-    parser.add_argument("--baseline", help="git revision whose runner, batch state, sampler and detokenizer to time as well, a step of each in turn")
+    parser.add_argument("--baseline", help="git revision whose engine, scheduler, runner, batch state, sampler and detokenizer to time as well, a step of each in turn")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device-ms", type=float, action="append",
                         help="also time each shape on a simulated device taking this long per step, steps "
@@ -115,10 +77,9 @@ def main() -> None:
     print("| code | rows x context | step CPU ms | step wall ms | schedule | prepare | forward stub | sample | postprocess |")
     print("|---|---|---|---|---|---|---|---|---|")
     for rows, context in shapes:
-        runs = []
-        for label, modules in versions:
-            with engine_with(modules):  # the engine keeps the classes it was built with
-                runs.append(HostStepRun(loaded, rows, context, steps=args.steps, vocab=args.vocab))
+        runs = [HostStepRun(loaded, rows, context, steps=args.steps, vocab=args.vocab,
+                            engine_module=None if modules is None else modules["engine"])
+                for _, modules in versions]
         # One step of each version in turn: the machine's drift slows both alike.
         for (label, _), r in zip(versions, measure_interleaved(runs, args.steps)):
             p = r.phase_ms

@@ -23,12 +23,13 @@ def test_an_old_revision_and_this_checkout_step_in_turn(bench_script, tiny_model
     loaded = load_model(str(tiny_model_dir), adapters=None, dtype="float32", device="cpu")
     with bench_script("host_step") as host_step:
         old = host_step.old_modules("HEAD")
-        with host_step.engine_with(old):
-            then = HostStepRun(loaded, rows=3, context=20, steps=4)
+        then = HostStepRun(loaded, rows=3, context=20, steps=4, engine_module=old["engine"])
         now = HostStepRun(loaded, rows=3, context=20, steps=4)
-    # Each engine keeps the classes it was built with, whatever the module holds later.
-    assert type(then.engine.runner.input_batch).__module__ == "_old_input_batch"
-    assert type(then.engine.runner.sampler).__module__ == "_old_sampler"
+    # The old engine is built from the old revision's files throughout.
+    for part, module in ((then.engine, "engine"), (then.engine.scheduler, "scheduler"),
+                         (then.engine.scheduler.blocks, "block_manager"), (then.engine.runner, "model_runner"),
+                         (then.engine.runner.input_batch, "input_batch"), (then.engine.runner.sampler, "sampler")):
+        assert type(part).__module__ == f"_old_{module}"
     assert type(now.engine.runner.input_batch).__module__ == "balcony_runtime.input_batch"
     results = measure_interleaved([then, now], steps=4)
     assert len(then.cpu) == len(now.cpu) == 4  # one step of each in turn
