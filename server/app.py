@@ -81,12 +81,26 @@ async def in_own_thread(fn: Callable, *args):
         try:
             result = fn(*args)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(lambda: done.cancelled() or done.set_exception(exc))
+            # Passed as an argument: the name ``exc`` is unbound when the except block ends, so a
+            # callback that looked it up later would raise NameError and leave the future pending
+            # (a server that could not load stayed "loading" for ever).
+            loop.call_soon_threadsafe(_settle, done, None, exc)
         else:
-            loop.call_soon_threadsafe(lambda: done.cancelled() or done.set_result(result))
+            loop.call_soon_threadsafe(_settle, done, result, None)
 
     threading.Thread(target=run, name="balcony-loader", daemon=True).start()
     return await done
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(result)
+    elif isinstance(error, StopIteration):  # a future refuses it (it would end a generator)
+        future.set_exception(RuntimeError(f"StopIteration: {error}"))
+    else:
+        future.set_exception(error)
 
 
 def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: str,

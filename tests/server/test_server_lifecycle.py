@@ -6,6 +6,7 @@ Metrics and readiness change on the server's own threads: tests poll them with a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -210,3 +211,33 @@ def test_start_up_logs_each_phase_and_a_second_sigterm_exits_at_once(tmp_path, d
     log = log_path.read_text()
     assert "SIGTERM: draining 1 requests" in log and "second SIGTERM: exiting now" in log, log
     assert "Traceback" not in log, log
+
+
+def test_a_model_that_fails_to_load_ends_the_server_with_status_1(tmp_path):
+    """The load runs in its own thread; its error must reach the app (it once stayed "loading" for
+    ever: the callback that carried the error looked up a name the except block had unbound)."""
+    missing = tmp_path / "no-such-model"
+    process, url, log_path = launch(tmp_path, "--model", str(missing))
+    try:
+        assert process.wait(timeout=120) == 1, log_path.read_text()
+    finally:
+        stop(process)
+    log = log_path.read_text()
+    assert "the model failed to load" in log and str(missing) in log, log
+    assert "NameError" not in log, log
+
+
+def test_in_own_thread_hands_back_results_and_errors():
+    from server.app import in_own_thread
+
+    def fail(kind):
+        raise kind("boom")
+
+    async def main():
+        assert await in_own_thread(lambda a, b: a + b, 2, 3) == 5
+        with pytest.raises(ValueError, match="boom"):
+            await in_own_thread(fail, ValueError)
+        with pytest.raises(RuntimeError, match="StopIteration: boom"):  # a future refuses StopIteration itself
+            await asyncio.wait_for(in_own_thread(fail, StopIteration), timeout=30)
+
+    asyncio.run(main())
