@@ -54,7 +54,11 @@ def calibrate(engine, batch: int = 8, steps: int = 3, prompt_tokens: int = 96, b
     cached = cache.load(key, engine.model.full_depth) if cache is not None else None
     exits = engine.exits
     params = SamplingParams(max_tokens=steps + 3, temperature=0, ignore_eos=True)
-    filler = tuple(1000 + (i % 500) for i in range(max(prompt_tokens, long_prompt_tokens)))
+    # A server started with a short --max-model-len measures with prompts that fit it (the filler
+    # is cut to this length, so every prompt below is at most this long).
+    room = max(1, engine.loaded.max_model_len - params.max_tokens)
+    prompt_tokens = min(prompt_tokens, room)
+    filler = tuple(1000 + (i % 500) for i in range(min(max(prompt_tokens, long_prompt_tokens), room)))
     salt = itertools.count()  # makes every prompt's first block its own (see _run)
     announce("warm-up")
     if cached is not None:

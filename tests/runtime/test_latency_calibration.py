@@ -62,6 +62,18 @@ def test_calibration_fits_its_long_prompt_into_a_small_kv_cache(tiny_model):
     assert not engine.has_unfinished() and engine.blocks.num_used_blocks == 0
 
 
+def test_calibration_fits_its_prompts_into_a_short_model_length(tiny_model):
+    # `balcony serve --max-model-len 32`: the default prompts (96 tokens, 1,024 long) plus their
+    # decode steps do not fit; calibration measures with shorter ones instead of failing the start.
+    import dataclasses
+
+    short = dataclasses.replace(tiny_model, max_model_len=32)
+    engine = LLMEngine(short, EngineConfig(num_kv_blocks=512, max_num_seqs=4))
+    router = engine.calibrate(batch=2, steps=2, burst=4)
+    assert all(c >= 0 for c in router.model.step_cost.coefficients)
+    assert not engine.has_unfinished() and engine.blocks.num_used_blocks == 0
+
+
 def test_calibration_refuses_a_busy_engine(tiny_model):
     engine = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=256))
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=2))
