@@ -139,6 +139,22 @@ def measure_interleaved(runs: list["HostStepRun"], steps: int) -> list[HostStep]
     return [run.result() for run in runs]
 
 
+def stub_engine(loaded: LoadedModel, rows: int, max_len: int, vocab: int = 512, block_size: int = 16,
+                max_num_batched_tokens: int = 8192, overlap: bool = False, engine_module=None) -> LLMEngine:
+    """An engine on ``loaded``'s stub (:class:`StubModel`): room for ``rows`` requests of up to
+    ``max_len`` tokens. ``engine_module``: where LLMEngine and EngineConfig come from (default this
+    checkout's engine module; bench/host_step.py passes an older revision's)."""
+    engine_class, config_class = (LLMEngine, EngineConfig) if engine_module is None else \
+        (engine_module.LLMEngine, engine_module.EngineConfig)
+    stub = StubModel(loaded.model, vocab)
+    stub_loaded = dataclasses.replace(loaded, model=stub, max_model_len=max_len)
+    per_row_blocks = stub.num_cache_layers * -(-max_len // block_size)
+    # Eager: the stub stands in for the whole forward, so there is nothing to record as CUDA graphs.
+    config = config_class(max_num_seqs=rows, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                          num_kv_blocks=rows * per_row_blocks, enforce_eager=True, overlap_steps=overlap)
+    return engine_class(stub_loaded, config)
+
+
 class HostStepRun:
     """One engine on the stub model, its ``rows`` requests prefilled to ``context`` tokens, ready for
     up to ``steps`` timed decode steps (:meth:`step`). ``engine_module``: where LLMEngine and
@@ -147,22 +163,14 @@ class HostStepRun:
     def __init__(self, loaded: LoadedModel, rows: int, context: int, steps: int = 30, vocab: int = 512,
                  params: SamplingParams | None = None, block_size: int = 16, exit_layer=None,
                  device_ms: float = 0.0, overlap: bool = False, engine_module=None):
-        engine_class, config_class = (LLMEngine, EngineConfig) if engine_module is None else \
-            (engine_module.LLMEngine, engine_module.EngineConfig)
-        stub = StubModel(loaded.model, vocab)
         # Real token ids whose text is mostly whole characters, so the detokenizer works as in serving.
         token_pool = list(range(256, 256 + vocab))
         budget = max(8192, rows)  # tokens per step
         # Rows prefilled first decode while the others prefill: none may finish before the timed steps end.
         prefill_steps = -(-rows * context // (budget - rows)) + 1
         params = params or SamplingParams(max_tokens=prefill_steps + steps + 2, temperature=0, ignore_eos=True)
-        length = context + params.max_tokens
-        stub_loaded = dataclasses.replace(loaded, model=stub, max_model_len=length)
-        per_row_blocks = stub.num_cache_layers * -(-length // block_size)
-        # Eager: the stub stands in for the whole forward, so there is nothing to record as CUDA graphs.
-        config = config_class(max_num_seqs=rows, max_num_batched_tokens=budget, block_size=block_size,
-                              num_kv_blocks=rows * per_row_blocks, enforce_eager=True, overlap_steps=overlap)
-        engine = engine_class(stub_loaded, config)
+        engine = stub_engine(loaded, rows, context + params.max_tokens, vocab, block_size, budget, overlap,
+                             engine_module)
         self.device = SimulatedDevice(device_ms)
         if device_ms:
             self.device.wrap(engine.runner)

@@ -1,0 +1,182 @@
+"""The serving path's host ceiling: `balcony serve`'s HTTP front, async engine and step loop with the
+model's forward stubbed, driven by N streaming clients.
+
+    python bench/serving_host.py                          # 64 and 256 streams of 64 tokens
+    python bench/serving_host.py --streams 16 --tokens 32 --context 128
+
+A server process runs the real app (`server.app.create_app`: FastAPI, the async engine's step
+thread, Prometheus metrics, SSE chunks) on an engine whose model is the host-only benchmark's stub
+(balcony_runtime/host_step_benchmark.py), so everything a GPU server's host does per token runs, and
+nothing else. This process opens ``--streams`` streaming completions at once (token-id prompts of
+``--context`` tokens, greedy, ``ignore_eos``, ``--tokens`` each) with a raw HTTP client that only
+counts SSE events, and reports tokens per second delivered and milliseconds per engine step (every
+step decodes one token of every stream). Beside it, the host-only step of the same shape
+(:func:`measure_host_step`, no HTTP, in this process): the difference is what the HTTP side costs
+the step loop, since the two share one interpreter lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN_POOL = range(256, 768)  # real ids whose text is mostly whole characters (as host_step_benchmark)
+
+
+def serve(port: int, max_streams: int, context: int, tokens: int) -> None:
+    """The server process: the real app on a stub-model engine."""
+    import uvicorn
+    import torch
+
+    from balcony_runtime.host_step_benchmark import stub_engine
+    from balcony_runtime.loader import load_model
+    from server.app import create_app
+    from server.serve_options import ServeConfig
+
+    torch.set_num_threads(1)
+    if os.environ.get("BENCH_SWITCH_INTERVAL"):
+        sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
+    loaded = load_model("smollm2-135m", adapters=None, dtype="float32", device="cpu")
+    stats = {"step_s": [], "step_cpu_s": []}  # each engine.step() call of the step loop: wall, CPU seconds
+
+    def build():
+        engine = stub_engine(loaded, max_streams, context + tokens + 8)
+        step = engine.step
+
+        def timed_step():
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            out = step()
+            stats["step_s"].append(time.perf_counter() - start)
+            stats["step_cpu_s"].append(time.thread_time() - start_cpu)
+            return out
+
+        engine.step = timed_step  # after calibration (create_app's loader calibrates, then serves)
+        gc.collect()  # as serve.py's builder ends: what exists now lives as long as the process
+        gc.freeze()
+        return engine
+
+    app = create_app(ServeConfig(max_queued_requests=4 * max_streams), build, "stub")
+    app.get("/bench/stats")(lambda: {k: list(v) for k, v in stats.items()})
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+async def _one_stream(port: int, body: bytes) -> tuple[int, float]:
+    """One streaming completion over a raw connection: (SSE events before [DONE], seconds)."""
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    data = await reader.read()  # until the server closes the connection
+    writer.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"request failed: {data[:300]!r}")
+    events = rest.count(b"data: ")
+    if b"data: [DONE]" not in rest:
+        raise RuntimeError("stream ended without [DONE]")
+    return events - 1, time.perf_counter() - start
+
+
+async def _drive(port: int, streams: int, context: int, tokens: int, seed: int) -> tuple[float, list[int]]:
+    rng = random.Random(seed)
+    bodies = [json.dumps({"model": "stub", "prompt": [rng.choice(TOKEN_POOL) for _ in range(context)],
+                          "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True}).encode()
+              for _ in range(streams)]
+    start = time.perf_counter()
+    results = await asyncio.gather(*(_one_stream(port, b) for b in bodies))
+    return time.perf_counter() - start, [n for n, _ in results]
+
+
+def _wait_ready(port: int, server: subprocess.Popen, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError("the server exited before it was ready")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the server did not get ready")
+
+
+def _stats(port: int) -> dict:
+    import httpx
+
+    return httpx.get(f"http://127.0.0.1:{port}/bench/stats", timeout=30).json()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, action="append", help="concurrent streams (repeatable; default 64, 256)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")
+    parser.add_argument("--context", type=int, default=256, help="prompt tokens per stream")
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the server process's own mode: its port
+    parser.add_argument("--max-streams", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.max_streams, args.context, args.tokens)
+        return
+    counts = args.streams or [64, 256]
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--max-streams", str(max(counts)),
+                               "--context", str(args.context), "--tokens", str(args.tokens)], cwd=ROOT)
+    rows = []
+    try:
+        _wait_ready(port, server)
+        asyncio.run(_drive(port, min(counts), args.context, 4, seed=99))  # a first pass: connections, code paths
+        for streams in counts:
+            before = _stats(port)
+            seconds, events = asyncio.run(_drive(port, streams, args.context, args.tokens, seed=streams))
+            after = _stats(port)
+            if any(n != args.tokens for n in events):
+                raise RuntimeError(f"streams delivered {sorted(set(events))} tokens, expected {args.tokens}")
+            rows.append((streams, seconds, {k: after[k][len(before[k]):] for k in after}))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+    import torch
+
+    from balcony_runtime.host_step_benchmark import measure_host_step
+    from balcony_runtime.loader import load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model("smollm2-135m", adapters=None, dtype="float32", device="cpu")
+    print(f"stub model (forward replaced, {loaded.identity}'s shapes), prompts of {args.context} tokens, "
+          f"{args.tokens} tokens per stream, greedy, one torch thread\n")
+    print("| streams | wall s | tokens/s delivered | engine steps | wall ms per step | in engine.step() | "
+          "step() CPU ms, median | host-only step CPU ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for streams, seconds, served in rows:
+        host = measure_host_step(loaded, streams, args.context + args.tokens // 2, steps=30)
+        steps = len(served["step_s"])
+        print(f"| {streams} | {seconds:.2f} | {streams * args.tokens / seconds:,.0f} | {steps} | "
+              f"{1e3 * seconds / steps:.2f} | {sum(served['step_s']) / seconds:.0%} | "
+              f"{1e3 * statistics.median(served['step_cpu_s']):.2f} | {host.step_cpu_ms:.2f} |", flush=True)
+
+if __name__ == "__main__":
+    main()
