@@ -133,7 +133,9 @@ def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: 
     app.state.balcony = state
     install_error_handlers(app)
 
-    def require_key(request: Request) -> None:
+    # The dependencies are coroutines: FastAPI runs a plain function dependency in its thread pool,
+    # a hop to another thread and back for every request, for checks that never wait on anything.
+    async def require_key(request: Request) -> None:
         if config.api_key is None:
             return
         header = request.headers.get("authorization", "")
@@ -142,7 +144,7 @@ def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: 
             raise APIError(401, "missing or invalid API key (Authorization: Bearer ...)",
                            "authentication_error", code="invalid_api_key")
 
-    def require_json(request: Request) -> None:
+    async def require_json(request: Request) -> None:
         # 415, not 400: the body may be fine, the header framing it is not, and 415 names exactly
         # that. Without this check the body reaches validation as bytes and pydantic answers with
         # "Input should be a valid dictionary", which points nowhere near the cause.

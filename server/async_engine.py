@@ -25,7 +25,7 @@ from balcony_runtime.engine import LLMEngine, RequestOutput
 from balcony_runtime.errors import BalconyError
 from balcony_runtime.routing.router import RouteDecision
 from balcony_runtime.sampling_params import SamplingParams
-from server.metrics import ServerMetrics
+from server.metrics import ExitSeries, ServerMetrics
 from server.routing_headers import exit_name
 
 log = logging.getLogger("balcony.engine")
@@ -52,6 +52,7 @@ class _Stream:
     last_token_time: float | None = None
     num_tokens: int = 0
     exit_label: str = ""
+    series: ExitSeries | None = None  # the metrics labelled with exit_label
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,9 @@ class AsyncEngine:
         self.engine.add_request(prompt_ids, params, forced_exit, request_id, budget_ms=budget_ms, arrival_time=received,
                                 prefix_leader=prefix_leader)
         decision = self.engine.route_of(request_id)
-        stream = _Stream(asyncio.Queue(), decision, received, len(prompt_ids),
-                         exit_label=self.exit_label(decision.exit_layer))
+        label = self.exit_label(decision.exit_layer)
+        stream = _Stream(asyncio.Queue(), decision, received, len(prompt_ids), exit_label=label,
+                         series=self.metrics.of_exit(label))
         self._streams[request_id] = stream
         self._update_gauges()
         return Submission(request_id, decision, stream)
@@ -248,25 +250,25 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue  # aborted meanwhile
-            label = stream.exit_label
+            label, series = stream.exit_label, stream.series
             if out.new_token_ids:
                 if stream.last_token_time is None:
-                    m.ttft.labels(label).observe(now - stream.received)
+                    series.ttft.observe(now - stream.received)
                 else:
-                    m.itl.labels(label).observe(now - stream.last_token_time)
+                    series.itl.observe(now - stream.last_token_time)
                 stream.last_token_time = now
                 stream.num_tokens += len(out.new_token_ids)
             if out.finished:
                 self._streams.pop(out.request_id, None)
                 seconds = now - stream.received
-                m.e2e.labels(label).observe(seconds)
+                series.e2e.observe(seconds)
                 queued = (out.first_scheduled_time or now) - out.arrival_time
-                m.queue_time.labels(label).observe(max(0.0, queued))
-                m.prompt_tokens.labels(label).inc(out.num_prompt_tokens)
-                m.generation_tokens.labels(label).inc(out.num_output_tokens)
+                series.queue_time.observe(max(0.0, queued))
+                series.prompt_tokens.inc(out.num_prompt_tokens)
+                series.generation_tokens.inc(out.num_output_tokens)
                 m.request_success.labels(label, out.finish_reason).inc()
                 decision = stream.decision
-                m.prediction_error.labels(label).observe(abs(seconds - decision.predicted_ms / 1000))
+                series.prediction_error.observe(abs(seconds - decision.predicted_ms / 1000))
                 # Judged by the engine against arrival + budget, arrival being when HTTP received it.
                 outcome = {None: "none", True: "hit", False: "miss"}[out.budget_met]
                 m.budget_requests.labels(label, outcome).inc()

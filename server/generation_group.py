@@ -90,6 +90,18 @@ class GenerationGroup:
 
     async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every choice's outputs as they come, tagged with the choice index."""
+        if len(self.submissions) == 1:
+            # One choice (most requests): its stream read directly, without a task and a second
+            # queue in between, which every token of every stream would cross.
+            try:
+                async for out in self.engine.stream(self.submissions[0]):
+                    yield 0, out
+            except Exception as exc:
+                raise _as_api_error(exc)
+            finally:
+                for rid in self.request_ids:  # no-op once finished
+                    self.engine.abort(rid)
+            return
         merged: asyncio.Queue = asyncio.Queue()
         done = object()
 

@@ -5,6 +5,8 @@ Each server owns its registry (no process-global collectors), so tests can run s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # vLLM's buckets for the same quantities.
@@ -17,8 +19,23 @@ REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 ERROR_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+@dataclass(frozen=True)
+class ExitSeries:
+    """One exit's labelled series, looked up once per exit: ``labels()`` takes a lock and builds a
+    key on every call, and the output loop records a latency for every token of every stream."""
+
+    ttft: Histogram
+    itl: Histogram
+    e2e: Histogram
+    queue_time: Histogram
+    prediction_error: Histogram
+    prompt_tokens: Counter
+    generation_tokens: Counter
+
+
 class ServerMetrics:
     def __init__(self) -> None:
+        self._exits: dict[str, ExitSeries] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram("balcony:time_to_first_token_seconds", "Time to first token.",
@@ -45,6 +62,16 @@ class ServerMetrics:
                                        ["exit", "finished_reason"], registry=r)
         self.budget_requests = Counter("balcony:budget_requests", "Requests by budget outcome.",
                                        ["exit", "outcome"], registry=r)
+
+    def of_exit(self, label: str) -> ExitSeries:
+        """The series labelled ``exit=label`` (the same objects on every call)."""
+        series = self._exits.get(label)
+        if series is None:
+            series = self._exits[label] = ExitSeries(
+                self.ttft.labels(label), self.itl.labels(label), self.e2e.labels(label),
+                self.queue_time.labels(label), self.prediction_error.labels(label),
+                self.prompt_tokens.labels(label), self.generation_tokens.labels(label))
+        return series
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
