@@ -3,6 +3,7 @@ model's forward stubbed, driven by N streaming clients.
 
     python bench/serving_host.py                          # 64 and 256 streams of 64 tokens
     python bench/serving_host.py --streams 16 --tokens 32 --context 128
+    python bench/serving_host.py --device-ms 4             # each step also waits 4 ms, lock released
 
 A server process runs the real app (`server.app.create_app`: FastAPI, the async engine's step
 thread, Prometheus metrics, SSE chunks) on an engine whose model is the host-only benchmark's stub
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN_POOL = range(256, 768)  # real ids whose text is mostly whole characters (as host_step_benchmark)
 
 
-def serve(port: int, max_streams: int, context: int, tokens: int) -> None:
+def serve(port: int, max_streams: int, context: int, tokens: int, device_ms: float = 0.0) -> None:
     """The server process: the real app on a stub-model engine."""
     import uvicorn
     import torch
@@ -47,13 +48,19 @@ def serve(port: int, max_streams: int, context: int, tokens: int) -> None:
     from server.serve_options import ServeConfig
 
     torch.set_num_threads(1)
-    if os.environ.get("BENCH_SWITCH_INTERVAL"):
-        sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
     loaded = load_model("smollm2-135m", adapters=None, dtype="float32", device="cpu")
     stats = {"step_s": [], "step_cpu_s": []}  # each engine.step() call of the step loop: wall, CPU seconds
 
     def build():
         engine = stub_engine(loaded, max_streams, context + tokens + 8)
+        if device_ms:  # a GPU's step: the host waits without holding the interpreter lock
+            forward = engine.runner.model.forward
+
+            def on_device(*args):
+                time.sleep(device_ms / 1000)
+                return forward(*args)
+
+            engine.runner.model.forward = on_device
         step = engine.step
 
         def timed_step():
@@ -134,16 +141,19 @@ def main() -> None:
     parser.add_argument("--streams", type=int, action="append", help="concurrent streams (repeatable; default 64, 256)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")
     parser.add_argument("--context", type=int, default=256, help="prompt tokens per stream")
+    parser.add_argument("--device-ms", type=float, default=0.0,
+                        help="each step also waits this long without the interpreter lock, as for a GPU's step")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the server process's own mode: its port
     parser.add_argument("--max-streams", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.max_streams, args.context, args.tokens)
+        serve(args.serve, args.max_streams, args.context, args.tokens, args.device_ms)
         return
     counts = args.streams or [64, 256]
     port = _free_port()
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--max-streams", str(max(counts)),
-                               "--context", str(args.context), "--tokens", str(args.tokens)], cwd=ROOT)
+                               "--context", str(args.context), "--tokens", str(args.tokens),
+                               "--device-ms", str(args.device_ms)], cwd=ROOT)
     rows = []
     try:
         _wait_ready(port, server)
@@ -167,7 +177,9 @@ def main() -> None:
     torch.set_num_threads(1)
     loaded = load_model("smollm2-135m", adapters=None, dtype="float32", device="cpu")
     print(f"stub model (forward replaced, {loaded.identity}'s shapes), prompts of {args.context} tokens, "
-          f"{args.tokens} tokens per stream, greedy, one torch thread\n")
+          f"{args.tokens} tokens per stream, greedy, one torch thread"
+          + (f", each step also waiting {args.device_ms:g} ms without the interpreter lock" if args.device_ms else "")
+          + "\n")
     print("| streams | wall s | tokens/s delivered | engine steps | wall ms per step | in engine.step() | "
           "step() CPU ms, median | host-only step CPU ms |")
     print("|---|---|---|---|---|---|---|---|")
