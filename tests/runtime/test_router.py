@@ -67,6 +67,48 @@ def test_nnls_matches_brute_force_over_a_grid_and_stays_non_negative():
         assert np.sum((a @ y - b) ** 2) >= best - 1e-12
 
 
+def _nnls_by_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The same problem, one least-squares call per support on the scaled columns (a reference)."""
+    n = a.shape[1]
+    scale = np.linalg.norm(a, axis=0)
+    scale[scale == 0] = 1.0
+    a = a / scale
+    best, best_residual = np.zeros(n), float(b @ b)
+    for size in range(1, n + 1):
+        for support in itertools.combinations(range(n), size):
+            cols = list(support)
+            x, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+            residual = float(np.sum((a[:, cols] @ x - b) ** 2))
+            if (x >= 0).all() and residual < best_residual:
+                best, best_residual = np.zeros(n), residual
+                best[cols] = x
+    return best / scale
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_nnls_equals_least_squares_per_support_on_step_shapes(seed):
+    # Features as the live refit sees them (relative-error weighting, 1 to 10^8 in scale), some
+    # costs truly zero; plus a column of zeros and a repeated column, which make supports singular.
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(rng.randrange(20, 400)):
+        batch = [RowShape(rng.choice(EXITS), rng.choice([1, 1, 1, 64]), rng.randint(0, 4000))
+                 for _ in range(rng.randint(1, 64))]
+        rows.append(StepShape.of(batch, FULL).features())
+    features = np.array(rows, dtype=np.float64)  # [N, 6]
+    truth = np.array([1e-3, 2e-4, 1e-6, 5e-7, 1e-5, 1e-9]) * np.array([rng.choice([0.0, 1.0]) for _ in range(6)])
+    seconds = features @ truth * np.array([rng.uniform(0.8, 1.25) for _ in rows]) + 1e-4
+    weight = 1 / seconds
+    for a in (features * weight[:, None],
+              np.hstack([features * weight[:, None], np.zeros((len(rows), 1)), features[:, 1:2] * weight[:, None]])):
+        b = seconds * weight
+        x, reference = nnls(a, b), _nnls_by_lstsq(a, b)
+        assert (x >= 0).all()
+        got, want = float(np.sum((a @ x - b) ** 2)), float(np.sum((a @ reference - b) ** 2))
+        assert got <= want * (1 + 1e-9) + 1e-15, (got, want)
+        np.testing.assert_allclose(a @ x, a @ reference, rtol=1e-6, atol=1e-9)
+
+
 def test_fit_recovers_costs_from_noisy_steps_and_deeper_exits_are_never_cheaper():
     rng = random.Random(0)
     truth = cost()
