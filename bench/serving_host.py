@@ -70,8 +70,10 @@ def serve(port: int, max_streams: int, context: int, tokens: int, device_ms: flo
             stats["step_cpu_s"].append(time.thread_time() - start_cpu)
             return out
 
-        engine.step = timed_step  # after calibration (create_app's loader calibrates, then serves)
-        gc.collect()  # as serve.py's builder ends: what exists now lives as long as the process
+        # Installed before create_app's loader calibrates, so calibration's steps are recorded too:
+        # main() reads only the steps between its before and after snapshots.
+        engine.step = timed_step
+        gc.collect()  # as serve.py's builder does: what exists now lives as long as the process
         gc.freeze()
         return engine
 

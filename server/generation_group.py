@@ -99,8 +99,7 @@ class GenerationGroup:
             except Exception as exc:
                 raise _as_api_error(exc)
             finally:
-                for rid in self.request_ids:  # no-op once finished
-                    self.engine.abort(rid)
+                self._abort_unfinished()
             return
         merged: asyncio.Queue = asyncio.Queue()
         done = object()
@@ -128,8 +127,12 @@ class GenerationGroup:
         finally:
             for task in tasks:
                 task.cancel()
-            for rid in self.request_ids:  # no-op for finished ones
-                self.engine.abort(rid)
+            self._abort_unfinished()
+
+    def _abort_unfinished(self) -> None:
+        """The reader has stopped: abort the group's requests still running (a no-op for finished ones)."""
+        for rid in self.request_ids:
+            self.engine.abort(rid)
 
     async def collect(self) -> list[ChoiceResult]:
         results = [ChoiceResult(request_id=rid, index=i, spec=spec)
