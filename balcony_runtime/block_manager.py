@@ -7,6 +7,7 @@ depth, so shallow requests cost proportionally less memory and more of them fit.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from balcony_runtime.prefix_cache import PrefixCache, PrefixMatch
@@ -39,10 +40,12 @@ class BlockManager:
         self._refs = [0] * num_blocks  # holders of each block
         self._requests: dict[str, RequestBlocks] = {}
         self.prefix_cache = PrefixCache(block_size) if prefix_caching else None
-        # Free blocks still holding a cached prefix, in the order they were let go (dicts keep
-        # insertion order); a request lets go of its blocks last to first, so a prefix's tail is
-        # reused before its head, which more prompts share.
-        self._evictable: dict[int, None] = {}
+        # Free blocks still holding a cached prefix, in the order they were let go; a request lets
+        # go of its blocks last to first, so a prefix's tail is reused before its head, which more
+        # prompts share. An OrderedDict, not a dict: taking the oldest of a plain dict
+        # (next(iter(d)) then del) scans past every slot deleted since its last resize, so once a
+        # served pool is all cached prefixes, each block taken cost time growing with the pool.
+        self._evictable: OrderedDict[int, None] = OrderedDict()
 
     # ---- queries ---------------------------------------------------------------------------
 
@@ -127,7 +130,7 @@ class BlockManager:
         for table in shared:
             for block in table:
                 self._hold(block)
-        tables = [list(table) + [self._take() for _ in range(per_layer - len(table))] for table in shared]
+        tables = [list(table) + self._take(per_layer - len(table)) for table in shared]
         nodes = list(reuse.nodes) if reuse is not None else []
         self._requests[request_id] = RequestBlocks(num_layers, per_layer * self.block_size, tables, layers, nodes)
 
@@ -139,25 +142,14 @@ class BlockManager:
             return
         if extra * held.num_layers > self.num_free_blocks:
             raise OutOfBlocks(f"{extra * held.num_layers} blocks needed, {self.num_free_blocks} free")
-        needed, free = extra * held.num_layers, self._free
-        if len(free) >= needed:
-            # The common case, once per block_size tokens of every decoding row: plain free blocks
-            # for every layer, taken in one slice (what _take would pop one by one, in that order).
-            taken = free[-needed:]
-            del free[-needed:]
-            taken.reverse()
-            refs = self._refs
-            for block in taken:
-                refs[block] = 1
-            if extra == 1:
-                for table, block in zip(held.tables, taken):
-                    table.append(block)
-            else:
-                for i, table in enumerate(held.tables):
-                    table.extend(taken[i * extra:(i + 1) * extra])
+        # Once per block_size tokens of every decoding row: every layer's new blocks in one take.
+        taken = self._take(extra * held.num_layers)
+        if extra == 1:
+            for table, block in zip(held.tables, taken):
+                table.append(block)
         else:
-            for table in held.tables:
-                table.extend(self._take() for _ in range(extra))
+            for i, table in enumerate(held.tables):
+                table.extend(taken[i * extra:(i + 1) * extra])
         held.capacity_tokens = len(held.tables[0]) * self.block_size
 
     def cache_prefix(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
@@ -192,13 +184,19 @@ class BlockManager:
             del self._evictable[block]  # a cached block nobody held: back in use
         self._refs[block] += 1
 
-    def _take(self) -> int:
-        """A free block for new tokens: a plain one, else the cached block let go of longest ago."""
-        if self._free:
-            block = self._free.pop()
-        else:
-            block = next(iter(self._evictable))
-            del self._evictable[block]
-            self.prefix_cache.forget(block)
-        self._refs[block] = 1
-        return block
+    def _take(self, count: int) -> list[int]:
+        """``count`` blocks for new tokens: plain free ones first (lowest ids first), then the cached
+        blocks let go of longest ago, which leave the prefix cache."""
+        free, refs = self._free, self._refs
+        plain = min(count, len(free))
+        taken = free[len(free) - plain:]
+        del free[len(free) - plain:]
+        taken.reverse()
+        if count > plain:
+            popitem = self._evictable.popitem
+            evicted = [popitem(last=False)[0] for _ in range(count - plain)]
+            self.prefix_cache.forget(evicted)
+            taken += evicted
+        for block in taken:
+            refs[block] = 1
+        return taken

@@ -115,11 +115,12 @@ class HostStep:
 def measure_host_step(
     loaded: LoadedModel, rows: int, context: int, steps: int = 30, vocab: int = 512,
     params: SamplingParams | None = None, block_size: int = 16, exit_layer=None,
-    device_ms: float = 0.0, overlap: bool = False,
+    device_ms: float = 0.0, overlap: bool = False, recycled: bool = True,
 ) -> HostStep:
     """Median host milliseconds per decode step with ``rows`` requests at ``context`` tokens each,
     on a simulated device taking ``device_ms`` per step, steps overlapped or not."""
-    run = HostStepRun(loaded, rows, context, steps, vocab, params, block_size, exit_layer, device_ms, overlap)
+    run = HostStepRun(loaded, rows, context, steps, vocab, params, block_size, exit_layer, device_ms, overlap,
+                      recycled=recycled)
     return measure_interleaved([run], steps)[0]
 
 
@@ -158,11 +159,13 @@ def stub_engine(loaded: LoadedModel, rows: int, max_len: int, vocab: int = 512, 
 class HostStepRun:
     """One engine on the stub model, its ``rows`` requests prefilled to ``context`` tokens, ready for
     up to ``steps`` timed decode steps (:meth:`step`). ``engine_module``: where LLMEngine and
-    EngineConfig come from (bench/host_step.py passes an older revision's; default this checkout's)."""
+    EngineConfig come from (bench/host_step.py passes an older revision's; default this checkout's).
+    ``recycled``: the block pool has served a wave of other prompts first, as a running server's has;
+    False times a fresh pool."""
 
     def __init__(self, loaded: LoadedModel, rows: int, context: int, steps: int = 30, vocab: int = 512,
                  params: SamplingParams | None = None, block_size: int = 16, exit_layer=None,
-                 device_ms: float = 0.0, overlap: bool = False, engine_module=None):
+                 device_ms: float = 0.0, overlap: bool = False, engine_module=None, recycled: bool = True):
         # Real token ids whose text is mostly whole characters, so the detokenizer works as in serving.
         token_pool = list(range(256, 256 + vocab))
         budget = max(8192, rows)  # tokens per step
@@ -175,6 +178,17 @@ class HostStepRun:
         if device_ms:
             self.device.wrap(engine.runner)
         rng = random.Random(0)
+        if recycled:
+            # A server's pool is soon all cached prompts that nobody holds (prefix caching keeps them
+            # findable): a wave of other prompts as long as the engine allows fills the whole pool
+            # and ends first, so the timed rows' blocks come from that pool, evicting, as in
+            # serving, not from a never-used free list.
+            wave = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+            longest = context + params.max_tokens - 1
+            for _ in range(rows):
+                engine.add_request([rng.choice(token_pool) for _ in range(longest)], wave, exit_layer=exit_layer)
+            while engine.has_unfinished():
+                engine.step()
         for _ in range(rows):
             engine.add_request([rng.choice(token_pool) for _ in range(context)], params, exit_layer=exit_layer)
         while any(not t.request.output_token_ids for t in engine._tracked.values()):

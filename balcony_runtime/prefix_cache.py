@@ -82,14 +82,20 @@ class PrefixCache:
         self._node_blocks[node] += 1
         return True
 
-    def forget(self, block: int) -> None:
-        """Drop a block from the cache (it is being reused for other tokens)."""
-        layer, node = self._key_of.pop(block)
-        del self._block_of[(layer, node)]
-        self._node_blocks[node] -= 1
-        if self._node_blocks[node] == 0:  # nothing of this prefix is cached any more
-            del self._node_blocks[node]
-            del self._children[self._node_key.pop(node)]
+    def forget(self, blocks: list[int]) -> None:
+        """Drop cached blocks from the cache (they are being reused for other tokens). Blocks come in
+        lists: a decode step evicts a block per cache layer of each row crossing into a new one."""
+        key_of, block_of, node_blocks = self._key_of, self._block_of, self._node_blocks
+        for block in blocks:
+            key = key_of.pop(block)
+            del block_of[key]
+            node = key[1]
+            left = node_blocks[node] - 1
+            if left:
+                node_blocks[node] = left
+            else:  # nothing of this prefix is cached any more
+                del node_blocks[node]
+                del self._children[self._node_key.pop(node)]
 
     @staticmethod
     def root() -> int:

@@ -4,6 +4,7 @@
     python bench/host_step.py --baseline HEAD       # and the step's host side of HEAD, a step of each in turn
     python bench/host_step.py --shape 64x256 --steps 50
     python bench/host_step.py --device-ms 1 --device-ms 4    # and on a simulated device, overlapped or not
+    python bench/host_step.py --fresh-pool          # blocks from a never-used pool (default: a served one)
 
 Prints a markdown table: median milliseconds per engine.step(), as CPU time of the stepping thread
 (the host work, robust to a busy machine) and as wall time, and the CPU time of each phase
@@ -30,12 +31,13 @@ from balcony_runtime.loader import load_model  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ((64, 256), (256, 1024), (256, 4096))
 # The step's host side, loaded in this order (each file's imports of the ones before it rewritten).
-OLD_FILES = ("sampler", "detokenizer", "input_batch", "block_manager", "model_runner", "scheduler", "engine")
+OLD_FILES = ("sampler", "detokenizer", "input_batch", "prefix_cache", "block_manager", "model_runner", "scheduler",
+             "engine")
 
 
 def old_modules(revision: str) -> dict[str, types.ModuleType]:
-    """The engine of ``revision`` with its scheduler, block manager, runner, batch state, sampler
-    and detokenizer, as standalone modules, each importing the others' old versions (the rest of
+    """The engine of ``revision`` with its scheduler, block manager and prefix cache, runner, batch
+    state, sampler and detokenizer, as standalone modules, each importing the others' old versions (the rest of
     the package is this checkout's)."""
     modules: dict[str, types.ModuleType] = {}
     for name in OLD_FILES:
@@ -62,6 +64,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=512, help="width of the stub's logits")
     parser.add_argument("--baseline", help="git revision whose engine, scheduler, runner, batch state, sampler and detokenizer to time as well, a step of each in turn")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--fresh-pool", action="store_true",
+                        help="time on a never-used block pool (default: one that has served a wave of other "
+                             "prompts, its blocks cached prefixes nobody holds, as a running server's)")
     parser.add_argument("--device-ms", type=float, action="append",
                         help="also time each shape on a simulated device taking this long per step, steps "
                              "synchronous and overlapped (repeatable); prints a second table")
@@ -73,12 +78,14 @@ def main() -> None:
     if args.baseline:
         versions.insert(0, (args.baseline, old_modules(args.baseline)))
     print(f"{loaded.identity}, {loaded.model.num_cache_layers} cache layers, block size 16, greedy, "
-          f"stub vocab {args.vocab}, {args.steps} decode steps, torch {torch.__version__}, {args.threads} thread(s)\n")
+          f"stub vocab {args.vocab}, {args.steps} decode steps, torch {torch.__version__}, {args.threads} thread(s), "
+          f"{'a fresh block pool' if args.fresh_pool else 'a block pool that served a wave of other prompts first'}\n")
     print("| code | rows x context | step CPU ms | step wall ms | schedule | prepare | forward stub | sample | postprocess |")
     print("|---|---|---|---|---|---|---|---|---|")
     for rows, context in shapes:
         runs = [HostStepRun(loaded, rows, context, steps=args.steps, vocab=args.vocab,
-                            engine_module=None if modules is None else modules["engine"])
+                            engine_module=None if modules is None else modules["engine"],
+                            recycled=not args.fresh_pool)
                 for _, modules in versions]
         # One step of each version in turn: the machine's drift slows both alike.
         for (label, _), r in zip(versions, measure_interleaved(runs, args.steps)):
@@ -95,7 +102,7 @@ def main() -> None:
         for device_ms in args.device_ms:
             for overlap in (False, True):
                 r = measure_host_step(loaded, rows, context, steps=args.steps, vocab=args.vocab,
-                                      device_ms=device_ms, overlap=overlap)
+                                      device_ms=device_ms, overlap=overlap, recycled=not args.fresh_pool)
                 print(f"| {rows} x {context} | {device_ms:g} | {'overlapped' if overlap else 'synchronous'} | "
                       f"{r.step_cpu_ms:.3f} | {r.step_ms:.3f} | {r.device_idle_ms:.3f} |", flush=True)
 

@@ -27,7 +27,8 @@ def test_an_old_revision_and_this_checkout_step_in_turn(bench_script, tiny_model
         now = HostStepRun(loaded, rows=3, context=20, steps=4)
     # The old engine is built from the old revision's files throughout.
     for part, module in ((then.engine, "engine"), (then.engine.scheduler, "scheduler"),
-                         (then.engine.scheduler.blocks, "block_manager"), (then.engine.runner, "model_runner"),
+                         (then.engine.scheduler.blocks, "block_manager"),
+                         (then.engine.scheduler.blocks.prefix_cache, "prefix_cache"), (then.engine.runner, "model_runner"),
                          (then.engine.runner.input_batch, "input_batch"), (then.engine.runner.sampler, "sampler")):
         assert type(part).__module__ == f"_old_{module}"
     assert type(now.engine.runner.input_batch).__module__ == "balcony_runtime.input_batch"
@@ -38,4 +39,25 @@ def test_an_old_revision_and_this_checkout_step_in_turn(bench_script, tiny_model
         assert r.step_cpu_ms > 0 and set(r.phase_ms) >= {"schedule", "prepare", "sample", "postprocess"}
     # Same requests, same greedy stub: both versions produced the same tokens.
     tokens = [[t.request.output_token_ids for t in run.engine._tracked.values()] for run in (then, now)]
+    assert tokens[0] == tokens[1]
+
+
+def test_a_recycled_pool_serves_the_timed_rows_from_cached_prefixes(tiny_model_dir):
+    """By default the timed rows find the pool as a running server leaves it, holding cached prompts
+    that nobody holds, so the blocks they take evict cached ones; the pool's history changes no token."""
+    loaded = load_model(str(tiny_model_dir), adapters=None, dtype="float32", device="cpu")
+    # Long enough a decode that the rows outgrow the blocks the wave left plain (the partial last
+    # block of each of its prompts, and the layers its full-depth rows did not use).
+    recycled = HostStepRun(loaded, rows=3, context=40, steps=60)
+    fresh = HostStepRun(loaded, rows=3, context=40, steps=60, recycled=False)
+    assert recycled.engine.blocks._evictable
+    assert fresh.engine.blocks._free and not fresh.engine.blocks._evictable
+    evicted: list[int] = []
+    for run in (recycled, fresh):
+        cache = run.engine.blocks.prefix_cache
+        forget = cache.forget
+        cache.forget = lambda blocks, forget=forget: (evicted.extend(blocks), forget(blocks))
+    measure_interleaved([recycled, fresh], steps=60)
+    assert evicted and set(evicted) <= set(range(recycled.engine.blocks.num_blocks))
+    tokens = [[t.request.output_token_ids for t in run.engine._tracked.values()] for run in (recycled, fresh)]
     assert tokens[0] == tokens[1]
