@@ -11,6 +11,7 @@ from typing import AsyncIterator
 from jinja2 import TemplateError
 
 from balcony_runtime.sampler import TokenLogprobs
+from server import sse
 from server.completions import sampling_params
 from server.errors import APIError
 from server.generation_group import ChoiceResult, ChoiceSpec, GenerationGroup, usage
@@ -129,17 +130,17 @@ async def chat_complete(body: ChatCompletionRequest, group: GenerationGroup, tok
 
 
 async def stream_chat(body: ChatCompletionRequest, group: GenerationGroup, tokenizer,
-                      model_name: str, parser: CallParser | None = None) -> AsyncIterator[str]:
+                      model_name: str, parser: CallParser | None = None) -> AsyncIterator[bytes]:
     created, cid = int(time.time()), f"chatcmpl-{group.id}"
     results = [ChoiceResult(request_id=rid, index=i, spec=spec)
                for i, (rid, spec) in enumerate(zip(group.request_ids, group.specs))]
 
-    def chunk(choices: list[dict], **extra) -> str:
+    def chunk(choices: list[dict], **extra) -> bytes:
         if body.continuous_usage:
             extra.setdefault("usage", usage(results))
         payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                    "choices": choices, **extra}
-        return f"data: {json.dumps(payload)}\n\n"
+        return sse.event(payload)
 
     calling, auto = tool_calling(body), auto_parser(body, parser)
     if calling is not None:
@@ -173,4 +174,4 @@ async def stream_chat(body: ChatCompletionRequest, group: GenerationGroup, token
                           "finish_reason": reason if last else None}])
     if body.include_usage:
         yield chunk([], usage=usage(results), balcony=group.balcony_info(group.measured_ms()))
-    yield "data: [DONE]\n\n"
+    yield sse.DONE

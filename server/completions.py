@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import AsyncIterator
@@ -10,6 +9,7 @@ from typing import AsyncIterator
 from balcony_runtime.sampler import TokenLogprobs
 from balcony_runtime.sampling_params import SamplingParams
 from balcony_runtime.structured.constraint import StructuredOutput
+from server import sse
 from server.errors import APIError
 from server.generation_group import ChoiceResult, ChoiceSpec, GenerationGroup, usage
 from server.protocol import CompletionRequest
@@ -108,18 +108,18 @@ async def complete(body: CompletionRequest, group: GenerationGroup, tokenizer, m
 
 
 async def stream_completion(body: CompletionRequest, group: GenerationGroup, tokenizer,
-                            model_name: str) -> AsyncIterator[str]:
+                            model_name: str) -> AsyncIterator[bytes]:
     created, cid = int(time.time()), f"cmpl-{group.id}"
     results = [ChoiceResult(request_id=rid, index=i, spec=spec)
                for i, (rid, spec) in enumerate(zip(group.request_ids, group.specs))]
     first = True
 
-    def chunk(choices: list[dict], **extra) -> str:
+    def chunk(choices: list[dict], **extra) -> bytes:
         if body.continuous_usage:
             extra.setdefault("usage", usage(results))
         payload = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
                    "choices": choices, **extra}
-        return f"data: {json.dumps(payload)}\n\n"
+        return sse.event(payload)
 
     if body.echo:
         echoed = [{"index": i, "text": tokenizer.decode(s.prompt_ids), "logprobs": None, "finish_reason": None}
@@ -143,4 +143,4 @@ async def stream_completion(body: CompletionRequest, group: GenerationGroup, tok
             yield chunk([choice])
     if body.include_usage:
         yield chunk([], usage=usage(results), balcony=group.balcony_info(group.measured_ms()))
-    yield "data: [DONE]\n\n"
+    yield sse.DONE

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import sse
 
 log = logging.getLogger("balcony.server")
 
@@ -33,14 +34,14 @@ async def guard_stream(events):
             yield event
     except APIError as exc:
         body = {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
-        yield f"data: {json.dumps(body)}\n\n"
-        yield "data: [DONE]\n\n"
+        yield sse.event(body)
+        yield sse.DONE
     except Exception as exc:
         log.exception("error while streaming")
         body = {"error": {"message": f"internal error: {type(exc).__name__}", "type": "internal_error",
                           "param": None, "code": None}}
-        yield f"data: {json.dumps(body)}\n\n"
-        yield "data: [DONE]\n\n"
+        yield sse.event(body)
+        yield sse.DONE
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
