@@ -41,8 +41,8 @@ class BlockManager:
         self._requests: dict[str, RequestBlocks] = {}
         self.prefix_cache = PrefixCache(block_size) if prefix_caching else None
         # Free blocks still holding a cached prefix, in the order they were let go; a request lets
-        # go of its blocks last to first, so a prefix's tail is reused before its head, which more
-        # prompts share. An OrderedDict, not a dict: taking the oldest of a plain dict
+        # go of its blocks last to first (free()), so a prefix's tail is reused before its head,
+        # which more prompts share. An OrderedDict, not a dict: taking the oldest of a plain dict
         # (next(iter(d)) then del) scans past every slot deleted since its last resize, so once a
         # served pool is all cached prefixes, each block taken cost time growing with the pool.
         self._evictable: OrderedDict[int, None] = OrderedDict()
@@ -170,14 +170,21 @@ class BlockManager:
         held = self._requests.pop(request_id, None)
         if held is None:
             return
-        for table in held.tables:
-            for block in reversed(table):
-                self._refs[block] -= 1
-                if self._refs[block] == 0:
-                    if self.prefix_cache is not None and self.prefix_cache.is_cached(block):
-                        self._evictable[block] = None
+        # Last block first and, for each, every layer's copy together: eviction takes the oldest
+        # first, so it removes a prefix's tail in all its layers at once, and the leading blocks
+        # stay matchable (a match needs every layer's copy; going layer by layer would evict the
+        # first layer's whole prefix before any other layer's, leaving nothing to match).
+        refs, cache, evictable, free = self._refs, self.prefix_cache, self._evictable, self._free
+        tables = held.tables
+        for i in range(len(tables[0]) - 1 if tables else -1, -1, -1):
+            for table in tables:
+                block = table[i]
+                refs[block] -= 1
+                if refs[block] == 0:
+                    if cache is not None and cache.is_cached(block):
+                        evictable[block] = None
                     else:
-                        self._free.append(block)
+                        free.append(block)
 
     def _hold(self, block: int) -> None:
         if self._refs[block] == 0:

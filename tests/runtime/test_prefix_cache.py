@@ -102,6 +102,21 @@ def test_freed_prefixes_stay_until_their_blocks_are_needed():
     assert match.num_blocks == 2 and match.blocks == [[0, 1]]
 
 
+def test_eviction_takes_a_prefix_tail_in_every_layer_and_keeps_its_head_matchable():
+    bm = BlockManager(num_blocks=12, block_size=2, prefix_caching=True)
+    prompt = list(range(8))  # four whole blocks in each of three layers: the whole pool
+    bm.allocate("a", 3, 8, (0, 1, 2))
+    bm.cache_prefix("a", prompt, 8)
+    tail = [table[3] for table in bm.block_tables("a")]
+    bm.free("a")
+    assert bm.cached_prefix((0, 1, 2), prompt, 9).num_blocks == 4
+    bm.allocate("b", 3, 2, (0, 1, 2))  # one block per layer: the last block's three copies go
+    assert sorted(b for table in bm.block_tables("b") for b in table) == sorted(tail)
+    assert bm.cached_prefix((0, 1, 2), prompt, 9).num_blocks == 3
+    bm.allocate("c", 1, 4, (0,))  # two more: the third block's copies of layers 0 and 1
+    assert bm.cached_prefix((0, 1, 2), prompt, 9).num_blocks == 2
+
+
 def _run(engine: LLMEngine, prompts: list[str], stagger: int) -> list:
     """Add the first prompt, step ``stagger`` times, then add the rest; run to the end."""
     ids = [engine.add_request(prompts[0], GREEDY)]
