@@ -16,6 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 _ROOT = 0
+# A (cache layer, node) pair is one int, node << _LAYER_BITS | layer: int keys hash and compare
+# about twice as fast as tuples, and a served pool evicts a block per layer of every row that
+# crosses into a new block, each step.
+_LAYER_BITS = 12
 
 
 @dataclass
@@ -34,8 +38,8 @@ class PrefixCache:
         self._children: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent, block tokens) -> node
         self._node_key: dict[int, tuple[int, tuple[int, ...]]] = {}  # node -> its key in _children
         self._node_blocks: dict[int, int] = {}  # node -> how many layers' blocks of it are cached
-        self._block_of: dict[tuple[int, int], int] = {}  # (cache layer, node) -> block id
-        self._key_of: dict[int, tuple[int, int]] = {}  # block id -> (cache layer, node)
+        self._block_of: dict[int, int] = {}  # (node << _LAYER_BITS | cache layer) -> block id
+        self._key_of: dict[int, int] = {}  # block id -> its key in _block_of
         self._next_node = _ROOT + 1
 
     def __len__(self) -> int:
@@ -53,7 +57,8 @@ class PrefixCache:
             node = self._children.get((node, tuple(token_ids[i * size:(i + 1) * size])))
             if node is None:
                 break
-            blocks = [self._block_of.get((layer, node)) for layer in layers]
+            base = node << _LAYER_BITS
+            blocks = [self._block_of.get(base | layer) for layer in layers]
             if None in blocks:
                 break
             found.nodes.append(node)
@@ -75,10 +80,13 @@ class PrefixCache:
     def register(self, layer: int, node: int, block: int) -> bool:
         """Record that ``block`` holds ``node``'s tokens for ``layer``; False (nothing recorded) if
         another block already does (two requests computed the same prefix at once)."""
-        if (layer, node) in self._block_of:
+        if not 0 <= layer < 1 << _LAYER_BITS:
+            raise ValueError(f"cache layer {layer} out of range: at most {1 << _LAYER_BITS} are keyed")
+        key = node << _LAYER_BITS | layer
+        if key in self._block_of:
             return False
-        self._block_of[(layer, node)] = block
-        self._key_of[block] = (layer, node)
+        self._block_of[key] = block
+        self._key_of[block] = key
         self._node_blocks[node] += 1
         return True
 
@@ -89,7 +97,7 @@ class PrefixCache:
         for block in blocks:
             key = key_of.pop(block)
             del block_of[key]
-            node = key[1]
+            node = key >> _LAYER_BITS
             left = node_blocks[node] - 1
             if left:
                 node_blocks[node] = left

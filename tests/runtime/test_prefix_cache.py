@@ -117,6 +117,21 @@ def test_eviction_takes_a_prefix_tail_in_every_layer_and_keeps_its_head_matchabl
     assert bm.cached_prefix((0, 1, 2), prompt, 9).num_blocks == 2
 
 
+def test_layers_of_one_node_are_told_apart_and_out_of_range_layers_refused():
+    from balcony_runtime.prefix_cache import PrefixCache
+
+    cache = PrefixCache(block_size=2)
+    node = cache.node(cache.root(), (1, 2))
+    for layer, block in ((0, 10), (1, 11), (4095, 12)):
+        assert cache.register(layer, node, block)
+    assert not cache.register(1, node, 99)  # that layer's copy is known
+    assert cache.match((0, 1, 4095), [1, 2, 3], 1).blocks == [[10], [11], [12]]
+    cache.forget([11])
+    assert cache.match((0, 1), [1, 2, 3], 1).num_blocks == 0 and cache.match((0,), [1, 2, 3], 1).blocks == [[10]]
+    with pytest.raises(ValueError, match="out of range"):
+        cache.register(4096, node, 13)
+
+
 def _run(engine: LLMEngine, prompts: list[str], stagger: int) -> list:
     """Add the first prompt, step ``stagger`` times, then add the rest; run to the end."""
     ids = [engine.add_request(prompts[0], GREEDY)]
