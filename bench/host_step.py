@@ -77,9 +77,10 @@ def main() -> None:
     versions = [("this checkout", None)]
     if args.baseline:
         versions.insert(0, (args.baseline, old_modules(args.baseline)))
+    pool = "a fresh block pool" if args.fresh_pool else "a block pool that served a wave of other prompts first"
     print(f"{loaded.identity}, {loaded.model.num_cache_layers} cache layers, block size 16, greedy, "
           f"stub vocab {args.vocab}, {args.steps} decode steps, torch {torch.__version__}, {args.threads} thread(s), "
-          f"{'a fresh block pool' if args.fresh_pool else 'a block pool that served a wave of other prompts first'}\n")
+          f"{pool}\n")
     print("| code | rows x context | step CPU ms | step wall ms | schedule | prepare | forward stub | sample | postprocess |")
     print("|---|---|---|---|---|---|---|---|---|")
     for rows, context in shapes:

@@ -4,6 +4,7 @@ model's forward stubbed, driven by N streaming clients.
     python bench/serving_host.py                          # 64 and 256 streams of 64 tokens
     python bench/serving_host.py --streams 16 --tokens 32 --context 128
     python bench/serving_host.py --device-ms 4             # each step also waits 4 ms, lock released
+    python bench/serving_host.py --loop uvloop             # the server on uvloop instead of asyncio's loop
 
 A server process runs the real app (`server.app.create_app`: FastAPI, the async engine's step
 thread, Prometheus metrics, SSE chunks) on an engine whose model is the host-only benchmark's stub
@@ -37,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN_POOL = range(256, 768)  # real ids whose text is mostly whole characters (as host_step_benchmark)
 
 
-def serve(port: int, max_streams: int, context: int, tokens: int, device_ms: float = 0.0) -> None:
+def serve(port: int, max_streams: int, context: int, tokens: int, device_ms: float = 0.0,
+          loop: str = "asyncio") -> None:
     """The server process: the real app on a stub-model engine."""
     import uvicorn
     import torch
@@ -79,7 +81,7 @@ def serve(port: int, max_streams: int, context: int, tokens: int, device_ms: flo
 
     app = create_app(ServeConfig(max_queued_requests=4 * max_streams), build, "stub")
     app.get("/bench/stats")(lambda: {k: list(v) for k, v in stats.items()})
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, loop=loop)
 
 
 async def _one_stream(port: int, body: bytes) -> tuple[int, float]:
@@ -145,17 +147,19 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256, help="prompt tokens per stream")
     parser.add_argument("--device-ms", type=float, default=0.0,
                         help="each step also waits this long without the interpreter lock, as for a GPU's step")
+    parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"],
+                        help="the server's event loop (as balcony serve --event-loop)")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the server process's own mode: its port
     parser.add_argument("--max-streams", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.max_streams, args.context, args.tokens, args.device_ms)
+        serve(args.serve, args.max_streams, args.context, args.tokens, args.device_ms, args.loop)
         return
     counts = args.streams or [64, 256]
     port = _free_port()
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--max-streams", str(max(counts)),
                                "--context", str(args.context), "--tokens", str(args.tokens),
-                               "--device-ms", str(args.device_ms)], cwd=ROOT)
+                               "--device-ms", str(args.device_ms), "--loop", args.loop], cwd=ROOT)
     rows = []
     try:
         _wait_ready(port, server)
@@ -180,6 +184,7 @@ def main() -> None:
     loaded = load_model("smollm2-135m", adapters=None, dtype="float32", device="cpu")
     print(f"stub model (forward replaced, {loaded.identity}'s shapes), prompts of {args.context} tokens, "
           f"{args.tokens} tokens per stream, greedy, one torch thread"
+          + f", the {args.loop} event loop"
           + (f", each step also waiting {args.device_ms:g} ms without the interpreter lock" if args.device_ms else "")
           + "\n")
     print("| streams | wall s | tokens/s delivered | engine steps | wall ms per step | in engine.step() | "

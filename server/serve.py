@@ -111,8 +111,7 @@ def serve(args) -> int:
             budget_policy=args.budget_policy, exits=args.exits, starvation_ratio=args.starvation_ratio,
             served_model_name=args.served_model_name, tool_call_parser=args.tool_call_parser,
             prefix_caching=args.prefix_caching, overlap_steps=args.overlap_steps,
-            recalibrate=args.recalibrate,
-            log_level=args.log_level,
+            recalibrate=args.recalibrate, log_level=args.log_level, event_loop=args.event_loop,
         )
     except ValueError as exc:
         print(f"balcony serve: {exc}", file=sys.stderr)
@@ -142,7 +141,8 @@ def serve(args) -> int:
     phases.state = app.state.balcony
     phases.state.phase = phases.current
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                               timeout_graceful_shutdown=5, access_log=config.log_level == "debug")
+                               loop=config.event_loop, timeout_graceful_shutdown=5,
+                               access_log=config.log_level == "debug")
     server = DrainingServer(uv_config, app.state.balcony, config.shutdown_timeout, phases)
     server.run()
     if failed:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # "auto": the format the chat template teaches (server/tool_parsers.py), "none": tool_choice auto off.
 TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "none")
+EVENT_LOOPS = ("asyncio", "uvloop")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class ServeConfig:
     tool_call_parser: str = "auto"  # tool_choice "auto"'s call format: from the chat template, named, or none
     recalibrate: bool = False  # measure step costs at start even when a cached calibration fits
     log_level: str = "info"  # debug adds one line per HTTP request
+    # asyncio's loop, not uvloop: its socket writes release the interpreter lock, so the step loop
+    # runs while the kernel sends each streamed token; uvloop's hold it (docs/benchmarks.md).
+    event_loop: str = "asyncio"
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -40,6 +44,8 @@ class ServeConfig:
         parse_exit_list(self.exits, full_depth=10**6)  # syntax only; the model checks the values
         if not self.starvation_ratio >= 0:
             raise ValueError(f"starvation_ratio must be >= 0, got {self.starvation_ratio}")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
         if self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
                              f"got {self.tool_call_parser!r}")
@@ -97,6 +103,9 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recalibrate", action="store_true", default=d.recalibrate,
                    help="measure step costs at start even when a calibration cached for this model, dtype, "
                         "thread count and machine exists (under $BALCONY_HOME/calibration), and replace it")
+    p.add_argument("--event-loop", default=d.event_loop, choices=list(EVENT_LOOPS),
+                   help="the HTTP side's event loop: asyncio's (its socket writes let the step loop run "
+                        "meanwhile) or uvloop")
     p.add_argument("--log-level", default=d.log_level, choices=list(LOG_LEVELS),
                    help="how much the server logs: debug adds a line per HTTP request, warning keeps "
                         "only problems")

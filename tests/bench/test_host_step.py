@@ -28,7 +28,8 @@ def test_an_old_revision_and_this_checkout_step_in_turn(bench_script, tiny_model
     # The old engine is built from the old revision's files throughout.
     for part, module in ((then.engine, "engine"), (then.engine.scheduler, "scheduler"),
                          (then.engine.scheduler.blocks, "block_manager"),
-                         (then.engine.scheduler.blocks.prefix_cache, "prefix_cache"), (then.engine.runner, "model_runner"),
+                         (then.engine.scheduler.blocks.prefix_cache, "prefix_cache"),
+                         (then.engine.runner, "model_runner"),
                          (then.engine.runner.input_batch, "input_batch"), (then.engine.runner.sampler, "sampler")):
         assert type(part).__module__ == f"_old_{module}"
     assert type(now.engine.runner.input_batch).__module__ == "balcony_runtime.input_batch"
