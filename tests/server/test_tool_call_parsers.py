@@ -243,8 +243,8 @@ def test_chat_stream_sends_text_then_the_call_and_finishes_with_tool_calls():
         return [line async for line in stream_chat(request(), FakeGroup(list(CALL_TEXT)), None, "m", HERMES)]
 
     lines = asyncio.run(chunks())
-    assert lines[-1] == "data: [DONE]\n\n"
-    choices = [json.loads(line[len("data: "):])["choices"][0] for line in lines[:-1]]
+    assert lines[-1] == b"data: [DONE]\n\n"
+    choices = [json.loads(line[len(b"data: "):])["choices"][0] for line in lines[:-1]]
     assert choices[0]["delta"] == {"role": "assistant", "content": ""}
     assert "".join(c["delta"].get("content") or "" for c in choices) == "Checking."
     calls = [entry for c in choices for entry in c["delta"].get("tool_calls", [])]
