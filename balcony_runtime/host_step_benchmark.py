@@ -115,12 +115,12 @@ class HostStep:
 def measure_host_step(
     loaded: LoadedModel, rows: int, context: int, steps: int = 30, vocab: int = 512,
     params: SamplingParams | None = None, block_size: int = 16, exit_layer=None,
-    device_ms: float = 0.0, overlap: bool = False, recycled: bool = True,
+    device_ms: float = 0.0, overlap: bool = False, recycled: bool = True, queued: int = 0,
 ) -> HostStep:
     """Median host milliseconds per decode step with ``rows`` requests at ``context`` tokens each,
     on a simulated device taking ``device_ms`` per step, steps overlapped or not."""
     run = HostStepRun(loaded, rows, context, steps, vocab, params, block_size, exit_layer, device_ms, overlap,
-                      recycled=recycled)
+                      recycled=recycled, queued=queued)
     return measure_interleaved([run], steps)[0]
 
 
@@ -161,11 +161,12 @@ class HostStepRun:
     up to ``steps`` timed decode steps (:meth:`step`). ``engine_module``: where LLMEngine and
     EngineConfig come from (bench/host_step.py passes an older revision's; default this checkout's).
     ``recycled``: the block pool has served a wave of other prompts first, as a running server's has;
-    False times a fresh pool."""
+    False times a fresh pool. ``queued``: requests waiting behind the full batch during the timed steps."""
 
     def __init__(self, loaded: LoadedModel, rows: int, context: int, steps: int = 30, vocab: int = 512,
                  params: SamplingParams | None = None, block_size: int = 16, exit_layer=None,
-                 device_ms: float = 0.0, overlap: bool = False, engine_module=None, recycled: bool = True):
+                 device_ms: float = 0.0, overlap: bool = False, engine_module=None, recycled: bool = True,
+                 queued: int = 0):
         # Real token ids whose text is mostly whole characters, so the detokenizer works as in serving.
         token_pool = list(range(256, 256 + vocab))
         budget = max(8192, rows)  # tokens per step
@@ -194,6 +195,8 @@ class HostStepRun:
         while any(not t.request.output_token_ids for t in engine._tracked.values()):
             engine.step()  # prefill, in chunks of the token budget
         assert all(len(t.request.output_token_ids) + steps <= params.max_tokens for t in engine._tracked.values())
+        for _ in range(queued):  # waiting behind the full batch, as under a burst
+            engine.add_request([rng.choice(token_pool) for _ in range(16)], params, exit_layer=exit_layer)
         self.engine, self.rows, self.context, self.device_ms, self.overlap = engine, rows, context, device_ms, overlap
         self.phases: dict[str, list[float]] = {p: [] for p in _PHASES}
         _wrap(engine, self.phases)

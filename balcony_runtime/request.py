@@ -18,7 +18,10 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(slots=True)
+# eq=False: a request is an entity, equal only to itself. The generated field-by-field __eq__
+# made every list.remove and `in` of the scheduler build and compare tuples of all fields per
+# element passed (about 0.1 ms per request finished with 256 running, per admission with a queue).
+@dataclass(slots=True, eq=False)
 class Request:
     request_id: str
     prompt_token_ids: list[int]

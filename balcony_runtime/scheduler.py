@@ -197,7 +197,10 @@ class Scheduler:
 
         # Waiting requests, while they fit; preempted ones are not readmitted in the step that
         # evicted them. One that does not fit stops admission (no overtaking by smaller ones).
-        for request in self.admission_order():
+        # With every sequence slot taken, none is admitted: the queue is not even sorted (with a
+        # deep queue behind a full batch, the sort was most of a step).
+        admissible = budget > 0 and len(self.running) < self.config.max_num_seqs and self.waiting
+        for request in self.admission_order() if admissible else ():
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if request in preempted:

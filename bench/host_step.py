@@ -5,6 +5,7 @@
     python bench/host_step.py --shape 64x256 --steps 50
     python bench/host_step.py --device-ms 1 --device-ms 4    # and on a simulated device, overlapped or not
     python bench/host_step.py --fresh-pool          # blocks from a never-used pool (default: a served one)
+    python bench/host_step.py --queued 1000         # with 1,000 requests waiting behind the full batch
 
 Prints a markdown table: median milliseconds per engine.step(), as CPU time of the stepping thread
 (the host work, robust to a busy machine) and as wall time, and the CPU time of each phase
@@ -31,8 +32,8 @@ from balcony_runtime.loader import load_model  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ((64, 256), (256, 1024), (256, 4096))
 # The step's host side, loaded in this order (each file's imports of the ones before it rewritten).
-OLD_FILES = ("sampler", "detokenizer", "input_batch", "prefix_cache", "block_manager", "model_runner", "scheduler",
-             "engine")
+OLD_FILES = ("request", "sampler", "detokenizer", "input_batch", "prefix_cache", "block_manager", "model_runner",
+             "scheduler", "engine")
 
 
 def old_modules(revision: str) -> dict[str, types.ModuleType]:
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=512, help="width of the stub's logits")
     parser.add_argument("--baseline", help="git revision whose engine, scheduler, runner, batch state, sampler and detokenizer to time as well, a step of each in turn")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--queued", type=int, default=0,
+                        help="requests waiting behind the full batch during the timed steps (a burst's queue)")
     parser.add_argument("--fresh-pool", action="store_true",
                         help="time on a never-used block pool (default: one that has served a wave of other "
                              "prompts, its blocks cached prefixes nobody holds, as a running server's)")
@@ -80,13 +83,13 @@ def main() -> None:
     pool = "a fresh block pool" if args.fresh_pool else "a block pool that served a wave of other prompts first"
     print(f"{loaded.identity}, {loaded.model.num_cache_layers} cache layers, block size 16, greedy, "
           f"stub vocab {args.vocab}, {args.steps} decode steps, torch {torch.__version__}, {args.threads} thread(s), "
-          f"{pool}\n")
+          f"{pool}" + (f", {args.queued} requests queued behind the batch" if args.queued else "") + "\n")
     print("| code | rows x context | step CPU ms | step wall ms | schedule | prepare | forward stub | sample | postprocess |")
     print("|---|---|---|---|---|---|---|---|---|")
     for rows, context in shapes:
         runs = [HostStepRun(loaded, rows, context, steps=args.steps, vocab=args.vocab,
                             engine_module=None if modules is None else modules["engine"],
-                            recycled=not args.fresh_pool)
+                            recycled=not args.fresh_pool, queued=args.queued)
                 for _, modules in versions]
         # One step of each version in turn: the machine's drift slows both alike.
         for (label, _), r in zip(versions, measure_interleaved(runs, args.steps)):

@@ -32,6 +32,7 @@ def test_an_old_revision_and_this_checkout_step_in_turn(bench_script, tiny_model
                          (then.engine.runner, "model_runner"),
                          (then.engine.runner.input_batch, "input_batch"), (then.engine.runner.sampler, "sampler")):
         assert type(part).__module__ == f"_old_{module}"
+    assert all(type(t.request).__module__ == "_old_request" for t in then.engine._tracked.values())
     assert type(now.engine.runner.input_batch).__module__ == "balcony_runtime.input_batch"
     results = measure_interleaved([then, now], steps=4)
     assert len(then.cpu) == len(now.cpu) == 4  # one step of each in turn
@@ -62,3 +63,13 @@ def test_a_recycled_pool_serves_the_timed_rows_from_cached_prefixes(tiny_model_d
     assert evicted and set(evicted) <= set(range(recycled.engine.blocks.num_blocks))
     tokens = [[t.request.output_token_ids for t in run.engine._tracked.values()] for run in (recycled, fresh)]
     assert tokens[0] == tokens[1]
+
+
+def test_queued_requests_wait_behind_the_full_batch_and_change_no_token(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), adapters=None, dtype="float32", device="cpu")
+    queued = HostStepRun(loaded, rows=3, context=20, steps=6, queued=5)
+    alone = HostStepRun(loaded, rows=3, context=20, steps=6)
+    measure_interleaved([queued, alone], steps=6)
+    assert queued.engine.num_waiting == 5 and queued.engine.num_running == 3
+    rows = [[t.request.output_token_ids for t in run.engine._tracked.values()][:3] for run in (queued, alone)]
+    assert rows[0] == rows[1] and all(len(r) == len(rows[0][0]) for r in rows[0])
