@@ -19,8 +19,9 @@ class RequestStatus(enum.Enum):
 
 
 # eq=False: a request is an entity, equal only to itself. The generated field-by-field __eq__
-# made every list.remove and `in` of the scheduler build and compare tuples of all fields per
-# element passed (about 0.1 ms per request finished with 256 running, per admission with a queue).
+# made every list.remove and `in` of the scheduler build and compare tuples of all fields for each
+# element passed: a request finishing among hundreds running, or admitted from a deep queue, paid
+# for every one ahead of it (docs/benchmarks.md).
 @dataclass(slots=True, eq=False)
 class Request:
     request_id: str
