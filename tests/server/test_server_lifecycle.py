@@ -74,10 +74,13 @@ def test_disconnect_aborts_and_frees_blocks(strict_server):
     aborted_before = strict_server.metric("balcony:request_success_total", finished_reason="abort")
     with strict_server.client() as client:
         with client.stream("POST", "/v1/completions", json={"model": "strict", "stream": True, **LONG}) as r:
-            first = next(r.iter_lines())
+            # The iterator is held: a discarded one, collected, closes the response, which is the
+            # disconnect this test makes only when the `with` block ends.
+            lines = r.iter_lines()
+            first = next(lines)
             assert r.status_code == 200 and first.startswith("data: "), (r.status_code, first)
-            # The first chunk can leave before the first step has allocated the request's blocks.
             assert wait_for(lambda: strict_server.metric("balcony:kv_cache_usage_perc") > 0)
+            assert strict_server.metric("balcony:request_success_total", finished_reason="abort") == aborted_before
     assert wait_for(lambda: strict_server.metric("balcony:kv_cache_usage_perc") == 0)
     assert wait_for(lambda: strict_server.metric("balcony:num_requests_running") == 0)
     assert wait_for(lambda: strict_server.metric("balcony:request_success_total", finished_reason="abort")
