@@ -192,8 +192,8 @@ class BlockManager:
         self._refs[block] += 1
 
     def _take(self, count: int) -> list[int]:
-        """``count`` blocks for new tokens: plain free ones first (lowest ids first), then the cached
-        blocks let go of longest ago, which leave the prefix cache."""
+        """``count`` blocks for new tokens: plain free ones first (the stack's top; lowest ids first
+        in a fresh pool), then the cached blocks let go of longest ago, which leave the prefix cache."""
         free, refs = self._free, self._refs
         plain = min(count, len(free))
         taken = free[len(free) - plain:]
