@@ -175,8 +175,8 @@ class BlockManager:
         # stay matchable (a match needs every layer's copy; going layer by layer would evict the
         # first layer's whole prefix before any other layer's, leaving nothing to match).
         refs, cache, evictable, free = self._refs, self.prefix_cache, self._evictable, self._free
-        tables = held.tables
-        for i in range(len(tables[0]) - 1 if tables else -1, -1, -1):
+        tables = held.tables  # at least one layer (allocate), all the same length
+        for i in reversed(range(len(tables[0]))):
             for table in tables:
                 block = table[i]
                 refs[block] -= 1

@@ -37,9 +37,9 @@ OLD_FILES = ("request", "sampler", "detokenizer", "input_batch", "prefix_cache",
 
 
 def old_modules(revision: str) -> dict[str, types.ModuleType]:
-    """The engine of ``revision`` with its scheduler, block manager and prefix cache, runner, batch
-    state, sampler and detokenizer, as standalone modules, each importing the others' old versions (the rest of
-    the package is this checkout's)."""
+    """The engine of ``revision`` with its requests, scheduler, block manager and prefix cache,
+    runner, batch state, sampler and detokenizer, as standalone modules, each importing the others'
+    old versions (the rest of the package is this checkout's)."""
     modules: dict[str, types.ModuleType] = {}
     for name in OLD_FILES:
         shown = subprocess.run(["git", "show", f"{revision}:balcony_runtime/{name}.py"], cwd=ROOT,
@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--shape", action="append", help="ROWSxCONTEXT (repeatable; default the three goal shapes)")
     parser.add_argument("--steps", type=int, default=30, help="decode steps timed per shape (median reported)")
     parser.add_argument("--vocab", type=int, default=512, help="width of the stub's logits")
-    parser.add_argument("--baseline", help="git revision whose engine, scheduler, runner, batch state, sampler and detokenizer to time as well, a step of each in turn")
+    parser.add_argument("--baseline", help="git revision whose step code (OLD_FILES: engine, scheduler, block pool, "
+                                           "runner, batch state, sampler, ...) to time as well, a step of each in turn")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--queued", type=int, default=0,
                         help="requests waiting behind the full batch during the timed steps (a burst's queue)")
@@ -83,7 +84,7 @@ def main() -> None:
     pool = "a fresh block pool" if args.fresh_pool else "a block pool that served a wave of other prompts first"
     print(f"{loaded.identity}, {loaded.model.num_cache_layers} cache layers, block size 16, greedy, "
           f"stub vocab {args.vocab}, {args.steps} decode steps, torch {torch.__version__}, {args.threads} thread(s), "
-          f"{pool}" + (f", {args.queued} requests queued behind the batch" if args.queued else "") + "\n")
+          f"{pool}{f', {args.queued} requests queued behind the batch' if args.queued else ''}\n")
     print("| code | rows x context | step CPU ms | step wall ms | schedule | prepare | forward stub | sample | postprocess |")
     print("|---|---|---|---|---|---|---|---|---|")
     for rows, context in shapes:

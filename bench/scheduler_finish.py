@@ -13,29 +13,20 @@ the same with that revision's ``Request`` class loaded from git (the scheduler i
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 from balcony_runtime.block_manager import BlockManager
 from balcony_runtime.request import Request, RequestStatus
 from balcony_runtime.sampling_params import SamplingParams
 from balcony_runtime.scheduler import Scheduler, SchedulerConfig
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def request_class_of(revision: str) -> type:
-    source = subprocess.run(["git", "show", f"{revision}:balcony_runtime/request.py"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout
-    spec = importlib.util.spec_from_loader("_old_request", loader=None)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["_old_request"] = module
-    exec(compile(source, f"{revision}:balcony_runtime/request.py", "exec"), module.__dict__)
-    return module.Request
+    """``revision``'s Request class, loaded from git as bench/host_step.py loads its step code."""
+    from host_step import old_modules  # a sibling script, as when run from bench/
+
+    return old_modules(revision)["request"].Request
 
 
 def finish_us(request_class: type, running: int, layers: int = 31) -> float:
