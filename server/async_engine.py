@@ -157,22 +157,30 @@ class AsyncEngine:
         self._update_gauges()
         return Submission(request_id, decision, stream)
 
-    async def stream(self, submission: "Submission") -> AsyncIterator[RequestOutput]:
-        """Outputs of a submitted request until it finishes; closing early aborts it.
+    async def stream(self, submission: "Submission") -> AsyncIterator[list[RequestOutput]]:
+        """Outputs of a submitted request until it finishes, in lists of those that arrived
+        together; closing early aborts it.
 
+        Every output waiting when the reader wakes comes in one list: when the step loop runs ahead
+        of the event loop (many streams), a stream's tokens of several steps go out in one socket
+        write (see stream_completion), where a write per token was half the event loop's time.
         Reads the queue the submission holds: the request may finish (and leave ``_streams``)
         before its reader starts, and its outputs must still arrive.
         """
-        request_id, stream = submission.request_id, submission.stream
+        request_id, waiting = submission.request_id, submission.stream.queue
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
+                batch = [await waiting.get()]
+                while not waiting.empty() and not isinstance(batch[-1], Exception) and not batch[-1].finished:
+                    batch.append(waiting.get_nowait())
+                error = batch.pop() if isinstance(batch[-1], Exception) else None
+                if batch:
+                    finished = batch[-1].finished
+                    yield batch
+                if error is not None:
+                    raise error
+                if finished:
                     return
         finally:
             if not finished:

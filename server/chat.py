@@ -157,21 +157,25 @@ async def stream_chat(body: ChatCompletionRequest, group: GenerationGroup, token
         for head in streams[i].deltas("", None) if streams else ():
             delta.update(head)
         yield chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}], **extra)
-    async for index, out in group.events():
-        results[index].absorb(out)
-        if not (out.new_text or out.finished or out.new_token_ids):
-            continue
-        logprobs = chat_logprobs(tokenizer, out.new_logprobs) if body.logprobs and out.new_logprobs else None
-        reason = out.finish_reason if out.finished else None
-        if streams is None:
-            deltas = [{"content": out.new_text} if out.new_text else {}]
-        else:  # one content piece or one tool_calls entry per chunk, as OpenAI sends them
-            deltas = streams[index].deltas(results[index].text, reason) or [{}]
-            reason = streams[index].finish_reason(reason)
-        for k, delta in enumerate(deltas):
-            last = k == len(deltas) - 1
-            yield chunk([{"index": index, "delta": delta, "logprobs": logprobs if last else None,
-                          "finish_reason": reason if last else None}])
+    async for batch in group.batches():
+        events = []  # the batch's events, sent in one write
+        for index, out in batch:
+            results[index].absorb(out)
+            if not (out.new_text or out.finished or out.new_token_ids):
+                continue
+            logprobs = chat_logprobs(tokenizer, out.new_logprobs) if body.logprobs and out.new_logprobs else None
+            reason = out.finish_reason if out.finished else None
+            if streams is None:
+                deltas = [{"content": out.new_text} if out.new_text else {}]
+            else:  # one content piece or one tool_calls entry per chunk, as OpenAI sends them
+                deltas = streams[index].deltas(results[index].text, reason) or [{}]
+                reason = streams[index].finish_reason(reason)
+            for k, delta in enumerate(deltas):
+                last = k == len(deltas) - 1
+                events.append(chunk([{"index": index, "delta": delta, "logprobs": logprobs if last else None,
+                                      "finish_reason": reason if last else None}]))
+        if events:
+            yield b"".join(events)
     if body.include_usage:
         yield chunk([], usage=usage(results), balcony=group.balcony_info(group.measured_ms()))
     yield sse.DONE

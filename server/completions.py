@@ -126,21 +126,25 @@ async def stream_completion(body: CompletionRequest, group: GenerationGroup, tok
                   for i, s in enumerate(group.specs)]
         yield chunk(echoed, balcony=group.balcony_info(None))
         first = False
-    async for index, out in group.events():
-        r = results[index]
-        r.absorb(out)
-        if not (out.new_text or out.finished or out.new_token_ids):
-            continue
-        logprobs = None
-        if body.logprobs is not None and out.new_logprobs:
-            logprobs = legacy_logprobs(tokenizer, out.new_logprobs, start_offset=len(r.text) - len(out.new_text))
-        choice = {"index": index, "text": out.new_text, "logprobs": logprobs,
-                  "finish_reason": out.finish_reason if out.finished else None}
-        if first:
-            yield chunk([choice], balcony=group.balcony_info(None))
-            first = False
-        else:
-            yield chunk([choice])
+    async for batch in group.batches():
+        events = []  # the batch's events, sent in one write
+        for index, out in batch:
+            r = results[index]
+            r.absorb(out)
+            if not (out.new_text or out.finished or out.new_token_ids):
+                continue
+            logprobs = None
+            if body.logprobs is not None and out.new_logprobs:
+                logprobs = legacy_logprobs(tokenizer, out.new_logprobs, start_offset=len(r.text) - len(out.new_text))
+            choice = {"index": index, "text": out.new_text, "logprobs": logprobs,
+                      "finish_reason": out.finish_reason if out.finished else None}
+            if first:
+                events.append(chunk([choice], balcony=group.balcony_info(None)))
+                first = False
+            else:
+                events.append(chunk([choice]))
+        if events:
+            yield b"".join(events)
     if body.include_usage:
         yield chunk([], usage=usage(results), balcony=group.balcony_info(group.measured_ms()))
     yield sse.DONE

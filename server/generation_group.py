@@ -88,14 +88,15 @@ class GenerationGroup:
     def measured_ms(self) -> float:
         return 1000 * (time.monotonic() - self.received)
 
-    async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Every choice's outputs as they come, tagged with the choice index."""
+    async def batches(self) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+        """Every choice's outputs as they come, tagged with the choice index, in lists of those
+        ready together (AsyncEngine.stream): a streaming response sends each list in one write."""
         if len(self.submissions) == 1:
             # One choice (most requests): its stream read directly, without a task and a second
             # queue in between, which every token of every stream would cross.
             try:
-                async for out in self.engine.stream(self.submissions[0]):
-                    yield 0, out
+                async for batch in self.engine.stream(self.submissions[0]):
+                    yield [(0, out) for out in batch]
             except Exception as exc:
                 raise _as_api_error(exc)
             finally:
@@ -106,8 +107,8 @@ class GenerationGroup:
 
         async def pump(index: int, submission: Submission) -> None:
             try:
-                async for out in self.engine.stream(submission):
-                    await merged.put((index, out))
+                async for batch in self.engine.stream(submission):
+                    await merged.put([(index, out) for out in batch])
             except Exception as exc:
                 await merged.put(exc)
             finally:
@@ -117,17 +118,31 @@ class GenerationGroup:
         remaining = len(tasks)
         try:
             while remaining:
-                item = await merged.get()
-                if item is done:
-                    remaining -= 1
-                elif isinstance(item, Exception):
-                    raise _as_api_error(item)
-                else:
-                    yield item
+                ready = [await merged.get()]
+                while not merged.empty():
+                    ready.append(merged.get_nowait())
+                batch = []
+                for item in ready:
+                    if item is done:
+                        remaining -= 1
+                    elif isinstance(item, Exception):
+                        if batch:
+                            yield batch  # what came before the error is still sent
+                        raise _as_api_error(item)
+                    else:
+                        batch += item
+                if batch:
+                    yield batch
         finally:
             for task in tasks:
                 task.cancel()
             self._abort_unfinished()
+
+    async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every choice's outputs as they come, one at a time, tagged with the choice index."""
+        async for batch in self.batches():
+            for item in batch:
+                yield item
 
     def _abort_unfinished(self) -> None:
         """The reader has stopped: abort the group's requests still running (a no-op for finished ones)."""

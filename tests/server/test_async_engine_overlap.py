@@ -48,8 +48,8 @@ def test_streams_arrive_whole_while_steps_overlap(tiny_model_dir):
                                                         forced, time.monotonic())
                 tokens: list[int] = []
                 stream = front.stream(submission)
-                async for out in stream:
-                    tokens += out.new_token_ids
+                async for batch in stream:
+                    tokens += [t for out in batch for t in out.new_token_ids]
                     if leave_after is not None and len(tokens) >= leave_after:
                         await stream.aclose()  # the client went away: aborted at the next boundary
                         break

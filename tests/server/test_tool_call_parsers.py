@@ -229,18 +229,20 @@ class FakeGroup:
     def measured_ms(self) -> float:
         return 1.0
 
-    async def events(self):
+    async def batches(self):
         for k, piece in enumerate(self.pieces):
             last = k == len(self.pieces) - 1
-            yield 0, RequestOutput(request_id="g-0", exit_layer=4, new_token_ids=[7], new_text=piece,
+            yield [(0, RequestOutput(request_id="g-0", exit_layer=4, new_token_ids=[7], new_text=piece,
                                    new_logprobs=[], prompt_logprobs=None, num_prompt_tokens=2,
                                    num_output_tokens=k + 1, finished=last, finish_reason="stop" if last else None,
-                                   arrival_time=0.0, first_scheduled_time=0.0, first_token_time=0.0)
+                                   arrival_time=0.0, first_scheduled_time=0.0, first_token_time=0.0))]
 
 
 def test_chat_stream_sends_text_then_the_call_and_finishes_with_tool_calls():
     async def chunks():
-        return [line async for line in stream_chat(request(), FakeGroup(list(CALL_TEXT)), None, "m", HERMES)]
+        # (a write may carry several events: an SSE client splits them at blank lines)
+        sent = b"".join([line async for line in stream_chat(request(), FakeGroup(list(CALL_TEXT)), None, "m", HERMES)])
+        return [event + b"\n\n" for event in sent.split(b"\n\n") if event]
 
     lines = asyncio.run(chunks())
     assert lines[-1] == b"data: [DONE]\n\n"
