@@ -93,20 +93,11 @@ class StepStats:
     depth_limit: int | None  # the scheduler ran only rows at or below this exit (None: no limit)
 
     @classmethod
-    def of(cls, plan: SchedulerOutput, seconds: float, full_depth: int) -> "StepStats":
+    def of(cls, plan: SchedulerOutput, pending: PendingStep, seconds: float) -> "StepStats":
+        """A launched step's stats: its shape as the runner measured it while preparing the step."""
         rows = plan.scheduled
-        exits = [r.request.exit_layer for r in rows]
-        num_tokens = [r.num_tokens for r in rows]
-        shape = StepShape.of_columns(exits, num_tokens, [r.start for r in rows],
-                                     [r.completes_sequence for r in rows], full_depth)
-        return cls(
-            seconds=seconds,
-            shape=shape,
-            num_rows=len(rows),
-            deepest_exit=exits[0],
-            num_prefill_tokens=sum(n for n in num_tokens if n > 1),
-            depth_limit=plan.depth_limit,
-        )
+        return cls(seconds, pending.shape, len(rows), rows[0].request.exit_layer, pending.num_prefill_tokens,
+                   plan.depth_limit)
 
 
 @dataclass(slots=True)
@@ -435,7 +426,7 @@ class LLMEngine:
         self._last_resolved = done
         plan = launched.plan
         self.scheduler.on_step_timed(plan, seconds, later)
-        self.last_step = StepStats.of(plan, seconds, self.model.full_depth)
+        self.last_step = StepStats.of(plan, launched.pending, seconds)
         if self.router is not None:
             self.router.model.step_cost.observe(self.last_step.shape, seconds)
         return self._postprocess(plan, result, launched.positions)

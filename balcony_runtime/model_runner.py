@@ -22,6 +22,7 @@ from balcony_runtime.model.balcony_model import BalconyModel
 from balcony_runtime.model.decode_graphs import DecodeGraphs
 from balcony_runtime.model.forward_batch import ForwardBatch
 from balcony_runtime.request import Request
+from balcony_runtime.routing.step_cost import StepShape
 from balcony_runtime.sampler import (RowClasses, Sampler, SamplingRow, TokenLogprobs, classify_rows, make_generator,
                                      prompt_logprobs)
 from balcony_runtime.scheduler import ScheduledRequest
@@ -48,6 +49,8 @@ class StepLayout:
     # In a decode step (every row feeds one token and is sampled) whose rows sit in the scheduler's
     # order, the batch's arrangement (InputBatch.arrangement); None otherwise.
     decode_arrangement: list[str] | None = None
+    shape: StepShape | None = None  # what the step runs, as the step-cost model sees it
+    num_prefill_tokens: int = 0  # tokens of rows feeding more than one
 
 
 class ModelRunner:
@@ -117,7 +120,7 @@ class ModelRunner:
         if arrangement is not None and cached is not None and cached[0] is arrangement:
             # A decode step of the same requests in the same rows as the last (most steps under
             # steady load): each row samples with the same SamplingRow as then.
-            return ForwardedStep(scheduled, logits, *cached[1:], prompt)
+            return ForwardedStep(scheduled, logits, *cached[1:], prompt, layout.shape, layout.num_prefill_tokens)
         rows: list[SamplingRow] = []
         sampling: list[int] = []  # scheduled index of each sampling row
         sample_logit_rows: list[int] = []
@@ -143,7 +146,8 @@ class ModelRunner:
                 sample_logit_rows.append(cursor)
                 cursor += 1
         self._decode_rows = None if arrangement is None else (arrangement, rows, sampling, sample_logit_rows)
-        return ForwardedStep(scheduled, logits, rows, sampling, sample_logit_rows, prompt)
+        return ForwardedStep(scheduled, logits, rows, sampling, sample_logit_rows, prompt, layout.shape,
+                             layout.num_prefill_tokens)
 
     @torch.inference_mode()
     def sample(self, step: "ForwardedStep", some_finished: bool = False) -> "PendingStep":
@@ -152,26 +156,28 @@ class ModelRunner:
         without their grammar (their tokens are dropped)."""
         scheduled, logits, rows, sampling = step.scheduled, step.logits, step.rows, step.sampling
         if not rows:
-            return PendingStep(len(scheduled), sampling, None, [], None, step.prompt)
+            return PendingStep(len(scheduled), sampling, None, [], None, step.prompt, step.shape,
+                               step.num_prefill_tokens)
         if len(rows) == logits.shape[0]:  # no prompt logits: the sampled rows are all of them
             to_sample = logits
         else:
             to_sample = logits[to_device(step.sample_logit_rows, torch.long, logits.device)]
-        if some_finished:
-            grammars = [None if r.is_finished else r.grammar for r in (scheduled[i].request for i in sampling)]
-        else:
-            grammars = [scheduled[i].request.grammar for i in sampling]
-        if any(g is not None for g in grammars):  # structured outputs: -inf on what each row's grammar forbids
-            mask_logits(to_sample, grammars)
         if rows is not self._classified[0] and rows != self._classified[0]:  # identity per row (no __eq__)
             self._classified = rows, classify_rows(rows)
         classes = self._classified[1]
+        if classes.constrained:  # structured outputs: -inf on what each row's grammar forbids
+            if some_finished:
+                grammars = [None if r.is_finished else r.grammar for r in (scheduled[i].request for i in sampling)]
+            else:
+                grammars = [scheduled[i].request.grammar for i in sampling]
+            mask_logits(to_sample, grammars)
         if classes.wanted:  # logprobs are read back now (their top-n are lists of Python numbers)
             sampled, row_logprobs = self.sampler.sample(to_sample, rows, classes)
             tokens = to_device(sampled, torch.long, self.device)
-            return PendingStep(len(scheduled), sampling, tokens, sampled, row_logprobs, step.prompt)
+            return PendingStep(len(scheduled), sampling, tokens, sampled, row_logprobs, step.prompt, step.shape,
+                               step.num_prefill_tokens)
         tokens = self.sampler.sample_on_device(to_sample, rows, classes)  # [S]
-        return PendingStep(len(scheduled), sampling, tokens, None, None, step.prompt)
+        return PendingStep(len(scheduled), sampling, tokens, None, None, step.prompt, step.shape, step.num_prefill_tokens)
 
     def prepare(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None
                 ) -> tuple[ForwardBatch, StepLayout]:
@@ -195,6 +201,7 @@ class ModelRunner:
         prompt_targets: dict[int, list[int]] = {}
         is_decode = sum(query_lens) == len(rows)  # every row feeds one token
         all_sampled = is_decode and all(item.completes_sequence for item in rows)
+        head_rows = len(rows)
         if all_sampled:
             # A decode step: every row feeds its last known token (the one after its cache) and is
             # sampled (no prompt logits: its one token is past the prompt's last scored position).
@@ -202,6 +209,7 @@ class ModelRunner:
             logits_indices = list(range(len(rows)))
         else:
             input_ids, logits_indices = [], []
+            head_rows = 0
             for b, item in enumerate(rows):
                 request, start, n = item.request, item.start, item.num_tokens
                 offset = len(input_ids)
@@ -214,6 +222,7 @@ class ModelRunner:
                         logits_indices.extend(range(offset, offset + last - start))
                 if item.completes_sequence:
                     logits_indices.append(offset + n - 1)
+                    head_rows += 1
 
         num_rows, num_tokens = len(rows), len(input_ids)
         device = self.device
@@ -257,7 +266,9 @@ class ModelRunner:
         )
         # (only where each row sits where the scheduler listed it, so the lists reused are the same)
         decode_arrangement = self.input_batch.arrangement if all_sampled and rows is scheduled else None
-        return batch, StepLayout(order, prompt_targets, decode_arrangement)
+        shape = StepShape.of_arrays(exits, lens, starts, head_rows, self.model.full_depth, is_decode)
+        num_prefill_tokens = 0 if is_decode else int(lens[lens > 1].sum())
+        return batch, StepLayout(order, prompt_targets, decode_arrangement, shape, num_prefill_tokens)
 
     def _row_offsets(self, num_rows: int) -> torch.Tensor:
         """0, 1, ..., num_rows as int32 on the device: a decode step's cu_query_lens (a view of a
@@ -277,6 +288,8 @@ class ForwardedStep:
     sampling: list[int]  # scheduled index of each sampled row
     sample_logit_rows: list[int]  # each sampled row's row of logits
     prompt: dict[int, Sequence[TokenLogprobs]]  # prompt logprobs by scheduled index
+    shape: StepShape | None = None  # StepLayout's
+    num_prefill_tokens: int = 0
 
 
 class PendingStep:
@@ -286,12 +299,15 @@ class PendingStep:
     with an event to wait on, so the host can launch the next step first (LLMEngine, overlapped
     steps); on a CPU they are ready when the step is launched."""
 
-    __slots__ = ("num_scheduled", "sampling", "tokens", "_host", "_event", "_listed", "_logprobs", "_prompt")
+    __slots__ = ("num_scheduled", "sampling", "tokens", "_host", "_event", "_listed", "_logprobs", "_prompt", "shape",
+                 "num_prefill_tokens")
 
     def __init__(self, num_scheduled: int, sampling: list[int], tokens: torch.Tensor | None,
                  listed: list[int] | None, logprobs: list[TokenLogprobs | None] | None,
-                 prompt: dict[int, Sequence[TokenLogprobs]]):
+                 prompt: dict[int, Sequence[TokenLogprobs]], shape: StepShape | None = None,
+                 num_prefill_tokens: int = 0):
         self.num_scheduled = num_scheduled
+        self.shape, self.num_prefill_tokens = shape, num_prefill_tokens  # the step's (StepLayout)
         self.sampling = sampling  # scheduled index of each sampled row, in the order of `tokens`
         self.tokens = tokens  # [S] int64 on the device: what the next step may read before the host
         self._listed = listed  # the tokens as a list, once read

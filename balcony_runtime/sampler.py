@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -89,6 +89,7 @@ class RowClasses:
     wanted: list[int]  # row indices whose request asked for logprobs
     penalized: list[int]  # row indices with a presence or frequency penalty
     has_bias: bool  # some row has a logit_bias
+    constrained: list[int] = field(default_factory=list)  # row indices with a structured output (a grammar)
 
 
 def classify_rows(rows: Sequence["SamplingRow"]) -> RowClasses:
@@ -104,6 +105,8 @@ def classify_rows(rows: Sequence["SamplingRow"]) -> RowClasses:
             classes.penalized.append(i)
         if params.logit_bias:
             classes.has_bias = True
+        if params.structured is not None:
+            classes.constrained.append(i)
     return classes
 
 

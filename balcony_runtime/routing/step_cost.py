@@ -58,26 +58,33 @@ class StepShape:
     @classmethod
     def of_columns(cls, exits: Sequence[int], num_tokens: Sequence[int], num_cached: Sequence[int],
                    samples: Sequence[bool], full_depth: int) -> "StepShape":
-        """The shape of rows given column by column (what RowShape holds per row): the engine
-        computes this every step, without building an object per row."""
+        """The shape of rows given column by column (what RowShape holds per row)."""
+        return cls.of_arrays(list(exits), np.asarray(num_tokens, dtype=np.int64),
+                             np.asarray(num_cached, dtype=np.int64), sum(samples), full_depth)
+
+    @classmethod
+    def of_arrays(cls, exits: list[int], num_tokens: np.ndarray, num_cached: np.ndarray, head_rows: int,
+                  full_depth: int, is_decode: bool | None = None) -> "StepShape":
+        """The shape of a step from the arrays the runner builds for it anyway (``num_tokens``,
+        ``num_cached``: [B] int64; ``is_decode``: every row feeds one token, when known): the
+        engine computes this every step, so it costs a few numpy calls, not a pass per row."""
         if not len(exits):
             return cls(0, 0, 0, 0, 0)
-        # Once per step: few numpy calls (each costs microseconds of overhead whatever its size).
         distinct = set(exits)
         balcony_groups = sum(1 for x in distinct if x < full_depth)
-        e = np.asarray(exits, dtype=np.int64)  # [B]
-        c = np.asarray(num_cached, dtype=np.int64)  # [B]
-        layers = np.minimum(e + 1, full_depth)  # [B]: layers_run of each row
-        if min(num_tokens) == max(num_tokens) == 1:  # a decode step: every row feeds one token
+        layers = np.minimum(np.asarray(exits, dtype=np.int64) + 1, full_depth)  # [B]: layers_run of each row
+        if is_decode is None:
+            is_decode = bool((num_tokens == 1).all())
+        if is_decode:
             decode_token_layers, prefill_token_layers = int(layers.sum()), 0
-            attention = int(layers @ (c + 1))  # attention_pairs per row, n = 1
+            attention = int(layers @ (num_cached + 1))  # attention_pairs per row, n = 1
         else:
-            n = np.asarray(num_tokens, dtype=np.int64)  # [B]
+            n, c = num_tokens, num_cached
             decode = n == 1  # [B]
             decode_token_layers, prefill_token_layers = int(layers[decode].sum()), int((layers * n)[~decode].sum())
             attention = int((layers * (n * c + n * (n + 1) // 2)).sum())  # attention_pairs per row
         return cls(min(max(distinct), full_depth) + balcony_groups, decode_token_layers, prefill_token_layers,
-                   sum(samples), attention)
+                   head_rows, attention)
 
     def features(self) -> tuple[float, ...]:
         return (1.0, self.layers, self.decode_token_layers, self.prefill_token_layers, self.head_rows,

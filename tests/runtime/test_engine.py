@@ -203,3 +203,31 @@ def test_load_snapshot_counts_prompt_tokens_not_yet_prefilled(tiny_model):
     assert shape.layers == full + 1 and shape.head_rows == 1  # the chunk does not end its prompt: no head
     assert shape.attention_layers == full * (prompt0 + 1) + 3 * 15 * 16 // 2
     assert decoding in {r.request_id for r in engine.scheduler.running}
+
+
+def test_each_steps_shape_is_that_of_its_rows(tiny_model):
+    """The runner works out a step's shape from the arrays it prepares: at every step of a mixed
+    run (prefill chunks, decodes at three exits, a prompt scored for logprobs), it must equal the
+    shape of the scheduled rows counted one by one."""
+    from balcony_runtime.routing.step_cost import RowShape, StepShape
+
+    engine = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=2048, max_num_batched_tokens=24))
+    plans = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda now: plans.append(schedule(now)) or plans[-1]
+    params = [SamplingParams(max_tokens=6, temperature=0), SamplingParams(max_tokens=4, temperature=0),
+              SamplingParams(max_tokens=5, temperature=0, prompt_logprobs=1)]
+    for prompt, sp, e in zip(PROMPTS[:3], params, [1, "full", 3]):
+        engine.add_request(prompt, sp, exit_layer=e)
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        rows = plans[-1].scheduled
+        if not rows:
+            continue
+        expected = StepShape.of([RowShape(r.request.exit_layer, r.num_tokens, r.start, r.completes_sequence)
+                                 for r in rows], engine.model.full_depth)
+        assert engine.last_step.shape == expected
+        assert engine.last_step.num_prefill_tokens == sum(r.num_tokens for r in rows if r.num_tokens > 1)
+        steps += 1
+    assert steps >= 6
