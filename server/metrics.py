@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from server.loop_histogram import HistogramSeries, LoopHistogram
 
 # vLLM's buckets for the same quantities.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -21,14 +23,15 @@ ERROR_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 6
 
 @dataclass(frozen=True)
 class ExitSeries:
-    """One exit's labelled series, looked up once per exit: ``labels()`` takes a lock and builds a
-    key on every call, and the output loop records a latency for every token of every stream."""
+    """One exit's labelled series, looked up once per exit: ``labels()`` builds a key (and, for a
+    counter, takes a lock) on every call, and the output loop records a latency for every token of
+    every stream."""
 
-    ttft: Histogram
-    itl: Histogram
-    e2e: Histogram
-    queue_time: Histogram
-    prediction_error: Histogram
+    ttft: HistogramSeries
+    itl: HistogramSeries
+    e2e: HistogramSeries
+    queue_time: HistogramSeries
+    prediction_error: HistogramSeries
     prompt_tokens: Counter
     generation_tokens: Counter
 
@@ -38,15 +41,16 @@ class ServerMetrics:
         self._exits: dict[str, ExitSeries] = {}
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ttft = Histogram("balcony:time_to_first_token_seconds", "Time to first token.",
-                              ["exit"], buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("balcony:inter_token_latency_seconds", "Time between output tokens.",
-                             ["exit"], buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("balcony:e2e_request_latency_seconds", "End-to-end request latency.",
-                             ["exit"], buckets=REQUEST_BUCKETS, registry=r)
-        self.queue_time = Histogram("balcony:request_queue_time_seconds", "Time waiting before first run.",
-                                    ["exit"], buckets=REQUEST_BUCKETS, registry=r)
-        self.prediction_error = Histogram(
+        # Histograms observed on the event loop, per token for the first two (server/loop_histogram.py).
+        self.ttft = LoopHistogram("balcony:time_to_first_token_seconds", "Time to first token.",
+                                  ["exit"], buckets=TTFT_BUCKETS, registry=r)
+        self.itl = LoopHistogram("balcony:inter_token_latency_seconds", "Time between output tokens.",
+                                 ["exit"], buckets=ITL_BUCKETS, registry=r)
+        self.e2e = LoopHistogram("balcony:e2e_request_latency_seconds", "End-to-end request latency.",
+                                 ["exit"], buckets=REQUEST_BUCKETS, registry=r)
+        self.queue_time = LoopHistogram("balcony:request_queue_time_seconds", "Time waiting before first run.",
+                                        ["exit"], buckets=REQUEST_BUCKETS, registry=r)
+        self.prediction_error = LoopHistogram(
             "balcony:router_prediction_error_seconds",
             "Absolute error of the router's predicted end-to-end latency.",
             ["exit"], buckets=ERROR_BUCKETS, registry=r,
