@@ -31,7 +31,7 @@ _INCOMPLETE = "\ufffd"  # what a byte-level decode shows for a multi-byte charac
 
 
 class TextStream(Protocol):
-    def text_of(self, token_id: int, final: bool) -> str:
+    def text_of(self, token_id: int, final: bool = False) -> str:
         """Append a token; return the text it completes ("" while a character is cut short)."""
 
 
@@ -46,22 +46,23 @@ class IncrementalDetokenizer:
     texts: TokenTexts  # token_texts(tokenizer), built once per tokenizer
     stop: tuple[str, ...] = ()
     pending: str = ""  # decoded text not handed out yet (held back for stop strings), cut at a stop
-    emitted: int = 0  # characters handed out so far
     stopped: bool = False  # a stop string matched
 
     def __post_init__(self) -> None:
         # Text that might still become a stop string is held back until it cannot.
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         self._stream = self.texts.new_stream()
+        if not self.stop:
+            # Nothing is held back and nothing can stop: a token's text is the stream's as it
+            # completes. The engine calls add once per row per step, so the stream's method takes
+            # its place (one call per token, not two).
+            self.add = self._stream.text_of
 
     def add(self, token_id: int, final: bool = False) -> str:
         """Append a token; return the text that is now safe to show (possibly empty)."""
         if self.stopped:
             return ""
         new_text = self._stream.text_of(token_id, final)
-        if not self.stop:  # nothing is held back: the text goes out as it completes
-            self.emitted += len(new_text)
-            return new_text
         if not new_text and not final:
             return ""
         pending = self.pending + new_text  # [<= hold + len(new_text)] characters
@@ -78,7 +79,6 @@ class IncrementalDetokenizer:
         """Hand out the pending text up to ``upto`` characters of it (all of it by default)."""
         upto = len(self.pending) if upto is None else upto
         out, self.pending = self.pending[:upto], self.pending[upto:]
-        self.emitted += len(out)
         return out
 
 
@@ -125,7 +125,7 @@ class ByteStream:
         self.whole = whole  # ByteTexts.whole
         self.pending = b""  # the start of a character whose last bytes have not come yet
 
-    def text_of(self, token_id: int, final: bool) -> str:
+    def text_of(self, token_id: int, final: bool = False) -> str:
         table, pending = self.table, self.pending
         if not 0 <= token_id < len(table):
             data = pending  # an id outside the vocabulary decodes to nothing, as in the backend
@@ -203,7 +203,7 @@ class WindowStream:
     prefix_offset: int = 0  # first token of the decode window (context, its text already out)
     read_offset: int = 0  # first token whose text is not yet handed on
 
-    def text_of(self, token_id: int, final: bool) -> str:
+    def text_of(self, token_id: int, final: bool = False) -> str:
         """Text of the tokens from ``read_offset`` on, once complete (or ``final``), else ""."""
         decode, ids = self.decode, self.token_ids
         ids.append(token_id)

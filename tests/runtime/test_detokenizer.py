@@ -89,7 +89,6 @@ def test_stop_strings_cut_the_text_and_never_leak(tokenizer, texts, seed):
     expected = whole[: min(i for s in stops if (i := whole.find(s)) >= 0)]
     assert detok.stopped
     assert "".join(pieces) == expected
-    assert detok.emitted == len(expected)
 
 
 def test_text_after_a_stop_string_search_boundary(tokenizer, texts):
