@@ -58,6 +58,17 @@ class EngineConfig:
             raise ValueError("served_exits must name at least one exit")
 
 
+def tokenize_prompt(tokenizer, vocab_size: int, prompt: str | Sequence[int]) -> list[int]:
+    """A prompt's token ids: a string encoded with the model's special tokens, or ids checked
+    against the vocabulary."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, add_special_tokens=True)
+    ids = list(prompt)
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
+        raise RequestError(f"prompt token ids must be integers in [0, {vocab_size})")
+    return ids
+
+
 @dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request (deltas), plus its state."""
@@ -205,13 +216,7 @@ class LLMEngine:
         return value
 
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
-        ids = list(prompt)
-        vocab = self.model.arch.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
-        return ids
+        return tokenize_prompt(self.tokenizer, self.model.arch.vocab_size, prompt)
 
     # ---- routing ---------------------------------------------------------------------------
 
@@ -319,6 +324,10 @@ class LLMEngine:
         self.scheduler.finish(tracked.request, "abort")
         self.runner.release(request_id)
         return True
+
+    def unfinished_request_ids(self) -> list[str]:
+        """The requests added and not finished or aborted."""
+        return list(self._tracked)
 
     def has_unfinished(self) -> bool:
         """Requests are queued or running, or a launched step's tokens are still to be read."""

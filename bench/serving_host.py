@@ -5,6 +5,7 @@ model's forward stubbed, driven by N streaming clients.
     python bench/serving_host.py --streams 16 --tokens 32 --context 128
     python bench/serving_host.py --device-ms 4             # each step also waits 4 ms, lock released
     python bench/serving_host.py --loop uvloop             # the server on uvloop instead of asyncio's loop
+    python bench/serving_host.py --engine-process          # the step loop in its own process (balcony serve --engine-process)
 
 A server process runs the real app (`server.app.create_app`: FastAPI, the async engine's step
 thread, Prometheus metrics, SSE chunks) on an engine whose model is the host-only benchmark's stub
@@ -38,8 +39,24 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN_POOL = range(256, 768)  # real ids whose text is mostly whole characters (as host_step_benchmark)
 
 
+def stub_engine_process_build(max_streams: int, max_len: int, phases=None):
+    """--engine-process: the stub engine, built in the engine's process (its steps are not timed
+    there, so the step columns read "-")."""
+    import torch
+
+    from balcony_runtime.host_step_benchmark import stub_engine
+    from balcony_runtime.loader import load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model("smollm2-135m", adapters=None, dtype="float32", device="cpu")
+    engine = stub_engine(loaded, max_streams, max_len)
+    gc.collect()
+    gc.freeze()
+    return engine
+
+
 def serve(port: int, max_streams: int, context: int, tokens: int, device_ms: float = 0.0,
-          loop: str = "asyncio") -> None:
+          loop: str = "asyncio", engine_process: bool = False) -> None:
     """The server process: the real app on a stub-model engine."""
     import uvicorn
     import torch
@@ -79,7 +96,21 @@ def serve(port: int, max_streams: int, context: int, tokens: int, device_ms: flo
         gc.freeze()
         return engine
 
-    app = create_app(ServeConfig(max_queued_requests=4 * max_streams), build, "stub")
+    config = ServeConfig(max_queued_requests=4 * max_streams, engine_process=engine_process)
+    start_engine = None
+    if engine_process:
+        from functools import partial
+
+        from server.engine_process import EngineProcess
+
+        if device_ms:
+            raise SystemExit("--device-ms is not simulated with --engine-process")
+
+        def start_engine(state):
+            return EngineProcess.launch(partial(stub_engine_process_build, max_streams, context + tokens + 8),
+                                        config, state.metrics, on_phase=lambda name: None)
+
+    app = create_app(config, build, "stub", start_engine=start_engine)
     app.get("/bench/stats")(lambda: {k: list(v) for k, v in stats.items()})
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, loop=loop)
 
@@ -149,17 +180,20 @@ def main() -> None:
                         help="each step also waits this long without the interpreter lock, as for a GPU's step")
     parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"],
                         help="the server's event loop (as balcony serve --event-loop)")
+    parser.add_argument("--engine-process", action="store_true",
+                        help="the server's step loop in its own process (as balcony serve --engine-process)")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the server process's own mode: its port
     parser.add_argument("--max-streams", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.max_streams, args.context, args.tokens, args.device_ms, args.loop)
+        serve(args.serve, args.max_streams, args.context, args.tokens, args.device_ms, args.loop, args.engine_process)
         return
     counts = args.streams or [64, 256]
     port = _free_port()
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--max-streams", str(max(counts)),
                                "--context", str(args.context), "--tokens", str(args.tokens),
-                               "--device-ms", str(args.device_ms), "--loop", args.loop], cwd=ROOT)
+                               "--device-ms", str(args.device_ms), "--loop", args.loop]
+                              + (["--engine-process"] if args.engine_process else []), cwd=ROOT)
     rows = []
     try:
         _wait_ready(port, server)
@@ -185,6 +219,7 @@ def main() -> None:
     print(f"stub model (forward replaced, {loaded.identity}'s shapes), prompts of {args.context} tokens, "
           f"{args.tokens} tokens per stream, greedy, one torch thread"
           + f", the {args.loop} event loop"
+          + (", the step loop in its own process" if args.engine_process else "")
           + (f", each step also waiting {args.device_ms:g} ms without the interpreter lock" if args.device_ms else "")
           + "\n")
     print("| streams | wall s | tokens/s delivered | engine steps | wall ms per step | in engine.step() | "
@@ -193,6 +228,10 @@ def main() -> None:
     for streams, seconds, served in rows:
         host = measure_host_step(loaded, streams, args.context + args.tokens // 2, steps=30)
         steps = len(served["step_s"])
+        if not steps:  # --engine-process: steps run in the engine's process, untimed
+            print(f"| {streams} | {seconds:.2f} | {streams * args.tokens / seconds:,.0f} | - | "
+                  f"{1e3 * seconds / args.tokens:.2f} | - | - | {host.step_cpu_ms:.2f} |", flush=True)
+            continue
         print(f"| {streams} | {seconds:.2f} | {streams * args.tokens / seconds:,.0f} | {steps} | "
               f"{1e3 * seconds / steps:.2f} | {sum(served['step_s']) / seconds:.0%} | "
               f"{1e3 * statistics.median(served['step_cpu_s']):.2f} | {host.step_cpu_ms:.2f} |", flush=True)

@@ -7,8 +7,9 @@ and /ready says 503 until the model is loaded, warmed up and the router calibrat
 from __future__ import annotations
 
 import asyncio
-import threading
+import gc
 import hmac
+import threading
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -58,10 +59,26 @@ def prepare_engine(build: Callable[[], LLMEngine], state: ServerState) -> AsyncE
     router = engine.router or engine.calibrate()  # serve.py's builder calibrates (through its cache)
     log.info("model ready in %.1fs; predicted decode step of one row: %s", time.monotonic() - started,
              router.model.step_cost.describe(engine.exits))
-    state.tool_format = select_format(state.config.tool_call_parser, chat_template_text(engine.tokenizer))
+    _choose_tool_format(state, engine.tokenizer)
+    return AsyncEngine(engine, state.metrics, state.config.max_queued_requests)
+
+
+def start_remote_engine(start_engine: Callable[[ServerState], AsyncEngine], state: ServerState) -> AsyncEngine:
+    """prepare_engine's counterpart for an engine started elsewhere (runs in a worker thread)."""
+    engine = start_engine(state)
+    _choose_tool_format(state, engine.engine.tokenizer)
+    # As the in-process builder does once the engine is built (server/serve.py): what this process
+    # holds now (imports, the tokenizer) lives as long as it does, so a collection triggered by the
+    # objects every step's outputs make walks only those.
+    gc.collect()
+    gc.freeze()
+    return engine
+
+
+def _choose_tool_format(state: ServerState, tokenizer) -> None:
+    state.tool_format = select_format(state.config.tool_call_parser, chat_template_text(tokenizer))
     log.info("tool_choice auto: %s", state.tool_format.note if state.tool_format.parser
              else f"answered with a 400: {state.tool_format.note}")
-    return AsyncEngine(engine, state.metrics, state.config.max_queued_requests)
 
 
 async def in_own_thread(fn: Callable, *args):
@@ -104,7 +121,10 @@ def _settle(future: asyncio.Future, result, error: BaseException | None) -> None
 
 
 def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: str,
-               on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_load_failure: Callable[[BaseException], None] | None = None,
+               start_engine: Callable[[ServerState], AsyncEngine] | None = None) -> FastAPI:
+    """``build`` makes the engine in this process (its step loop a thread); ``start_engine``, when
+    given, starts one elsewhere instead (server/engine_process.py) and ``build`` is not called."""
     state = ServerState(config, model_name)
 
     @asynccontextmanager
@@ -113,7 +133,10 @@ def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: 
 
         async def load() -> None:
             try:
-                engine = await in_own_thread(prepare_engine, build, state)
+                if start_engine is None:
+                    engine = await in_own_thread(prepare_engine, build, state)
+                else:
+                    engine = await in_own_thread(start_remote_engine, start_engine, state)
             except BaseException as exc:
                 log.exception("model failed to load")
                 state.load_error = f"{type(exc).__name__}: {exc}"

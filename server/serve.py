@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import NoReturn
 
 import uvicorn
@@ -112,6 +113,7 @@ def serve(args) -> int:
             served_model_name=args.served_model_name, tool_call_parser=args.tool_call_parser,
             prefix_caching=args.prefix_caching, overlap_steps=args.overlap_steps,
             recalibrate=args.recalibrate, log_level=args.log_level, event_loop=args.event_loop,
+            engine_process=args.engine_process,
         )
     except ValueError as exc:
         print(f"balcony serve: {exc}", file=sys.stderr)
@@ -131,13 +133,26 @@ def serve(args) -> int:
     from server.app import create_app  # torch and the runtime: the slow imports
 
     failed: list[BaseException] = []
+    engine_died: list[str] = []  # --engine-process: why the engine's process ended while serving
 
     def on_load_failure(exc: BaseException) -> None:
         failed.append(exc)
         server.should_exit = True  # a server that cannot load exits non-zero, so it is restarted
 
+    start_engine = None
+    if config.engine_process:
+        from server.engine_process import EngineProcess
+
+        def on_engine_exit(reason: str) -> None:
+            engine_died.append(reason)
+            server.should_exit = True  # a server without its engine exits non-zero, so it is restarted
+
+        def start_engine(state):  # runs in the loading thread; the engine is built in its process
+            return EngineProcess.launch(partial(build_engine, args, config), config, state.metrics,
+                                        on_phase=phases.enter, on_engine_exit=on_engine_exit)
+
     app = create_app(config, lambda: build_engine(args, config, phases), config.served_model_name or args.model,
-                     on_load_failure)
+                     on_load_failure, start_engine=start_engine)
     phases.state = app.state.balcony
     phases.state.phase = phases.current
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
@@ -148,12 +163,14 @@ def serve(args) -> int:
     if failed:
         reason = str(failed[0]) or type(failed[0]).__name__
         print(f"balcony serve: the model failed to load: {reason}", file=sys.stderr)
+    if engine_died:
+        print(f"balcony serve: {engine_died[0]}", file=sys.stderr)
     # Leave without the interpreter's teardown: freeing torch and the KV cache took 2.4 s of a
     # 2.6 s stop here, and nothing is left to save (the calibration cache is written at start-up).
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1 if failed else 0)
+    os._exit(1 if failed or engine_died else 0)
 
 
 def build_engine(args, config: ServeConfig, phases: StartupPhases):

@@ -31,6 +31,9 @@ class ServeConfig:
     # asyncio's loop, not uvloop: its socket writes release the interpreter lock, so the step loop
     # runs while the kernel sends each streamed token; uvloop's hold it (docs/benchmarks.md).
     event_loop: str = "asyncio"
+    # The step loop in a process of its own (server/engine_process.py), beside the HTTP process,
+    # so their Python runs at once instead of taking turns on one interpreter lock.
+    engine_process: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -106,6 +109,9 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--event-loop", default=d.event_loop, choices=list(EVENT_LOOPS),
                    help="the HTTP side's event loop: asyncio's (its socket writes let the step loop run "
                         "meanwhile) or uvloop")
+    p.add_argument("--engine-process", action="store_true", default=d.engine_process,
+                   help="run the engine (model, scheduler, step loop) in a child process, so the HTTP side's "
+                        "Python and the step loop's run at once rather than sharing one interpreter lock")
     p.add_argument("--log-level", default=d.log_level, choices=list(LOG_LEVELS),
                    help="how much the server logs: debug adds a line per HTTP request, warning keeps "
                         "only problems")

@@ -24,6 +24,9 @@ class BudgetUnmeetable(RequestError):
         )
         self.budget_ms, self.best_ms, self.retry_after_s = budget_ms, best_ms, retry_after_s
 
+    def __reduce__(self):  # pickled with its own arguments (it crosses from the engine's process)
+        return type(self), (self.budget_ms, self.best_ms, self.retry_after_s)
+
 
 POLICIES = ("best-effort", "reject")
 
