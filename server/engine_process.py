@@ -129,6 +129,7 @@ class EngineProcess(AsyncEngine):
         self._calls: dict[int, tuple[asyncio.Future, list[GroupEntry], float]] = {}  # submissions unanswered
         self._next_call = 0
         self._dead: str | None = None  # why the engine process is gone
+        self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_engine_exit = on_engine_exit  # (reason) -> None, on the event loop, unless draining
 
@@ -172,6 +173,7 @@ class EngineProcess(AsyncEngine):
         loop.add_reader(self._conn.fileno(), self._receive)
 
     def stop(self) -> None:
+        self._stopping = True  # the engine's exit that follows is not a failure
         self._outbox.put(("stop",))
         self._process.join(10)
         if self._process.is_alive():
@@ -279,6 +281,8 @@ class EngineProcess(AsyncEngine):
         if self._dead is not None:
             return
         self._dead = f"the engine process exited (status {self._process.exitcode})"
+        if self._stopping:
+            return
         if not self.draining:
             log.error("%s; failing the %d requests in flight", self._dead, len(self._streams))
         self._failed(list(self._streams), self._dead)

@@ -16,6 +16,29 @@ import pytest
 PROMPT = "The capital of France is"
 
 
+def test_the_engines_refusals_survive_the_pipe():
+    """Errors raised in the engine process are pickled to the HTTP process, fields and all."""
+    import pickle
+
+    from balcony_runtime.errors import InvalidGrammar, RequestError
+    from balcony_runtime.routing.router import BudgetUnmeetable
+    from server.async_engine import QueueFull
+    from server.engine_process import _picklable
+
+    budget = pickle.loads(pickle.dumps(BudgetUnmeetable(40.0, 95.5, 2.5)))
+    assert (budget.budget_ms, budget.best_ms, budget.retry_after_s) == (40.0, 95.5, 2.5) and "40 ms" in str(budget)
+    for error in (QueueFull("9 requests are already waiting"), RequestError("too long"), InvalidGrammar("bad")):
+        copy = pickle.loads(pickle.dumps(_picklable(error)))
+        assert type(copy) is type(error) and str(copy) == str(error)
+
+    class Unpicklable(RequestError):
+        def __init__(self, a, b):
+            super().__init__(f"{a} {b}")
+
+    copy = pickle.loads(pickle.dumps(_picklable(Unpicklable(1, 2))))
+    assert type(copy) is RequestError and str(copy) == "1 2"
+
+
 def engine_pid(server_pid: int) -> int:
     """The engine's process: the server's child started by multiprocessing's spawn."""
     children = []
@@ -113,3 +136,16 @@ def test_a_dead_engine_fails_its_streams_and_the_server_exits_1(start):
     assert "engine process exited" in error["message"]
     assert server.process.wait(timeout=60) == 1
     assert "the engine process exited" in server.log()
+
+
+def test_a_stopped_server_stops_its_engine_cleanly(start):
+    server = start("--engine-process")
+    assert server.openai().completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=3).usage
+    engine = engine_pid(server.process.pid)
+    assert server.stop() == 0
+    assert "engine process exited" not in server.log()
+    for _ in range(50):  # the engine process is gone too
+        if not Path(f"/proc/{engine}").exists() or b"zombie" in Path(f"/proc/{engine}/status").read_bytes():
+            break
+        time.sleep(0.1)
+    assert not Path(f"/proc/{engine}").exists() or b"zombie" in Path(f"/proc/{engine}/status").read_bytes()
