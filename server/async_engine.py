@@ -31,6 +31,17 @@ from server.routing_headers import exit_name
 log = logging.getLogger("balcony.engine")
 
 
+def guarded_step(engine: LLMEngine, fail_all: Callable[[Exception], None]) -> list[RequestOutput] | None:
+    """One engine step. A step that raises (a bug, a device error) is logged and handed to
+    ``fail_all``, which fails the requests in flight, and None is returned: serving goes on."""
+    try:
+        return engine.step()
+    except Exception as exc:
+        log.exception("engine step failed")
+        fail_all(exc)
+        return None
+
+
 class QueueFull(BalconyError):
     """More requests are waiting than the server accepts."""
 
@@ -204,11 +215,8 @@ class AsyncEngine:
                 continue
             if self.governor is not None:
                 self.metrics.cpu_threads.set(self.governor.tick())
-            try:
-                outputs = engine.step()
-            except Exception as exc:  # a bug or device error: fail the requests in flight, keep serving
-                log.exception("engine step failed")
-                self._fail_all(exc)
+            outputs = guarded_step(engine, self._fail_all)
+            if outputs is None:
                 continue
             self._update_gauges()  # blocks and queues changed with the step, outputs or not
             if outputs:

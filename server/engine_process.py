@@ -39,7 +39,8 @@ from typing import Any
 
 from balcony_runtime.engine import RequestOutput, tokenize_prompt
 from balcony_runtime.errors import RequestError
-from server.async_engine import AsyncEngine, Draining, EngineFailed, GroupEntry, QueueFull, Submission, _Stream
+from server.async_engine import (AsyncEngine, Draining, EngineFailed, GroupEntry, QueueFull, Submission, _Stream,
+                                 guarded_step)
 from server.metrics import ServerMetrics
 
 log = logging.getLogger("balcony.engine")
@@ -370,11 +371,8 @@ class EngineLoop:
                     continue
                 if self.governor is not None:
                     threads = self.governor.tick()
-                try:
-                    outputs = engine.step()
-                except Exception as exc:  # a bug or device error: fail the requests in flight, keep serving
-                    log.exception("engine step failed")
-                    self._fail_all(exc)
+                outputs = guarded_step(engine, self._fail_all)
+                if outputs is None:
                     continue
                 conn.send(("outputs", [self._row(out) for out in outputs], self._gauges(threads)))
         except (EOFError, OSError, ValueError):
