@@ -26,6 +26,7 @@ that does not exist yet. Times are time.monotonic(), one clock for every process
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import multiprocessing
 import pickle
@@ -352,6 +353,12 @@ class EngineLoop:
         from balcony_runtime.cpu_threads import ThreadGovernor
 
         self.engine, self.conn, self.max_queued = engine, conn, max_queued
+        # Submissions whose schemas are being compiled (in order): compiling on this loop would
+        # stall every stream for as long (a large schema, or llguidance's first vocabulary trie:
+        # seconds), so a worker thread compiles and the submission is queued once it is done, as
+        # the threaded server compiles before it queues (generation_group.compile_grammars).
+        self._compiling: list[tuple[concurrent.futures.Future, tuple]] = []
+        self._compiler: concurrent.futures.ThreadPoolExecutor | None = None
         self.governor = None
         if engine.model.norm.device.type == "cpu":
             self.governor = ThreadGovernor(full=torch.get_num_threads())
@@ -362,9 +369,12 @@ class EngineLoop:
         threads = None
         try:
             while True:
-                handled = self._handle_messages(block=not engine.has_unfinished())
+                idle = not engine.has_unfinished()
+                handled = self._handle_messages(wait=(0.01 if self._compiling else 0.1) if idle else 0)
                 if handled is None:
                     return  # "stop"
+                if self._compiling:
+                    handled = self._submit_compiled() or handled
                 if not engine.has_unfinished():
                     if handled:  # an abort or a refusal changed the queues: the gauges follow
                         conn.send(("outputs", [], self._gauges(threads)))
@@ -388,11 +398,11 @@ class EngineLoop:
             row = row[:_ROUTE] + (None,) + row[_ROUTE + 1:]
         return row
 
-    def _handle_messages(self, block: bool) -> bool | None:
-        """Run the messages waiting (with ``block``, wait up to 0.1 s for one): whether there were
+    def _handle_messages(self, wait: float) -> bool | None:
+        """Run the messages waiting (waiting up to ``wait`` seconds for one): whether there were
         any; None on "stop"."""
         conn = self.conn
-        if not conn.poll(0.1 if block else 0):
+        if not conn.poll(wait):
             return False
         while True:
             message = conn.recv()
@@ -400,11 +410,38 @@ class EngineLoop:
             if kind == "stop":
                 return None
             if kind == "submit":
-                self._submit(*message[1:])
+                self._submit_when_compiled(message[1:])
             elif kind == "abort":
                 self.engine.abort(message[1])
             if not conn.poll():
                 return True
+
+    def _submit_when_compiled(self, submission: tuple) -> None:
+        grammars = self.engine.grammars
+        entries: list[GroupEntry] = submission[1]
+        missing = {e.params.structured for e in entries
+                   if e.params.structured is not None and not grammars.has(e.params.structured)}
+        if not missing and not self._compiling:
+            self._submit(*submission)
+            return
+        if self._compiler is None:
+            self._compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="balcony-grammar")
+        # (one behind another compiling waits its turn, even without a schema: arrival order holds)
+        self._compiling.append((self._compiler.submit(lambda: [grammars.matcher(c) for c in missing]), submission))
+
+    def _submit_compiled(self) -> bool:
+        """Queue the submissions whose schemas are compiled, in order; whether any was."""
+        done = 0
+        while done < len(self._compiling) and self._compiling[done][0].done():
+            future, submission = self._compiling[done]
+            error = future.exception()
+            if error is not None:  # (the HTTP process compiled it first, so this is rare)
+                self.conn.send(("refused", submission[0], _picklable(error)))
+            else:
+                self._submit(*submission)
+            done += 1
+        del self._compiling[:done]
+        return done > 0
 
     def _submit(self, call: int, entries: list[GroupEntry], budget_ms, forced_exit, received) -> None:
         engine, added, decisions = self.engine, [], []

@@ -73,6 +73,11 @@ class GrammarCompiler:
                 self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self._vocab_size)
             return self._tokenizer
 
+    def has(self, constraint: StructuredOutput) -> bool:
+        """Whether this schema's matcher is compiled and cached (new_state will not compile)."""
+        with self._lock:
+            return constraint in self._cache
+
     def matcher(self, constraint: StructuredOutput) -> llguidance.LLMatcher:
         """The pristine matcher of this schema (never advance it: copy it); raises InvalidGrammar."""
         with self._lock:

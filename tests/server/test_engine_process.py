@@ -91,6 +91,34 @@ def test_streams_n_choices_and_chat(process_server):
     assert isinstance(json.loads(shaped.choices[0].message.content)["n"], int)
 
 
+def test_schemas_compiled_beside_the_step_loop_keep_their_order_and_shape(process_server):
+    """New schemas compile in a worker thread of the engine process while a stream runs; each
+    request still gets JSON of its own schema, and the stream is unaffected."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = process_server.openai()
+    reference = client.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=40, temperature=0,
+                                          extra_body={"ignore_eos": True})
+
+    def shaped(i: int) -> dict:
+        schema = {"type": "object", "properties": {f"field_{i}": {"type": "integer"}}, "required": [f"field_{i}"]}
+        out = client.chat.completions.create(
+            model="smollm2-135m", messages=[{"role": "user", "content": f"Number {i}"}], max_tokens=24,
+            temperature=0, response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}})
+        return json.loads(out.choices[0].message.content)
+
+    def plain() -> str:
+        return client.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=40, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+
+    with ThreadPoolExecutor(4) as pool:
+        streaming = pool.submit(plain)
+        objects = list(pool.map(shaped, range(3)))
+    assert [list(o) for o in objects] == [["field_0"], ["field_1"], ["field_2"]]
+    assert all(isinstance(next(iter(o.values())), int) for o in objects)
+    assert streaming.result() == reference.choices[0].text
+
+
 def test_errors_from_the_engine_process_are_the_apis(process_server):
     client = process_server.openai()
     with pytest.raises(openai.BadRequestError) as too_long:  # refused by the engine, in its process
