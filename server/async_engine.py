@@ -26,6 +26,7 @@ from balcony_runtime.errors import BalconyError
 from balcony_runtime.routing.router import RouteDecision
 from balcony_runtime.sampling_params import SamplingParams
 from server.metrics import ExitSeries, ServerMetrics
+from server.output_stream import OutputStream
 from server.routing_headers import exit_name
 
 log = logging.getLogger("balcony.engine")
@@ -56,7 +57,7 @@ class EngineFailed(BalconyError):
 
 @dataclass
 class _Stream:
-    queue: asyncio.Queue
+    queue: OutputStream
     decision: RouteDecision
     received: float  # time.monotonic() when the HTTP request arrived
     num_prompt_tokens: int
@@ -162,7 +163,7 @@ class AsyncEngine:
                                 prefix_leader=prefix_leader)
         decision = self.engine.route_of(request_id)
         label = self.exit_label(decision.exit_layer)
-        stream = _Stream(asyncio.Queue(), decision, received, len(prompt_ids), exit_label=label,
+        stream = _Stream(OutputStream(), decision, received, len(prompt_ids), exit_label=label,
                          series=self.metrics.of_exit(label))
         self._streams[request_id] = stream
         self._update_gauges()
@@ -182,15 +183,17 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                batch = [await waiting.get()]
-                while not waiting.empty() and not isinstance(batch[-1], Exception) and not batch[-1].finished:
-                    batch.append(waiting.get_nowait())
-                error = batch.pop() if isinstance(batch[-1], Exception) else None
-                if batch:
-                    finished = batch[-1].finished
-                    yield batch
-                if error is not None:
-                    raise error
+                batch = []
+                for item in await waiting.take_all():
+                    if isinstance(item, Exception):
+                        if batch:
+                            yield batch  # what came before the error is still sent
+                        raise item
+                    batch.append(item)
+                    if item.finished:
+                        break  # (nothing follows a finished output)
+                finished = batch[-1].finished
+                yield batch
                 if finished:
                     return
         finally:
@@ -254,7 +257,7 @@ class AsyncEngine:
 
         def notify() -> None:
             for _, stream in failed:
-                stream.queue.put_nowait(error)
+                stream.queue.put(error)
                 self.metrics.request_success.labels(stream.exit_label, "abort").inc()
 
         self._loop.call_soon_threadsafe(notify)
@@ -288,7 +291,7 @@ class AsyncEngine:
                 # Judged by the engine against arrival + budget, arrival being when HTTP received it.
                 outcome = {None: "none", True: "hit", False: "miss"}[out.budget_met]
                 m.budget_requests.labels(label, outcome).inc()
-            stream.queue.put_nowait(out)
+            stream.queue.put(out)
         self._update_gauges()
 
     def _update_gauges(self) -> None:

@@ -43,6 +43,7 @@ from balcony_runtime.errors import RequestError
 from server.async_engine import (AsyncEngine, Draining, EngineFailed, GroupEntry, QueueFull, Submission, _Stream,
                                  guarded_step)
 from server.metrics import ServerMetrics
+from server.output_stream import OutputStream
 
 log = logging.getLogger("balcony.engine")
 
@@ -243,7 +244,7 @@ class EngineProcess(AsyncEngine):
         submissions = []
         for entry, decision in zip(entries, decisions):
             label = self.exit_label(decision.exit_layer)
-            stream = _Stream(asyncio.Queue(), decision, received, len(entry.prompt_ids), exit_label=label,
+            stream = _Stream(OutputStream(), decision, received, len(entry.prompt_ids), exit_label=label,
                              series=self.metrics.of_exit(label))
             self._streams[entry.request_id] = stream
             submissions.append(Submission(entry.request_id, decision, stream))
@@ -276,7 +277,7 @@ class EngineProcess(AsyncEngine):
         for rid in request_ids:
             stream = self._streams.pop(rid, None)
             if stream is not None:
-                stream.queue.put_nowait(error)
+                stream.queue.put(error)
                 self.metrics.request_success.labels(stream.exit_label, "abort").inc()
 
     def _engine_gone(self) -> None:

@@ -17,6 +17,7 @@ from server.async_engine import AsyncEngine, EngineFailed, Submission, _Stream
 from server.completions import stream_completion
 from server.generation_group import ChoiceSpec
 from server.metrics import ServerMetrics
+from server.output_stream import OutputStream
 from server.protocol import CompletionRequest
 
 
@@ -33,20 +34,20 @@ def front() -> AsyncEngine:
     return AsyncEngine(engine, ServerMetrics(), max_queued=4)
 
 
-def submission(queue: asyncio.Queue) -> Submission:
+def submission(queue: OutputStream) -> Submission:
     decision = RouteDecision(exit_layer=4, budget_ms=None, predicted_ms=1.0, predicted_fit=None, forced=False)
     return Submission("r", decision, _Stream(queue, decision, 0.0, 2))
 
 
 def test_outputs_queued_together_are_read_as_one_list_and_later_ones_as_the_next():
     async def main():
-        queue, engine = asyncio.Queue(), front()
+        queue, engine = OutputStream(), front()
         for k, text in enumerate("abc"):
-            queue.put_nowait(output(k, text))
+            queue.put(output(k, text))
         stream = engine.stream(submission(queue))
         first = await anext(stream)
-        queue.put_nowait(output(3, "d", finished=True))
-        queue.put_nowait(output(4, "never read"))  # (nothing follows a finished output)
+        queue.put(output(3, "d", finished=True))
+        queue.put(output(4, "never read"))  # (nothing follows a finished output)
         rest = [batch async for batch in stream]
         return first, rest
 
@@ -57,10 +58,10 @@ def test_outputs_queued_together_are_read_as_one_list_and_later_ones_as_the_next
 
 def test_an_error_after_queued_outputs_delivers_them_first():
     async def main():
-        queue, seen = asyncio.Queue(), []
-        queue.put_nowait(output(0, "a"))
-        queue.put_nowait(output(1, "b"))
-        queue.put_nowait(EngineFailed("the step failed"))
+        queue, seen = OutputStream(), []
+        queue.put(output(0, "a"))
+        queue.put(output(1, "b"))
+        queue.put(EngineFailed("the step failed"))
         with pytest.raises(EngineFailed):
             async for batch in front().stream(submission(queue)):
                 seen.append([o.new_text for o in batch])
