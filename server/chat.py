@@ -142,6 +142,11 @@ async def stream_chat(body: ChatCompletionRequest, group: GenerationGroup, token
                    "choices": choices, **extra}
         return sse.event(payload)
 
+    # Most events are one token's text and nothing else: those are spliced into a template.
+    plain = sse.text_events(lambda index, text: {
+        "id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+        "choices": [{"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}]})
+
     calling, auto = tool_calling(body), auto_parser(body, parser)
     if calling is not None:
         streams = [ToolCallStream(calling) for _ in results]
@@ -165,6 +170,10 @@ async def stream_chat(body: ChatCompletionRequest, group: GenerationGroup, token
                 continue
             logprobs = chat_logprobs(tokenizer, out.new_logprobs) if body.logprobs and out.new_logprobs else None
             reason = out.finish_reason if out.finished else None
+            if (plain is not None and streams is None and out.new_text and logprobs is None and reason is None
+                    and not body.continuous_usage):
+                events.append(plain(index, out.new_text))
+                continue
             if streams is None:
                 deltas = [{"content": out.new_text} if out.new_text else {}]
             else:  # one content piece or one tool_calls entry per chunk, as OpenAI sends them

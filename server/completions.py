@@ -121,6 +121,11 @@ async def stream_completion(body: CompletionRequest, group: GenerationGroup, tok
                    "choices": choices, **extra}
         return sse.event(payload)
 
+    # Most events are one token's text and nothing else: those are spliced into a template.
+    plain = sse.text_events(lambda index, text: {
+        "id": cid, "object": "text_completion", "created": created, "model": model_name,
+        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": None}]})
+
     if body.echo:
         echoed = [{"index": i, "text": tokenizer.decode(s.prompt_ids), "logprobs": None, "finish_reason": None}
                   for i, s in enumerate(group.specs)]
@@ -136,6 +141,9 @@ async def stream_completion(body: CompletionRequest, group: GenerationGroup, tok
             logprobs = None
             if body.logprobs is not None and out.new_logprobs:
                 logprobs = legacy_logprobs(tokenizer, out.new_logprobs, start_offset=len(r.text) - len(out.new_text))
+            if plain is not None and logprobs is None and not (first or out.finished or body.continuous_usage):
+                events.append(plain(index, out.new_text))
+                continue
             choice = {"index": index, "text": out.new_text, "logprobs": logprobs,
                       "finish_reason": out.finish_reason if out.finished else None}
             if first:
