@@ -19,6 +19,7 @@ from balcony_runtime.sampler import (
     make_generator,
     probability_weights_,
     prompt_logprobs,
+    row_argmax,
 )
 from balcony_runtime.sampling_params import SamplingParams
 
@@ -473,3 +474,20 @@ def test_empty_batch_and_shape_checks():
     assert sampler(torch.zeros(0, 10), []) == []
     with pytest.raises(ValueError):
         sampler(torch.zeros(2, 10), [make_row()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_row_argmax_is_torchs_argmax_ties_nan_and_infinities_included(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1000, generator=g).to(dtype)
+    x[1, [3, 700]] = 9.0  # a tie: the first index
+    x[2, 5] = float("nan")  # NaN counts as the maximum
+    x[2, 9] = float("nan")
+    x[3] = float("-inf")  # every token masked
+    x[4, [10, 20]] = float("inf")
+    x[5, 999] = float("nan")
+    x[5, 998] = float("inf")
+    view = x[::2, 1:]  # a strided view, as _select_rows may hand over
+    for t in (x, view):
+        got = row_argmax(t)
+        assert got.dtype == torch.int64 and torch.equal(got, t.argmax(dim=-1))
