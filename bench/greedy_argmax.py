@@ -4,7 +4,8 @@
     python bench/greedy_argmax.py --rows 16 --rows 64 --rounds 3
 
 First the argmax alone over [rows, 49,152] fp32 logits (one torch thread, microseconds per call),
-then the median wall time of the real model's decode steps (fp32 weights, greedy, 24 tokens) with
+then the mean time of the real model's decode steps (fp32 weights, greedy, 24 tokens;
+balcony_runtime.decode_benchmark) with
 the sampler's argmax swapped between the two, alternating, ``--rounds`` times.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,32 +52,23 @@ def main() -> None:
         print(f"| {rows} x 49152 | {per_call_us(lambda: slow(x)):.1f} | {per_call_us(lambda: fast(x)):.1f} |")
     torch.set_num_threads(threads)
 
+    from balcony_runtime.decode_benchmark import engine_decode_rate
     from balcony_runtime.engine import EngineConfig, LLMEngine
     from balcony_runtime.loader import load_model
-    from balcony_runtime.sampling_params import SamplingParams
 
     loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    print(f"\n{threads} torch threads, fp32 weights; median ms per decode step, one value per round\n")
+    print(f"\n{threads} torch threads, fp32 weights; mean ms per decode step, one value per round\n")
     print("| rows | torch argmax | row_argmax |\n|---|---|---|")
     for rows in rows_list:
-        medians = {"torch": [], "numpy": []}
+        step_ms = {"torch": [], "numpy": []}
         for _ in range(args.rounds):
             for name, argmax in (("torch", slow), ("numpy", fast)):
                 sampler.row_argmax = argmax
                 engine = LLMEngine(loaded, EngineConfig(num_kv_blocks=4096, max_num_seqs=rows))
-                for i in range(rows):
-                    engine.add_request(f"Story number {i}: once upon a time", params)
-                engine.step()  # the prefill
-                steps = []
-                while engine.has_unfinished():
-                    start = time.perf_counter()
-                    engine.step()
-                    steps.append(time.perf_counter() - start)
-                medians[name].append(1e3 * statistics.median(steps))
+                step_ms[name].append(1e3 * engine_decode_rate(engine, rows, None, 24)[1])
         sampler.row_argmax = fast
-        print(f"| {rows} | {' / '.join(f'{m:.1f}' for m in medians['torch'])} | "
-              f"{' / '.join(f'{m:.1f}' for m in medians['numpy'])} |", flush=True)
+        print(f"| {rows} | {' / '.join(f'{m:.1f}' for m in step_ms['torch'])} | "
+              f"{' / '.join(f'{m:.1f}' for m in step_ms['numpy'])} |", flush=True)
 
 
 if __name__ == "__main__":
