@@ -20,7 +20,9 @@ seeded: parity and speed do not depend on what the weights learned). Sections, e
 5. host time per decode step: wall time against the GPU's kernel time (torch.profiler), and the
    stubbed host-only measure of `balcony bench --host-only`.
 6. `balcony serve` on the device: start-up, the official openai client (chat, a forced exit, a
-   latency budget), a closed loop of streamed completions at full depth and at the shallowest exit, /metrics.
+   latency budget), a closed loop of streamed completions at full depth and at the shallowest exit, /metrics;
+   then the same server with `--engine-process` (the step loop in its own process) and the same
+   closed loop at full depth, so the two can be compared where cores are free.
 
 Exit status 1 when a correctness check failed or a section raised; 0 otherwise (speed goals are
 reported, not enforced).
@@ -474,6 +476,19 @@ def server(report: Report, model_dir: Path, dtype: str, smoke: bool, work: Path)
         names = sorted({line.split("{")[0].split(" ")[0] for line in metrics.splitlines()
                         if line.startswith("balcony:")})
         report.add("", f"/metrics exports {len(names)} balcony series, e.g. {', '.join(names[:6])}.")
+    finally:
+        stop_server(process)
+    # The same closed loop with the engine and its step loop in a process of their own.
+    process, url = start_server([*args, "--engine-process"], work / "server-engine-process.log", ready_timeout=600)
+    try:
+        model_name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        r = asyncio.run(_closed_loop(url, model_name, streams, requests, tokens, {}))
+        report.add("", "With `--engine-process` (the engine's step loop in its own process), full depth:", "",
+                   "| served at | output tok/s | TTFT p50 ms | time per output token p50 ms | e2e p50 ms | exits seen |",
+                   "|---|---|---|---|---|---|",
+                   f"| full depth, engine process | {r['tok_s']:.0f} | {1e3 * r['ttft_p50']:.1f} | "
+                   f"{1e3 * r['tpot_p50']:.2f} | {1e3 * r['e2e_p50']:.1f} | {', '.join(r['exits'])} |")
+        report.figures.setdefault("server", []).append({"served": "full depth, engine process", **r})
     finally:
         stop_server(process)
 

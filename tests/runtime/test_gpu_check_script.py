@@ -31,6 +31,8 @@ def test_smoke_run_passes_and_reports_every_section(tiny_model_dir, tmp_path):
     assert overlap and all(row["ok"] and row["tokens"] > 0 for row in overlap)
     assert all(row["max_abs_diff"] < 1e-4 for row in parity)  # fp32 on the CPU: exact up to rounding
     assert {row["served"].split(" ")[0] for row in data["figures"]["server"]} == {"full", "exit"}
+    engine_process = [row for row in data["figures"]["server"] if row["served"] == "full depth, engine process"]
+    assert len(engine_process) == 1 and engine_process[0]["tok_s"] > 0
 
 
 def test_without_cuda_it_says_so(tiny_model_dir):
