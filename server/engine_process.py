@@ -29,6 +29,7 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import os
 import pickle
 import queue
 import signal
@@ -145,8 +146,8 @@ class EngineProcess(AsyncEngine):
         loop if the engine process ends while serving (a crash, an OOM kill)."""
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads and torch
         parent, child = context.Pipe()
-        process = context.Process(target=run_engine_process, args=(child, build, config), name="balcony-engine",
-                                  daemon=True)
+        process = context.Process(target=run_engine_process, args=(child, build, config, os.getpid()),
+                                  name="balcony-engine", daemon=True)
         process.start()
         child.close()
         while True:
@@ -300,10 +301,11 @@ class EngineProcess(AsyncEngine):
 # ---- the engine process ----------------------------------------------------------------------
 
 
-def run_engine_process(conn, build, config) -> None:
+def run_engine_process(conn, build, config, parent: int) -> None:
     """The engine process: build the engine (``build(phases)``), calibrate it if its builder did
     not, then step it while requests are in flight, answering the HTTP process's messages between
     steps."""
+    _exit_with_parent(parent)
     # Ctrl-C reaches the whole process group: the HTTP process drains and then stops this one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -478,3 +480,17 @@ def _picklable(exc: BaseException) -> BaseException:
     except Exception:  # noqa: BLE001
         kind = RequestError if isinstance(exc, RequestError) else RuntimeError
         return kind(str(exc) or type(exc).__name__)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Leave as soon as the HTTP process (pid ``parent``, passed rather than read here, in case it
+    died before this ran) is gone, however it went (os._exit at a signal during start-up, a crash,
+    SIGKILL). Serving, the pipe's end says so; loading and calibrating (up to minutes) read no
+    pipe, so a thread watches for this process being handed to another parent."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="balcony-parent-watch", daemon=True).start()

@@ -39,6 +39,14 @@ def test_the_engines_refusals_survive_the_pipe():
     assert type(copy) is RequestError and str(copy) == "1 2"
 
 
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped counts: it runs nothing)."""
+    try:
+        return b"zombie" in Path(f"/proc/{pid}/status").read_bytes()
+    except FileNotFoundError:
+        return True
+
+
 def engine_pid(server_pid: int) -> int:
     """The engine's process: the server's child started by multiprocessing's spawn."""
     children = []
@@ -173,7 +181,33 @@ def test_a_stopped_server_stops_its_engine_cleanly(start):
     assert server.stop() == 0
     assert "engine process exited" not in server.log()
     for _ in range(50):  # the engine process is gone too
-        if not Path(f"/proc/{engine}").exists() or b"zombie" in Path(f"/proc/{engine}/status").read_bytes():
+        if gone(engine):
             break
         time.sleep(0.1)
-    assert not Path(f"/proc/{engine}").exists() or b"zombie" in Path(f"/proc/{engine}/status").read_bytes()
+    assert gone(engine)
+
+
+def test_the_engine_process_leaves_when_its_parent_is_killed_while_it_loads():
+    """While loading and calibrating the engine reads no pipe; a watcher thread ends it as soon as
+    its parent is gone (here: a process that sleeps where the engine would load, parent SIGKILLed)."""
+    import subprocess
+    import sys
+
+    child = ("import os, sys, time; from server.engine_process import _exit_with_parent; "
+             "_exit_with_parent(int(sys.argv[1])); print('watching', flush=True); time.sleep(60)")
+    middle = subprocess.Popen(
+        [sys.executable, "-c", f"import os, subprocess, sys, time; "
+                               f"p = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())]); "
+                               "print(p.pid, flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[2])
+    pid = int(middle.stdout.readline())
+    middle.kill()  # at once: the child may not even have imported the watcher yet (it was told the pid)
+    middle.wait()
+    for _ in range(400):  # its imports (torch) take seconds, then the watcher sees the new parent
+        if gone(pid):
+            break
+        time.sleep(0.05)
+    alive = not gone(pid)
+    if alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive
