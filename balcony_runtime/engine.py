@@ -106,8 +106,8 @@ class StepStats:
     @classmethod
     def of(cls, plan: SchedulerOutput, pending: PendingStep, seconds: float) -> "StepStats":
         """A launched step's stats: its shape as the runner measured it while preparing the step."""
-        rows = plan.scheduled
-        return cls(seconds, pending.shape, len(rows), rows[0].request.exit_layer, pending.num_prefill_tokens,
+        rows, layout = plan.scheduled, pending.layout
+        return cls(seconds, layout.shape, len(rows), rows[0].request.exit_layer, layout.num_prefill_tokens,
                    plan.depth_limit)
 
 

@@ -120,7 +120,7 @@ class ModelRunner:
         if arrangement is not None and cached is not None and cached[0] is arrangement:
             # A decode step of the same requests in the same rows as the last (most steps under
             # steady load): each row samples with the same SamplingRow as then.
-            return ForwardedStep(scheduled, logits, *cached[1:], prompt, layout.shape, layout.num_prefill_tokens)
+            return ForwardedStep(scheduled, logits, *cached[1:], prompt, layout)
         rows: list[SamplingRow] = []
         sampling: list[int] = []  # scheduled index of each sampling row
         sample_logit_rows: list[int] = []
@@ -146,8 +146,7 @@ class ModelRunner:
                 sample_logit_rows.append(cursor)
                 cursor += 1
         self._decode_rows = None if arrangement is None else (arrangement, rows, sampling, sample_logit_rows)
-        return ForwardedStep(scheduled, logits, rows, sampling, sample_logit_rows, prompt, layout.shape,
-                             layout.num_prefill_tokens)
+        return ForwardedStep(scheduled, logits, rows, sampling, sample_logit_rows, prompt, layout)
 
     @torch.inference_mode()
     def sample(self, step: "ForwardedStep", some_finished: bool = False) -> "PendingStep":
@@ -156,8 +155,7 @@ class ModelRunner:
         without their grammar (their tokens are dropped)."""
         scheduled, logits, rows, sampling = step.scheduled, step.logits, step.rows, step.sampling
         if not rows:
-            return PendingStep(len(scheduled), sampling, None, [], None, step.prompt, step.shape,
-                               step.num_prefill_tokens)
+            return PendingStep(len(scheduled), sampling, None, [], None, step.prompt, step.layout)
         if len(rows) == logits.shape[0]:  # no prompt logits: the sampled rows are all of them
             to_sample = logits
         else:
@@ -174,10 +172,9 @@ class ModelRunner:
         if classes.wanted:  # logprobs are read back now (their top-n are lists of Python numbers)
             sampled, row_logprobs = self.sampler.sample(to_sample, rows, classes)
             tokens = to_device(sampled, torch.long, self.device)
-            return PendingStep(len(scheduled), sampling, tokens, sampled, row_logprobs, step.prompt, step.shape,
-                               step.num_prefill_tokens)
+            return PendingStep(len(scheduled), sampling, tokens, sampled, row_logprobs, step.prompt, step.layout)
         tokens = self.sampler.sample_on_device(to_sample, rows, classes)  # [S]
-        return PendingStep(len(scheduled), sampling, tokens, None, None, step.prompt, step.shape, step.num_prefill_tokens)
+        return PendingStep(len(scheduled), sampling, tokens, None, None, step.prompt, step.layout)
 
     def prepare(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None
                 ) -> tuple[ForwardBatch, StepLayout]:
@@ -288,8 +285,7 @@ class ForwardedStep:
     sampling: list[int]  # scheduled index of each sampled row
     sample_logit_rows: list[int]  # each sampled row's row of logits
     prompt: dict[int, Sequence[TokenLogprobs]]  # prompt logprobs by scheduled index
-    shape: StepShape | None = None  # StepLayout's
-    num_prefill_tokens: int = 0
+    layout: StepLayout | None = None  # the prepared step's (its shape goes to StepStats)
 
 
 class PendingStep:
@@ -299,15 +295,13 @@ class PendingStep:
     with an event to wait on, so the host can launch the next step first (LLMEngine, overlapped
     steps); on a CPU they are ready when the step is launched."""
 
-    __slots__ = ("num_scheduled", "sampling", "tokens", "_host", "_event", "_listed", "_logprobs", "_prompt", "shape",
-                 "num_prefill_tokens")
+    __slots__ = ("num_scheduled", "sampling", "tokens", "_host", "_event", "_listed", "_logprobs", "_prompt", "layout")
 
     def __init__(self, num_scheduled: int, sampling: list[int], tokens: torch.Tensor | None,
                  listed: list[int] | None, logprobs: list[TokenLogprobs | None] | None,
-                 prompt: dict[int, Sequence[TokenLogprobs]], shape: StepShape | None = None,
-                 num_prefill_tokens: int = 0):
+                 prompt: dict[int, Sequence[TokenLogprobs]], layout: StepLayout | None = None):
         self.num_scheduled = num_scheduled
-        self.shape, self.num_prefill_tokens = shape, num_prefill_tokens  # the step's (StepLayout)
+        self.layout = layout  # the prepared step's (StepStats reads its shape)
         self.sampling = sampling  # scheduled index of each sampled row, in the order of `tokens`
         self.tokens = tokens  # [S] int64 on the device: what the next step may read before the host
         self._listed = listed  # the tokens as a list, once read

@@ -43,6 +43,29 @@ def guarded_step(engine: LLMEngine, fail_all: Callable[[Exception], None]) -> li
         return None
 
 
+def queue_group(engine: LLMEngine, entries: list["GroupEntry"], budget_ms: float | None, forced_exit: int | None,
+                received: float, max_queued: int) -> list[RouteDecision]:
+    """Add one HTTP request's engine requests, on the thread (or in the process) that steps the
+    engine: the first is routed (budget or ``forced_exit``), the others run at the exit it got. All
+    or none: on an error the ones added are aborted and it is raised."""
+    added: list[str] = []
+    decisions: list[RouteDecision] = []
+    try:
+        for entry in entries:
+            if engine.num_waiting >= max_queued:
+                raise QueueFull(f"{engine.num_waiting} requests are already waiting")
+            forced = forced_exit if not decisions else decisions[0].exit_layer
+            engine.add_request(entry.prompt_ids, entry.params, forced, entry.request_id, budget_ms=budget_ms,
+                               arrival_time=received, prefix_leader=entry.prefix_leader)
+            added.append(entry.request_id)
+            decisions.append(engine.route_of(entry.request_id))
+    except BaseException:
+        for request_id in added:
+            engine.abort(request_id)
+        raise
+    return decisions
+
+
 class QueueFull(BalconyError):
     """More requests are waiting than the server accepts."""
 
@@ -138,35 +161,21 @@ class AsyncEngine:
         return await asyncio.wrap_future(future)
 
     def _submit_group_now(self, entries, budget_ms, forced_exit, received) -> list["Submission"]:
-        """Runs on the step loop."""
-        submissions: list[Submission] = []
+        """Runs on the step loop: no output can arrive before the streams exist."""
         try:
-            for entry in entries:
-                forced = forced_exit if not submissions else submissions[0].decision.exit_layer
-                submissions.append(self._submit_now(entry.request_id, entry.prompt_ids, entry.params, budget_ms,
-                                                    forced, received, entry.prefix_leader))
-        except BaseException:
-            for submission in submissions:
-                self.engine.abort(submission.request_id)
-                self._streams.pop(submission.request_id, None)
+            decisions = queue_group(self.engine, entries, budget_ms, forced_exit, received, self.max_queued)
+        finally:
             self._update_gauges()
-            raise
-        return submissions
+        return [self._open_stream(entry.request_id, decision, received, len(entry.prompt_ids))
+                for entry, decision in zip(entries, decisions)]
 
-    def _submit_now(self, request_id, prompt_ids, params, budget_ms, forced_exit, received,
-                    prefix_leader: str | None = None) -> "Submission":
-        """Runs on the step loop."""
-        if self.engine.num_waiting >= self.max_queued:
-            raise QueueFull(f"{self.engine.num_waiting} requests are already waiting")
-        # The engine routes, and no output can arrive before this returns: both run on this thread.
-        self.engine.add_request(prompt_ids, params, forced_exit, request_id, budget_ms=budget_ms, arrival_time=received,
-                                prefix_leader=prefix_leader)
-        decision = self.engine.route_of(request_id)
+    def _open_stream(self, request_id: str, decision: RouteDecision, received: float,
+                     num_prompt_tokens: int) -> "Submission":
+        """Register a queued request's stream: its outputs are dispatched to it from now on."""
         label = self.exit_label(decision.exit_layer)
-        stream = _Stream(OutputStream(), decision, received, len(prompt_ids), exit_label=label,
+        stream = _Stream(OutputStream(), decision, received, num_prompt_tokens, exit_label=label,
                          series=self.metrics.of_exit(label))
         self._streams[request_id] = stream
-        self._update_gauges()
         return Submission(request_id, decision, stream)
 
     async def stream(self, submission: "Submission") -> AsyncIterator[list[RequestOutput]]:
@@ -206,6 +215,9 @@ class AsyncEngine:
         if stream is None:
             return  # finished, failed or already aborted
         self.metrics.request_success.labels(stream.exit_label, "abort").inc()
+        self._abort_in_engine(request_id)
+
+    def _abort_in_engine(self, request_id: str) -> None:
         self._commands.put((lambda: self.engine.abort(request_id), None))
 
     # ---- the step loop (its own thread) ----------------------------------------------------
@@ -253,15 +265,16 @@ class AsyncEngine:
         self._streams.clear()
         for request_id, _ in failed:
             self.engine.abort(request_id)
-        error = EngineFailed(f"the engine failed while serving this request: {exc}")
-
-        def notify() -> None:
-            for _, stream in failed:
-                stream.queue.put(error)
-                self.metrics.request_success.labels(stream.exit_label, "abort").inc()
-
-        self._loop.call_soon_threadsafe(notify)
+        self._loop.call_soon_threadsafe(self._fail_streams, [stream for _, stream in failed], str(exc))
         self._update_gauges()
+
+    def _fail_streams(self, streams: list[_Stream], reason: str) -> None:
+        """On the event loop: each of these streams ends with an EngineFailed (its client gets an
+        error event, or a 500), counted as aborted."""
+        error = EngineFailed(f"the engine failed while serving this request: {reason}")
+        for stream in streams:
+            stream.queue.put(error)
+            self.metrics.request_success.labels(stream.exit_label, "abort").inc()
 
     def _dispatch(self, outputs: list[RequestOutput], now: float) -> None:
         m = self.metrics

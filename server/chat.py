@@ -135,17 +135,17 @@ async def stream_chat(body: ChatCompletionRequest, group: GenerationGroup, token
     results = [ChoiceResult(request_id=rid, index=i, spec=spec)
                for i, (rid, spec) in enumerate(zip(group.request_ids, group.specs))]
 
+    def payload(choices: list[dict], **extra) -> dict:
+        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name, "choices": choices,
+                **extra}
+
     def chunk(choices: list[dict], **extra) -> bytes:
         if body.continuous_usage:
             extra.setdefault("usage", usage(results))
-        payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                   "choices": choices, **extra}
-        return sse.event(payload)
+        return sse.event(payload(choices, **extra))
 
     # Most events are one token's text and nothing else: those are spliced into a template.
-    plain = sse.text_events(lambda index, text: {
-        "id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-        "choices": [{"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}]})
+    plain = sse.text_events(lambda index, text: payload([{"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}]))
 
     calling, auto = tool_calling(body), auto_parser(body, parser)
     if calling is not None:

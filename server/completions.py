@@ -114,17 +114,17 @@ async def stream_completion(body: CompletionRequest, group: GenerationGroup, tok
                for i, (rid, spec) in enumerate(zip(group.request_ids, group.specs))]
     first = True
 
+    def payload(choices: list[dict], **extra) -> dict:
+        return {"id": cid, "object": "text_completion", "created": created, "model": model_name, "choices": choices,
+                **extra}
+
     def chunk(choices: list[dict], **extra) -> bytes:
         if body.continuous_usage:
             extra.setdefault("usage", usage(results))
-        payload = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
-                   "choices": choices, **extra}
-        return sse.event(payload)
+        return sse.event(payload(choices, **extra))
 
     # Most events are one token's text and nothing else: those are spliced into a template.
-    plain = sse.text_events(lambda index, text: {
-        "id": cid, "object": "text_completion", "created": created, "model": model_name,
-        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": None}]})
+    plain = sse.text_events(lambda index, text: payload([{"index": index, "text": text, "logprobs": None, "finish_reason": None}]))
 
     if body.echo:
         echoed = [{"index": i, "text": tokenizer.decode(s.prompt_ids), "logprobs": None, "finish_reason": None}

@@ -23,7 +23,7 @@ def test_the_engines_refusals_survive_the_pipe():
     from balcony_runtime.errors import InvalidGrammar, RequestError
     from balcony_runtime.routing.router import BudgetUnmeetable
     from server.async_engine import QueueFull
-    from server.engine_process import _picklable
+    from server.engine_core import _picklable
 
     budget = pickle.loads(pickle.dumps(BudgetUnmeetable(40.0, 95.5, 2.5)))
     assert (budget.budget_ms, budget.best_ms, budget.retry_after_s) == (40.0, 95.5, 2.5) and "40 ms" in str(budget)
@@ -193,7 +193,7 @@ def test_the_engine_process_leaves_when_its_parent_is_killed_while_it_loads():
     import subprocess
     import sys
 
-    child = ("import os, sys, time; from server.engine_process import _exit_with_parent; "
+    child = ("import os, sys, time; from server.engine_core import _exit_with_parent; "
              "_exit_with_parent(int(sys.argv[1])); print('watching', flush=True); time.sleep(60)")
     middle = subprocess.Popen(
         [sys.executable, "-c", f"import os, subprocess, sys, time; "
