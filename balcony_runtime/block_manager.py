@@ -40,7 +40,7 @@ class BlockManager:
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() takes low ids first
         self._refs = [0] * num_blocks  # holders of each block
         self._requests: dict[str, RequestBlocks] = {}
-        self.prefix_cache = PrefixCache(block_size) if prefix_caching else None
+        self.prefix_cache = PrefixCache(block_size, num_blocks) if prefix_caching else None
         # Free blocks still holding a cached prefix, in the order they were let go; a request lets
         # go of its blocks last to first (free()), so a prefix's tail is reused before its head,
         # which more prompts share. An OrderedDict, not a dict: taking the oldest of a plain dict

@@ -115,12 +115,12 @@ class HostStep:
 def measure_host_step(
     loaded: LoadedModel, rows: int, context: int, steps: int = 30, vocab: int = 512,
     params: SamplingParams | None = None, block_size: int = 16, exit_layer=None,
-    device_ms: float = 0.0, overlap: bool = False, recycled: bool = True, queued: int = 0,
+    device_ms: float = 0.0, overlap: bool = False, recycled: bool = True, queued: int = 0, aligned: bool = False,
 ) -> HostStep:
     """Median host milliseconds per decode step with ``rows`` requests at ``context`` tokens each,
     on a simulated device taking ``device_ms`` per step, steps overlapped or not."""
     run = HostStepRun(loaded, rows, context, steps, vocab, params, block_size, exit_layer, device_ms, overlap,
-                      recycled=recycled, queued=queued)
+                      recycled=recycled, queued=queued, aligned=aligned)
     return measure_interleaved([run], steps)[0]
 
 
@@ -161,12 +161,18 @@ class HostStepRun:
     up to ``steps`` timed decode steps (:meth:`step`). ``engine_module``: where LLMEngine and
     EngineConfig come from (bench/host_step.py passes an older revision's; default this checkout's).
     ``recycled``: the block pool has served a wave of other prompts first, as a running server's has;
-    False times a fresh pool. ``queued``: requests waiting behind the full batch during the timed steps."""
+    False times a fresh pool. ``queued``: requests waiting behind the full batch during the timed steps.
+
+    Row i's context is ``context`` - (i mod block_size), as in serving, where rows started at
+    different times: each step about one row in block_size reaches a new block and takes one per
+    cache layer (evicting cached prefixes from a served pool). ``aligned``: every row at ``context``
+    instead, so they all reach a new block in the same step, once every block_size steps, and the
+    median step takes none (how stops up to 35 measured)."""
 
     def __init__(self, loaded: LoadedModel, rows: int, context: int, steps: int = 30, vocab: int = 512,
                  params: SamplingParams | None = None, block_size: int = 16, exit_layer=None,
                  device_ms: float = 0.0, overlap: bool = False, engine_module=None, recycled: bool = True,
-                 queued: int = 0):
+                 queued: int = 0, aligned: bool = False):
         # Real token ids whose text is mostly whole characters, so the detokenizer works as in serving.
         token_pool = list(range(256, 256 + vocab))
         budget = max(8192, rows)  # tokens per step
@@ -190,8 +196,9 @@ class HostStepRun:
                 engine.add_request([rng.choice(token_pool) for _ in range(longest)], wave, exit_layer=exit_layer)
             while engine.has_unfinished():
                 engine.step()
-        for _ in range(rows):
-            engine.add_request([rng.choice(token_pool) for _ in range(context)], params, exit_layer=exit_layer)
+        for i in range(rows):
+            length = context if aligned else max(1, context - i % block_size)
+            engine.add_request([rng.choice(token_pool) for _ in range(length)], params, exit_layer=exit_layer)
         while any(not t.request.output_token_ids for t in engine._tracked.values()):
             engine.step()  # prefill, in chunks of the token budget
         assert all(len(t.request.output_token_ids) + steps <= params.max_tokens for t in engine._tracked.values())

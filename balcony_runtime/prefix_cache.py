@@ -20,6 +20,7 @@ _ROOT = 0
 # about twice as fast as tuples, and a served pool evicts a block per layer of every row that
 # crosses into a new block, each step.
 _LAYER_BITS = 12
+_NOT_CACHED = -1
 
 
 @dataclass
@@ -33,21 +34,25 @@ class PrefixMatch:
 
 
 class PrefixCache:
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, num_blocks: int):
         self.block_size = block_size
         self._children: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent, block tokens) -> node
         self._node_key: dict[int, tuple[int, tuple[int, ...]]] = {}  # node -> its key in _children
         self._node_blocks: dict[int, int] = {}  # node -> how many layers' blocks of it are cached
         self._block_of: dict[int, int] = {}  # (node << _LAYER_BITS | cache layer) -> block id
-        self._key_of: dict[int, int] = {}  # block id -> its key in _block_of
+        # Block id -> its key in _block_of, _NOT_CACHED if none: a list, since block ids are dense and
+        # a served pool evicts one block per layer of every row crossing into a new block, each step
+        # (a list's item is read and written in a fraction of a dict's pop).
+        self._key_of: list[int] = [_NOT_CACHED] * num_blocks
+        self._num_cached = 0
         self._next_node = _ROOT + 1
 
     def __len__(self) -> int:
         """Blocks cached."""
-        return len(self._key_of)
+        return self._num_cached
 
     def is_cached(self, block: int) -> bool:
-        return block in self._key_of
+        return self._key_of[block] != _NOT_CACHED
 
     def match(self, layers: tuple[int, ...], token_ids: list[int], max_blocks: int) -> PrefixMatch:
         """The leading whole blocks of ``token_ids`` (at most ``max_blocks``) cached in every layer."""
@@ -87,23 +92,38 @@ class PrefixCache:
             return False
         self._block_of[key] = block
         self._key_of[block] = key
+        self._num_cached += 1
         self._node_blocks[node] += 1
         return True
 
     def forget(self, blocks: list[int]) -> None:
         """Drop cached blocks from the cache (they are being reused for other tokens). Blocks come in
-        lists: a decode step evicts a block per cache layer of each row crossing into a new one."""
-        key_of, block_of, node_blocks = self._key_of, self._block_of, self._node_blocks
+        lists: a decode step evicts a block per cache layer of each row crossing into a new one, and
+        those of one node (every layer's copy of one prefix block) come together (BlockManager.free),
+        so a node's count is settled once per run of its blocks, not once per block."""
+        key_of, block_of = self._key_of, self._block_of
+        node, run = _ROOT, 0  # the node of the run of blocks being counted, and its length so far
         for block in blocks:
-            key = key_of.pop(block)
+            key = key_of[block]
+            key_of[block] = _NOT_CACHED
             del block_of[key]
-            node = key >> _LAYER_BITS
-            left = node_blocks[node] - 1
-            if left:
-                node_blocks[node] = left
-            else:  # nothing of this prefix is cached any more
-                del node_blocks[node]
-                del self._children[self._node_key.pop(node)]
+            if key >> _LAYER_BITS != node:
+                if run:
+                    self._release(node, run)
+                node, run = key >> _LAYER_BITS, 0
+            run += 1
+        if run:
+            self._release(node, run)
+        self._num_cached -= len(blocks)
+
+    def _release(self, node: int, count: int) -> None:
+        """``count`` of ``node``'s blocks left the cache; with none left, so does the node."""
+        left = self._node_blocks[node] - count
+        if left:
+            self._node_blocks[node] = left
+        else:  # nothing of this prefix is cached any more
+            del self._node_blocks[node]
+            del self._children[self._node_key.pop(node)]
 
     @staticmethod
     def root() -> int:

@@ -5,6 +5,7 @@
     python bench/host_step.py --shape 64x256 --steps 50
     python bench/host_step.py --device-ms 1 --device-ms 4    # and on a simulated device, overlapped or not
     python bench/host_step.py --fresh-pool          # blocks from a never-used pool (default: a served one)
+    python bench/host_step.py --aligned             # every row at the same context (before stop 36)
     python bench/host_step.py --queued 1000         # with 1,000 requests waiting behind the full batch
 
 Prints a markdown table: median milliseconds per engine.step(), as CPU time of the stepping thread
@@ -71,6 +72,10 @@ def main() -> None:
     parser.add_argument("--fresh-pool", action="store_true",
                         help="time on a never-used block pool (default: one that has served a wave of other "
                              "prompts, its blocks cached prefixes nobody holds, as a running server's)")
+    parser.add_argument("--aligned", action="store_true",
+                        help="every row at the same context, so all reach a new block in one step every 16 "
+                             "(default: contexts spread over a block, about one row in 16 reaching a new "
+                             "block each step, as in serving); how stops up to 35 measured")
     parser.add_argument("--device-ms", type=float, action="append",
                         help="also time each shape on a simulated device taking this long per step, steps "
                              "synchronous and overlapped (repeatable); prints a second table")
@@ -82,6 +87,7 @@ def main() -> None:
     if args.baseline:
         versions.insert(0, (args.baseline, old_modules(args.baseline)))
     pool = "a fresh block pool" if args.fresh_pool else "a block pool that served a wave of other prompts first"
+    pool += ", every row at the same context" if args.aligned else ", contexts spread over a block (context - i mod 16)"
     print(f"{loaded.identity}, {loaded.model.num_cache_layers} cache layers, block size 16, greedy, "
           f"stub vocab {args.vocab}, {args.steps} decode steps, torch {torch.__version__}, {args.threads} thread(s), "
           f"{pool}{f', {args.queued} requests queued behind the batch' if args.queued else ''}\n")
@@ -90,7 +96,7 @@ def main() -> None:
     for rows, context in shapes:
         runs = [HostStepRun(loaded, rows, context, steps=args.steps, vocab=args.vocab,
                             engine_module=None if modules is None else modules["engine"],
-                            recycled=not args.fresh_pool, queued=args.queued)
+                            recycled=not args.fresh_pool, queued=args.queued, aligned=args.aligned)
                 for _, modules in versions]
         # One step of each version in turn: the machine's drift slows both alike.
         for (label, _), r in zip(versions, measure_interleaved(runs, args.steps)):
@@ -107,7 +113,8 @@ def main() -> None:
         for device_ms in args.device_ms:
             for overlap in (False, True):
                 r = measure_host_step(loaded, rows, context, steps=args.steps, vocab=args.vocab,
-                                      device_ms=device_ms, overlap=overlap, recycled=not args.fresh_pool)
+                                      device_ms=device_ms, overlap=overlap, recycled=not args.fresh_pool,
+                                      aligned=args.aligned)
                 print(f"| {rows} x {context} | {device_ms:g} | {'overlapped' if overlap else 'synchronous'} | "
                       f"{r.step_cpu_ms:.3f} | {r.step_ms:.3f} | {r.device_idle_ms:.3f} |", flush=True)
 

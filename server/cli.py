@@ -205,7 +205,8 @@ def bench_host_only(args) -> int:
         print(f"balcony bench: {exc}", file=sys.stderr)
         return 2
     phases = ", ".join(f"{phase} {ms:.2f}" for phase, ms in result.phase_ms.items())
-    print(f"host ms per decode step, {args.rows} rows x {args.context} tokens of context (forward stubbed): "
+    print(f"host ms per decode step, {args.rows} rows x {args.context} tokens of context (row i: i mod 16 fewer; "
+          f"forward stubbed): "
           f"{result.step_cpu_ms:.2f} CPU, {result.step_ms:.2f} wall; per phase (CPU): {phases}")
     if args.device_ms:
         mode = "overlapped" if args.overlap else "synchronous"

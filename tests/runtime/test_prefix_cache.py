@@ -120,7 +120,7 @@ def test_eviction_takes_a_prefix_tail_in_every_layer_and_keeps_its_head_matchabl
 def test_layers_of_one_node_are_told_apart_and_out_of_range_layers_refused():
     from balcony_runtime.prefix_cache import PrefixCache
 
-    cache = PrefixCache(block_size=2)
+    cache = PrefixCache(block_size=2, num_blocks=100)
     node = cache.node(cache.root(), (1, 2))
     for layer, block in ((0, 10), (1, 11), (4095, 12)):
         assert cache.register(layer, node, block)
@@ -130,6 +130,31 @@ def test_layers_of_one_node_are_told_apart_and_out_of_range_layers_refused():
     assert cache.match((0, 1), [1, 2, 3], 1).num_blocks == 0 and cache.match((0,), [1, 2, 3], 1).blocks == [[10]]
     with pytest.raises(ValueError, match="out of range"):
         cache.register(4096, node, 13)
+
+
+def test_forgetting_runs_of_several_nodes_in_any_order():
+    """forget() settles a node's count once per run of its blocks: runs of two nodes interleaved,
+    a node emptied in two calls, and a node emptied leaving the trie while its sibling stays."""
+    from balcony_runtime.prefix_cache import PrefixCache
+
+    cache = PrefixCache(block_size=2, num_blocks=20)
+    first = cache.node(cache.root(), (1, 2))
+    second = cache.node(first, (3, 4))
+    other = cache.node(cache.root(), (5, 6))
+    for node, blocks in ((first, (0, 1, 2)), (second, (3, 4, 5)), (other, (6, 7, 8))):
+        for layer, block in enumerate(blocks):
+            assert cache.register(layer, node, block)
+    assert len(cache) == 9
+    cache.forget([5, 8, 4, 7])  # second's layers 2, 1 and other's 2, 1, interleaved
+    assert len(cache) == 5 and not any(cache.is_cached(b) for b in (4, 5, 7, 8))
+    assert cache.match((0,), [1, 2, 3, 4, 9], 2).blocks == [[0, 3]]
+    assert cache.match((0, 1), [1, 2, 3, 4, 9], 2).blocks == [[0], [1]]
+    cache.forget([3])  # second's last block: it leaves the trie
+    assert cache.node(first, (3, 4)) != second
+    assert cache.match((0,), [5, 6, 9], 1).blocks == [[6]]
+    cache.forget([6, 2, 1, 0])
+    assert len(cache) == 0 and cache.match((0,), [1, 2, 9], 1).num_blocks == 0
+    assert cache.node(cache.root(), (1, 2)) not in (first, second, other)
 
 
 def _run(engine: LLMEngine, prompts: list[str], stagger: int) -> list:
