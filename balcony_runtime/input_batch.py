@@ -40,6 +40,7 @@ class InputBatch:
         rows: int = 16,
         blocks: int = 16,
         null_block: int = 0,
+        numpy_writes: bool | None = None,
     ):
         self.cache_layers_of = cache_layers_of  # exit -> cache layers, in the block manager's order
         self.device = device
@@ -47,6 +48,9 @@ class InputBatch:
         self.slot_of: dict[str, int] = {}  # request id -> its slot
         self.written = np.zeros(rows, dtype=np.int64)  # [rows] blocks per layer already in block_table
         self.null_block = null_block  # what entries past a row's blocks and at skipped layers hold
+        # New block ids written through numpy views of the tables (a CPU device's tensors are host
+        # memory); else with torch's indexed writes, their indices staged to the device.
+        self.numpy_writes = device.type == "cpu" if numpy_writes is None else numpy_writes
         self.block_table = torch.full((num_cache_layers, rows, blocks), null_block, dtype=torch.int32, device=device)
         # [C, rows] each row's last written block at every layer (block_table[:, b, written[b] - 1]):
         # a decode step's token is written there. Read as one contiguous slice, where gathering it from
@@ -214,10 +218,20 @@ class InputBatch:
         self.written[grow] = new_of
         # [N] into block_table.view(-1): layer * slots * width + slot * width + block
         flat = np.concatenate(index) if len(index) > 1 else index[0]
+        at = np.concatenate(last) if len(last) > 1 else last[0]  # [M] each grown row's new last block per layer
+        if self.numpy_writes:
+            # The tensors are host memory: numpy writes them in place, several times faster than
+            # torch's indexed writes for a few hundred ids (this runs in every step a row crosses
+            # into a new block, about one row in block_size of them).
+            ids = np.array(values, dtype=np.int32)  # [N]
+            self.block_table.numpy().reshape(-1)[flat] = ids
+            if len(at) < len(values):
+                ids, flat = ids[at], flat[at]
+            self.last_block.numpy().reshape(-1)[flat // width] = ids
+            return
         values_t = to_device(values, torch.int32, self.device)  # [N]
         self.block_table.view(-1)[to_device(flat, torch.long, self.device)] = values_t
         # Each row's new last block per layer into last_block.view(-1): layer * slots + slot.
-        at = np.concatenate(last) if len(last) > 1 else last[0]  # [M]
         if len(at) < len(values):
             values_t = values_t[to_device(at, torch.long, self.device)]
             flat = flat[at]

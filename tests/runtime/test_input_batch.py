@@ -53,11 +53,15 @@ def step(batch: InputBatch, blocks: BlockManager, ids: list[str], exits: list[in
     return order
 
 
+@pytest.mark.parametrize("numpy_writes", [True, False], ids=["numpy-writes", "torch-writes"])
 @pytest.mark.parametrize("seed", range(6))
-def test_random_lives_match_tables_built_from_scratch(seed):
+def test_random_lives_match_tables_built_from_scratch(seed, numpy_writes):
+    """Both ways of writing new block ids: numpy views (a CPU device) and torch's indexed writes
+    (a GPU's, here on CPU tensors)."""
     rng = random.Random(seed)
     blocks = BlockManager(4000, 4)
-    batch = InputBatch(cache_layers_of, NUM_CACHE_LAYERS, torch.device("cpu"), rows=2, blocks=2)
+    batch = InputBatch(cache_layers_of, NUM_CACHE_LAYERS, torch.device("cpu"), rows=2, blocks=2,
+                       numpy_writes=numpy_writes)
     live: dict[str, tuple[int, int]] = {}  # id -> (exit, tokens)
     next_id = 0
     for _ in range(60):
