@@ -96,14 +96,6 @@ class BlockManager:
     def capacity(self, request_id: str) -> int:
         return self._requests[request_id].capacity_tokens
 
-    def blocks_to_grow(self, request_id: str, num_tokens: int) -> int:
-        held = self._requests[request_id]
-        extra = self.blocks_per_layer(num_tokens) - len(held.tables[0]) if held.tables else 0
-        return max(0, extra) * held.num_layers
-
-    def can_grow(self, request_id: str, num_tokens: int) -> bool:
-        return self.blocks_to_grow(request_id, num_tokens) <= self.num_free_blocks
-
     def cached_prefix(self, layers: tuple[int, ...], token_ids: list[int], num_tokens: int) -> PrefixMatch | None:
         """The leading whole blocks of ``token_ids`` (a request's prompt; it has ``num_tokens`` in
         all) already computed in every one of ``layers``, short of its last token, whose logits the
@@ -137,13 +129,22 @@ class BlockManager:
 
     def grow(self, request_id: str, num_tokens: int) -> None:
         """Make room for ``num_tokens`` tokens in total (a no-op when there already is)."""
+        if not self.try_grow(request_id, num_tokens):
+            held = self._requests[request_id]
+            needed = (self.blocks_per_layer(num_tokens) - len(held.tables[0])) * held.num_layers
+            raise OutOfBlocks(f"{needed} blocks needed, {self.num_free_blocks} free")
+
+    def try_grow(self, request_id: str, num_tokens: int) -> bool:
+        """Make room for ``num_tokens`` tokens in total if the free blocks allow; False (nothing
+        changed) if they do not. The scheduler's one call per growing row: checking first and then
+        growing computed the same counts twice, once per block_size tokens of every decoding row."""
         held = self._requests[request_id]
         extra = self.blocks_per_layer(num_tokens) - len(held.tables[0])
         if extra <= 0:
-            return
-        if extra * held.num_layers > self.num_free_blocks:
-            raise OutOfBlocks(f"{extra * held.num_layers} blocks needed, {self.num_free_blocks} free")
-        # Once per block_size tokens of every decoding row: every layer's new blocks in one take.
+            return True
+        if extra * held.num_layers > len(self._free) + len(self._evictable):
+            return False
+        # Every layer's new blocks in one take.
         taken = self._take(extra * held.num_layers)
         if extra == 1:
             for _ in map(list.append, held.tables, taken):  # (a loop run in C)
@@ -152,6 +153,7 @@ class BlockManager:
             for i, table in enumerate(held.tables):
                 table.extend(taken[i * extra:(i + 1) * extra])
         held.capacity_tokens = len(held.tables[0]) * self.block_size
+        return True
 
     def cache_prefix(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
         """Offer the request's whole blocks among its first ``num_computed`` tokens (computed: their

@@ -182,7 +182,7 @@ class Scheduler:
                 n = budget
             if start + n > capacity(request.request_id):
                 # Most steps skip this: a decoding row needs a new block once every block_size tokens.
-                while not self.blocks.can_grow(request.request_id, start + n):
+                while not self.blocks.try_grow(request.request_id, start + n):
                     victim = self._victim(running[i:])
                     self._preempt(victim)
                     preempted.append(victim)
@@ -190,7 +190,6 @@ class Scheduler:
                         break
                 if request.status is not RequestStatus.RUNNING:
                     continue  # it preempted itself; the next request now sits at index i
-                self.blocks.grow(request.request_id, start + n)
             scheduled.append(ScheduledRequest(request, start, n, start + n == total))
             budget -= n
             i += 1

@@ -45,12 +45,20 @@ def test_random_allocate_grow_free_abort(seed):
             layers, tokens = live[rid]
             target = tokens + rng.randint(1, 6)
             before = [list(t) for t in bm.block_tables(rid)]
-            if bm.can_grow(rid, target):
-                bm.grow(rid, target)
+            needed = layers * max(0, -(-target // 4) - len(before[0]))  # new blocks, counted here
+            free_before = bm.num_free_blocks
+            if needed <= free_before:
+                if rng.random() < 0.5:
+                    bm.grow(rid, target)
+                else:
+                    assert bm.try_grow(rid, target)
+                assert bm.num_free_blocks == free_before - needed
                 live[rid] = (layers, target)
             else:
                 with pytest.raises(OutOfBlocks):
                     bm.grow(rid, target)
+                assert not bm.try_grow(rid, target)
+                assert bm.block_tables(rid) == before and bm.num_free_blocks == free_before
             # Growing never moves blocks a request already holds: its cached tokens stay put.
             assert all(t[: len(b)] == b for t, b in zip(bm.block_tables(rid), before))
         elif live:

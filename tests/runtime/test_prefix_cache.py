@@ -62,8 +62,7 @@ def test_random_requests_with_shared_prefixes(seed):
         elif op < 0.55 and live:
             rid = rng.choice(list(live))
             grown = len(live[rid]) + rng.randint(1, 9)
-            if bm.can_grow(rid, grown):
-                bm.grow(rid, grown)
+            if bm.try_grow(rid, grown):
                 live[rid] = live[rid] + [0] * (grown - len(live[rid]))
         elif live:
             rid = rng.choice(list(live))
