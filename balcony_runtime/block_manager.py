@@ -142,7 +142,7 @@ class BlockManager:
         extra = self.blocks_per_layer(num_tokens) - len(held.tables[0])
         if extra <= 0:
             return True
-        if extra * held.num_layers > len(self._free) + len(self._evictable):
+        if extra * held.num_layers > self.num_free_blocks:
             return False
         # Every layer's new blocks in one take.
         taken = self._take(extra * held.num_layers)

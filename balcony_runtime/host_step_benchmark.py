@@ -167,7 +167,8 @@ class HostStepRun:
     different times: each step about one row in block_size reaches a new block and takes one per
     cache layer (evicting cached prefixes from a served pool). ``aligned``: every row at ``context``
     instead, so they all reach a new block in the same step, once every block_size steps, and the
-    median step takes none (how stops up to 35 measured)."""
+    median step takes none (the layout of the figures docs/benchmarks.md gives before "Rows at
+    staggered contexts")."""
 
     def __init__(self, loaded: LoadedModel, rows: int, context: int, steps: int = 30, vocab: int = 512,
                  params: SamplingParams | None = None, block_size: int = 16, exit_layer=None,

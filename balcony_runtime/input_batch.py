@@ -218,24 +218,20 @@ class InputBatch:
         self.written[grow] = new_of
         # [N] into block_table.view(-1): layer * slots * width + slot * width + block
         flat = np.concatenate(index) if len(index) > 1 else index[0]
-        at = np.concatenate(last) if len(last) > 1 else last[0]  # [M] each grown row's new last block per layer
+        at = np.concatenate(last) if len(last) > 1 else last[0]  # [M] where each new last block sits in values
+        ids = np.array(values, dtype=np.int32)  # [N]
+        last_ids, last_flat = (ids[at], flat[at]) if len(at) < len(values) else (ids, flat)  # [M]
+        last_flat = last_flat // width  # [M] into last_block.view(-1): layer * slots + slot
         if self.numpy_writes:
             # The tensors are host memory: numpy writes them in place, several times faster than
             # torch's indexed writes for a few hundred ids (this runs in every step a row crosses
             # into a new block, about one row in block_size of them).
-            ids = np.array(values, dtype=np.int32)  # [N]
             self.block_table.numpy().reshape(-1)[flat] = ids
-            if len(at) < len(values):
-                ids, flat = ids[at], flat[at]
-            self.last_block.numpy().reshape(-1)[flat // width] = ids
+            self.last_block.numpy().reshape(-1)[last_flat] = last_ids
             return
-        values_t = to_device(values, torch.int32, self.device)  # [N]
-        self.block_table.view(-1)[to_device(flat, torch.long, self.device)] = values_t
-        # Each row's new last block per layer into last_block.view(-1): layer * slots + slot.
-        if len(at) < len(values):
-            values_t = values_t[to_device(at, torch.long, self.device)]
-            flat = flat[at]
-        self.last_block.view(-1)[to_device(flat // width, torch.long, self.device)] = values_t
+        device = self.device
+        self.block_table.view(-1)[to_device(flat, torch.long, device)] = to_device(ids, torch.int32, device)
+        self.last_block.view(-1)[to_device(last_flat, torch.long, device)] = to_device(last_ids, torch.int32, device)
 
     def _layer_offsets(self, exit_layer: int) -> np.ndarray:
         """Flat offsets of an exit's cache layers in block_table: layer * rows * width."""

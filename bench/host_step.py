@@ -5,7 +5,7 @@
     python bench/host_step.py --shape 64x256 --steps 50
     python bench/host_step.py --device-ms 1 --device-ms 4    # and on a simulated device, overlapped or not
     python bench/host_step.py --fresh-pool          # blocks from a never-used pool (default: a served one)
-    python bench/host_step.py --aligned             # every row at the same context (before stop 36)
+    python bench/host_step.py --aligned             # every row at the same context (the median step takes no new block)
     python bench/host_step.py --queued 1000         # with 1,000 requests waiting behind the full batch
 
 Prints a markdown table: median milliseconds per engine.step(), as CPU time of the stepping thread
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--aligned", action="store_true",
                         help="every row at the same context, so all reach a new block in one step every 16 "
                              "(default: contexts spread over a block, about one row in 16 reaching a new "
-                             "block each step, as in serving); how stops up to 35 measured")
+                             "block each step, as in serving)")
     parser.add_argument("--device-ms", type=float, action="append",
                         help="also time each shape on a simulated device taking this long per step, steps "
                              "synchronous and overlapped (repeatable); prints a second table")
