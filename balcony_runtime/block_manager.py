@@ -145,14 +145,25 @@ class BlockManager:
         if extra * held.num_layers > self.num_free_blocks:
             return False
         # Every layer's new blocks in one take.
-        taken = self._take(extra * held.num_layers)
-        if extra == 1:
-            for _ in map(list.append, held.tables, taken):  # (a loop run in C)
-                pass
-        else:
-            for i, table in enumerate(held.tables):
-                table.extend(taken[i * extra:(i + 1) * extra])
-        held.capacity_tokens = len(held.tables[0]) * self.block_size
+        _extend(held, extra, self._take(extra * held.num_layers), 0, self.block_size)
+        return True
+
+    def try_grow_all(self, growth: list[tuple[str, int]]) -> bool:
+        """Make room for each (request id, tokens in total) in ``growth`` if the free blocks allow
+        them all; False (nothing changed) if they do not. The same blocks, in the same tables, as
+        try_grow on each in turn would give (one take, in the same order), with one eviction for
+        all of them: in a decode step about one row in block_size grows, each by a block per cache
+        layer, and per-row takes paid the eviction's fixed costs that many times."""
+        held_of, per_layer = self._requests, self.blocks_per_layer
+        rows = [(held, per_layer(tokens) - len(held.tables[0]))
+                for held, tokens in ((held_of[rid], tokens) for rid, tokens in growth)]
+        total = sum(extra * held.num_layers for held, extra in rows if extra > 0)
+        if total > self.num_free_blocks:
+            return False
+        taken, at, size = self._take(total), 0, self.block_size
+        for held, extra in rows:
+            if extra > 0:
+                at = _extend(held, extra, taken, at, size)
         return True
 
     def cache_prefix(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
@@ -212,3 +223,16 @@ class BlockManager:
         for block in taken:
             refs[block] = 1
         return taken
+
+
+def _extend(held: RequestBlocks, extra: int, taken: list[int], at: int, block_size: int) -> int:
+    """Append ``extra`` blocks to each of ``held``'s layers from ``taken[at:]``, layer by layer;
+    returns where the next request's blocks start in ``taken``."""
+    if extra == 1:
+        for _ in map(list.append, held.tables, taken[at:at + held.num_layers]):  # (a loop run in C)
+            pass
+    else:
+        for i, table in enumerate(held.tables):
+            table.extend(taken[at + i * extra:at + (i + 1) * extra])
+    held.capacity_tokens = len(held.tables[0]) * block_size
+    return at + extra * held.num_layers

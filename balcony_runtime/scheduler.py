@@ -157,42 +157,12 @@ class Scheduler:
 
     def schedule(self, now: float) -> SchedulerOutput:
         depth = self.choose_depth(now)
-        budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
-
-        # Running requests in admission order; one that cannot grow evicts a victim. This loop runs
-        # once per running request per step (host time on a GPU): locals, one read of each field.
-        i = 0
-        running, capacity = self.running, self.blocks.capacity
-        while i < len(running) and budget > 0:
-            request = running[i]
-            if depth is not None and request.exit_layer > depth:
-                i += 1
-                continue
-            start, num_output = request.num_computed_tokens, len(request.output_token_ids)
-            total = len(request.prompt_token_ids) + num_output
-            n = total - start
-            if n <= 0 or (num_output and num_output >= request.params.max_tokens):
-                # Nothing left to compute (a scored prompt), or its last token is still being sampled
-                # (an overlapped step): it finishes when that step is read.
-                i += 1
-                continue
-            if n > budget:
-                n = budget
-            if start + n > capacity(request.request_id):
-                # Most steps skip this: a decoding row needs a new block once every block_size tokens.
-                while not self.blocks.try_grow(request.request_id, start + n):
-                    victim = self._victim(running[i:])
-                    self._preempt(victim)
-                    preempted.append(victim)
-                    if victim is request:
-                        break
-                if request.status is not RequestStatus.RUNNING:
-                    continue  # it preempted itself; the next request now sits at index i
-            scheduled.append(ScheduledRequest(request, start, n, start + n == total))
-            budget -= n
-            i += 1
+        # Running rows first, their new blocks taken together; if the pool cannot give them all,
+        # again row by row, preempting as it goes (nothing changed before that: the first pass
+        # only plans).
+        planned = self._schedule_running(depth, preempted, together=True)
+        scheduled, budget = planned if planned is not None else self._schedule_running(depth, preempted, together=False)
 
         # Waiting requests, while they fit; preempted ones are not readmitted in the step that
         # evicted them. One that does not fit stops admission (no overtaking by smaller ones).
@@ -228,6 +198,54 @@ class Scheduler:
 
         scheduled.sort(key=_exit_of, reverse=True)  # deepest first; reverse keeps ties in order (stable)
         return SchedulerOutput(scheduled, preempted, depth)
+
+    def _schedule_running(self, depth: int | None, preempted: list[Request], together: bool
+                          ) -> tuple[list[ScheduledRequest], int] | None:
+        """The running requests' rows, in admission order, and the token budget they leave.
+        ``together``: rows that need new blocks get them in one take after the pass, or the pass
+        returns None (the pool cannot give them all; nothing taken); else each row takes its own as
+        it comes, and one that cannot grow evicts a victim (into ``preempted``)."""
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        growth: list[tuple[str, int]] = []  # (request id, tokens) of rows to grow together
+        # This loop runs once per running request per step (host time on a GPU): locals, one read
+        # of each field.
+        i = 0
+        running, capacity, blocks = self.running, self.blocks.capacity, self.blocks
+        while i < len(running) and budget > 0:
+            request = running[i]
+            if depth is not None and request.exit_layer > depth:
+                i += 1
+                continue
+            start, num_output = request.num_computed_tokens, len(request.output_token_ids)
+            total = len(request.prompt_token_ids) + num_output
+            n = total - start
+            if n <= 0 or (num_output and num_output >= request.params.max_tokens):
+                # Nothing left to compute (a scored prompt), or its last token is still being sampled
+                # (an overlapped step): it finishes when that step is read.
+                i += 1
+                continue
+            if n > budget:
+                n = budget
+            if start + n > capacity(request.request_id):
+                # Most steps skip this: a decoding row needs a new block once every block_size tokens.
+                if together:
+                    growth.append((request.request_id, start + n))
+                else:
+                    while not blocks.try_grow(request.request_id, start + n):
+                        victim = self._victim(running[i:])
+                        self._preempt(victim)
+                        preempted.append(victim)
+                        if victim is request:
+                            break
+                    if request.status is not RequestStatus.RUNNING:
+                        continue  # it preempted itself; the next request now sits at index i
+            scheduled.append(ScheduledRequest(request, start, n, start + n == total))
+            budget -= n
+            i += 1
+        if growth and not blocks.try_grow_all(growth):
+            return None
+        return scheduled, budget
 
     def _victim(self, candidates: list[Request]) -> Request:
         """The request to preempt among those not yet scheduled this step: latest due, newest on a tie."""

@@ -251,3 +251,54 @@ def test_prompt_logprobs_requests_compute_their_whole_prompt(tiny_model):
     rid = engine.add_request(SYSTEM + "Where is Lima?", SamplingParams(max_tokens=1, prompt_logprobs=1))
     plan = engine.scheduler.schedule(0.0)
     assert plan.scheduled[0].start == 0 and engine._tracked[rid].request.num_cached_tokens == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_growing_rows_together_takes_what_growing_each_in_turn_takes(seed):
+    """try_grow_all against try_grow on each row in turn, on twin pools that have served cached
+    prefixes (so growth evicts): the same tables, the same cache left, the same refusals."""
+    rng = random.Random(seed)
+    twins = [BlockManager(num_blocks=240, block_size=4, prefix_caching=True) for _ in range(2)]
+    layer_sets = [(0, 1, 2), (0, 1, 2, 7), (0, 1, 2, 3, 4)]
+    live: dict[str, int] = {}  # request id -> tokens
+    evicted = refused = 0
+    for step in range(1500):
+        op = rng.random()
+        if op < 0.3:
+            prompt = [rng.randrange(3) for _ in range(rng.randint(4, 30))]
+            layers = rng.choice(layer_sets)
+            matches = [bm.cached_prefix(layers, prompt, len(prompt)) for bm in twins]
+            if twins[0].can_allocate(len(layers), len(prompt), matches[0]):
+                for bm, match in zip(twins, matches):
+                    bm.allocate(f"r{step}", len(layers), len(prompt), layers, match)
+                    bm.cache_prefix(f"r{step}", prompt, len(prompt))
+                live[f"r{step}"] = len(prompt)
+        elif op < 0.7 and live:
+            growth = [(rid, live[rid] + rng.randint(0, 9)) for rid in rng.sample(sorted(live), min(len(live), 6))]
+            cached_before = len(twins[0].prefix_cache)
+            one_by_one = [twins[0].try_grow(rid, tokens) for rid, tokens in growth]
+            if all(one_by_one):
+                assert twins[1].try_grow_all(growth)
+                live.update(growth)
+                evicted += cached_before - len(twins[0].prefix_cache)
+            else:  # refused untouched; then row by row, as the scheduler falls back to
+                free_before = twins[1].num_free_blocks
+                assert not twins[1].try_grow_all(growth)
+                assert twins[1].num_free_blocks == free_before
+                assert [twins[1].try_grow(rid, tokens) for rid, tokens in growth] == one_by_one
+                refused += 1
+                for rid, _ in growth:  # and the rows let go (as preempted)
+                    for bm in twins:
+                        bm.free(rid)
+                    del live[rid]
+        elif live:
+            rid = rng.choice(sorted(live))
+            for bm in twins:
+                bm.free(rid)
+            del live[rid]
+        for rid in live:
+            assert twins[0].block_tables(rid) == twins[1].block_tables(rid)
+            assert twins[0].capacity(rid) == twins[1].capacity(rid)
+        assert twins[0].num_free_blocks == twins[1].num_free_blocks
+        assert len(twins[0].prefix_cache) == len(twins[1].prefix_cache)
+    assert evicted > 50 and refused > 5  # growth did evict cached prefixes, and did run out
