@@ -22,7 +22,7 @@ from balcony_runtime.model.balcony_model import BalconyModel
 from balcony_runtime.model.decode_graphs import DecodeGraphs
 from balcony_runtime.model.forward_batch import ForwardBatch
 from balcony_runtime.request import Request
-from balcony_runtime.routing.step_cost import StepShape
+from balcony_runtime.routing.step_cost import DecodeRows, StepShape
 from balcony_runtime.sampler import (RowClasses, Sampler, SamplingRow, TokenLogprobs, classify_rows, make_generator,
                                      prompt_logprobs)
 from balcony_runtime.scheduler import ScheduledRequest
@@ -76,6 +76,8 @@ class ModelRunner:
         # other step: the next decode step of the same arrangement reuses the lists as they are.
         self._decode_rows: tuple[list[str], list[SamplingRow], list[int], list[int]] | None = None
         self._arange = torch.arange(0, dtype=torch.int32, device=self.device)  # see _row_offsets
+        # The last decode arrangement's DecodeRows: its step shapes differ only in the contexts.
+        self._decode_shape: tuple[list[str] | None, DecodeRows | None] = (None, None)
 
     def use_graphs(self, max_rows: int, max_model_len: int, record: bool | None = None) -> DecodeGraphs:
         """Serve decode steps of up to ``max_rows`` rows by replaying recorded pieces
@@ -235,14 +237,22 @@ class ModelRunner:
         block_tables = self.input_batch.view(num_rows, num_blocks)  # [C, B, max_blocks], a view
         # Slot of each token at every cache layer; rows that skip a layer point at block 0 but are
         # never read or written there (the model slices them away).
-        if is_decode and (last := self.input_batch.last_blocks(num_rows)) is not None:
-            blocks = last  # [C, T]: token t is row t, written into the last block its context reaches
+        last = self.input_batch.last_blocks(num_rows) if is_decode else None
+        if last is not None and device.type == "cpu":
+            # Host memory: numpy's few small operations take a fraction of torch's per-call cost.
+            # [C, T]: token t is row t, written into the last block its context reaches.
+            slots = np.multiply(last.numpy(), block_size, dtype=np.int64)  # [C, T]
+            slots += starts % block_size
+            blocks, slot_mapping = None, torch.from_numpy(slots)
+        elif last is not None:
+            blocks = last  # [C, T]
         elif is_decode:  # a gather along the blocks (twice as fast as the indexing below)
             index = (positions_t // block_size).view(1, -1, 1).expand(block_tables.shape[0], -1, 1)  # [C, T, 1]
             blocks = block_tables.gather(2, index).squeeze(2)  # [C, T]
         else:
             blocks = block_tables[:, to_device(token_rows, torch.int64, device), positions_t // block_size]  # [C, T]
-        slot_mapping = torch.add(positions_t % block_size, blocks, alpha=block_size)  # [C, T] int64
+        if blocks is not None:
+            slot_mapping = torch.add(positions_t % block_size, blocks, alpha=block_size)  # [C, T] int64
         input_ids_t = to_device(input_ids, torch.int64, device)  # [T]
         if previous is not None and input_ids and min(input_ids) < 0:  # tokens the previous step sampled
             # -1 - j -> previous[j], on the device: the host never reads the sampled tokens first.
@@ -263,7 +273,14 @@ class ModelRunner:
         )
         # (only where each row sits where the scheduler listed it, so the lists reused are the same)
         decode_arrangement = self.input_batch.arrangement if all_sampled and rows is scheduled else None
-        shape = StepShape.of_arrays(exits, lens, starts, head_rows, self.model.full_depth, is_decode)
+        if decode_arrangement is not None:  # the same rows as the last decode step, most steps
+            arranged, decode_rows = self._decode_shape
+            if arranged is not decode_arrangement:
+                decode_rows = DecodeRows.of(exits, self.model.full_depth)
+                self._decode_shape = decode_arrangement, decode_rows
+            shape = decode_rows.shape(context_lens, head_rows)
+        else:
+            shape = StepShape.of_arrays(exits, lens, starts, head_rows, self.model.full_depth, is_decode)
         num_prefill_tokens = 0 if is_decode else int(lens[lens > 1].sum())
         return batch, StepLayout(order, prompt_targets, decode_arrangement, shape, num_prefill_tokens)
 

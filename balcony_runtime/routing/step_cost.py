@@ -70,25 +70,49 @@ class StepShape:
         engine computes this every step, so it costs a few numpy calls, not a pass per row."""
         if not len(exits):
             return cls(0, 0, 0, 0, 0)
-        distinct = set(exits)
-        balcony_groups = sum(1 for x in distinct if x < full_depth)
-        layers = np.minimum(np.asarray(exits, dtype=np.int64) + 1, full_depth)  # [B]: layers_run of each row
         if is_decode is None:
             is_decode = bool((num_tokens == 1).all())
         if is_decode:
-            decode_token_layers, prefill_token_layers = int(layers.sum()), 0
-            attention = int(layers @ (num_cached + 1))  # attention_pairs per row, n = 1
-        else:
-            n, c = num_tokens, num_cached
-            decode = n == 1  # [B]
-            decode_token_layers, prefill_token_layers = int(layers[decode].sum()), int((layers * n)[~decode].sum())
-            attention = int((layers * (n * c + n * (n + 1) // 2)).sum())  # attention_pairs per row
-        return cls(min(max(distinct), full_depth) + balcony_groups, decode_token_layers, prefill_token_layers,
-                   head_rows, attention)
+            return DecodeRows.of(exits, full_depth).shape(num_cached + 1, head_rows)
+        distinct = set(exits)
+        layers = np.minimum(np.asarray(exits, dtype=np.int64) + 1, full_depth)  # [B]: layers_run of each row
+        n, c = num_tokens, num_cached
+        decode = n == 1  # [B]
+        decode_token_layers, prefill_token_layers = int(layers[decode].sum()), int((layers * n)[~decode].sum())
+        attention = int((layers * (n * c + n * (n + 1) // 2)).sum())  # attention_pairs per row
+        return cls(_distinct_layers(distinct, full_depth), decode_token_layers, prefill_token_layers, head_rows,
+                   attention)
 
     def features(self) -> tuple[float, ...]:
         return (1.0, self.layers, self.decode_token_layers, self.prefill_token_layers, self.head_rows,
                 self.attention_layers)
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """What a decode step's shape takes from its rows' exits alone. A running batch keeps its rows
+    for many steps, so the runner keeps this while they stay and per step adds only the attention
+    term, which grows with the contexts (one dot product, not the shape's few numpy calls)."""
+
+    layers_of: np.ndarray  # [B] int64: the decoder layers each row runs (layers_run)
+    layers: int  # StepShape.layers
+    decode_token_layers: int  # StepShape.decode_token_layers
+
+    @classmethod
+    def of(cls, exits: Sequence[int], full_depth: int) -> "DecodeRows":
+        layers_of = np.minimum(np.asarray(exits, dtype=np.int64) + 1, full_depth)  # [B]
+        return cls(layers_of, _distinct_layers(set(exits), full_depth), int(layers_of.sum()))
+
+    def shape(self, context_lens: np.ndarray, head_rows: int) -> StepShape:
+        """The step's shape with each row's context after its token (``context_lens`` [B] int64):
+        one token attends to its whole context, so a row's attention pairs are its context length."""
+        return StepShape(self.layers, self.decode_token_layers, 0, head_rows, int(self.layers_of @ context_lens))
+
+
+def _distinct_layers(exits: set[int], full_depth: int) -> int:
+    """StepShape.layers of rows at these exits: the deepest one's backbone layers, plus a balcony
+    for each exit short of the full depth."""
+    return min(max(exits), full_depth) + sum(1 for x in exits if x < full_depth)
 
 
 def layers_run(exit_layer: int, full_depth: int) -> int:

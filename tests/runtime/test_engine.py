@@ -219,15 +219,18 @@ def test_each_steps_shape_is_that_of_its_rows(tiny_model):
               SamplingParams(max_tokens=5, temperature=0, prompt_logprobs=1)]
     for prompt, sp, e in zip(PROMPTS[:3], params, [1, "full", 3]):
         engine.add_request(prompt, sp, exit_layer=e)
-    steps = 0
+    steps = repeated_decodes = 0  # the runner keeps a decode batch's exits while its rows stay
     while engine.has_unfinished():
         engine.step()
         rows = plans[-1].scheduled
         if not rows:
             continue
+        if len(plans) > 1 and all(r.num_tokens == 1 for r in rows) and \
+                [r.request for r in rows] == [r.request for r in plans[-2].scheduled]:
+            repeated_decodes += 1
         expected = StepShape.of([RowShape(r.request.exit_layer, r.num_tokens, r.start, r.completes_sequence)
                                  for r in rows], engine.model.full_depth)
         assert engine.last_step.shape == expected
         assert engine.last_step.num_prefill_tokens == sum(r.num_tokens for r in rows if r.num_tokens > 1)
         steps += 1
-    assert steps >= 6
+    assert steps >= 6 and repeated_decodes >= 2
