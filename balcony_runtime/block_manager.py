@@ -47,6 +47,10 @@ class BlockManager:
         # (next(iter(d)) then del) scans past every slot deleted since its last resize, so once a
         # served pool is all cached prefixes, each block taken cost time growing with the pool.
         self._evictable: OrderedDict[int, None] = OrderedDict()
+        # Request id -> the blocks it took in the last try_grow_all, layer after layer (a decoding
+        # row: one per layer). The runner writes a crossing row's new ids from here: the list was
+        # just built, where reading them back out of the row's tables touches one list per layer.
+        self.grown: dict[str, list[int]] = {}
 
     # ---- queries ---------------------------------------------------------------------------
 
@@ -154,15 +158,17 @@ class BlockManager:
         try_grow on each in turn would give (one take, in the same order), with one eviction for
         all of them: in a decode step about one row in block_size grows, each by a block per cache
         layer, and per-row takes paid the eviction's fixed costs that many times."""
+        grown = self.grown = {}
         held_of, per_layer = self._requests, self.blocks_per_layer
-        rows = [(held, per_layer(tokens) - len(held.tables[0]))
-                for held, tokens in ((held_of[rid], tokens) for rid, tokens in growth)]
-        total = sum(extra * held.num_layers for held, extra in rows if extra > 0)
+        rows = [(rid, held, per_layer(tokens) - len(held.tables[0]))
+                for rid, held, tokens in ((rid, held_of[rid], tokens) for rid, tokens in growth)]
+        total = sum(extra * held.num_layers for _, held, extra in rows if extra > 0)
         if total > self.num_free_blocks:
             return False
         taken, at, size = self._take(total), 0, self.block_size
-        for held, extra in rows:
+        for rid, held, extra in rows:
             if extra > 0:
+                grown[rid] = taken[at:at + extra * held.num_layers]
                 at = _extend(held, extra, taken, at, size)
         return True
 
@@ -184,6 +190,7 @@ class BlockManager:
         held = self._requests.pop(request_id, None)
         if held is None:
             return
+        self.grown.pop(request_id, None)  # (its id may come back, re-allocated after a preemption)
         # Last block first and, for each, every layer's copy together: eviction takes the oldest
         # first, so it removes a prefix's tail in all its layers at once, and the leading blocks
         # stay matchable (a match needs every layer's copy; going layer by layer would evict the

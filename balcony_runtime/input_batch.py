@@ -153,14 +153,17 @@ class InputBatch:
         self._last_ids = [request_ids[i] for i in target]
         return target  # type: ignore[return-value]
 
-    def update_blocks(self, tables: list[list[list[int]]], needed: np.ndarray) -> int:
+    def update_blocks(self, tables: list[list[list[int]]], needed: np.ndarray,
+                      grown: dict[str, list[int]] | None = None) -> int:
         """Write the blocks each of slots 0..B-1 reads this step (``needed``[B] per layer, from its
         first) and did not have in block_table; ``tables`` in slot order (the block manager's
         lists, each at least that long). Returns the most blocks any of these rows reads.
 
         A row's blocks are written as its context reaches them, not as they are allocated (a
         prefill chunk's or a prefix's blocks may come earlier): the check is one comparison of
-        arrays, where counting every row's blocks was a Python pass over the rows each step."""
+        arrays, where counting every row's blocks was a Python pass over the rows each step.
+        ``grown``: BlockManager.grown, where a row that reached a block it has just taken finds
+        its new ids (checked against its tables; rows not there are read from the tables)."""
         n = len(tables)
         if not self._unchanged:
             rows = self.slots
@@ -174,7 +177,7 @@ class InputBatch:
         written = self.written[:n]
         grow = np.flatnonzero(needed > written)
         if grow.size:
-            self._write(grow, needed, tables)
+            self._write(grow, needed, tables, grown)
         # (a row's context only grows, so written == needed unless its blocks were read further back)
         self._last_exact = bool((written == needed).all())
         return most
@@ -191,7 +194,8 @@ class InputBatch:
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _write(self, grow: np.ndarray, upto: np.ndarray, tables: list[list[list[int]]]) -> None:
+    def _write(self, grow: np.ndarray, upto: np.ndarray, tables: list[list[list[int]]],
+               grown: dict[str, list[int]] | None) -> None:
         """Copy block ids written[b]:upto[b] of rows b in ``grow`` into block_table, and each one's
         last into last_block, with one indexed write each."""
         _, slots, width = self.block_table.shape
@@ -203,10 +207,23 @@ class InputBatch:
         last: list[np.ndarray] = []  # where in `values` each grown row's new last block per layer is
         if crossed.any():  # most steps' only rows: their ids are their last blocks too
             rows, olds = grow[crossed], old_of[crossed]  # [R]
-            offsets = [layer_offsets(slot_rows[b].exit_layer) for b in rows.tolist()]  # [L_b] each
+            exits = []
             for b, old in zip(rows.tolist(), olds.tolist()):
-                values += map(itemgetter(old), tables[b])
-            index.append(np.concatenate(offsets) + np.repeat(rows * width + olds, [len(o) for o in offsets]))
+                row, row_tables = slot_rows[b], tables[b]
+                exits.append(row.exit_layer)
+                fresh = grown.get(row.request_id) if grown else None
+                # Taken this step, one per layer, and block `old` of the first layer is the first of
+                # them (a table never holds a block twice, so that pins which growth they came from).
+                if fresh is not None and len(fresh) == len(row_tables) and fresh[0] == row_tables[0][old]:
+                    values += fresh
+                else:
+                    values += map(itemgetter(old), row_tables)
+            base = rows * width + olds  # [R] each row's block `old` in layer 0
+            if len(set(exits)) == 1:  # one exit: the same layers for every row, [R, L] in values' order
+                index.append((base[:, None] + layer_offsets(exits[0])[None, :]).ravel())
+            else:
+                offsets = [layer_offsets(e) for e in exits]  # [L_b] each
+                index.append(np.concatenate(offsets) + np.repeat(base, [len(o) for o in offsets]))
             last.append(np.arange(len(values)))
         for b, old, new in zip(grow[~crossed].tolist(), old_of[~crossed].tolist(), new_of[~crossed].tolist()):
             layers = layer_offsets(slot_rows[b].exit_layer)  # [L_b]

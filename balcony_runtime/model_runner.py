@@ -196,7 +196,7 @@ class ModelRunner:
         query_lens = [item.num_tokens for item in rows]
         lens = np.asarray(query_lens, dtype=np.int64)  # [B]
         context_lens = starts + lens  # [B]
-        num_blocks = self.input_batch.update_blocks(tables, -(-context_lens // block_size))
+        num_blocks = self.input_batch.update_blocks(tables, -(-context_lens // block_size), self.blocks.grown)
         prompt_targets: dict[int, list[int]] = {}
         is_decode = sum(query_lens) == len(rows)  # every row feeds one token
         all_sampled = is_decode and all(item.completes_sequence for item in rows)
