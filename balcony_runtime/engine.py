@@ -75,9 +75,9 @@ class RequestOutput:
 
     request_id: str
     exit_layer: int  # backbone layers run (num_layers = full depth)
-    new_token_ids: list[int]  # tokens sampled this step (0 or 1)
+    new_token_ids: Sequence[int]  # tokens sampled this step (0 or 1)
     new_text: str  # text now safe to show
-    new_logprobs: list[TokenLogprobs]  # logprobs of new_token_ids, when asked for
+    new_logprobs: Sequence[TokenLogprobs]  # logprobs of new_token_ids, when asked for
     prompt_logprobs: list[TokenLogprobs] | None  # all prompt tokens after the first, once ready
     num_prompt_tokens: int
     num_output_tokens: int
@@ -407,6 +407,8 @@ class LLMEngine:
 
     def _prefetch_masks(self, plan: SchedulerOutput) -> None:
         """Start filling the grammar masks of the plan's sampled rows (structured/token_masks.py)."""
+        if not self._num_needs_sync:  # no request with a grammar (each needs_sync): no pass over the rows
+            return
         self.masks.prefetch([item.request.grammar for item in plan.scheduled if item.completes_sequence
                              and item.request.grammar is not None and not item.request.is_finished])
 
@@ -462,39 +464,40 @@ class LLMEngine:
             if params.prompt_logprobs is not None and not request.prompt_logprobs_done:
                 if item.start + item.num_tokens >= request.num_prompt_tokens:
                     request.prompt_logprobs_done = prompt_ready = True
-            new_ids, new_logprobs, new_text = [], [], ""
-            reason = None
-            num_output = len(request.output_token_ids)  # this step's own token last, once placed
-            if token is not None:
-                if params.max_tokens == 0:
+            # (an empty tuple, not a new list, where a row has nothing: most rows have no logprobs)
+            new_ids = new_logprobs = ()
+            new_text, reason = "", None
+            if token is None or params.max_tokens == 0:
+                num_output = len(request.output_token_ids)  # this step's own token last, once placed
+                if token is not None:
                     reason = "length"  # prompt scoring only: nothing is generated
+            else:
+                output_ids = request.output_token_ids
+                if positions is None:
+                    position = len(output_ids)
+                    output_ids.append(token)
                 else:
-                    output_ids = request.output_token_ids
-                    if positions is None:
-                        position = len(output_ids)
-                        output_ids.append(token)
-                    else:
-                        position = positions[i]
-                        output_ids[position] = token  # its placeholder
-                    num_output = position + 1  # a later step's placeholder may follow it
-                    if request.first_token_time is None:
-                        request.first_token_time = now
-                    new_ids.append(token)
-                    if step_logprobs is not None and step_logprobs[i] is not None:
-                        new_logprobs.append(step_logprobs[i])
-                    if token in request.eos_token_ids or token in params.stop_token_ids:
-                        reason = "stop"
-                    elif position + 1 >= params.max_tokens:
-                        reason = "length"
-                    if request.grammar is not None and request.grammar.accept(token):
-                        reason = "stop"  # the JSON is complete: only the end of sequence could follow
-                    detok = tracked.detok
-                    is_special_stop = reason == "stop" and not detok.stopped
-                    new_text = detok.add(token, final=reason is not None)
-                    if detok.stopped:
-                        reason = "stop"
-                    elif is_special_stop:
-                        new_text += detok.flush()
+                    position = positions[i]
+                    output_ids[position] = token  # its placeholder
+                num_output = position + 1  # a later step's placeholder may follow it
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                new_ids = [token]
+                if step_logprobs is not None and step_logprobs[i] is not None:
+                    new_logprobs = [step_logprobs[i]]
+                if token in request.eos_token_ids or token in params.stop_token_ids:
+                    reason = "stop"
+                elif position + 1 >= params.max_tokens:
+                    reason = "length"
+                if request.grammar is not None and request.grammar.accept(token):
+                    reason = "stop"  # the JSON is complete: only the end of sequence could follow
+                detok = tracked.detok
+                is_special_stop = reason == "stop" and not detok.stopped
+                new_text = detok.add(token, final=reason is not None)
+                if detok.stopped:
+                    reason = "stop"
+                elif is_special_stop:
+                    new_text += detok.flush()
             latency_s = budget_met = None
             if reason is not None:
                 position = None if positions is None else positions[i]
