@@ -25,8 +25,11 @@ def to_device(values: Sequence | np.ndarray | torch.Tensor, dtype: torch.dtype, 
         # numpy reads a list of Python numbers about 3x faster than torch.as_tensor does (a few
         # hundred ids per step, several times a step), and torch shares numpy's buffer.
         host = torch.from_numpy(np.array(values, dtype=_NUMPY_DTYPES[dtype]))
-    elif isinstance(values, np.ndarray) and values.dtype == _NUMPY_DTYPES.get(dtype):
-        host = torch.from_numpy(values)  # shares the array (as_tensor with a dtype checks more first)
+    elif isinstance(values, np.ndarray) and dtype in _NUMPY_DTYPES:
+        # Shared when of the right dtype, else converted by numpy: a few times faster than
+        # as_tensor with a dtype for the short arrays a step builds.
+        wanted = _NUMPY_DTYPES[dtype]
+        host = torch.from_numpy(values if values.dtype == wanted else values.astype(wanted))
     else:
         host = torch.as_tensor(values, dtype=dtype)
     if device.type == "cpu":
