@@ -13,17 +13,12 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any
 
-from balcony_runtime.engine import RequestOutput
 from balcony_runtime.errors import RequestError
 from server.async_engine import GroupEntry, guarded_step, queue_group
 
 log = logging.getLogger("balcony.engine")
-
-_ROUTE = RequestOutput.__slots__.index("route")
-_row_of = attrgetter(*RequestOutput.__slots__)  # a RequestOutput's fields in order: RequestOutput(*row) rebuilds it
 
 
 @dataclass(frozen=True)
@@ -95,6 +90,7 @@ class EngineLoop:
         from balcony_runtime.cpu_threads import ThreadGovernor
 
         self.engine, self.conn, self.max_queued = engine, conn, max_queued
+        engine.emit_rows()  # its outputs go down the pipe as tuples; the HTTP process rebuilds them
         # Submissions whose schemas are being compiled (in order): compiling on this loop would
         # stall every stream for as long (a large schema, or llguidance's first vocabulary trie:
         # seconds), so a worker thread compiles and the submission is queued once it is done, as
@@ -125,19 +121,13 @@ class EngineLoop:
                 outputs = guarded_step(engine, self._fail_all)
                 if outputs is None:
                     continue
-                conn.send(("outputs", [self._row(out) for out in outputs], self._gauges(threads)))
+                conn.send(("outputs", outputs, self._gauges(threads)))  # rows of fields (emit_rows)
         except (EOFError, OSError, ValueError):
             return  # the HTTP process is gone
 
     def _gauges(self, threads: int | None) -> tuple:
         engine = self.engine
         return engine.num_running, engine.num_waiting, engine.blocks.usage, threads
-
-    def _row(self, out: RequestOutput) -> tuple:
-        row = _row_of(out)
-        if out.route is not None and not out.finished:  # (read from the final output only)
-            row = row[:_ROUTE] + (None,) + row[_ROUTE + 1:]
-        return row
 
     def _handle_messages(self, wait: float) -> bool | None:
         """Run the messages waiting (waiting up to ``wait`` seconds for one): whether there were

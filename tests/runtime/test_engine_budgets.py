@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from balcony_runtime.engine import EngineConfig, LLMEngine
+from balcony_runtime.engine import EngineConfig, LLMEngine, RequestOutput
 from balcony_runtime.errors import RequestError
 from balcony_runtime.routing.router import BudgetUnmeetable
 from balcony_runtime.routing.step_cost import StepCostModel
@@ -107,3 +107,35 @@ def test_depth_limited_steps_run_and_change_no_token(engine):
     assert 1 in limits and None in limits
     assert [tokens[rid] for rid in deep_ids] == alone
     assert tokens[tight] == shallow_alone
+
+
+def test_rows_for_another_process_rebuild_the_outputs_and_carry_the_route_once(tiny_model):
+    """emit_rows (the engine's process): each output a tuple of RequestOutput's fields that rebuilds
+    the object the engine gives otherwise; the route, with its budget, on the final output only."""
+    engine = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=2048, max_num_seqs=16))  # (emit_rows is for good)
+    engine.calibrate(batch=4, steps=2, prompt_tokens=24, burst=8)
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+
+    def run() -> list:
+        for p in prompts:
+            engine.add_request(p, GREEDY, budget_ms=60_000)
+        outputs = []
+        while engine.has_unfinished():
+            outputs += engine.step()
+        return outputs
+
+    objects = run()
+    engine.emit_rows()
+    rows = run()
+    assert all(type(row) is tuple for row in rows)
+    rebuilt = [RequestOutput(*row) for row in rows]
+    timing = {"request_id", "arrival_time", "first_scheduled_time", "first_token_time", "latency_s", "route",
+              "num_cached_tokens"}  # (the second run reads the first's prompts from the prefix cache)
+
+    def comparable(out: RequestOutput) -> tuple:
+        return tuple(getattr(out, f) for f in RequestOutput.__slots__ if f not in timing)
+
+    assert [comparable(o) for o in rebuilt] == [comparable(o) for o in objects]
+    for outs in (objects, rebuilt):
+        assert all((o.route is not None) == o.finished for o in outs)
+        assert {o.route.budget_ms for o in outs if o.finished} == {60_000}
