@@ -574,7 +574,6 @@ class CompletedRequest:
 
     request_id: str = ""
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None
@@ -583,10 +582,23 @@ class CompletedRequest:
     latency_s: float | None = None  # arrival to finish
     budget_met: bool | None = None  # with a budget: whether latency_s was within it
     num_cached_tokens: int = 0  # prompt tokens read from the prefix cache
+    # The text's pieces, joined when it is read: appending each token's text to one string copied
+    # the whole text every token (a stream's server side reads it once, at its end).
+    _pieces: list[str] = field(default_factory=list, repr=False)
+    text_length: int = 0  # len(text), kept as pieces come
+
+    @property
+    def text(self) -> str:
+        pieces = self._pieces
+        if len(pieces) != 1:
+            self._pieces = pieces = ["".join(pieces)]
+        return pieces[0]
 
     def absorb(self, out: RequestOutput) -> None:
         self.token_ids.extend(out.new_token_ids)
-        self.text += out.new_text
+        if out.new_text:
+            self._pieces.append(out.new_text)
+            self.text_length += len(out.new_text)
         self.logprobs.extend(out.new_logprobs)
         self.prompt_logprobs = out.prompt_logprobs or self.prompt_logprobs
         self.finish_reason = out.finish_reason

@@ -140,7 +140,7 @@ async def stream_completion(body: CompletionRequest, group: GenerationGroup, tok
                 continue
             logprobs = None
             if body.logprobs is not None and out.new_logprobs:
-                logprobs = legacy_logprobs(tokenizer, out.new_logprobs, start_offset=len(r.text) - len(out.new_text))
+                logprobs = legacy_logprobs(tokenizer, out.new_logprobs, start_offset=r.text_length - len(out.new_text))
             if plain is not None and logprobs is None and not (first or out.finished or body.continuous_usage):
                 events.append(plain(index, out.new_text))
                 continue

@@ -234,3 +234,18 @@ def test_each_steps_shape_is_that_of_its_rows(tiny_model):
         assert engine.last_step.num_prefill_tokens == sum(r.num_tokens for r in rows if r.num_tokens > 1)
         steps += 1
     assert steps >= 6 and repeated_decodes >= 2
+
+
+def test_a_completed_requests_text_is_its_pieces_in_order_however_often_it_is_read():
+    from balcony_runtime.engine import CompletedRequest, RequestOutput
+
+    done, expected = CompletedRequest("r"), ""
+    pieces = ["Hel", "", "lo", " wörld", "", "\n", "🙂", "!"]
+    for k, piece in enumerate(pieces):
+        done.absorb(RequestOutput("r", 4, [k], piece, (), None, 3, k + 1, False, None, 0.0, None, None))
+        expected += piece
+        assert done.text_length == len(expected)
+        if k % 3 == 0:  # read between appends too: joined so far, then appended to
+            assert done.text == expected
+    assert done.text == expected == "Hello wörld\n🙂!" and done.text == expected
+    assert done.token_ids == list(range(len(pieces)))

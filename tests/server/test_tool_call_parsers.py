@@ -183,8 +183,12 @@ def request(**fields) -> ChatCompletionRequest:
 
 
 def result(text: str, finish_reason: str = "stop") -> ChoiceResult:
-    return ChoiceResult(request_id="r-0", index=0, spec=ChoiceSpec([1, 2], SamplingParams(), 0), text=text,
-                        finish_reason=finish_reason)
+    r = ChoiceResult(request_id="r-0", index=0, spec=ChoiceSpec([1, 2], SamplingParams(), 0))
+    r.absorb(RequestOutput(request_id="r-0", exit_layer=4, new_token_ids=[7], new_text=text, new_logprobs=[],
+                           prompt_logprobs=None, num_prompt_tokens=2, num_output_tokens=1, finished=True,
+                           finish_reason=finish_reason, arrival_time=0.0, first_scheduled_time=None,
+                           first_token_time=None))
+    return r
 
 
 def test_auto_parses_and_the_other_choices_do_not():
