@@ -140,17 +140,8 @@ class BlockManager:
 
     def try_grow(self, request_id: str, num_tokens: int) -> bool:
         """Make room for ``num_tokens`` tokens in total if the free blocks allow; False (nothing
-        changed) if they do not. The scheduler's one call per growing row: checking first and then
-        growing computed the same counts twice, once per block_size tokens of every decoding row."""
-        held = self._requests[request_id]
-        extra = self.blocks_per_layer(num_tokens) - len(held.tables[0])
-        if extra <= 0:
-            return True
-        if extra * held.num_layers > self.num_free_blocks:
-            return False
-        # Every layer's new blocks in one take.
-        _extend(held, extra, self._take(extra * held.num_layers), 0, self.block_size)
-        return True
+        changed) if they do not (try_grow_all of one row)."""
+        return self.try_grow_all([(request_id, num_tokens)])
 
     def try_grow_all(self, growth: list[tuple[str, int]]) -> bool:
         """Make room for each (request id, tokens in total) in ``growth`` if the free blocks allow
@@ -160,16 +151,24 @@ class BlockManager:
         layer, and per-row takes paid the eviction's fixed costs that many times."""
         grown = self.grown = {}
         held_of, per_layer = self._requests, self.blocks_per_layer
-        rows = [(rid, held, per_layer(tokens) - len(held.tables[0]))
-                for rid, held, tokens in ((rid, held_of[rid], tokens) for rid, tokens in growth)]
+        rows = [(rid, held := held_of[rid], per_layer(tokens) - len(held.tables[0])) for rid, tokens in growth]
         total = sum(extra * held.num_layers for _, held, extra in rows if extra > 0)
         if total > self.num_free_blocks:
             return False
-        taken, at, size = self._take(total), 0, self.block_size
+        taken, at = self._take(total), 0
         for rid, held, extra in rows:
-            if extra > 0:
-                grown[rid] = taken[at:at + extra * held.num_layers]
-                at = _extend(held, extra, taken, at, size)
+            if extra <= 0:
+                continue
+            count = extra * held.num_layers
+            grown[rid] = mine = taken[at:at + count]  # layer after layer, `extra` each
+            at += count
+            if extra == 1:
+                for _ in map(list.append, held.tables, mine):  # (a loop run in C)
+                    pass
+            else:
+                for i, table in enumerate(held.tables):
+                    table.extend(mine[i * extra:(i + 1) * extra])
+            held.capacity_tokens = len(held.tables[0]) * self.block_size
         return True
 
     def cache_prefix(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
@@ -231,15 +230,3 @@ class BlockManager:
             refs[block] = 1
         return taken
 
-
-def _extend(held: RequestBlocks, extra: int, taken: list[int], at: int, block_size: int) -> int:
-    """Append ``extra`` blocks to each of ``held``'s layers from ``taken[at:]``, layer by layer;
-    returns where the next request's blocks start in ``taken``."""
-    if extra == 1:
-        for _ in map(list.append, held.tables, taken[at:at + held.num_layers]):  # (a loop run in C)
-            pass
-    else:
-        for i, table in enumerate(held.tables):
-            table.extend(taken[at + i * extra:at + (i + 1) * extra])
-    held.capacity_tokens = len(held.tables[0]) * block_size
-    return at + extra * held.num_layers

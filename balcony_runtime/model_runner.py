@@ -243,15 +243,15 @@ class ModelRunner:
             # [C, T]: token t is row t, written into the last block its context reaches.
             slots = np.multiply(last.numpy(), block_size, dtype=np.int64)  # [C, T]
             slots += starts % block_size
-            blocks, slot_mapping = None, torch.from_numpy(slots)
-        elif last is not None:
-            blocks = last  # [C, T]
-        elif is_decode:  # a gather along the blocks (twice as fast as the indexing below)
-            index = (positions_t // block_size).view(1, -1, 1).expand(block_tables.shape[0], -1, 1)  # [C, T, 1]
-            blocks = block_tables.gather(2, index).squeeze(2)  # [C, T]
+            slot_mapping = torch.from_numpy(slots)
         else:
-            blocks = block_tables[:, to_device(token_rows, torch.int64, device), positions_t // block_size]  # [C, T]
-        if blocks is not None:
+            if last is not None:
+                blocks = last  # [C, T]
+            elif is_decode:  # a gather along the blocks (twice as fast as the indexing below)
+                index = (positions_t // block_size).view(1, -1, 1).expand(block_tables.shape[0], -1, 1)  # [C, T, 1]
+                blocks = block_tables.gather(2, index).squeeze(2)  # [C, T]
+            else:
+                blocks = block_tables[:, to_device(token_rows, torch.int64, device), positions_t // block_size]  # [C, T]
             slot_mapping = torch.add(positions_t % block_size, blocks, alpha=block_size)  # [C, T] int64
         input_ids_t = to_device(input_ids, torch.int64, device)  # [T]
         if previous is not None and input_ids and min(input_ids) < 0:  # tokens the previous step sampled
