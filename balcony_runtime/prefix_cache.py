@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 _ROOT = 0
-# A (cache layer, node) pair is one int, node << _LAYER_BITS | layer: int keys hash and compare
-# about twice as fast as tuples, and a served pool evicts a block per layer of every row that
-# crosses into a new block, each step.
+# A block's key, node << _LAYER_BITS | layer: which node's tokens it holds, at which cache layer, in
+# one int (an array of them tells a finished request's cached blocks from the rest at once).
 _LAYER_BITS = 12
+_LAYER_MASK = (1 << _LAYER_BITS) - 1
 _NOT_CACHED = -1
 
 
@@ -38,12 +40,16 @@ class PrefixCache:
         self.block_size = block_size
         self._children: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent, block tokens) -> node
         self._node_key: dict[int, tuple[int, tuple[int, ...]]] = {}  # node -> its key in _children
-        self._node_blocks: dict[int, int] = {}  # node -> how many layers' blocks of it are cached
-        self._block_of: dict[int, int] = {}  # (node << _LAYER_BITS | cache layer) -> block id
-        # Block id -> its key in _block_of, _NOT_CACHED if none: a list, since block ids are dense and
-        # a served pool evicts one block per layer of every row crossing into a new block, each step
-        # (a list's item is read and written in a fraction of a dict's pop).
-        self._key_of: list[int] = [_NOT_CACHED] * num_blocks
+        # Node -> {cache layer: the block holding the node's tokens there}. Per node, not one map
+        # keyed by (node, layer): a served pool evicts a block per layer of every row crossing into
+        # a new block each step, a node's layers together, and entries of one small map per node
+        # are found and removed several times faster than scattered entries of a map as large as
+        # the pool.
+        self._layers: dict[int, dict[int, int]] = {}
+        # Block id -> its key (node << _LAYER_BITS | layer), _NOT_CACHED if none: an array, since
+        # block ids are dense and a finished request's blocks (thousands at a long context) are told
+        # apart, cached or not, all at once (cached_mask).
+        self._key_of = np.full(num_blocks, _NOT_CACHED, dtype=np.int64)
         self._num_cached = 0
         self._next_node = _ROOT + 1
 
@@ -52,7 +58,11 @@ class PrefixCache:
         return self._num_cached
 
     def is_cached(self, block: int) -> bool:
-        return self._key_of[block] != _NOT_CACHED
+        return bool(self._key_of[block] != _NOT_CACHED)
+
+    def cached_mask(self, blocks: np.ndarray) -> np.ndarray:
+        """[N] bool: which of ``blocks`` [N] are cached."""
+        return self._key_of[blocks] != _NOT_CACHED
 
     def match(self, layers: tuple[int, ...], token_ids: list[int], max_blocks: int) -> PrefixMatch:
         """The leading whole blocks of ``token_ids`` (at most ``max_blocks``) cached in every layer."""
@@ -62,8 +72,8 @@ class PrefixCache:
             node = self._children.get((node, tuple(token_ids[i * size:(i + 1) * size])))
             if node is None:
                 break
-            base = node << _LAYER_BITS
-            blocks = [self._block_of.get(base | layer) for layer in layers]
+            held = self._layers[node]
+            blocks = [held.get(layer) for layer in layers]
             if None in blocks:
                 break
             found.nodes.append(node)
@@ -79,51 +89,64 @@ class PrefixCache:
             node = self._children[key] = self._next_node
             self._next_node += 1
             self._node_key[node] = key
-            self._node_blocks[node] = 0
+            self._layers[node] = {}
         return node
 
-    def register(self, layer: int, node: int, block: int) -> bool:
-        """Record that ``block`` holds ``node``'s tokens for ``layer``; False (nothing recorded) if
-        another block already does (two requests computed the same prefix at once)."""
-        if not 0 <= layer < 1 << _LAYER_BITS:
-            raise ValueError(f"cache layer {layer} out of range: at most {1 << _LAYER_BITS} are keyed")
-        key = node << _LAYER_BITS | layer
-        if key in self._block_of:
-            return False
-        self._block_of[key] = block
-        self._key_of[block] = key
-        self._num_cached += 1
-        self._node_blocks[node] += 1
-        return True
+    def register(self, nodes: list[int], layers: tuple[int, ...], blocks: list[list[int]]) -> int:
+        """Record that ``blocks[i][j]`` holds ``nodes[i]``'s tokens for cache layer ``layers[j]``,
+        for each whose copy is not known yet (two requests may compute the same prefix at once: the
+        first one's copy stays); returns how many were recorded. A request's prompt registers its
+        computed blocks together (thousands at a long context): one write of their keys."""
+        if layers and not 0 <= min(layers) <= max(layers) <= _LAYER_MASK:
+            raise ValueError(f"cache layers {layers} out of range: at most {1 << _LAYER_BITS} are keyed")
+        new_blocks: list[int] = []
+        new_keys: list[int] = []
+        for node, row in zip(nodes, blocks):
+            held, base = self._layers[node], node << _LAYER_BITS
+            if not held:  # a prefix nobody computed before (the usual case): every layer's copy
+                held.update(zip(layers, row))
+                new_blocks += row
+                new_keys += [base | layer for layer in layers]
+                continue
+            for layer, block in zip(layers, row):
+                if layer not in held:
+                    held[layer] = block
+                    new_blocks.append(block)
+                    new_keys.append(base | layer)
+        if new_blocks:
+            self._key_of[new_blocks] = new_keys
+            self._num_cached += len(new_blocks)
+        return len(new_blocks)
 
-    def forget(self, blocks: list[int]) -> None:
+    def forget(self, blocks: np.ndarray) -> None:
         """Drop cached blocks from the cache (they are being reused for other tokens). Blocks come in
         lists: a decode step evicts a block per cache layer of each row crossing into a new one, and
         those of one node (every layer's copy of one prefix block) come together (BlockManager.free),
-        so a node's count is settled once per run of its blocks, not once per block."""
-        key_of, block_of = self._key_of, self._block_of
-        node, run = _ROOT, 0  # the node of the run of blocks being counted, and its length so far
-        for block in blocks:
-            key = key_of[block]
-            key_of[block] = _NOT_CACHED
-            del block_of[key]
-            if key >> _LAYER_BITS != node:
-                if run:
-                    self._release(node, run)
-                node, run = key >> _LAYER_BITS, 0
-            run += 1
-        if run:
-            self._release(node, run)
-        self._num_cached -= len(blocks)
+        so each run of one node's blocks is settled with one look-up of the node."""
+        if not len(blocks):
+            return
+        key_of = self._key_of
+        keys = key_of[blocks]  # [N]
+        key_of[blocks] = _NOT_CACHED
+        nodes = keys >> _LAYER_BITS  # [N]
+        cuts = (np.flatnonzero(nodes[1:] != nodes[:-1]) + 1).tolist()  # where each run of one node starts
+        starts = [0, *cuts]
+        layers = keys & _LAYER_MASK  # [N]
+        for node, start, end in zip(nodes[starts].tolist(), starts, [*cuts, len(keys)]):
+            held = self._layers[node]
+            if end - start == len(held):  # every layer's copy goes (the usual run): so does the node
+                self._drop(node)
+            else:
+                for _ in map(held.pop, layers[start:end].tolist()):  # (a loop run in C)
+                    pass
+                if not held:
+                    self._drop(node)
+        self._num_cached -= len(keys)
 
-    def _release(self, node: int, count: int) -> None:
-        """``count`` of ``node``'s blocks left the cache; with none left, so does the node."""
-        left = self._node_blocks[node] - count
-        if left:
-            self._node_blocks[node] = left
-        else:  # nothing of this prefix is cached any more
-            del self._node_blocks[node]
-            del self._children[self._node_key.pop(node)]
+    def _drop(self, node: int) -> None:
+        """Nothing of this prefix is cached any more: the node leaves the trie."""
+        del self._layers[node]
+        del self._children[self._node_key.pop(node)]
 
     @staticmethod
     def root() -> int:

@@ -121,14 +121,15 @@ def test_layers_of_one_node_are_told_apart_and_out_of_range_layers_refused():
 
     cache = PrefixCache(block_size=2, num_blocks=100)
     node = cache.node(cache.root(), (1, 2))
-    for layer, block in ((0, 10), (1, 11), (4095, 12)):
-        assert cache.register(layer, node, block)
-    assert not cache.register(1, node, 99)  # that layer's copy is known
+    assert cache.register([node], (0, 1), [[10, 11]]) == 2
+    assert cache.register([node], (1, 4095), [[99, 12]]) == 1  # layer 1's copy is known: only 4095's is new
+    assert not cache.is_cached(99) and len(cache) == 3
     assert cache.match((0, 1, 4095), [1, 2, 3], 1).blocks == [[10], [11], [12]]
     cache.forget([11])
     assert cache.match((0, 1), [1, 2, 3], 1).num_blocks == 0 and cache.match((0,), [1, 2, 3], 1).blocks == [[10]]
     with pytest.raises(ValueError, match="out of range"):
-        cache.register(4096, node, 13)
+        cache.register([node], (3, 4096), [[13, 14]])
+    assert not cache.is_cached(13)
 
 
 def test_forgetting_runs_of_several_nodes_in_any_order():
@@ -141,8 +142,7 @@ def test_forgetting_runs_of_several_nodes_in_any_order():
     second = cache.node(first, (3, 4))
     other = cache.node(cache.root(), (5, 6))
     for node, blocks in ((first, (0, 1, 2)), (second, (3, 4, 5)), (other, (6, 7, 8))):
-        for layer, block in enumerate(blocks):
-            assert cache.register(layer, node, block)
+        assert cache.register([node], tuple(range(len(blocks))), [list(blocks)]) == len(blocks)
     assert len(cache) == 9
     cache.forget([5, 8, 4, 7])  # second's layers 2, 1 and other's 2, 1, interleaved
     assert len(cache) == 5 and not any(cache.is_cached(b) for b in (4, 5, 7, 8))
