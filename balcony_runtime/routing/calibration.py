@@ -91,10 +91,22 @@ def calibrate(engine, batch: int = 8, steps: int = 3, prompt_tokens: int = 96, b
     contention = CpuContention()
     contention.start()
     samples: list[tuple[StepShape, float]] = []
-    for run in plan:
-        _run(engine, params, run, samples, salt)
-    model = StepCostModel(engine.model.full_depth)
-    model.fit(samples)
+    for attempt in range(1 + REMEASURES):
+        for run in plan:
+            _run(engine, params, run, samples, salt)
+        model = StepCostModel(engine.model.full_depth)
+        model.fit(samples)  # every round's samples: a second round halves the noise's share
+        if costs_depth(model, exits, batch, prompt_tokens):
+            break
+        # Beside a busy machine the samples can be noisier than the depth's share of a step, and the
+        # non-negative fit then puts nothing on the layers: every exit predicted alike, and no
+        # budget could buy latency with depth. More samples, not a flat model.
+        if attempt < REMEASURES:
+            log.warning("calibration: the fitted step costs do not grow with depth (a busy machine?); "
+                        "measuring again (%d of %d)", attempt + 1, REMEASURES)
+    else:
+        log.warning("calibration: the step costs still do not grow with depth; routing by budget will "
+                    "pick the deepest exit predicted to meet it, whatever the measurements say")
     seconds = time.perf_counter() - started
     others = contention.others_cores()
     if cache is not None and others is not None and others >= BUSY_CORES:
@@ -106,6 +118,19 @@ def calibrate(engine, batch: int = 8, steps: int = 3, prompt_tokens: int = 96, b
         path = cache.store(key, model, seconds)
         log.info("calibration: measured in %.0f s, cached at %s", seconds, path)
     return model
+
+
+REMEASURES = 2  # rounds of the plan measured again while the fit puts no cost on depth
+
+
+def costs_depth(model: StepCostModel, exits: tuple[int, ...], batch: int, context: int) -> bool:
+    """Whether a step of the deepest exit is predicted to take longer than one of the shallowest,
+    alone and in a batch (trivially true with one exit). Longer by more than rounding: a fit that
+    clamps the layers' terms to zero leaves them at about 1e-14 of a step."""
+    if len(exits) < 2:
+        return True
+    return all(model.step_seconds([RowShape(exits[0], 1, context)] * rows) * (1 + 1e-6)
+               < model.step_seconds([RowShape(exits[-1], 1, context)] * rows) for rows in (1, max(1, batch)))
 
 
 def measuring_plan(engine, filler: tuple[int, ...], max_tokens: int, batch: int, steps: int,

@@ -82,3 +82,49 @@ def test_calibration_refuses_a_busy_engine(tiny_model):
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=2))
     with pytest.raises(Exception, match="idle"):
         engine.calibrate()
+
+
+def test_a_fit_that_puts_no_cost_on_depth_is_told_apart():
+    from balcony_runtime.routing.calibration import costs_depth
+    from balcony_runtime.routing.step_cost import StepCostModel, StepShape
+
+    exits = (2, 3, 4)
+    shapes = [StepShape.of([RowShape(e, 1, 40)] * rows, 4) for e in exits for rows in (1, 2, 8)]
+    flat, deep = StepCostModel(4), StepCostModel(4)
+    flat.fit([(shape, 1e-3) for shape in shapes])  # every step alike: nothing on the layers
+    deep.fit([(shape, 1e-4 * shape.layers + 1e-5 * shape.decode_token_layers) for shape in shapes])
+    assert not costs_depth(flat, exits, batch=8, context=40)
+    assert costs_depth(deep, exits, batch=8, context=40)
+    assert costs_depth(flat, (4,), batch=8, context=40)  # one exit: no depth to trade
+
+
+@pytest.mark.parametrize("flat_rounds, measured_rounds", [(0, 1), (1, 2), (5, 3)])
+def test_calibration_measures_again_while_the_fit_is_flat(tiny_model, monkeypatch, caplog, flat_rounds,
+                                                          measured_rounds):
+    """While the fit puts no cost on depth the plan is measured again (every round's samples fitted
+    together), at most REMEASURES more times; then the flat fit is kept, with a warning."""
+    from balcony_runtime.routing import calibration
+
+    fits, plan_runs = [], []
+    real_plan = calibration.measuring_plan
+
+    def judged(model, *args):  # the first flat_rounds fits are called flat, whatever they are
+        fits.append(len(model.anchors))
+        return len(fits) > flat_rounds
+
+    def plan(*args, **kwargs):
+        runs = real_plan(*args, **kwargs)
+        plan_runs.append(len(runs))
+        return runs
+
+    monkeypatch.setattr(calibration, "costs_depth", judged)
+    monkeypatch.setattr(calibration, "measuring_plan", plan)
+    engine = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=512, max_num_seqs=4))
+    with caplog.at_level("WARNING", logger="balcony.calibration"):
+        router = engine.calibrate(batch=2, steps=2, prompt_tokens=16, burst=4)
+    assert len(plan_runs) == 1 and len(fits) == measured_rounds  # one plan, measured measured_rounds times
+    assert fits == [fits[0] * (i + 1) for i in range(measured_rounds)]  # samples accumulate round by round
+    assert sum("measuring again" in r.message for r in caplog.records) == min(flat_rounds, measured_rounds - 1)
+    assert any("still do not grow" in r.message for r in caplog.records) == (flat_rounds >= measured_rounds)
+    assert all(c >= 0 for c in router.model.step_cost.coefficients)
+    assert not engine.has_unfinished() and engine.blocks.num_used_blocks == 0
