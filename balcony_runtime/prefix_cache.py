@@ -66,20 +66,20 @@ class PrefixCache:
 
     def match(self, layers: tuple[int, ...], token_ids: list[int], max_blocks: int) -> PrefixMatch:
         """The leading whole blocks of ``token_ids`` (at most ``max_blocks``) cached in every layer."""
-        found = PrefixMatch(blocks=[[] for _ in layers])
-        node, size = _ROOT, self.block_size
+        nodes: list[int] = []
+        rows: list[list[int | None]] = []  # each matched node's block at every layer
+        node, size, children, held_of = _ROOT, self.block_size, self._children, self._layers
         for i in range(max_blocks):
-            node = self._children.get((node, tuple(token_ids[i * size:(i + 1) * size])))
+            node = children.get((node, tuple(token_ids[i * size:(i + 1) * size])))
             if node is None:
                 break
-            held = self._layers[node]
-            blocks = [held.get(layer) for layer in layers]
+            blocks = list(map(held_of[node].get, layers))
             if None in blocks:
                 break
-            found.nodes.append(node)
-            for table, block in zip(found.blocks, blocks):
-                table.append(block)
-        return found
+            nodes.append(node)
+            rows.append(blocks)
+        # [layers][nodes], transposed once (a long shared prompt matches hundreds of blocks)
+        return PrefixMatch(nodes, [list(t) for t in zip(*rows)] if rows else [[] for _ in layers])
 
     def node(self, parent: int, tokens: tuple[int, ...]) -> int:
         """The trie node of the block ``tokens`` after prefix ``parent`` (created if new)."""
@@ -99,24 +99,30 @@ class PrefixCache:
         computed blocks together (thousands at a long context): one write of their keys."""
         if layers and not 0 <= min(layers) <= max(layers) <= _LAYER_MASK:
             raise ValueError(f"cache layers {layers} out of range: at most {1 << _LAYER_BITS} are keyed")
-        new_blocks: list[int] = []
+        fresh: list[int] = []  # nodes nobody computed before (the usual case): every layer's copy is new
+        new_blocks: list[int] = []  # those of the others' layers not known yet, with their keys
         new_keys: list[int] = []
-        for node, row in zip(nodes, blocks):
-            held, base = self._layers[node], node << _LAYER_BITS
-            if not held:  # a prefix nobody computed before (the usual case): every layer's copy
+        for i, (node, row) in enumerate(zip(nodes, blocks)):
+            held = self._layers[node]
+            if not held:
                 held.update(zip(layers, row))
-                new_blocks += row
-                new_keys += [base | layer for layer in layers]
+                fresh.append(i)
                 continue
             for layer, block in zip(layers, row):
                 if layer not in held:
                     held[layer] = block
                     new_blocks.append(block)
-                    new_keys.append(base | layer)
+                    new_keys.append(node << _LAYER_BITS | layer)
+        key_of = self._key_of
+        if fresh:
+            fresh_nodes = np.array([nodes[i] for i in fresh], dtype=np.int64)
+            fresh_blocks = np.array([blocks[i] for i in fresh], dtype=np.int64)  # [F, layers]
+            key_of[fresh_blocks] = (fresh_nodes[:, None] << _LAYER_BITS) | np.array(layers, dtype=np.int64)[None, :]
         if new_blocks:
-            self._key_of[new_blocks] = new_keys
-            self._num_cached += len(new_blocks)
-        return len(new_blocks)
+            key_of[new_blocks] = new_keys
+        count = len(fresh) * len(layers) + len(new_blocks)
+        self._num_cached += count
+        return count
 
     def forget(self, blocks: np.ndarray) -> None:
         """Drop cached blocks from the cache (they are being reused for other tokens). Blocks come in
