@@ -59,6 +59,10 @@ class InputBatch:
         self._last_exact = False  # after update_blocks: every row's last written block is the last it reads
         self._layers: dict[int, np.ndarray] = {}  # exit -> cache layers, as an index array
         self._last_ids: list[str] = []  # the request ids of the last arrangement, in slot order
+        # The last arrange()'s arguments' ids (the scheduler's order) and the order it returned:
+        # while the scheduler lists the same requests in the same order, they stay where they are.
+        self._last_request_ids: list[str] | None = None
+        self._last_order: list[int] = []
         self._unchanged = False  # the last arrange() found the same requests as the one before
 
     @property
@@ -77,6 +81,7 @@ class InputBatch:
         if slot is not None:
             self.slots[slot] = None
             self._last_ids = []
+            self._last_request_ids = None
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -86,12 +91,15 @@ class InputBatch:
 
         ``exits`` must be non-increasing (the scheduler's order), so group g spans the same index
         range in the arguments and in the slots."""
-        if request_ids == self._last_ids:
-            # The same requests in the same slots as last step. None of them can have been
-            # re-allocated since (a preempted request misses at least the step that evicted it,
-            # which changes the ids), so update_blocks may skip its check for that.
+        if request_ids == self._last_request_ids or request_ids == self._last_ids:
+            # The same requests listed as last step (or listed in their slots' order): they stay in
+            # the same slots. None of them can have been re-allocated since (a preempted request
+            # misses at least the step that evicted it, which changes the ids), so update_blocks
+            # may skip its check for that.
             self._unchanged = True
-            return list(range(len(request_ids)))
+            if request_ids != self._last_request_ids:  # listed in slot order: each sits where listed
+                self._last_request_ids, self._last_order = request_ids, list(range(len(request_ids)))
+            return self._last_order
         self._unchanged = False
         n = len(request_ids)
         self._reserve_slots(n)
@@ -151,6 +159,7 @@ class InputBatch:
             self.slot_of[request_ids[i]] = slot
         self._zero(fresh)
         self._last_ids = [request_ids[i] for i in target]
+        self._last_request_ids, self._last_order = request_ids, target  # type: ignore[assignment]
         return target  # type: ignore[return-value]
 
     def update_blocks(self, tables: list[list[list[int]]], needed: np.ndarray,

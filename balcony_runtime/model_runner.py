@@ -78,6 +78,11 @@ class ModelRunner:
         self._arange = torch.arange(0, dtype=torch.int32, device=self.device)  # see _row_offsets
         # The last decode arrangement's DecodeRows: its step shapes differ only in the contexts.
         self._decode_shape: tuple[list[str] | None, DecodeRows | None] = (None, None)
+        # The arrangement of the last step that sampled every row, and the tokens it sampled, [B]
+        # on the device, slot b's at b: the next decode step of the same arrangement feeds them as
+        # its input ids as they are (vLLM v1's input batch does the same), with no pass over the
+        # rows to read each request's last token and no copy to the device. None after any other step.
+        self._last_sampled: tuple[list[str], torch.Tensor] | None = None
 
     def use_graphs(self, max_rows: int, max_model_len: int, record: bool | None = None) -> DecodeGraphs:
         """Serve decode steps of up to ``max_rows`` rows by replaying recorded pieces
@@ -156,6 +161,7 @@ class ModelRunner:
         ``some_finished``: requests may have finished since the forward; their rows are sampled
         without their grammar (their tokens are dropped)."""
         scheduled, logits, rows, sampling = step.scheduled, step.logits, step.rows, step.sampling
+        self._last_sampled = None
         if not rows:
             return PendingStep(len(scheduled), sampling, None, [], None, step.prompt, step.layout)
         if len(rows) == logits.shape[0]:  # no prompt logits: the sampled rows are all of them
@@ -174,9 +180,13 @@ class ModelRunner:
         if classes.wanted:  # logprobs are read back now (their top-n are lists of Python numbers)
             sampled, row_logprobs = self.sampler.sample(to_sample, rows, classes)
             tokens = to_device(sampled, torch.long, self.device)
-            return PendingStep(len(scheduled), sampling, tokens, sampled, row_logprobs, step.prompt, step.layout)
-        tokens = self.sampler.sample_on_device(to_sample, rows, classes)  # [S]
-        return PendingStep(len(scheduled), sampling, tokens, None, None, step.prompt, step.layout)
+            pending = PendingStep(len(scheduled), sampling, tokens, sampled, row_logprobs, step.prompt, step.layout)
+        else:
+            tokens = self.sampler.sample_on_device(to_sample, rows, classes)  # [S]
+            pending = PendingStep(len(scheduled), sampling, tokens, None, None, step.prompt, step.layout)
+        if len(sampling) == len(scheduled):  # every row sampled, in slot order (ForwardedStep.sampling)
+            self._last_sampled = self.input_batch.arrangement, tokens
+        return pending
 
     def prepare(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None
                 ) -> tuple[ForwardBatch, StepLayout]:
@@ -201,10 +211,19 @@ class ModelRunner:
         is_decode = sum(query_lens) == len(rows)  # every row feeds one token
         all_sampled = is_decode and all(item.completes_sequence for item in rows)
         head_rows = len(rows)
+        fed = None  # the input ids as a device tensor already, when the last step sampled them
         if all_sampled:
             # A decode step: every row feeds its last known token (the one after its cache) and is
             # sampled (no prompt logits: its one token is past the prompt's last scored position).
-            input_ids = [(r.output_token_ids or r.prompt_token_ids)[-1] for r in (item.request for item in rows)]
+            last_sampled = self._last_sampled
+            if last_sampled is not None and last_sampled[0] is self.input_batch.arrangement:
+                # The same requests in the same rows as the last step, which sampled every row: the
+                # token each sampled then is its last (a request whose token was dropped has
+                # finished, which changes the arrangement).
+                fed = last_sampled[1]  # [B]
+                input_ids = None
+            else:
+                input_ids = [(r.output_token_ids or r.prompt_token_ids)[-1] for r in (item.request for item in rows)]
             logits_indices = list(range(len(rows)))
         else:
             input_ids, logits_indices = [], []
@@ -223,7 +242,8 @@ class ModelRunner:
                     logits_indices.append(offset + n - 1)
                     head_rows += 1
 
-        num_rows, num_tokens = len(rows), len(input_ids)
+        num_rows = len(rows)
+        num_tokens = num_rows if input_ids is None else len(input_ids)
         device = self.device
         if is_decode:  # row b is token b: no offsets to compute or copy
             positions, cu_t, max_query_len = starts, self._row_offsets(num_rows), 1  # [T], [B + 1]
@@ -253,10 +273,13 @@ class ModelRunner:
             else:
                 blocks = block_tables[:, to_device(token_rows, torch.int64, device), positions_t // block_size]  # [C, T]
             slot_mapping = torch.add(positions_t % block_size, blocks, alpha=block_size)  # [C, T] int64
-        input_ids_t = to_device(input_ids, torch.int64, device)  # [T]
-        if previous is not None and input_ids and min(input_ids) < 0:  # tokens the previous step sampled
-            # -1 - j -> previous[j], on the device: the host never reads the sampled tokens first.
-            input_ids_t = torch.where(input_ids_t < 0, previous[(-1 - input_ids_t).clamp_(min=0)], input_ids_t)
+        if fed is not None:
+            input_ids_t = fed  # [T]
+        else:
+            input_ids_t = to_device(input_ids, torch.int64, device)  # [T]
+            if previous is not None and input_ids and min(input_ids) < 0:  # tokens the previous step sampled
+                # -1 - j -> previous[j], on the device: the host never reads the sampled tokens first.
+                input_ids_t = torch.where(input_ids_t < 0, previous[(-1 - input_ids_t).clamp_(min=0)], input_ids_t)
         batch = ForwardBatch(
             input_ids=input_ids_t,
             positions=positions_t,

@@ -126,3 +126,57 @@ def test_decode_steps_of_unchanged_rows_sample_each_row_as_a_fresh_pass_does(tin
             item.request.num_computed_tokens += item.num_tokens
             item.request.output_token_ids.append(rng.randrange(100, 1000))
     assert reused >= 15  # the reuse did happen (most steps here are steady decode)
+
+
+def test_decode_steps_of_unchanged_rows_feed_the_tokens_they_sampled(tiny_model):
+    """A decode step of the same rows as the last feeds that step's sampled tokens as its input ids
+    (no pass over the requests, no copy): over steps where rows join, finish and sit out, every
+    step's input ids must be the requests' own last tokens (the batch built from scratch), and the
+    sampled tokens must be what a runner that never feeds them samples."""
+    model = tiny_model.model
+    rng = random.Random(2)
+    blocks = BlockManager(800, 4)
+    runners = [ModelRunner(model, KVCache.allocate(model.arch, 800, 4, model.dtype, "cpu"), blocks) for _ in range(2)]
+    batches: list = []
+    prepare = runners[0].prepare
+
+    def recorded(scheduled, previous=None):
+        last = runners[0]._last_sampled
+        batch, layout = prepare(scheduled, previous)
+        batches.append((batch, [scheduled[i] for i in layout.order], last is not None and batch.input_ids is last[1]))
+        return batch, layout
+
+    runners[0].prepare = recorded
+    live: list[Request] = []
+    fed = 0
+    for step in range(36):
+        if step % 12 == 0:  # arrivals, prefilled whole in their first step
+            for _ in range(3):
+                e = rng.choice([1, 3, model.full_depth])
+                prompt = [rng.randrange(100, 1000) for _ in range(rng.randrange(2, 9))]
+                r = Request(f"r{step}-{len(live)}", prompt, SamplingParams(temperature=0), e,
+                            len(model.cache_layers_of(e)), 0.0)
+                blocks.allocate(r.request_id, r.num_cache_layers, 0)
+                live.append(r)
+        if step % 9 == 4 and len(live) > 2:  # one finishes
+            r = live.pop(rng.randrange(len(live)))
+            blocks.free(r.request_id)
+            for runner in runners:
+                runner.release(r.request_id)
+        skipped = set(rng.sample(range(len(live)), 1)) if step % 10 == 7 else set()  # sits out a step
+        scheduled = []
+        for r in sorted((r for i, r in enumerate(live) if i not in skipped), key=lambda r: -r.exit_layer):
+            n = r.num_tokens - r.num_computed_tokens
+            blocks.grow(r.request_id, r.num_computed_tokens + n)
+            scheduled.append(ScheduledRequest(r, r.num_computed_tokens, n))
+        runners[1]._last_sampled = None  # the reference reads every row's last token itself
+        results = [runner.launch(scheduled).result() for runner in runners]
+        assert results[0].tokens == results[1].tokens, step
+        batch, rows, was_fed = batches[-1]
+        assert torch.equal(batch.input_ids, reference(model, blocks, rows)["input_ids"]), step
+        fed += was_fed
+        for item, token in zip(scheduled, results[0].tokens):
+            item.request.num_computed_tokens += item.num_tokens
+            if token is not None:
+                item.request.output_token_ids.append(token)
+    assert fed >= 20  # most steps here are steady decode: they were fed
