@@ -80,6 +80,27 @@ def test_prepare_matches_the_batch_built_from_scratch(tiny_model):
     assert decode_steps >= 3  # both ways of building the batch were checked
 
 
+def churn(step: int, rng: random.Random, model, blocks: BlockManager, runners: list[ModelRunner],
+          live: list[Request], arrive_every: int, finish: tuple[int, int], skip: tuple[int, int],
+          params: SamplingParams = SamplingParams()) -> set[int]:
+    """One step's changes to the running requests: three arrivals every ``arrive_every`` steps
+    (prefilled whole in their first step), one finishing when step % finish[0] == finish[1], and
+    one sitting the step out when step % skip[0] == skip[1] (returned: its index into ``live``)."""
+    if step % arrive_every == 0 or not live:
+        for _ in range(3):
+            e = rng.choice([1, 3, model.full_depth])
+            prompt = [rng.randrange(100, 1000) for _ in range(rng.randrange(2, 9))]
+            r = Request(f"r{step}-{len(live)}", prompt, params, e, len(model.cache_layers_of(e)), 0.0)
+            blocks.allocate(r.request_id, r.num_cache_layers, 0)
+            live.append(r)
+    if step % finish[0] == finish[1] and len(live) > 2:
+        r = live.pop(rng.randrange(len(live)))
+        blocks.free(r.request_id)
+        for runner in runners:
+            runner.release(r.request_id)
+    return set(rng.sample(range(len(live)), 1)) if step % skip[0] == skip[1] else set()
+
+
 def test_decode_steps_of_unchanged_rows_sample_each_row_as_a_fresh_pass_does(tiny_model):
     """A decode step of the same rows as the last reuses that step's sampling lists; over steps where
     rows join, leave, skip a step and come back in another order, they must match the lists built
@@ -92,19 +113,7 @@ def test_decode_steps_of_unchanged_rows_sample_each_row_as_a_fresh_pass_does(tin
     reused = 0
     previous_rows = None
     for step in range(40):
-        if step % 15 == 0 or not live:  # arrivals, prefilled whole in their first step
-            for _ in range(3):
-                e = rng.choice([1, 3, model.full_depth])
-                prompt = [rng.randrange(100, 1000) for _ in range(rng.randrange(2, 9))]
-                r = Request(f"r{step}-{len(live)}", prompt, SamplingParams(), e, len(model.cache_layers_of(e)), 0.0)
-                blocks.allocate(r.request_id, r.num_cache_layers, 0)
-                live.append(r)
-        if step % 7 == 3 and len(live) > 2:  # one finishes
-            r = live.pop(rng.randrange(len(live)))
-            blocks.free(r.request_id)
-            for runner in runners:
-                runner.release(r.request_id)
-        skipped = set(rng.sample(range(len(live)), 1)) if step % 11 == 5 else set()  # sits out a step
+        skipped = churn(step, rng, model, blocks, runners, live, arrive_every=15, finish=(7, 3), skip=(11, 5))
         order = sorted((r for i, r in enumerate(live) if i not in skipped), key=lambda r: -r.exit_layer)
         if step % 13 == 8:  # the scheduler lists one exit group in another order
             order.reverse()
@@ -150,20 +159,8 @@ def test_decode_steps_of_unchanged_rows_feed_the_tokens_they_sampled(tiny_model)
     live: list[Request] = []
     fed = 0
     for step in range(36):
-        if step % 12 == 0:  # arrivals, prefilled whole in their first step
-            for _ in range(3):
-                e = rng.choice([1, 3, model.full_depth])
-                prompt = [rng.randrange(100, 1000) for _ in range(rng.randrange(2, 9))]
-                r = Request(f"r{step}-{len(live)}", prompt, SamplingParams(temperature=0), e,
-                            len(model.cache_layers_of(e)), 0.0)
-                blocks.allocate(r.request_id, r.num_cache_layers, 0)
-                live.append(r)
-        if step % 9 == 4 and len(live) > 2:  # one finishes
-            r = live.pop(rng.randrange(len(live)))
-            blocks.free(r.request_id)
-            for runner in runners:
-                runner.release(r.request_id)
-        skipped = set(rng.sample(range(len(live)), 1)) if step % 10 == 7 else set()  # sits out a step
+        skipped = churn(step, rng, model, blocks, runners, live, arrive_every=12, finish=(9, 4), skip=(10, 7),
+                        params=SamplingParams(temperature=0))
         scheduled = []
         for r in sorted((r for i, r in enumerate(live) if i not in skipped), key=lambda r: -r.exit_layer):
             n = r.num_tokens - r.num_computed_tokens
