@@ -23,10 +23,11 @@ _NOT_QUEUED = -1
 class EvictionQueue:
     def __init__(self, num_blocks: int):
         # [capacity] block ids, oldest first, in use up to _end; those before _head are gone. Grown by
-        # doubling; when mostly gone entries, the live ones move to the front.
-        self._entries = np.empty(max(16, num_blocks), dtype=np.int64)
+        # doubling; when mostly gone entries, the live ones move to the front. int32, as the
+        # positions: a pool of millions of blocks (an H200's) keeps up to four entries per block.
+        self._entries = np.empty(max(16, num_blocks), dtype=np.int32)
         self._head = self._end = 0
-        self._position = np.full(num_blocks, _NOT_QUEUED, dtype=np.int64)  # [num_blocks] each block's live entry's index
+        self._position = np.full(num_blocks, _NOT_QUEUED, dtype=np.int32)  # [num_blocks] each block's live entry's index
         self._len = 0
 
     def __len__(self) -> int:
@@ -86,7 +87,7 @@ class EvictionQueue:
         size = len(self._entries)
         while len(live) + n > size // 2:
             size *= 2
-        entries = np.empty(size, dtype=np.int64)
+        entries = np.empty(size, dtype=np.int32)
         entries[:len(live)] = live
         self._position[live] = np.arange(len(live))  # (every other block's is _NOT_QUEUED)
         self._entries, self._head, self._end = entries, 0, len(live)
