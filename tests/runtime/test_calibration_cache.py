@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +22,9 @@ FULL_DEPTH = 6
 
 class FakeEngine:
     """What calibrate() uses of LLMEngine: every waiting request prefills in one step, then each
-    running request decodes one token per step; ``steps`` counts the steps run."""
+    running request decodes one token per step, each step taking 20 us per layer it runs (so the
+    fit sees depth cost time, as with a real model, and calibration measures its plan once);
+    ``steps`` counts the steps run."""
 
     def __init__(self, exits=(2, 4, FULL_DEPTH), fingerprint="abc", max_num_seqs=8):
         self.exits = exits
@@ -63,7 +66,11 @@ class FakeEngine:
             rows = [RowShape(r["exit"], 1, r["tokens"]) for r in self.requests.values()]
             for r in self.requests.values():
                 r["tokens"] += 1
-        self.last_step = SimpleNamespace(shape=StepShape.of(rows, FULL_DEPTH))
+        shape = StepShape.of(rows, FULL_DEPTH)
+        end = time.perf_counter() + 20e-6 * shape.layers
+        while time.perf_counter() < end:  # the step's work
+            pass
+        self.last_step = SimpleNamespace(shape=shape)
         return []
 
 
