@@ -42,9 +42,9 @@ class PrefixCache:
         self._node_key: dict[int, tuple[int, tuple[int, ...]]] = {}  # node -> its key in _children
         # Node -> {cache layer: the block holding the node's tokens there}. Per node, not one map
         # keyed by (node, layer): a served pool evicts a block per layer of every row crossing into
-        # a new block each step, a node's layers together, and entries of one small map per node
-        # are found and removed several times faster than scattered entries of a map as large as
-        # the pool.
+        # a new block each step, a node's layers together: they leave one small map (or the whole
+        # map goes, when it was the node's last), instead of as many scattered entries of a map as
+        # large as the pool, each a cache miss.
         self._layers: dict[int, dict[int, int]] = {}
         # Block id -> its key (node << _LAYER_BITS | layer), _NOT_CACHED if none: an array, since
         # block ids are dense and a finished request's blocks (thousands at a long context) are told
