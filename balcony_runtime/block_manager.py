@@ -79,11 +79,16 @@ class BlockManager:
     def can_allocate(self, num_layers: int, num_tokens: int, reuse: PrefixMatch | None = None) -> bool:
         """Whether a new request fits, taking ``reuse``'s cached blocks instead of new ones for its
         leading blocks (those lying free leave the free pool too)."""
-        if reuse is None or not reuse.num_blocks:
-            return self.blocks_needed(num_layers, num_tokens) <= self.num_free_blocks
-        new = num_layers * (self.blocks_per_layer(num_tokens) - reuse.num_blocks)
-        idle = int(np.count_nonzero(self._refs[_flat(reuse.blocks)] == 0))
-        return new + idle <= self.num_free_blocks
+        shared = _flat(reuse.blocks) if reuse is not None and reuse.num_blocks else None
+        return self._free_blocks_wanted(num_layers, num_tokens, shared) <= self.num_free_blocks
+
+    def _free_blocks_wanted(self, num_layers: int, num_tokens: int, shared: np.ndarray | None) -> int:
+        """Free blocks a new request takes: new ones past its ``shared`` leading blocks ([layers *
+        blocks], a prefix match's), and those of the shared ones lying free."""
+        if shared is None:
+            return self.blocks_needed(num_layers, num_tokens)
+        new = self.blocks_needed(num_layers, num_tokens) - len(shared)
+        return new + int(np.count_nonzero(self._refs[shared] == 0))
 
     def fits_at_all(self, num_layers: int, num_tokens: int) -> bool:
         """Whether the request could ever run, with the whole pool to itself."""
@@ -122,13 +127,14 @@ class BlockManager:
             raise ValueError(f"request {request_id!r} already holds blocks")
         if num_layers < 1:
             raise ValueError("a request runs at least one layer")
-        if not self.can_allocate(num_layers, num_tokens, reuse):
+        shared_blocks = _flat(reuse.blocks) if reuse is not None and reuse.num_blocks else None  # [layers * blocks]
+        if self._free_blocks_wanted(num_layers, num_tokens, shared_blocks) > self.num_free_blocks:
             raise OutOfBlocks(f"{self.blocks_needed(num_layers, num_tokens)} blocks needed, "
                               f"{self.num_free_blocks} free")
         per_layer = self.blocks_per_layer(num_tokens)
-        if reuse is not None and reuse.num_blocks:
+        if shared_blocks is not None:
             shared = reuse.blocks
-            self._hold(_flat(shared))
+            self._hold(shared_blocks)
         else:
             shared = [[] for _ in range(num_layers)]
         extra = per_layer - len(shared[0])  # the same in every layer
@@ -205,9 +211,9 @@ class BlockManager:
         # [layers * blocks] in that order: block i of every layer, for i from the last. (A request
         # never holds a block twice, so one indexed decrement counts each once.)
         order = np.array(held.tables, dtype=np.int64)[:, ::-1].T.ravel()
-        refs = self._refs
-        refs[order] -= 1
-        released = order[refs[order] == 0]  # nobody holds them now, in the same order
+        left = self._refs[order] - 1  # [layers * blocks] holders after this request
+        self._refs[order] = left
+        released = order[left == 0]  # nobody holds them now, in the same order
         if self.prefix_cache is not None:
             cached = self.prefix_cache.cached_mask(released)
             self._evictable.push(released[cached])

@@ -25,17 +25,14 @@ the median milliseconds of each operation.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import random
 import statistics
-import subprocess
 import sys
 import time
 import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from balcony_runtime import block_manager as current_block_manager  # noqa: E402
 
@@ -44,17 +41,10 @@ ROWS = 256  # a decode step's rows for "grow" (default)
 
 
 def old_block_manager(revision: str) -> types.ModuleType:
-    """``revision``'s block manager, importing that revision's prefix cache."""
-    modules: dict[str, types.ModuleType] = {}
-    for name in ("prefix_cache", "block_manager"):
-        source = subprocess.run(["git", "show", f"{revision}:balcony_runtime/{name}.py"], cwd=ROOT,
-                                capture_output=True, text=True, check=True).stdout
-        source = source.replace("from balcony_runtime.prefix_cache import", "from _old_prefix_cache import")
-        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(f"_old_{name}", loader=None))
-        sys.modules[f"_old_{name}"] = module
-        exec(compile(source, f"{revision}:balcony_runtime/{name}.py", "exec"), module.__dict__)
-        modules[name] = module
-    return modules["block_manager"]
+    """``revision``'s block manager, importing that revision's prefix cache (host_step's loader)."""
+    from host_step import old_modules  # a sibling script, as when run from bench/
+
+    return old_modules(revision)["block_manager"]
 
 
 class Lifecycle:
