@@ -158,7 +158,7 @@ def stub_engine(loaded: LoadedModel, rows: int, max_len: int, vocab: int = 512, 
 
 class HostStepRun:
     """One engine on the stub model, its ``rows`` requests prefilled to ``context`` tokens, ready for
-    up to ``steps`` timed decode steps (:meth:`step`). ``engine_module``: where LLMEngine and
+    up to ``steps`` timed decode steps (:meth:`step`, two engine steps each). ``engine_module``: where LLMEngine and
     EngineConfig come from (bench/host_step.py passes an older revision's; default this checkout's).
     ``recycled``: the block pool has served a wave of other prompts first, as a running server's has;
     False times a fresh pool. ``queued``: requests waiting behind the full batch during the timed steps.
@@ -179,7 +179,8 @@ class HostStepRun:
         budget = max(8192, rows)  # tokens per step
         # Rows prefilled first decode while the others prefill: none may finish before the timed steps end.
         prefill_steps = -(-rows * context // (budget - rows)) + 1
-        params = params or SamplingParams(max_tokens=prefill_steps + steps + 2, temperature=0, ignore_eos=True)
+        # Each timed step is two engine steps (see step()).
+        params = params or SamplingParams(max_tokens=prefill_steps + 2 * steps + 2, temperature=0, ignore_eos=True)
         engine = stub_engine(loaded, rows, context + params.max_tokens, vocab, block_size, budget, overlap,
                              engine_module)
         self.device = SimulatedDevice(device_ms)
@@ -202,46 +203,65 @@ class HostStepRun:
             engine.add_request([rng.choice(token_pool) for _ in range(length)], params, exit_layer=exit_layer)
         while any(not t.request.output_token_ids for t in engine._tracked.values()):
             engine.step()  # prefill, in chunks of the token budget
-        assert all(len(t.request.output_token_ids) + steps <= params.max_tokens for t in engine._tracked.values())
+        assert all(len(t.request.output_token_ids) + 2 * steps <= params.max_tokens for t in engine._tracked.values())
         for _ in range(queued):  # waiting behind the full batch, as under a burst
             engine.add_request([rng.choice(token_pool) for _ in range(16)], params, exit_layer=exit_layer)
         self.engine, self.rows, self.context, self.device_ms, self.overlap = engine, rows, context, device_ms, overlap
         self.phases: dict[str, list[float]] = {p: [] for p in _PHASES}
-        _wrap(engine, self.phases)
+        self.timers = PhaseTimers(engine, self.phases)
         self.wall: list[float] = []  # seconds per timed step
         self.cpu: list[float] = []  # CPU seconds of this thread per timed step, the device's wait excluded
 
     def step(self) -> None:
+        """Two engine steps: one timed whole, one timed phase by phase. The phases' timers (two
+        clock reads and a call each, about 1 us a phase on a VM, whose thread clock is a system call)
+        would otherwise be counted as host work in the step's own time."""
         device = self.device
         start, start_cpu, waited = time.perf_counter(), time.thread_time(), device.waited_cpu_s
         self.engine.step()
         self.wall.append(time.perf_counter() - start)
         self.cpu.append(time.thread_time() - start_cpu - (device.waited_cpu_s - waited))
+        with self.timers:
+            self.engine.step()
 
     def result(self) -> HostStep:
         return HostStep(self.rows, self.context, 1e3 * statistics.median(self.wall), 1e3 * statistics.median(self.cpu),
                         {p: 1e3 * statistics.median(v) for p, v in self.phases.items() if v}, self.device_ms, self.overlap)
 
 
-def _wrap(engine: LLMEngine, times: dict) -> None:
-    """Time the step's phases by wrapping the objects' bound methods (instance attributes)."""
+class PhaseTimers:
+    """Times the step's phases while entered (``with timers: engine.step()``), by putting timing
+    wrappers over the objects' bound methods (instance attributes), taken off again on exit."""
 
-    def timed(fn, phase):
-        def call(*args, **kwargs):
-            start = time.thread_time()
-            out = fn(*args, **kwargs)
-            times[phase].append(time.thread_time() - start)
-            return out
-        return call
+    def __init__(self, engine: LLMEngine, times: dict):
+        def timed(fn, phase):
+            def call(*args, **kwargs):
+                start = time.thread_time()
+                out = fn(*args, **kwargs)
+                times[phase].append(time.thread_time() - start)
+                return out
+            return call
 
-    runner = engine.runner
-    engine.scheduler.schedule = timed(engine.scheduler.schedule, "schedule")
-    runner.prepare = timed(runner.prepare, "prepare")
-    runner.model = _TimedModel(runner.model, timed)
-    runner.sampler.sample = timed(runner.sampler.sample, "sample")  # rows asking for logprobs
-    if hasattr(runner.sampler, "sample_on_device"):  # (bench/host_step.py --baseline: an older sampler)
-        runner.sampler.sample_on_device = timed(runner.sampler.sample_on_device, "sample")
-    engine._postprocess = timed(engine._postprocess, "postprocess")
+        runner, sampler = engine.runner, engine.runner.sampler
+        methods = [(engine.scheduler, "schedule", "schedule"), (runner, "prepare", "prepare"),
+                   (sampler, "sample", "sample"),  # rows asking for logprobs
+                   (engine, "_postprocess", "postprocess")]
+        if hasattr(sampler, "sample_on_device"):  # (bench/host_step.py --baseline: an older sampler)
+            methods.append((sampler, "sample_on_device", "sample"))
+        self._wrappers = [(owner, name, timed(getattr(owner, name), phase)) for owner, name, phase in methods]
+        self._runner, self._model = runner, runner.model
+        self._timed_model = _TimedModel(runner.model, timed)
+
+    def __enter__(self) -> "PhaseTimers":
+        for owner, name, wrapper in self._wrappers:
+            setattr(owner, name, wrapper)
+        self._runner.model = self._timed_model
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, _ in self._wrappers:
+            delattr(owner, name)  # the class's method shows through again
+        self._runner.model = self._model
 
 
 class _TimedModel:

@@ -10,7 +10,8 @@
 
 Prints a markdown table: median milliseconds per engine.step(), as CPU time of the stepping thread
 (the host work, robust to a busy machine) and as wall time, and the CPU time of each phase
-(schedule, prepare, forward stub, sample, postprocess with detokenization). See balcony_runtime/host_step_benchmark.py.
+(schedule, prepare, forward stub, sample, postprocess with detokenization), the phases timed in
+steps of their own between the steps timed whole, so their timers are not counted in the step. See balcony_runtime/host_step_benchmark.py.
 """
 
 from __future__ import annotations

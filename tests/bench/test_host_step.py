@@ -73,3 +73,23 @@ def test_queued_requests_wait_behind_the_full_batch_and_change_no_token(tiny_mod
     assert queued.engine.num_waiting == 5 and queued.engine.num_running == 3
     rows = [[t.request.output_token_ids for t in run.engine._tracked.values()][:3] for run in (queued, alone)]
     assert rows[0] == rows[1] and all(len(r) == len(rows[0][0]) for r in rows[0])
+
+
+def test_the_step_is_timed_without_the_phase_timers_and_the_phases_in_a_step_of_their_own(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), adapters=None, dtype="float32", device="cpu")
+    run = HostStepRun(loaded, rows=3, context=20, steps=5)
+    engine = run.engine
+    seen = []  # for each engine step: was the scheduler's schedule the class's own (no timer over it)?
+    step = engine.step
+    engine.step = lambda: (seen.append("schedule" not in vars(engine.scheduler)), step())[1]
+    measure_interleaved([run], steps=5)
+    del engine.step
+    assert seen == [True, False] * 5  # each timed step whole and bare, then one with the timers
+    assert len(run.cpu) == 5 and all(len(run.phases[p]) == 5 for p in ("schedule", "prepare", "postprocess"))
+    # The timers are off again: every method is the class's.
+    for owner, name in ((engine.scheduler, "schedule"), (engine.runner, "prepare"), (engine, "_postprocess"),
+                        (engine.runner.sampler, "sample_on_device")):
+        assert name not in vars(owner)
+    assert not hasattr(engine.runner.model, "_call")
+    # Every row decoded two tokens per timed step and none finished early.
+    assert engine.num_running == 3
