@@ -34,9 +34,11 @@ class BlockManager:
     A block nobody holds is free; a free block that still holds a cached prefix stays findable until
     a new allocation needs it, so finished requests' prompts keep serving later ones."""
 
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False, evict_ahead: int | None = None):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need at least one block of at least one token, got {num_blocks} x {block_size}")
+        if evict_ahead is not None and evict_ahead < 0:
+            raise ValueError(f"evict_ahead must be >= 0, got {evict_ahead}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() takes low ids first
@@ -50,6 +52,14 @@ class BlockManager:
         # go of its blocks last to first (free()), so a prefix's tail is reused before its head,
         # which more prompts share.
         self._evictable = EvictionQueue(num_blocks)
+        # When the plain free blocks run out, at least this many cached ones are evicted at once, the
+        # surplus becoming plain free blocks for the next takes. An eviction has fixed costs (a few
+        # dozen array operations and a pass over the prefixes it ends) that dwarf its per-block
+        # work at a decode step's size (a block per cache layer of each row reaching a new block),
+        # and once a server's pool is all cached prompts, every such step evicted. Evicting a
+        # batch ahead pays them once per batch; the cost is at most this many cached blocks
+        # forgotten somewhat early, the oldest ones, a sixty-fourth of the pool or less.
+        self.evict_ahead = min(1024, num_blocks // 64) if evict_ahead is None else evict_ahead
         # Request id -> the blocks it took in the last try_grow_all, layer after layer (a decoding
         # row: one per layer). The runner writes a crossing row's new ids from here: the list was
         # just built, where reading them back out of the row's tables touches one list per layer.
@@ -238,10 +248,15 @@ class BlockManager:
         if plain:
             self._refs[taken] = 1
         if count > plain:
-            evicted = self._evictable.pop_oldest(count - plain)  # [count - plain]
+            wanted = count - plain
+            queue = self._evictable
+            evicted = queue.pop_oldest(min(len(queue), max(wanted, self.evict_ahead)))  # [>= wanted], oldest first
             self.prefix_cache.forget(evicted)
-            self._refs[evicted] = 1
-            taken += evicted.tolist()
+            used, surplus = evicted[:wanted], evicted[wanted:]
+            self._refs[used] = 1
+            taken += used.tolist()
+            if len(surplus):  # plain free now, the oldest on top of the stack (taken first)
+                free += surplus[::-1].tolist()
         return taken
 
 

@@ -28,7 +28,10 @@ delays it at most that long.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import repeat
 from operator import attrgetter
+
+import numpy as np
 
 from balcony_runtime.block_manager import BlockManager
 from balcony_runtime.request import Request, RequestStatus
@@ -79,10 +82,29 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]  # deepest exit first (the model's row order)
     preempted: list[Request] = field(default_factory=list)  # sent back to the queue this step
     depth_limit: int | None = None  # only rows with exit <= this ran (None: every row could)
+    # Set when the plan is the last one's rows one token on (a steady decode, see _SteadyDecode):
+    # each row's start, [len(scheduled)] in the plan's order, every row one token that completes
+    # its sequence. Readers may take the starts from here instead of from each row.
+    decode_starts: np.ndarray | None = None
 
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+@dataclass(slots=True)
+class _SteadyDecode:
+    """The last plan, when it ran every running request one decode token that completes its
+    sequence, deepest exit first. Under steady load most plans are that one again, each row one
+    token on: then the next plan is worked out with a few array operations over the rows
+    (Scheduler._schedule_steady) instead of a pass of Python over every request."""
+
+    running: list[Request]  # Scheduler.running when the plan was made (a copy, compared by identity)
+    rows: list[Request]  # the plan's requests, in its order
+    to_running: np.ndarray  # [B] each row's index in running (growth goes in running order)
+    starts: np.ndarray  # [B] int64 each row's start in the plan
+    full_starts: np.ndarray  # [B] int64 a row's start once it holds all its tokens, the last maybe a placeholder (prompt + max_tokens - 1)
+    capacity: np.ndarray  # [B] int64 tokens each row's blocks hold
 
 
 class Scheduler:
@@ -92,6 +114,8 @@ class Scheduler:
         self.step_cost = step_cost  # None: no deadline scheduling (every step may run every row)
         self.waiting: list[Request] = []  # admission order is chosen at each step (see admission_order)
         self.running: list[Request] = []  # admission order
+        self.steady_decodes = True  # plan a steady decode with array operations (False: always row by row)
+        self._steady: _SteadyDecode | None = None
 
     @property
     def num_unfinished(self) -> int:
@@ -160,9 +184,16 @@ class Scheduler:
         preempted: list[Request] = []
         # Running rows first, their new blocks taken together; if the pool cannot give them all,
         # again row by row, preempting as it goes (nothing changed before that: the first pass
-        # only plans).
-        planned = self._schedule_running(depth, preempted, together=True)
-        scheduled, budget = planned if planned is not None else self._schedule_running(depth, preempted, together=False)
+        # only plans). A steady decode, the last plan one token on, is planned from arrays.
+        steady = self._schedule_steady() if depth is None and self._steady is not None else None
+        if steady is not None:
+            scheduled, budget = steady
+            num_steady = len(scheduled)
+        else:
+            num_steady = 0
+            planned = self._schedule_running(depth, preempted, together=True)
+            scheduled, budget = (planned if planned is not None
+                                 else self._schedule_running(depth, preempted, together=False))
 
         # Waiting requests, while they fit; preempted ones are not readmitted in the step that
         # evicted them. One that does not fit stops admission (no overtaking by smaller ones).
@@ -196,8 +227,56 @@ class Scheduler:
             scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n))
             budget -= n
 
+        if num_steady and len(scheduled) == num_steady:  # the steady decode goes on
+            return SchedulerOutput(scheduled, preempted, depth, decode_starts=self._steady.starts)
         scheduled.sort(key=_exit_of, reverse=True)  # deepest first; reverse keeps ties in order (stable)
+        self._steady = self._steady_from(scheduled) if depth is None and not preempted else None
         return SchedulerOutput(scheduled, preempted, depth)
+
+    def _steady_from(self, scheduled: list[ScheduledRequest]) -> _SteadyDecode | None:
+        """The steady decode that this plan (deepest first) starts, if it is one: every running
+        request one token that completes its sequence."""
+        running = self.running
+        if (not self.steady_decodes or not scheduled or len(scheduled) != len(running)
+                or any(item.num_tokens != 1 or not item.completes_sequence for item in scheduled)):
+            return None
+        index = {id(r): i for i, r in enumerate(running)}
+        rows = [item.request for item in scheduled]
+        capacity = self.blocks.capacity
+        return _SteadyDecode(
+            list(running), rows,
+            np.array([index[id(r)] for r in rows], dtype=np.int64),
+            np.array([item.start for item in scheduled], dtype=np.int64),
+            np.array([len(r.prompt_token_ids) + r.params.max_tokens - 1 for r in rows], dtype=np.int64),
+            np.array([capacity(r.request_id) for r in rows], dtype=np.int64))
+
+    def _schedule_steady(self) -> tuple[list[ScheduledRequest], int] | None:
+        """The last plan's rows one token on, if it was a steady decode and still is one: the same
+        running requests (none finished, preempted or admitted since), each one new token past the
+        last plan's (a step adds exactly one: its sampled token, or an overlapped step's
+        placeholder), none at its last token, within the budget, their new blocks given. Else
+        None, with nothing changed. The same plan _schedule_running makes, rows in the plan's order."""
+        steady, running = self._steady, self.running
+        budget = self.config.max_num_batched_tokens
+        if running != steady.running or len(running) > budget:  # (compared by identity: Request has no __eq__)
+            self._steady = None
+            return None
+        starts = steady.starts + 1  # [B]
+        if (starts >= steady.full_starts).any():  # a row has all its tokens, its last still being sampled (overlapped)
+            self._steady = None
+            return None
+        grow = np.flatnonzero(starts + 1 > steady.capacity)  # [G] rows reaching a new block
+        if len(grow):
+            grow = grow[np.argsort(steady.to_running[grow])]  # in running order, as the pass takes them
+            rows, ends = steady.rows, (starts[grow] + 1).tolist()
+            if not self.blocks.try_grow_all([(rows[b].request_id, end) for b, end in zip(grow.tolist(), ends)]):
+                self._steady = None
+                return None  # the pass row by row preempts
+            capacity = self.blocks.capacity
+            steady.capacity[grow] = [capacity(rows[b].request_id) for b in grow.tolist()]
+        steady.starts = starts
+        scheduled = list(map(ScheduledRequest, steady.rows, starts.tolist(), repeat(1), repeat(True)))
+        return scheduled, budget - len(scheduled)
 
     def _schedule_running(self, depth: int | None, preempted: list[Request], together: bool
                           ) -> tuple[list[ScheduledRequest], int] | None:
@@ -268,6 +347,12 @@ class Scheduler:
     def on_step_launched(self, output: SchedulerOutput) -> None:
         """The step's tokens are (or, on a device still working, will be before any later step
         reads them) in the cache: the next schedule may build on them."""
+        if output.decode_starts is not None:  # a steady decode: every row one token past its output's start
+            for item, computed in zip(output.scheduled, (output.decode_starts + 1).tolist()):
+                request = item.request
+                request.num_computed_tokens = computed
+                request.waited_s = 0.0
+            return
         for item in output.scheduled:
             request = item.request
             request.num_computed_tokens = item.start + item.num_tokens

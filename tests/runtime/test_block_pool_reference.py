@@ -18,8 +18,9 @@ from balcony_runtime.block_manager import BlockManager
 
 
 class ReferencePool:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, evict_ahead: int):
         self.block_size = block_size
+        self.evict_ahead = evict_ahead  # when the free blocks run out, evict at least this many at once
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack: the lowest ids on top
         self.refs = [0] * num_blocks
         self.evictable: OrderedDict[int, None] = OrderedDict()
@@ -36,15 +37,18 @@ class ReferencePool:
 
     def take(self, count: int) -> list[int]:
         taken = []
-        for _ in range(count):
-            if self.free:
-                block = self.free.pop()
-            else:
-                block, _ = self.evictable.popitem(last=False)
-                node, layer = self.key_of.pop(block)
-                del self.cached[(node, layer)]
-                if not any(n == node for n, _ in self.cached):
-                    del self.children[self.node_key.pop(node)]
+        for i in range(count):
+            if not self.free:  # evict the oldest cached blocks nobody holds, this take's rest or more
+                evicted = []
+                while self.evictable and len(evicted) < max(count - i, self.evict_ahead):
+                    block, _ = self.evictable.popitem(last=False)
+                    node, layer = self.key_of.pop(block)
+                    del self.cached[(node, layer)]
+                    if not any(n == node for n, _ in self.cached):
+                        del self.children[self.node_key.pop(node)]
+                    evicted.append(block)
+                self.free = evicted[::-1]  # the oldest taken first
+            block = self.free.pop()
             self.refs[block] = 1
             taken.append(block)
         return taken
@@ -71,8 +75,9 @@ class ReferencePool:
                 if self.refs[block] == 0:
                     del self.evictable[block]
                 self.refs[block] += 1
-        per_layer = -(-len(tokens) // self.block_size)
-        self.tables[rid] = [table + self.take(per_layer - len(table)) for table in shared]
+        extra = -(-len(tokens) // self.block_size) - len(shared[0])
+        taken = self.take(extra * len(layers))  # one take for all its layers, layer after layer
+        self.tables[rid] = [table + taken[i * extra:(i + 1) * extra] for i, table in enumerate(shared)]
         self.layers[rid] = layers
         self.nodes_of[rid] = nodes
 
@@ -89,11 +94,15 @@ class ReferencePool:
                     self.cached[(nodes[-1], layer)] = table[i]
                     self.key_of[table[i]] = (nodes[-1], layer)
 
-    def grow(self, rid: str, num_tokens: int) -> None:
-        tables = self.tables[rid]
-        extra = -(-num_tokens // self.block_size) - len(tables[0])
-        for table in tables:
-            table += self.take(extra)
+    def grow_all(self, growth: list[tuple[str, int]]) -> None:
+        """One take for every (request, tokens) in ``growth``, request after request, each layer
+        after layer."""
+        extras = [max(0, -(-n // self.block_size) - len(self.tables[rid][0])) for rid, n in growth]
+        taken = self.take(sum(extra * len(self.tables[rid]) for (rid, _), extra in zip(growth, extras)))
+        for (rid, _), extra in zip(growth, extras):
+            for table in self.tables[rid]:
+                table += taken[:extra]
+                del taken[:extra]
 
     def release(self, rid: str) -> None:
         tables = self.tables.pop(rid)
@@ -108,11 +117,12 @@ class ReferencePool:
                         self.free.append(block)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_the_pool_does_what_the_plain_reference_does(seed):
+@pytest.mark.parametrize("seed, evict_ahead", [(0, None), (1, 0), (2, 40), (3, None)])
+def test_the_pool_does_what_the_plain_reference_does(seed, evict_ahead):
     rng = random.Random(seed)
     size, num_blocks = 4, 600
-    pool, reference = BlockManager(num_blocks, size, prefix_caching=True), ReferencePool(num_blocks, size)
+    pool = BlockManager(num_blocks, size, prefix_caching=True, evict_ahead=evict_ahead)  # None: its default
+    reference = ReferencePool(num_blocks, size, pool.evict_ahead)
     heads = [[rng.randrange(4) for _ in range(rng.randint(4, 40))] for _ in range(5)]  # shared prompt heads
     layer_sets = [(0, 1, 2), (0, 1, 2, 7), (0, 1, 2, 3, 4, 5)]
     live: dict[str, int] = {}  # request id -> tokens
@@ -140,9 +150,8 @@ def test_the_pool_does_what_the_plain_reference_does(seed):
                          for rid, n in growth)
             if needed <= pool.num_free_blocks:
                 assert pool.try_grow_all(growth)
-                for rid, n in growth:
-                    reference.grow(rid, n)
-                    live[rid] = n
+                reference.grow_all(growth)
+                live.update(growth)
             else:
                 assert not pool.try_grow_all(growth)
         elif live:

@@ -42,16 +42,17 @@ def test_calibration_under_a_cpu_hog_is_monotone_and_predicts_within_2x(tiny_mod
     # Warm-up burst and measuring requests are gone, their blocks returned.
     assert not engine.has_unfinished() and engine.blocks.num_used_blocks == 0
 
-    # Requests at each exit, alone, measured against the prediction (median of three).
+    # Requests at each exit, alone, measured against the prediction (median of five: in full runs of
+    # the suite on a shared 2-core VM, two of three runs of one request once took twice the third).
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     for e in engine.exits:
         predicted = router.model.predict(e, 12, params.max_tokens, engine.load_snapshot()).full_pace_s
         times = []
-        for _ in range(3):
+        for _ in range(5):
             start = time.perf_counter()
             engine.generate([list(range(5, 17))], params, exit_layer=e)
             times.append(time.perf_counter() - start)
-        measured = sorted(times)[1]
+        measured = sorted(times)[2]
         assert predicted / 2 <= measured <= 2 * predicted, (e, predicted, times)
 
 

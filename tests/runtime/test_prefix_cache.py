@@ -258,7 +258,10 @@ def test_growing_rows_together_takes_what_growing_each_in_turn_takes(seed):
     """try_grow_all against try_grow on each row in turn, on twin pools that have served cached
     prefixes (so growth evicts): the same tables, the same cache left, the same refusals."""
     rng = random.Random(seed)
-    twins = [BlockManager(num_blocks=240, block_size=4, prefix_caching=True) for _ in range(2)]
+    # Evicting exactly what each take needs: with a batch evicted ahead, the takes of rows in turn
+    # and of all together end their batches at other blocks (test_block_pool_reference checks that
+    # rule against its one-take-per-growth reference).
+    twins = [BlockManager(num_blocks=240, block_size=4, prefix_caching=True, evict_ahead=0) for _ in range(2)]
     layer_sets = [(0, 1, 2), (0, 1, 2, 7), (0, 1, 2, 3, 4)]
     live: dict[str, int] = {}  # request id -> tokens
     evicted = refused = 0

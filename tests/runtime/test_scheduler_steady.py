@@ -1,0 +1,87 @@
+"""The steady-decode plan (Scheduler._schedule_steady, array operations over the last plan's rows)
+against the row-by-row pass it stands in for: twin schedulers on twin pools, one planning every step
+row by row, given the same arrivals, finishes, aborts and preemptions, make the same plans and leave
+the same block tables. No torch."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from balcony_runtime.block_manager import BlockManager
+from balcony_runtime.request import Request, RequestStatus
+from balcony_runtime.routing.step_cost import RowShape, StepCostModel
+from balcony_runtime.sampling_params import SamplingParams
+from balcony_runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+FULL = 30
+EXITS = (8, 15, 22, FULL)
+
+
+def _cost() -> StepCostModel:
+    return StepCostModel(FULL, coefficients=(0.001, 0.002, 0.0001, 0.00001, 0.005, 0.0))
+
+
+def _request(rid: str, exit_layer: int, prompt: list[int], max_tokens: int, now: float,
+             deadline: float | None) -> Request:
+    layers = FULL if exit_layer == FULL else exit_layer + 1
+    return Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True), exit_layer, layers,
+                   now, deadline=deadline, cache_layers=tuple(range(layers)))
+
+
+def _plan(out: SchedulerOutput) -> list:
+    return ([(i.request.request_id, i.start, i.num_tokens, i.completes_sequence) for i in out.scheduled],
+            [r.request_id for r in out.preempted], out.depth_limit)
+
+
+@pytest.mark.parametrize("seed, deadlines", [(0, False), (1, False), (2, True), (3, True)])
+def test_steady_plans_are_the_plans_of_the_row_by_row_pass(seed, deadlines):
+    rng = random.Random(seed)
+    config = SchedulerConfig(max_num_seqs=12, max_num_batched_tokens=48)
+    twins = [Scheduler(config, BlockManager(700, 4, prefix_caching=True), _cost()) for _ in range(2)]
+    twins[1].steady_decodes = False
+    requests: list[dict[str, Request]] = [{}, {}]
+    heads = [[rng.randrange(1, 50) for _ in range(rng.randint(4, 20))] for _ in range(3)]  # shared prompt heads
+    now, steady_steps = 0.0, 0
+    for step in range(2000):
+        # Arrivals come in bursts with quiet stretches between, so steady decodes run for a while.
+        if rng.random() < (0.5 if step % 200 < 20 else 0.01):
+            prompt = rng.choice(heads) + [rng.randrange(1, 50) for _ in range(rng.randint(1, 40))]
+            exit_layer, max_tokens = rng.choice(EXITS), rng.randint(1, 120)
+            deadline = now + rng.uniform(0.05, 3.0) if deadlines and rng.random() < 0.3 else None
+            for s, known in zip(twins, requests):
+                known[f"r{step}"] = r = _request(f"r{step}", exit_layer, prompt, max_tokens, now, deadline)
+                s.add(r)
+        if rng.random() < 0.01 and twins[0].running:  # an abort
+            rid = rng.choice(twins[0].running).request_id
+            for s, known in zip(twins, requests):
+                s.finish(known[rid], "abort")
+        outs = [s.schedule(now) for s in twins]
+        assert _plan(outs[0]) == _plan(outs[1])
+        assert outs[1].decode_starts is None
+        if outs[0].decode_starts is not None:
+            steady_steps += 1
+            assert outs[0].decode_starts.tolist() == [i.start for i in outs[0].scheduled]
+        seconds = _cost().step_seconds([RowShape(i.request.exit_layer, i.num_tokens, i.start) for i in outs[0].scheduled])
+        for s, out in zip(twins, outs):
+            s.on_step_done(out, seconds)
+            for item in out.scheduled:
+                r = item.request
+                if item.completes_sequence:
+                    r.output_token_ids.append(rng.randrange(1, 50) if s is twins[0] else None)
+                    if len(r.output_token_ids) >= r.params.max_tokens:
+                        s.finish(r, "length")
+        # The twin's tokens are copied from the first's (the draw above is made once).
+        for rid, r in requests[1].items():
+            r.output_token_ids[:] = requests[0][rid].output_token_ids
+        now += seconds
+        states = [[(r.request_id, r.num_computed_tokens, r.status, r.waited_s, s.blocks.block_tables(r.request_id))
+                   for r in s.running] for s in twins]
+        assert states[0] == states[1]
+        assert [r.request_id for r in twins[0].waiting] == [r.request_id for r in twins[1].waiting]
+    finished = sum(r.status is RequestStatus.FINISHED for r in requests[0].values())
+    preempted = sum(r.num_preemptions for r in requests[0].values())
+    # The workload exercised what it should: many steady plans, some ended by finishes, arrivals and
+    # preemptions (a pool of 700 blocks of 4 tokens is tight for 12 rows of up to 180 tokens).
+    assert steady_steps > 200 and finished > 10 and preempted > 0
