@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from balcony_runtime.engine import EngineConfig, LLMEngine
+from balcony_runtime.heap import serving_heap
 from balcony_runtime.loader import LoadedModel
 from balcony_runtime.model.forward_batch import ForwardBatch
 from balcony_runtime.sampling_params import SamplingParams
@@ -127,16 +128,11 @@ def measure_host_step(
 def measure_interleaved(runs: list["HostStepRun"], steps: int) -> list[HostStep]:
     """Time ``steps`` decode steps of each run, one step of each in turn: a machine whose speed
     drifts from minute to minute (a shared VM) slows them alike, so their ratio holds."""
-    # As `balcony serve` does once it is ready (server/serve.py): what exists by now lives as long as
-    # the process, so the collector stops re-walking it.
-    gc.collect()
-    gc.freeze()
-    try:
+    # As `balcony serve` does once it is ready (server/serve.py).
+    with serving_heap():
         for _ in range(steps):
             for run in runs:
                 run.step()
-    finally:
-        gc.unfreeze()
     return [run.result() for run in runs]
 
 
@@ -173,7 +169,7 @@ class HostStepRun:
     def __init__(self, loaded: LoadedModel, rows: int, context: int, steps: int = 30, vocab: int = 512,
                  params: SamplingParams | None = None, block_size: int = 16, exit_layer=None,
                  device_ms: float = 0.0, overlap: bool = False, engine_module=None, recycled: bool = True,
-                 queued: int = 0, aligned: bool = False):
+                 queued: int = 0, aligned: bool = False, young_threshold: int | None = None):
         # Real token ids whose text is mostly whole characters, so the detokenizer works as in serving.
         token_pool = list(range(256, 256 + vocab))
         budget = max(8192, rows)  # tokens per step
@@ -207,6 +203,9 @@ class HostStepRun:
         for _ in range(queued):  # waiting behind the full batch, as under a burst
             engine.add_request([rng.choice(token_pool) for _ in range(16)], params, exit_layer=exit_layer)
         self.engine, self.rows, self.context, self.device_ms, self.overlap = engine, rows, context, device_ms, overlap
+        # The collector's young-generation threshold while this run steps (None: the serving
+        # process's, balcony_runtime/heap.py), to time the step under another.
+        self.young_threshold = young_threshold
         self.phases: dict[str, list[float]] = {p: [] for p in _PHASES}
         self.timers = PhaseTimers(engine, self.phases)
         self.wall: list[float] = []  # seconds per timed step
@@ -216,13 +215,16 @@ class HostStepRun:
         """Two engine steps: one timed whole, one timed phase by phase. The phases' timers (two
         clock reads and a call each, about 1 us a phase on a VM, whose thread clock is a system call)
         would otherwise be counted as host work in the step's own time."""
-        device = self.device
+        device, threshold = self.device, gc.get_threshold()
+        if self.young_threshold is not None:
+            gc.set_threshold(self.young_threshold, *threshold[1:])
         start, start_cpu, waited = time.perf_counter(), time.thread_time(), device.waited_cpu_s
         self.engine.step()
         self.wall.append(time.perf_counter() - start)
         self.cpu.append(time.thread_time() - start_cpu - (device.waited_cpu_s - waited))
         with self.timers:
             self.engine.step()
+        gc.set_threshold(*threshold)
 
     def result(self) -> HostStep:
         return HostStep(self.rows, self.context, 1e3 * statistics.median(self.wall), 1e3 * statistics.median(self.cpu),

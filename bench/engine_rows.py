@@ -14,7 +14,6 @@ engine process sends. Prints the median milliseconds per step of each.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import pickle
 import statistics
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from balcony_runtime.engine import RequestOutput  # noqa: E402
+from balcony_runtime.heap import serving_heap  # noqa: E402
 from balcony_runtime.host_step_benchmark import HostStepRun  # noqa: E402
 from balcony_runtime.loader import load_model  # noqa: E402
 
@@ -40,9 +40,7 @@ def measure(loaded, rows: int, context: int, steps: int) -> dict[str, float]:
             "rows (emit_rows)": HostStepRun(loaded, rows, context, steps + 2)}
     runs["rows (emit_rows)"].engine.emit_rows()
     times: dict[str, list[float]] = {name: [] for name in runs}
-    gc.collect()
-    gc.freeze()
-    try:
+    with serving_heap():  # as serve.py's builder does
         names = list(runs)
         for i in range(steps):
             for name in names if i % 2 else names[::-1]:  # each goes first every other step
@@ -53,8 +51,6 @@ def measure(loaded, rows: int, context: int, steps: int) -> dict[str, float]:
                     outputs = [_fields_of(out) for out in outputs]
                 pickle.dumps(("outputs", outputs, (0, 0, 0.0, None)), protocol=pickle.HIGHEST_PROTOCOL)
                 times[name].append(time.thread_time() - start)
-    finally:
-        gc.unfreeze()
     return {name: 1e3 * statistics.median(v) for name, v in times.items()}
 
 

@@ -6,6 +6,7 @@
     python bench/host_step.py --device-ms 1 --device-ms 4    # and on a simulated device, overlapped or not
     python bench/host_step.py --fresh-pool          # blocks from a never-used pool (default: a served one)
     python bench/host_step.py --aligned             # every row at the same context (the median step takes no new block)
+    python bench/host_step.py --default-gc          # and with CPython's default collector threshold, a step of each in turn
     python bench/host_step.py --queued 1000         # with 1,000 requests waiting behind the full batch
 
 Prints a markdown table: median milliseconds per engine.step(), as CPU time of the stepping thread
@@ -68,6 +69,9 @@ def main() -> None:
     parser.add_argument("--baseline", help="git revision whose step code (OLD_FILES: engine, scheduler, block pool, "
                                            "runner, batch state, sampler, ...) to time as well, a step of each in turn")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--default-gc", action="store_true",
+                        help="also time this checkout with CPython's default young-generation threshold (700) "
+                             "instead of the serving process's (balcony_runtime/heap.py), a step of each in turn")
     parser.add_argument("--queued", type=int, default=0,
                         help="requests waiting behind the full batch during the timed steps (a burst's queue)")
     parser.add_argument("--fresh-pool", action="store_true",
@@ -84,9 +88,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shape] if args.shape else SHAPES
     loaded = load_model("smollm2-135m", adapters=None, dtype="float32", device="cpu")
-    versions = [("this checkout", None)]
+    versions = [("this checkout", None, None)]  # (label, old modules, young-generation threshold)
     if args.baseline:
-        versions.insert(0, (args.baseline, old_modules(args.baseline)))
+        versions.insert(0, (args.baseline, old_modules(args.baseline), None))
+    if args.default_gc:
+        versions.insert(0, ("this checkout, gc threshold 700", None, 700))
     pool = "a fresh block pool" if args.fresh_pool else "a block pool that served a wave of other prompts first"
     pool += ", every row at the same context" if args.aligned else ", contexts spread over a block (context - i mod 16)"
     print(f"{loaded.identity}, {loaded.model.num_cache_layers} cache layers, block size 16, greedy, "
@@ -97,10 +103,11 @@ def main() -> None:
     for rows, context in shapes:
         runs = [HostStepRun(loaded, rows, context, steps=args.steps, vocab=args.vocab,
                             engine_module=None if modules is None else modules["engine"],
-                            recycled=not args.fresh_pool, queued=args.queued, aligned=args.aligned)
-                for _, modules in versions]
+                            recycled=not args.fresh_pool, queued=args.queued, aligned=args.aligned,
+                            young_threshold=threshold)
+                for _, modules, threshold in versions]
         # One step of each version in turn: the machine's drift slows both alike.
-        for (label, _), r in zip(versions, measure_interleaved(runs, args.steps)):
+        for (label, _, _), r in zip(versions, measure_interleaved(runs, args.steps)):
             p = r.phase_ms
             print(f"| {label} | {rows} x {context} | {r.step_cpu_ms:.3f} | {r.step_ms:.3f} | {p['schedule']:.3f} | {p['prepare']:.3f} | "
                   f"{p['forward']:.3f} | {p['sample']:.3f} | {p['postprocess']:.3f} |", flush=True)

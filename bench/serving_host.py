@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import random
@@ -44,14 +43,14 @@ def stub_engine_process_build(max_streams: int, max_len: int, phases=None):
     there, so the step columns read "-")."""
     import torch
 
+    from balcony_runtime.heap import settle_for_serving
     from balcony_runtime.host_step_benchmark import stub_engine
     from balcony_runtime.loader import load_model
 
     torch.set_num_threads(1)
     loaded = load_model("smollm2-135m", adapters=None, dtype="float32", device="cpu")
     engine = stub_engine(loaded, max_streams, max_len)
-    gc.collect()
-    gc.freeze()
+    settle_for_serving()  # as serve.py's builder does
     return engine
 
 
@@ -61,6 +60,7 @@ def serve(port: int, max_streams: int, context: int, tokens: int, device_ms: flo
     import uvicorn
     import torch
 
+    from balcony_runtime.heap import settle_for_serving
     from balcony_runtime.host_step_benchmark import stub_engine
     from balcony_runtime.loader import load_model
     from server.app import create_app
@@ -92,8 +92,7 @@ def serve(port: int, max_streams: int, context: int, tokens: int, device_ms: flo
         # Installed before create_app's loader calibrates, so calibration's steps are recorded too:
         # main() reads only the steps between its before and after snapshots.
         engine.step = timed_step
-        gc.collect()  # as serve.py's builder does: what exists now lives as long as the process
-        gc.freeze()
+        settle_for_serving()  # as serve.py's builder does
         return engine
 
     config = ServeConfig(max_queued_requests=4 * max_streams, engine_process=engine_process)

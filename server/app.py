@@ -7,7 +7,6 @@ and /ready says 503 until the model is loaded, warmed up and the router calibrat
 from __future__ import annotations
 
 import asyncio
-import gc
 import hmac
 import threading
 import logging
@@ -22,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from balcony_runtime.engine import LLMEngine
 from balcony_runtime.errors import RequestError
+from balcony_runtime.heap import settle_for_serving
 from server import chat, completions
 from server.async_engine import AsyncEngine
 from server.errors import APIError, guard_stream, install_error_handlers
@@ -68,10 +68,9 @@ def start_remote_engine(start_engine: Callable[[ServerState], AsyncEngine], stat
     engine = start_engine(state)
     _choose_tool_format(state, engine.engine.tokenizer)
     # As the in-process builder does once the engine is built (server/serve.py): what this process
-    # holds now (imports, the tokenizer) lives as long as it does, so a collection triggered by the
-    # objects every step's outputs make walks only those.
-    gc.collect()
-    gc.freeze()
+    # holds now (imports, the tokenizer) lives as long as it does; its steps' outputs are
+    # collected as the engine's are.
+    settle_for_serving()
     return engine
 
 

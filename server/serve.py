@@ -15,7 +15,6 @@ served yet, so there is nothing to wait for.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -179,6 +178,7 @@ def build_engine(args, config: ServeConfig, phases: StartupPhases):
     import torch
 
     from balcony_runtime.cpu_threads import ThreadGovernor
+    from balcony_runtime.heap import settle_for_serving
     from balcony_runtime.engine import EngineConfig, LLMEngine
     from balcony_runtime.model_source import balcony_home, resolve_model
     from balcony_runtime.routing.calibration_cache import CalibrationCache
@@ -216,10 +216,6 @@ def build_engine(args, config: ServeConfig, phases: StartupPhases):
         engine.calibrate(cache=cache, on_phase=phases.enter)
     finally:
         torch.set_num_threads(full_threads)
-    # What exists now (weights, tokenizer, CUDA graphs, imported modules: millions of objects) lives
-    # as long as the process: moved out of the collector's generations, a full collection during a
-    # step walks only what requests allocate (as vLLM's engine core does after start-up).
-    gc.collect()
-    gc.freeze()
+    settle_for_serving()  # what exists now lives as long as the process (balcony_runtime/heap.py)
     log.info("start-up phases: %s", phases.summary())
     return engine

@@ -93,3 +93,21 @@ def test_the_step_is_timed_without_the_phase_timers_and_the_phases_in_a_step_of_
     assert not hasattr(engine.runner.model, "_call")
     # Every row decoded two tokens per timed step and none finished early.
     assert engine.num_running == 3
+
+
+def test_a_run_steps_under_its_own_collector_threshold_and_puts_the_serving_one_back(tiny_model_dir):
+    import gc
+
+    from balcony_runtime.heap import YOUNG_THRESHOLD
+
+    loaded = load_model(str(tiny_model_dir), adapters=None, dtype="float32", device="cpu")
+    default, serving = HostStepRun(loaded, rows=3, context=20, steps=3, young_threshold=700), \
+        HostStepRun(loaded, rows=3, context=20, steps=3)
+    seen = {}
+    for run, name in ((default, "default"), (serving, "serving")):
+        step = run.engine.step
+        run.engine.step = lambda step=step, name=name: (seen.setdefault(name, set()).add(gc.get_threshold()[0]), step())[1]
+    before = gc.get_threshold()
+    measure_interleaved([default, serving], steps=3)
+    assert seen == {"default": {700}, "serving": {YOUNG_THRESHOLD}}
+    assert gc.get_threshold() == before
