@@ -347,7 +347,7 @@ class Scheduler:
     def on_step_launched(self, output: SchedulerOutput) -> None:
         """The step's tokens are (or, on a device still working, will be before any later step
         reads them) in the cache: the next schedule may build on them."""
-        if output.decode_starts is not None:  # a steady decode: every row one token past its output's start
+        if output.decode_starts is not None:  # a steady decode: one token each, all past their prompts
             for item, computed in zip(output.scheduled, (output.decode_starts + 1).tolist()):
                 request = item.request
                 request.num_computed_tokens = computed
