@@ -89,8 +89,7 @@ class BlockManager:
     def can_allocate(self, num_layers: int, num_tokens: int, reuse: PrefixMatch | None = None) -> bool:
         """Whether a new request fits, taking ``reuse``'s cached blocks instead of new ones for its
         leading blocks (those lying free leave the free pool too)."""
-        shared = _flat(reuse.blocks) if reuse is not None and reuse.num_blocks else None
-        return self._free_blocks_wanted(num_layers, num_tokens, shared) <= self.num_free_blocks
+        return self._free_blocks_wanted(num_layers, num_tokens, _shared_blocks(reuse)) <= self.num_free_blocks
 
     def _free_blocks_wanted(self, num_layers: int, num_tokens: int, shared: np.ndarray | None) -> int:
         """Free blocks a new request takes: new ones past its ``shared`` leading blocks ([layers *
@@ -137,7 +136,7 @@ class BlockManager:
             raise ValueError(f"request {request_id!r} already holds blocks")
         if num_layers < 1:
             raise ValueError("a request runs at least one layer")
-        shared_blocks = _flat(reuse.blocks) if reuse is not None and reuse.num_blocks else None  # [layers * blocks]
+        shared_blocks = _shared_blocks(reuse)  # [layers * blocks]
         if self._free_blocks_wanted(num_layers, num_tokens, shared_blocks) > self.num_free_blocks:
             raise OutOfBlocks(f"{self.blocks_needed(num_layers, num_tokens)} blocks needed, "
                               f"{self.num_free_blocks} free")
@@ -239,7 +238,8 @@ class BlockManager:
 
     def _take(self, count: int) -> list[int]:
         """``count`` blocks for new tokens: plain free ones first (the stack's top; lowest ids first
-        in a fresh pool), then the cached blocks let go of longest ago, which leave the prefix cache."""
+        in a fresh pool), then the cached blocks let go of longest ago, which leave the prefix cache
+        (at least evict_ahead of them, the surplus joining the plain free ones)."""
         free = self._free
         plain = min(count, len(free))
         taken = free[len(free) - plain:]
@@ -260,7 +260,9 @@ class BlockManager:
         return taken
 
 
-def _flat(tables: list[list[int]]) -> np.ndarray:
-    """The block ids of ``tables``, layer after layer, as one array."""
-    return np.fromiter(chain.from_iterable(tables), dtype=np.int64)
+def _shared_blocks(reuse: PrefixMatch | None) -> np.ndarray | None:
+    """A prefix match's block ids, layer after layer, as one array; None without a match."""
+    if reuse is None or not reuse.num_blocks:
+        return None
+    return np.fromiter(chain.from_iterable(reuse.blocks), dtype=np.int64)
 

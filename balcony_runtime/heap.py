@@ -4,8 +4,8 @@ A decode step allocates a few container objects per row (its plan's rows, each o
 list), about a thousand at 256 rows, and nearly all of them die by reference counting within the
 step. CPython's default threshold (700 allocations) then runs a young-generation collection about
 once a step, each walking every container still alive at that moment (the step's own working set)
-to find the cycles that are almost never there: measured on the host-only step, a tenth of its
-time at 256 rows (docs/benchmarks.md, "Steady decodes planned from arrays"). With the threshold at
+to find the cycles that are almost never there (its share of the host-only step: docs/benchmarks.md,
+"Steady decodes planned from arrays"). With the threshold at
 20,000 a collection comes every few dozen steps and walks about the same live set, so the cost per
 step falls by that factor; cycles, rare here, wait a little longer to be freed.
 """

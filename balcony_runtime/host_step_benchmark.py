@@ -128,8 +128,8 @@ def measure_host_step(
 def measure_interleaved(runs: list["HostStepRun"], steps: int) -> list[HostStep]:
     """Time ``steps`` decode steps of each run, one step of each in turn: a machine whose speed
     drifts from minute to minute (a shared VM) slows them alike, so their ratio holds. The turns
-    go forwards and backwards on alternate steps: three runs of the same code stepped always in one
-    order measured up to 4% apart by their place in it."""
+    go forwards and backwards on alternate steps: runs of the same code stepped always in one order
+    measured apart by their place in it (docs/benchmarks.md, "Steady decodes planned from arrays")."""
     # As `balcony serve` does once it is ready (server/serve.py).
     with serving_heap():
         for i in range(steps):
@@ -218,7 +218,7 @@ class HostStepRun:
         clock reads and a call each, about 1 us a phase on a VM, whose thread clock is a system call)
         would otherwise be counted as host work in the step's own time."""
         device, threshold = self.device, gc.get_threshold()
-        if self.young_threshold is not None:
+        if self.young_threshold is not None:  # (put back below)
             gc.set_threshold(self.young_threshold, *threshold[1:])
         start, start_cpu, waited = time.perf_counter(), time.thread_time(), device.waited_cpu_s
         self.engine.step()

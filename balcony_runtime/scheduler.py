@@ -258,19 +258,17 @@ class Scheduler:
         None, with nothing changed. The same plan _schedule_running makes, rows in the plan's order."""
         steady, running = self._steady, self.running
         budget = self.config.max_num_batched_tokens
+        # (On None the row-by-row pass follows, and schedule() replaces or drops self._steady.)
         if running != steady.running or len(running) > budget:  # (compared by identity: Request has no __eq__)
-            self._steady = None
             return None
         starts = steady.starts + 1  # [B]
         if (starts >= steady.full_starts).any():  # a row has all its tokens, its last still being sampled (overlapped)
-            self._steady = None
             return None
         grow = np.flatnonzero(starts + 1 > steady.capacity)  # [G] rows reaching a new block
         if len(grow):
             grow = grow[np.argsort(steady.to_running[grow])]  # in running order, as the pass takes them
             rows, ends = steady.rows, (starts[grow] + 1).tolist()
             if not self.blocks.try_grow_all([(rows[b].request_id, end) for b, end in zip(grow.tolist(), ends)]):
-                self._steady = None
                 return None  # the pass row by row preempts
             capacity = self.blocks.capacity
             steady.capacity[grow] = [capacity(rows[b].request_id) for b in grow.tolist()]

@@ -64,17 +64,15 @@ def test_steady_plans_are_the_plans_of_the_row_by_row_pass(seed, deadlines):
             steady_steps += 1
             assert outs[0].decode_starts.tolist() == [i.start for i in outs[0].scheduled]
         seconds = _cost().step_seconds([RowShape(i.request.exit_layer, i.num_tokens, i.start) for i in outs[0].scheduled])
+        sampled = {i.request.request_id: rng.randrange(1, 50) for i in outs[0].scheduled if i.completes_sequence}
         for s, out in zip(twins, outs):
             s.on_step_done(out, seconds)
             for item in out.scheduled:
                 r = item.request
                 if item.completes_sequence:
-                    r.output_token_ids.append(rng.randrange(1, 50) if s is twins[0] else None)
+                    r.output_token_ids.append(sampled[r.request_id])  # the same token in both twins
                     if len(r.output_token_ids) >= r.params.max_tokens:
                         s.finish(r, "length")
-        # The twin's tokens are copied from the first's (the draw above is made once).
-        for rid, r in requests[1].items():
-            r.output_token_ids[:] = requests[0][rid].output_token_ids
         now += seconds
         states = [[(r.request_id, r.num_computed_tokens, r.status, r.waited_s, s.blocks.block_tables(r.request_id))
                    for r in s.running] for s in twins]
