@@ -28,7 +28,7 @@ from balcony_runtime.routing.calibration import calibrate
 from balcony_runtime.routing.latency_model import LatencyModel, LoadSnapshot, RowLoad
 from balcony_runtime.routing.router import RouteDecision, Router
 from balcony_runtime.routing.step_cost import StepShape
-from balcony_runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from balcony_runtime.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
 from balcony_runtime.structured.token_masks import MaskFiller
 
 
@@ -129,12 +129,26 @@ class _Launched:
     started: float  # time.monotonic() when its step() began
 
 
-@dataclass
+@dataclass(slots=True)
 class _Tracked:
     request: Request
     detok: IncrementalDetokenizer
     route: RouteDecision | None = None
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # Tokens that end it: the end-of-sequence ids (unless ignored) and its stop_token_ids.
+    stop_ids: frozenset[int] = field(init=False)
+    # A plain request's token text, the detokenizer's stream method: no stop strings, logprobs,
+    # prompt logprobs or grammar, and at least one token to generate. Its decode tokens that do not
+    # end it take LLMEngine._postprocess's short path. None for any other request.
+    plain_text: Callable[[int], str] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        request = self.request
+        params = request.params
+        self.stop_ids = request.eos_token_ids | frozenset(params.stop_token_ids)
+        plain = (not params.stop and params.logprobs is None and params.prompt_logprobs is None
+                 and request.grammar is None and params.max_tokens > 0)
+        self.plain_text = self.detok.add if plain else None
 
 
 class LLMEngine:
@@ -394,13 +408,13 @@ class LLMEngine:
             return self._resolve(in_flight, None)
         if not self.overlap_steps:
             self._prefetch_masks(plan)
-            pending = self.runner.launch(plan.scheduled)
+            pending = self.runner.launch(plan.scheduled, None, plan.decode_run)
             self.scheduler.on_step_launched(plan)
             return self._resolve(_Launched(plan, pending, None, now), None)
         if in_flight is not None and self._num_needs_sync and any(item.request.needs_sync for item in plan.scheduled):
             # Some row's sampling needs the step in flight read first (its grammar's mask, its
             # penalties' counts): the forward goes ahead, the sampling waits for the read.
-            forwarded = self.runner.forward(plan.scheduled, in_flight.pending.tokens)
+            forwarded = self.runner.forward(plan.scheduled, in_flight.pending.tokens, plan.decode_run)
             self.scheduler.on_step_launched(plan)
             self._in_flight = None
             outputs = self._resolve(in_flight, plan)
@@ -408,7 +422,8 @@ class LLMEngine:
             self._in_flight = self._placed(plan, self.runner.sample(forwarded, some_finished=True), now)
             return outputs
         self._prefetch_masks(plan)
-        pending = self.runner.launch(plan.scheduled, None if in_flight is None else in_flight.pending.tokens)
+        pending = self.runner.launch(plan.scheduled, None if in_flight is None else in_flight.pending.tokens,
+                                     plan.decode_run)
         self.scheduler.on_step_launched(plan)
         self._in_flight = self._placed(plan, pending, now)
         return [] if in_flight is None else self._resolve(in_flight, plan)
@@ -461,86 +476,112 @@ class LLMEngine:
                      ) -> list[RequestOutput]:
         """``positions[i]``: where row i's placeholder sits in its request's output (None: the
         tokens are appended)."""
-        # Runs once per row per step: a running request's decode token goes through here, so the
-        # loop keeps to locals and touches a row's objects once (on a GPU this is host time per step).
+        # Runs once per row per step: a running request's decode token goes through here. A plain
+        # request's token that does not end it (most rows of most steps) takes the short path: its
+        # token placed, its text, its output; anything else takes _row_output, the whole path.
         now = time.monotonic()
         outputs = []
-        tracked_of, make_output = self._tracked, self._output
-        step_logprobs, step_prompt_logprobs = result.logprobs, result.prompt_logprobs
+        append, tracked_of, make_output = outputs.append, self._tracked, self._output
         for i, (item, token) in enumerate(zip(plan.scheduled, result.tokens)):
             request = item.request
-            params = request.params
             tracked = tracked_of.get(request.request_id)
             if tracked is None:
                 continue  # finished or aborted after this step was launched: its token is dropped
-            if step_prompt_logprobs and i in step_prompt_logprobs:
-                tracked.prompt_logprobs.extend(step_prompt_logprobs[i])
-            prompt_ready = False
-            if params.prompt_logprobs is not None and not request.prompt_logprobs_done:
-                if item.start + item.num_tokens >= request.num_prompt_tokens:
-                    request.prompt_logprobs_done = prompt_ready = True
-            # (an empty tuple, not a new list, where a row has nothing: most rows have no logprobs)
-            new_ids = new_logprobs = ()
-            new_text, reason = "", None
-            if token is None or params.max_tokens == 0:
-                num_output = len(request.output_token_ids)  # this step's own token last, once placed
-                if token is not None:
-                    reason = "length"  # prompt scoring only: nothing is generated
-            else:
+            text_of = tracked.plain_text
+            # (a plain request asks for no logprobs: the step has none for it)
+            if text_of is not None and token is not None and request.first_token_time is not None:
                 output_ids = request.output_token_ids
-                if positions is None:
-                    position = len(output_ids)
-                    output_ids.append(token)
-                else:
-                    position = positions[i]
-                    output_ids[position] = token  # its placeholder
-                num_output = position + 1  # a later step's placeholder may follow it
-                if request.first_token_time is None:
-                    request.first_token_time = now
-                new_ids = [token]
-                if step_logprobs is not None and step_logprobs[i] is not None:
-                    new_logprobs = [step_logprobs[i]]
-                if token in request.eos_token_ids or token in params.stop_token_ids:
-                    reason = "stop"
-                elif position + 1 >= params.max_tokens:
-                    reason = "length"
-                if request.grammar is not None and request.grammar.accept(token):
-                    reason = "stop"  # the JSON is complete: only the end of sequence could follow
-                detok = tracked.detok
-                is_special_stop = reason == "stop" and not detok.stopped
-                new_text = detok.add(token, final=reason is not None)
-                if detok.stopped:
-                    reason = "stop"
-                elif is_special_stop:
-                    new_text += detok.flush()
-            latency_s = budget_met = route = None
-            if reason is not None:
-                position = None if positions is None else positions[i]
-                if position is not None and len(request.output_token_ids) > position + 1:
-                    del request.output_token_ids[position + 1 :]  # a later step's placeholder
-                self.scheduler.finish(request, reason)
-                tracked_of.pop(request.request_id)
-                self._num_needs_sync -= request.needs_sync
-                self.runner.release(request.request_id)
-                latency_s = now - request.arrival_time
-                if request.deadline is not None:
-                    budget_met = now <= request.deadline
-                route = tracked.route
-                if route is not None and self.router is not None:
-                    self.router.model.observe_request(route.expected_ms / 1000, latency_s, route.batch_rows)
-            # Positional, in the field order of RequestOutput (17 keyword arguments were a measurable
-            # share of a row's host time):
-            # request_id, exit_layer, new_token_ids, new_text, new_logprobs, prompt_logprobs,
-            # num_prompt_tokens, num_output_tokens, finished, finish_reason, arrival_time,
-            # first_scheduled_time, first_token_time, route, latency_s, budget_met, num_cached_tokens.
-            outputs.append(make_output(
-                request.request_id, request.exit_layer, new_ids, new_text, new_logprobs,
-                tracked.prompt_logprobs if prompt_ready else None,
-                len(request.prompt_token_ids), num_output, reason is not None, reason,
-                request.arrival_time, request.first_scheduled_time, request.first_token_time,
-                route, latency_s, budget_met, request.num_cached_tokens,
-            ))
+                position = len(output_ids) if positions is None else positions[i]
+                if position + 1 < request.params.max_tokens and token not in tracked.stop_ids:
+                    if positions is None:
+                        output_ids.append(token)
+                    else:
+                        output_ids[position] = token  # its placeholder
+                    # In the field order of RequestOutput (as in _row_output).
+                    append(make_output(
+                        request.request_id, request.exit_layer, [token], text_of(token), (), None,
+                        len(request.prompt_token_ids), position + 1, False, None,
+                        request.arrival_time, request.first_scheduled_time, request.first_token_time,
+                        None, None, None, request.num_cached_tokens,
+                    ))
+                    continue
+            append(self._row_output(i, item, token, tracked, result, positions, now))
         return outputs
+
+    def _row_output(self, i: int, item: ScheduledRequest, token: int | None, tracked: _Tracked, result: StepResult,
+                    positions: list[int | None] | None, now: float) -> RequestOutput | tuple:
+        """Row i's output, by the whole path: first tokens, prompt and token logprobs, grammars,
+        stop strings, finishes."""
+        request = item.request
+        params = request.params
+        step_logprobs, step_prompt_logprobs = result.logprobs, result.prompt_logprobs
+        if step_prompt_logprobs and i in step_prompt_logprobs:
+            tracked.prompt_logprobs.extend(step_prompt_logprobs[i])
+        prompt_ready = False
+        if params.prompt_logprobs is not None and not request.prompt_logprobs_done:
+            if item.start + item.num_tokens >= request.num_prompt_tokens:
+                request.prompt_logprobs_done = prompt_ready = True
+        # (an empty tuple, not a new list, where a row has nothing: most rows have no logprobs)
+        new_ids = new_logprobs = ()
+        new_text, reason = "", None
+        if token is None or params.max_tokens == 0:
+            num_output = len(request.output_token_ids)  # this step's own token last, once placed
+            if token is not None:
+                reason = "length"  # prompt scoring only: nothing is generated
+        else:
+            output_ids = request.output_token_ids
+            if positions is None:
+                position = len(output_ids)
+                output_ids.append(token)
+            else:
+                position = positions[i]
+                output_ids[position] = token  # its placeholder
+            num_output = position + 1  # a later step's placeholder may follow it
+            if request.first_token_time is None:
+                request.first_token_time = now
+            new_ids = [token]
+            if step_logprobs is not None and step_logprobs[i] is not None:
+                new_logprobs = [step_logprobs[i]]
+            if token in tracked.stop_ids:
+                reason = "stop"
+            elif position + 1 >= params.max_tokens:
+                reason = "length"
+            if request.grammar is not None and request.grammar.accept(token):
+                reason = "stop"  # the JSON is complete: only the end of sequence could follow
+            detok = tracked.detok
+            is_special_stop = reason == "stop" and not detok.stopped
+            new_text = detok.add(token, final=reason is not None)
+            if detok.stopped:
+                reason = "stop"
+            elif is_special_stop:
+                new_text += detok.flush()
+        latency_s = budget_met = route = None
+        if reason is not None:
+            position = None if positions is None else positions[i]
+            if position is not None and len(request.output_token_ids) > position + 1:
+                del request.output_token_ids[position + 1 :]  # a later step's placeholder
+            self.scheduler.finish(request, reason)
+            self._tracked.pop(request.request_id)
+            self._num_needs_sync -= request.needs_sync
+            self.runner.release(request.request_id)
+            latency_s = now - request.arrival_time
+            if request.deadline is not None:
+                budget_met = now <= request.deadline
+            route = tracked.route
+            if route is not None and self.router is not None:
+                self.router.model.observe_request(route.expected_ms / 1000, latency_s, route.batch_rows)
+        # Positional, in the field order of RequestOutput (17 keyword arguments were a measurable
+        # share of a row's host time):
+        # request_id, exit_layer, new_token_ids, new_text, new_logprobs, prompt_logprobs,
+        # num_prompt_tokens, num_output_tokens, finished, finish_reason, arrival_time,
+        # first_scheduled_time, first_token_time, route, latency_s, budget_met, num_cached_tokens.
+        return self._output(
+            request.request_id, request.exit_layer, new_ids, new_text, new_logprobs,
+            tracked.prompt_logprobs if prompt_ready else None,
+            len(request.prompt_token_ids), num_output, reason is not None, reason,
+            request.arrival_time, request.first_scheduled_time, request.first_token_time,
+            route, latency_s, budget_met, request.num_cached_tokens,
+        )
 
     # ---- convenience -----------------------------------------------------------------------
 

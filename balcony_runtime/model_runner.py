@@ -25,7 +25,7 @@ from balcony_runtime.request import Request
 from balcony_runtime.routing.step_cost import DecodeRows, StepShape
 from balcony_runtime.sampler import (RowClasses, Sampler, SamplingRow, TokenLogprobs, classify_rows, make_generator,
                                      prompt_logprobs)
-from balcony_runtime.scheduler import ScheduledRequest
+from balcony_runtime.scheduler import DecodeRun, ScheduledRequest
 from balcony_runtime.staging import to_device
 from balcony_runtime.structured.token_masks import mask_logits
 
@@ -83,6 +83,9 @@ class ModelRunner:
         # its input ids as they are (vLLM v1's input batch does the same), with no pass over the
         # rows to read each request's last token and no copy to the device. None after any other step.
         self._last_sampled: tuple[list[str], torch.Tensor] | None = None
+        # The lists of the first step of the current steady decode (SchedulerOutput.decode_run), in
+        # its arrangement; None after any other step.
+        self._run_lists: _RunLists | None = None
 
     def use_graphs(self, max_rows: int, max_model_len: int, record: bool | None = None) -> DecodeGraphs:
         """Serve decode steps of up to ``max_rows`` rows by replaying recorded pieces
@@ -104,20 +107,23 @@ class ModelRunner:
         """One step, its tokens read back at once."""
         return self.launch(scheduled).result()
 
-    def launch(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None) -> "PendingStep":
+    def launch(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None,
+               run: DecodeRun | None = None) -> "PendingStep":
         """Enqueue one step, its forward and its sampling, without waiting for the sampled tokens
         (on a GPU the host returns while the device works; on a CPU the work is done on return).
 
         ``previous``: the sampled tokens of the step before, [S] on the device, not yet read. A
         request whose last token is a placeholder -1 - j (see LLMEngine, overlapped steps) is fed
-        previous[j]. Rows that ask for logprobs, and prompt logprobs, are read back here."""
-        return self.sample(self.forward(scheduled, previous))
+        previous[j]. Rows that ask for logprobs, and prompt logprobs, are read back here. ``run``:
+        the plan's DecodeRun, when the scheduler made it one (SchedulerOutput.decode_run)."""
+        return self.sample(self.forward(scheduled, previous, run))
 
     @torch.inference_mode()
-    def forward(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None) -> "ForwardedStep":
+    def forward(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None,
+                run: DecodeRun | None = None) -> "ForwardedStep":
         """The first half of :meth:`launch`: the model's forward (and prompt logprobs). An engine
         may read the previous step between the two halves, while the device runs this forward."""
-        batch, layout = self.prepare(scheduled, previous)
+        batch, layout = self.prepare(scheduled, previous, run)
         if self.graphs is not None and self.graphs.can_run(batch):
             logits = self.graphs.run(batch)  # a view of a static buffer, used before the next step
         else:
@@ -186,30 +192,45 @@ class ModelRunner:
             pending = PendingStep(len(scheduled), sampling, tokens, None, None, step.prompt, step.layout)
         if len(sampling) == len(scheduled):  # every row sampled, in slot order (ForwardedStep.sampling)
             self._last_sampled = self.input_batch.arrangement, tokens
+            # In the scheduler's order too, where the rows sit where it listed them.
+            pending.in_order = step.layout is not None and step.layout.decode_arrangement is not None
         return pending
 
-    def prepare(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None
-                ) -> tuple[ForwardBatch, StepLayout]:
+    def prepare(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None,
+                run: DecodeRun | None = None) -> tuple[ForwardBatch, StepLayout]:
         """The model's input for these requests (ordered deepest exit first, as the scheduler
-        orders them); batch row b holds scheduled[layout.order[b]]. ``previous``: see :meth:`launch`."""
+        orders them); batch row b holds scheduled[layout.order[b]]. ``previous``, ``run``: see
+        :meth:`launch`."""
         block_size = self.blocks.block_size
-        ids = [item.request.request_id for item in scheduled]
-        exits = [item.request.exit_layer for item in scheduled]
-        tables = self.blocks.tables_of(ids)
-        order = self.input_batch.arrange(ids, exits, tables)
-        if order != list(range(len(order))):
-            tables, exits = [tables[i] for i in order], [exits[i] for i in order]
-            rows = [scheduled[i] for i in order]
+        kept = self._run_lists
+        if run is not None and kept is not None and kept.requests is run.requests \
+                and kept.arrangement is self.input_batch.arrangement:
+            # A steady decode of the same requests in the same rows as the last step (which was a
+            # decode step of every row, in the scheduler's order): its lists serve again, and the
+            # starts come from the plan, not from a pass over the rows.
+            ids, exits, tables, query_lens, lens = kept.ids, kept.exits, kept.tables, kept.query_lens, kept.lens
+            order = self.input_batch.arrange(ids, exits, tables)  # (they stay where they are)
+            rows, starts = scheduled, run.starts
+            is_decode = all_sampled = True
         else:
-            rows = scheduled  # each request sits where the scheduler listed it (most steps)
-        starts = np.asarray([item.start for item in rows], dtype=np.int64)  # [B]
-        query_lens = [item.num_tokens for item in rows]
-        lens = np.asarray(query_lens, dtype=np.int64)  # [B]
+            kept = None
+            ids = [item.request.request_id for item in scheduled]
+            exits = [item.request.exit_layer for item in scheduled]
+            tables = self.blocks.tables_of(ids)
+            order = self.input_batch.arrange(ids, exits, tables)
+            if order != list(range(len(order))):
+                tables, exits = [tables[i] for i in order], [exits[i] for i in order]
+                rows = [scheduled[i] for i in order]
+            else:
+                rows = scheduled  # each request sits where the scheduler listed it (most steps)
+            starts = np.asarray([item.start for item in rows], dtype=np.int64)  # [B]
+            query_lens = [item.num_tokens for item in rows]
+            lens = np.asarray(query_lens, dtype=np.int64)  # [B]
+            is_decode = sum(query_lens) == len(rows)  # every row feeds one token
+            all_sampled = is_decode and all(item.completes_sequence for item in rows)
         context_lens = starts + lens  # [B]
         num_blocks = self.input_batch.update_blocks(tables, -(-context_lens // block_size), self.blocks.grown)
         prompt_targets: dict[int, list[int]] = {}
-        is_decode = sum(query_lens) == len(rows)  # every row feeds one token
-        all_sampled = is_decode and all(item.completes_sequence for item in rows)
         head_rows = len(rows)
         fed = None  # the input ids as a device tensor already, when the last step sampled them
         if all_sampled:
@@ -224,7 +245,7 @@ class ModelRunner:
                 input_ids = None
             else:
                 input_ids = [(r.output_token_ids or r.prompt_token_ids)[-1] for r in (item.request for item in rows)]
-            logits_indices = list(range(len(rows)))
+            logits_indices = kept.logits_indices if kept is not None else list(range(len(rows)))
         else:
             input_ids, logits_indices = [], []
             head_rows = 0
@@ -296,6 +317,11 @@ class ModelRunner:
         )
         # (only where each row sits where the scheduler listed it, so the lists reused are the same)
         decode_arrangement = self.input_batch.arrangement if all_sampled and rows is scheduled else None
+        if decode_arrangement is None or run is None:
+            self._run_lists = None
+        elif kept is None:  # a steady decode's first step in these rows: the next ones reuse its lists
+            self._run_lists = _RunLists(run.requests, decode_arrangement, ids, exits, tables, query_lens, lens,
+                                        logits_indices)
         if decode_arrangement is not None:  # the same rows as the last decode step, most steps
             arranged, decode_rows = self._decode_shape
             if arranged is not decode_arrangement:
@@ -313,6 +339,21 @@ class ModelRunner:
         if self._arange.shape[0] <= num_rows:
             self._arange = torch.arange(2 * num_rows + 2, dtype=torch.int32, device=self.device)
         return self._arange[: num_rows + 1]
+
+
+@dataclass(frozen=True, slots=True)
+class _RunLists:
+    """What ModelRunner.prepare built for the first step of a steady decode (DecodeRun) in one
+    arrangement of the batch, which the later steps of the same rows take as they are."""
+
+    requests: list[Request]  # DecodeRun.requests
+    arrangement: list[str]  # InputBatch.arrangement
+    ids: list[str]  # each row's request id, in the rows' order (the scheduler's)
+    exits: list[int]
+    tables: list[list[list[int]]]  # the block manager's lists (grown in place)
+    query_lens: list[int]  # [1] * B
+    lens: np.ndarray  # [B] int64 ones
+    logits_indices: list[int]  # 0..B-1
 
 
 @dataclass(slots=True)
@@ -335,7 +376,8 @@ class PendingStep:
     with an event to wait on, so the host can launch the next step first (LLMEngine, overlapped
     steps); on a CPU they are ready when the step is launched."""
 
-    __slots__ = ("num_scheduled", "sampling", "tokens", "_host", "_event", "_listed", "_logprobs", "_prompt", "layout")
+    __slots__ = ("num_scheduled", "sampling", "tokens", "_host", "_event", "_listed", "_logprobs", "_prompt", "layout",
+                 "in_order")
 
     def __init__(self, num_scheduled: int, sampling: list[int], tokens: torch.Tensor | None,
                  listed: list[int] | None, logprobs: list[TokenLogprobs | None] | None,
@@ -348,6 +390,9 @@ class PendingStep:
         self._logprobs = logprobs  # per sampled row, when a row asked
         self._prompt = prompt
         self._host = self._event = None
+        # Every row sampled, sampled row j being scheduled row j (set by ModelRunner.sample): the
+        # tokens as read are the result's, with no pass over the rows to place them.
+        self.in_order = False
         if listed is None and tokens is not None and tokens.device.type == "cuda":
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
@@ -362,6 +407,8 @@ class PendingStep:
                 self._listed = self._host.tolist()
             else:
                 self._listed = self.tokens.tolist()
+        if self.in_order and self._logprobs is None:
+            return StepResult(self._listed, None, self._prompt)
         tokens: list[int | None] = [None] * self.num_scheduled
         logprobs = None
         if self.sampling:

@@ -82,14 +82,22 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]  # deepest exit first (the model's row order)
     preempted: list[Request] = field(default_factory=list)  # sent back to the queue this step
     depth_limit: int | None = None  # only rows with exit <= this ran (None: every row could)
-    # Set when the plan is the last one's rows one token on (a steady decode, see _SteadyDecode):
-    # each row's start, [len(scheduled)] in the plan's order, every row one token that completes
-    # its sequence. Readers may take the starts from here instead of from each row.
-    decode_starts: np.ndarray | None = None
+    # Set when the plan is the last one's rows one token on (a steady decode, see _SteadyDecode),
+    # every row one token that completes its sequence. Readers may take the rows and their starts
+    # from here instead of from each ScheduledRequest.
+    decode_run: "DecodeRun | None" = None
 
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRun:
+    """A steady decode plan's rows, as arrays and lists kept from plan to plan."""
+
+    requests: list[Request]  # in the plan's order: the same list object for as long as the steady decode goes on
+    starts: np.ndarray  # [B] int64 each row's start in this plan
 
 
 @dataclass(slots=True)
@@ -116,6 +124,7 @@ class Scheduler:
         self.running: list[Request] = []  # admission order
         self.steady_decodes = True  # plan a steady decode with array operations (False: always row by row)
         self._steady: _SteadyDecode | None = None
+        self._some_waited = False  # a running request's waited_s may be above 0 (on_step_timed)
 
     @property
     def num_unfinished(self) -> int:
@@ -228,7 +237,7 @@ class Scheduler:
             budget -= n
 
         if num_steady and len(scheduled) == num_steady:  # the steady decode goes on
-            return SchedulerOutput(scheduled, preempted, depth, decode_starts=self._steady.starts)
+            return SchedulerOutput(scheduled, preempted, depth, decode_run=DecodeRun(self._steady.rows, self._steady.starts))
         scheduled.sort(key=_exit_of, reverse=True)  # deepest first; reverse keeps ties in order (stable)
         self._steady = self._steady_from(scheduled) if depth is None and not preempted else None
         return SchedulerOutput(scheduled, preempted, depth)
@@ -345,11 +354,14 @@ class Scheduler:
     def on_step_launched(self, output: SchedulerOutput) -> None:
         """The step's tokens are (or, on a device still working, will be before any later step
         reads them) in the cache: the next schedule may build on them."""
-        if output.decode_starts is not None:  # a steady decode: one token each, all past their prompts
-            for item, computed in zip(output.scheduled, (output.decode_starts + 1).tolist()):
-                request = item.request
+        run = output.decode_run
+        if run is not None:  # a steady decode: one token each, all past their prompts
+            for request, computed in zip(run.requests, (run.starts + 1).tolist()):
                 request.num_computed_tokens = computed
-                request.waited_s = 0.0
+            if self._some_waited:  # (only a depth-limited step leaves rows waiting)
+                for request in run.requests:
+                    request.waited_s = 0.0
+                self._some_waited = False
             return
         for item in output.scheduled:
             request = item.request
@@ -369,3 +381,4 @@ class Scheduler:
             for request in self.running:
                 if request.request_id not in ran:
                     request.waited_s += seconds
+                    self._some_waited = True

@@ -86,8 +86,8 @@ def test_only_decode_steps_whose_rows_all_sample_use_the_pieces(tiny_model):
     seen = []
     original = engine.runner.prepare
 
-    def prepare(scheduled, previous=None):
-        batch, layout = original(scheduled, previous)
+    def prepare(scheduled, previous=None, run=None):
+        batch, layout = original(scheduled, previous, run)
         seen.append((batch.is_decode, graphs.can_run(batch)))
         return batch, layout
 

@@ -1,6 +1,7 @@
-"""Steady decodes planned from arrays (Scheduler.steady_decodes) through the whole engine, with
-synchronous and overlapped steps: the same plans, tokens and texts as an engine whose scheduler
-plans every step row by row, under arrivals, stops, aborts and a pool tight enough to preempt."""
+"""Steady decodes planned from arrays (Scheduler.steady_decodes) and prepared from the runner's kept
+lists (ModelRunner.prepare with a DecodeRun) through the whole engine, with synchronous and
+overlapped steps: the same plans, tokens and texts as an engine whose scheduler plans every step
+row by row, under arrivals, stops, aborts and a pool tight enough to preempt."""
 
 from __future__ import annotations
 
@@ -24,10 +25,19 @@ def _drive(model, steady: bool, overlap: bool, seed: int):
         nonlocal steady_plans
         out = schedule(now)
         plans.append([(i.request.request_id, i.start, i.num_tokens) for i in out.scheduled])
-        steady_plans += out.decode_starts is not None
+        steady_plans += out.decode_run is not None
         return out
 
     engine.scheduler.schedule = recorded
+    prepare, kept_lists = engine.runner.prepare, 0
+
+    def counted(scheduled, previous=None, run=None):
+        nonlocal kept_lists
+        kept = engine.runner._run_lists
+        kept_lists += run is not None and kept is not None and kept.requests is run.requests
+        return prepare(scheduled, previous, run)
+
+    engine.runner.prepare = counted
     texts: dict[str, list] = {}
     for step in range(260):
         if rng.random() < (0.6 if step % 60 < 6 else 0.02):
@@ -44,13 +54,14 @@ def _drive(model, steady: bool, overlap: bool, seed: int):
         for out in engine.step():
             texts.setdefault(out.request_id, []).append((out.new_token_ids, out.new_text, out.finish_reason))
     assert engine.blocks.num_used_blocks == 0
-    return plans, texts, steady_plans
+    return plans, texts, steady_plans, kept_lists
 
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_steady_decodes_plan_and_generate_what_row_by_row_planning_does(tiny_model, overlap):
-    (plans, texts, steady), (plans_ref, texts_ref, none) = (
+    (plans, texts, steady, kept), (plans_ref, texts_ref, none, none_kept) = (
         _drive(tiny_model, steady, overlap, seed=7) for steady in (True, False))
     assert none == 0 and steady > 100  # the arrays planned most quiet stretches
+    assert none_kept == 0 and kept > 80  # and the runner prepared most of them from its kept lists
     assert plans == plans_ref
     assert texts == texts_ref

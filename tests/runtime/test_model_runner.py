@@ -149,9 +149,9 @@ def test_decode_steps_of_unchanged_rows_feed_the_tokens_they_sampled(tiny_model)
     batches: list = []
     prepare = runners[0].prepare
 
-    def recorded(scheduled, previous=None):
+    def recorded(scheduled, previous=None, run=None):
         last = runners[0]._last_sampled
-        batch, layout = prepare(scheduled, previous)
+        batch, layout = prepare(scheduled, previous, run)
         batches.append((batch, [scheduled[i] for i in layout.order], last is not None and batch.input_ids is last[1]))
         return batch, layout
 

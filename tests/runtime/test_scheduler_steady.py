@@ -59,10 +59,10 @@ def test_steady_plans_are_the_plans_of_the_row_by_row_pass(seed, deadlines):
                 s.finish(known[rid], "abort")
         outs = [s.schedule(now) for s in twins]
         assert _plan(outs[0]) == _plan(outs[1])
-        assert outs[1].decode_starts is None
-        if outs[0].decode_starts is not None:
+        assert outs[1].decode_run is None
+        if outs[0].decode_run is not None:
             steady_steps += 1
-            assert outs[0].decode_starts.tolist() == [i.start for i in outs[0].scheduled]
+            assert outs[0].decode_run.starts.tolist() == [i.start for i in outs[0].scheduled]
         seconds = _cost().step_seconds([RowShape(i.request.exit_layer, i.num_tokens, i.start) for i in outs[0].scheduled])
         sampled = {i.request.request_id: rng.randrange(1, 50) for i in outs[0].scheduled if i.completes_sequence}
         for s, out in zip(twins, outs):
