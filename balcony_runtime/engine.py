@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -92,6 +93,9 @@ class RequestOutput:
     latency_s: float | None = None  # arrival to finish, once finished
     budget_met: bool | None = None  # once finished with a budget: whether latency_s was within it
     num_cached_tokens: int = 0  # prompt tokens read from the prefix cache rather than computed
+
+
+_request_of = attrgetter("request")
 
 
 def _output_row(*fields) -> tuple:
@@ -445,10 +449,11 @@ class LLMEngine:
     def _placed(self, plan: SchedulerOutput, pending: PendingStep, now: float) -> _Launched:
         """A launched step whose sampled tokens hold their places in the requests' outputs as
         placeholders until it is read (requests finished meanwhile get none)."""
-        scheduled = plan.scheduled
+        scheduled, run = plan.scheduled, plan.decode_run
+        requests = run.requests if run is not None else [item.request for item in scheduled]
         positions: list[int | None] = [None] * len(scheduled)
         for j, i in enumerate(pending.sampling):
-            request = scheduled[i].request
+            request = requests[i]
             if request.params.max_tokens and request.status is not RequestStatus.FINISHED:
                 # (no placeholder for prompt scoring: nothing is generated)
                 output_ids = request.output_token_ids
@@ -482,8 +487,10 @@ class LLMEngine:
         now = time.monotonic()
         outputs = []
         append, tracked_of, make_output = outputs.append, self._tracked, self._output
-        for i, (item, token) in enumerate(zip(plan.scheduled, result.tokens)):
-            request = item.request
+        scheduled, run = plan.scheduled, plan.decode_run
+        # (a steady plan's requests from its DecodeRun: its rows are made only when read)
+        requests = run.requests if run is not None else map(_request_of, scheduled)
+        for i, (request, token) in enumerate(zip(requests, result.tokens)):
             tracked = tracked_of.get(request.request_id)
             if tracked is None:
                 continue  # finished or aborted after this step was launched: its token is dropped
@@ -505,7 +512,7 @@ class LLMEngine:
                         None, None, None, request.num_cached_tokens,
                     ))
                     continue
-            append(self._row_output(i, item, token, tracked, result, positions, now))
+            append(self._row_output(i, scheduled[i], token, tracked, result, positions, now))
         return outputs
 
     def _row_output(self, i: int, item: ScheduledRequest, token: int | None, tracked: _Tracked, result: StepResult,

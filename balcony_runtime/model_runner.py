@@ -103,11 +103,11 @@ class ModelRunner:
         self._sampling_rows.pop(request_id, None)
         self.input_batch.remove(request_id)
 
-    def run(self, scheduled: list[ScheduledRequest]) -> StepResult:
+    def run(self, scheduled: Sequence[ScheduledRequest]) -> StepResult:
         """One step, its tokens read back at once."""
         return self.launch(scheduled).result()
 
-    def launch(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None,
+    def launch(self, scheduled: Sequence[ScheduledRequest], previous: torch.Tensor | None = None,
                run: DecodeRun | None = None) -> "PendingStep":
         """Enqueue one step, its forward and its sampling, without waiting for the sampled tokens
         (on a GPU the host returns while the device works; on a CPU the work is done on return).
@@ -119,7 +119,7 @@ class ModelRunner:
         return self.sample(self.forward(scheduled, previous, run))
 
     @torch.inference_mode()
-    def forward(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None,
+    def forward(self, scheduled: Sequence[ScheduledRequest], previous: torch.Tensor | None = None,
                 run: DecodeRun | None = None) -> "ForwardedStep":
         """The first half of :meth:`launch`: the model's forward (and prompt logprobs). An engine
         may read the previous step between the two halves, while the device runs this forward."""
@@ -196,7 +196,7 @@ class ModelRunner:
             pending.in_order = step.layout is not None and step.layout.decode_arrangement is not None
         return pending
 
-    def prepare(self, scheduled: list[ScheduledRequest], previous: torch.Tensor | None = None,
+    def prepare(self, scheduled: Sequence[ScheduledRequest], previous: torch.Tensor | None = None,
                 run: DecodeRun | None = None) -> tuple[ForwardBatch, StepLayout]:
         """The model's input for these requests (ordered deepest exit first, as the scheduler
         orders them); batch row b holds scheduled[layout.order[b]]. ``previous``, ``run``: see
@@ -360,7 +360,7 @@ class _RunLists:
 class ForwardedStep:
     """A step whose forward is launched and whose rows are not sampled yet."""
 
-    scheduled: list[ScheduledRequest]
+    scheduled: Sequence[ScheduledRequest]
     logits: torch.Tensor  # [rows of logits, V]: prompt-logprob positions, then one per sampled row
     rows: list[SamplingRow]  # the sampled rows
     sampling: list[int]  # scheduled index of each sampled row

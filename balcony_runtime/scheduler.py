@@ -27,6 +27,7 @@ delays it at most that long.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import attrgetter
@@ -77,9 +78,41 @@ class ScheduledRequest:
                 f"num_tokens={self.num_tokens}, completes_sequence={self.completes_sequence})")
 
 
+class SteadyRows(Sequence[ScheduledRequest]):
+    """A steady decode plan's rows (SchedulerOutput.scheduled), each made only when read. The
+    step's hot path takes a steady plan's requests and starts from its DecodeRun instead, so most
+    steady plans never make a row (an object per row per step was a good part of the plan at
+    hundreds of rows; docs/benchmarks.md, "A short path for plain outputs"). Iterating makes them
+    all, once; an index read before that makes that one row alone (a new object at each such read)."""
+
+    __slots__ = ("_run", "_items")
+
+    def __init__(self, run: "DecodeRun"):
+        self._run = run
+        self._items: list[ScheduledRequest] | None = None
+
+    def __len__(self) -> int:
+        return len(self._run.requests)
+
+    def __getitem__(self, index):
+        if self._items is None and isinstance(index, int):
+            run = self._run
+            return ScheduledRequest(run.requests[index], int(run.starts[index]), 1, True)
+        return self._made()[index]
+
+    def __iter__(self):
+        return iter(self._made())
+
+    def _made(self) -> list[ScheduledRequest]:
+        if self._items is None:
+            run = self._run
+            self._items = list(map(ScheduledRequest, run.requests, run.starts.tolist(), repeat(1), repeat(True)))
+        return self._items
+
+
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest]  # deepest exit first (the model's row order)
+    scheduled: Sequence[ScheduledRequest]  # deepest exit first (the model's row order); a steady plan's: SteadyRows
     preempted: list[Request] = field(default_factory=list)  # sent back to the queue this step
     depth_limit: int | None = None  # only rows with exit <= this ran (None: every row could)
     # Set when the plan is the last one's rows one token on (a steady decode, see _SteadyDecode),
@@ -195,8 +228,10 @@ class Scheduler:
         # again row by row, preempting as it goes (nothing changed before that: the first pass
         # only plans). A steady decode, the last plan one token on, is planned from arrays.
         steady = self._schedule_steady() if depth is None and self._steady is not None else None
+        run = None
         if steady is not None:
-            scheduled, budget = steady
+            run, budget = steady
+            scheduled = SteadyRows(run)
             num_steady = len(scheduled)
         else:
             num_steady = 0
@@ -209,6 +244,8 @@ class Scheduler:
         # With every sequence slot taken, none is admitted: the queue is not even sorted (with a
         # deep queue behind a full batch, the sort was most of a step).
         admissible = budget > 0 and len(self.running) < self.config.max_num_seqs and self.waiting
+        if admissible and run is not None:
+            scheduled = list(scheduled)  # (admitted rows join it)
         for request in self.admission_order() if admissible else ():
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
@@ -237,7 +274,7 @@ class Scheduler:
             budget -= n
 
         if num_steady and len(scheduled) == num_steady:  # the steady decode goes on
-            return SchedulerOutput(scheduled, preempted, depth, decode_run=DecodeRun(self._steady.rows, self._steady.starts))
+            return SchedulerOutput(scheduled, preempted, depth, decode_run=run)
         scheduled.sort(key=_exit_of, reverse=True)  # deepest first; reverse keeps ties in order (stable)
         self._steady = self._steady_from(scheduled) if depth is None and not preempted else None
         return SchedulerOutput(scheduled, preempted, depth)
@@ -259,7 +296,7 @@ class Scheduler:
             np.array([len(r.prompt_token_ids) + r.params.max_tokens - 1 for r in rows], dtype=np.int64),
             np.array([capacity(r.request_id) for r in rows], dtype=np.int64))
 
-    def _schedule_steady(self) -> tuple[list[ScheduledRequest], int] | None:
+    def _schedule_steady(self) -> tuple["DecodeRun", int] | None:
         """The last plan's rows one token on, if it was a steady decode and still is one: the same
         running requests (none finished, preempted or admitted since), each one new token past the
         last plan's (a step adds exactly one: its sampled token, or an overlapped step's
@@ -282,8 +319,8 @@ class Scheduler:
             capacity = self.blocks.capacity
             steady.capacity[grow] = [capacity(rows[b].request_id) for b in grow.tolist()]
         steady.starts = starts
-        scheduled = list(map(ScheduledRequest, steady.rows, starts.tolist(), repeat(1), repeat(True)))
-        return scheduled, budget - len(scheduled)
+        run = DecodeRun(steady.rows, starts)
+        return run, budget - len(starts)
 
     def _schedule_running(self, depth: int | None, preempted: list[Request], together: bool
                           ) -> tuple[list[ScheduledRequest], int] | None:

@@ -65,3 +65,24 @@ def test_steady_decodes_plan_and_generate_what_row_by_row_planning_does(tiny_mod
     assert none_kept == 0 and kept > 80  # and the runner prepared most of them from its kept lists
     assert plans == plans_ref
     assert texts == texts_ref
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_steady_step_of_plain_requests_makes_no_row_objects(tiny_model, overlap):
+    engine = LLMEngine(tiny_model, EngineConfig(max_num_seqs=4, overlap_steps=overlap))
+    plans = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda now: plans.append(schedule(now)) or plans[-1]
+    for i in range(4):
+        engine.add_request([5 + i, 6, 7], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+                           exit_layer=(2, "full")[i % 2])
+    while engine.has_unfinished():
+        engine.step()
+    steady = [p for p in plans if p.decode_run is not None]
+    assert len(steady) > 10
+    # The step took the rows' requests and starts from the plan's DecodeRun, except the first step
+    # of a steady decode, which the runner prepares from the rows (and keeps lists for the rest).
+    # (StepStats reads one row by index, which makes that one alone.)
+    runs = {id(p.decode_run.requests) for p in steady}
+    made = sum(p.scheduled._items is not None for p in steady)
+    assert 0 < made <= len(runs) < len(steady) / 3, (made, len(runs), len(steady))

@@ -83,3 +83,36 @@ def test_steady_plans_are_the_plans_of_the_row_by_row_pass(seed, deadlines):
     # The workload exercised what it should: many steady plans, some ended by finishes, arrivals and
     # preemptions (a pool of 700 blocks of 4 tokens is tight for 12 rows of up to 180 tokens).
     assert steady_steps > 200 and finished > 10 and preempted > 0
+
+
+def test_a_steady_plans_rows_are_made_when_read_and_are_the_rows_it_plans():
+    blocks = BlockManager(4000, 16)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256), blocks)
+    for i, exit_layer in enumerate((FULL, 22, 8)):
+        scheduler.add(_request(f"r{i}", exit_layer, list(range(5 + 7 * i)), 50, 0.0, None))
+    outs = []
+    for _ in range(6):
+        out = scheduler.schedule(0.0)
+        scheduler.on_step_launched(out)
+        for item in out.scheduled if out.decode_run is None else ():
+            item.request.output_token_ids.append(7)
+        if out.decode_run is not None:
+            for request in out.decode_run.requests:
+                request.output_token_ids.append(7)
+        outs.append(out)
+    steady = [out for out in outs if out.decode_run is not None]
+    assert len(steady) >= 4
+    out = steady[-1]
+    rows = out.scheduled
+    assert rows._items is None  # nothing read it yet
+    assert len(rows) == 3 and bool(rows)
+    one = rows[1]  # a row read by index alone, before any iteration
+    assert (one.request.request_id, one.start, one.num_tokens, one.completes_sequence) == \
+        ("r1", int(out.decode_run.starts[1]), 1, True)
+    assert rows._items is None
+    made = list(rows)
+    assert [i.request for i in made] == out.decode_run.requests
+    assert [i.start for i in made] == out.decode_run.starts.tolist()
+    assert [r.num_computed_tokens - 1 for r in out.decode_run.requests] == [i.start for i in made]
+    assert rows[0] is made[0] and rows[-1] is made[-1] and rows[1:] == made[1:]  # now the same objects
+    assert list(rows) == made
