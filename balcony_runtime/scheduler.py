@@ -395,7 +395,7 @@ class Scheduler:
         if run is not None:  # a steady decode: one token each, all past their prompts
             for request, computed in zip(run.requests, (run.starts + 1).tolist()):
                 request.num_computed_tokens = computed
-            if self._some_waited:  # (only a depth-limited step leaves rows waiting)
+            if self._some_waited:  # (a row waits only after a step that left it out)
                 for request in run.requests:
                     request.waited_s = 0.0
                 self._some_waited = False
