@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from balcony_runtime.engine import RequestOutput  # noqa: E402
+from balcony_runtime.request_output import RequestOutput  # noqa: E402
 from balcony_runtime.heap import serving_heap  # noqa: E402
 from balcony_runtime.host_step_benchmark import HostStepRun  # noqa: E402
 from balcony_runtime.loader import load_model  # noqa: E402

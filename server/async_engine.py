@@ -21,7 +21,8 @@ from typing import AsyncIterator, Callable
 import torch
 
 from balcony_runtime.cpu_threads import ThreadGovernor
-from balcony_runtime.engine import LLMEngine, RequestOutput
+from balcony_runtime.engine import LLMEngine
+from balcony_runtime.request_output import RequestOutput
 from balcony_runtime.errors import BalconyError
 from balcony_runtime.routing.router import RouteDecision
 from balcony_runtime.sampling_params import SamplingParams

@@ -34,7 +34,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from balcony_runtime.engine import RequestOutput, tokenize_prompt
+from balcony_runtime.engine import tokenize_prompt
+from balcony_runtime.request_output import RequestOutput
 from server.async_engine import AsyncEngine, Draining, EngineFailed, GroupEntry, Submission, _Stream
 from server.engine_core import EngineFacts, run_engine_process
 from server.metrics import ServerMetrics

@@ -13,7 +13,8 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from balcony_runtime.engine import CompletedRequest, LLMEngine, RequestOutput
+from balcony_runtime.engine import LLMEngine
+from balcony_runtime.request_output import CompletedRequest, RequestOutput
 from balcony_runtime.errors import InvalidGrammar, RequestError
 from balcony_runtime.routing.router import BudgetUnmeetable, RouteDecision
 from balcony_runtime.sampling_params import SamplingParams

@@ -237,7 +237,7 @@ def test_each_steps_shape_is_that_of_its_rows(tiny_model):
 
 
 def test_a_completed_requests_text_is_its_pieces_in_order_however_often_it_is_read():
-    from balcony_runtime.engine import CompletedRequest, RequestOutput
+    from balcony_runtime.request_output import CompletedRequest, RequestOutput
 
     done, expected = CompletedRequest("r"), ""
     pieces = ["Hel", "", "lo", " wörld", "", "\n", "🙂", "!"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from balcony_runtime.engine import EngineConfig, LLMEngine, RequestOutput
+from balcony_runtime.engine import EngineConfig, LLMEngine
+from balcony_runtime.request_output import RequestOutput
 from balcony_runtime.errors import RequestError
 from balcony_runtime.routing.router import BudgetUnmeetable
 from balcony_runtime.routing.step_cost import StepCostModel

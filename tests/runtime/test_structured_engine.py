@@ -30,7 +30,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,",
 
 def run(engine: LLMEngine, requests: list[tuple[str, SamplingParams, int]]) -> dict[str, object]:
     """Queue every request before the first step, so they share batches; outputs by request id."""
-    from balcony_runtime.engine import CompletedRequest
+    from balcony_runtime.request_output import CompletedRequest
 
     done = {}
     for i, (prompt, params, exit_layer) in enumerate(requests):

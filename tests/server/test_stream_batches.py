@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from balcony_runtime.engine import RequestOutput
+from balcony_runtime.request_output import RequestOutput
 from balcony_runtime.routing.router import RouteDecision
 from balcony_runtime.sampling_params import SamplingParams
 from server.async_engine import AsyncEngine, EngineFailed, Submission, _Stream

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from balcony_runtime.engine import RequestOutput
+from balcony_runtime.request_output import RequestOutput
 from balcony_runtime.sampling_params import SamplingParams
 from server.chat import build_specs, choice_message, stream_chat
 from server.errors import APIError
