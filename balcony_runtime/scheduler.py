@@ -232,9 +232,7 @@ class Scheduler:
         if steady is not None:
             run, budget = steady
             scheduled = SteadyRows(run)
-            num_steady = len(scheduled)
         else:
-            num_steady = 0
             planned = self._schedule_running(depth, preempted, together=True)
             scheduled, budget = (planned if planned is not None
                                  else self._schedule_running(depth, preempted, together=False))
@@ -273,7 +271,7 @@ class Scheduler:
             scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n))
             budget -= n
 
-        if num_steady and len(scheduled) == num_steady:  # the steady decode goes on
+        if run is not None and len(scheduled) == len(run.requests):  # the steady decode goes on (nobody admitted)
             return SchedulerOutput(scheduled, preempted, depth, decode_run=run)
         scheduled.sort(key=_exit_of, reverse=True)  # deepest first; reverse keeps ties in order (stable)
         self._steady = self._steady_from(scheduled) if depth is None and not preempted else None
