@@ -22,6 +22,7 @@ from balcony_runtime.errors import RequestError
 from balcony_runtime.kv_cache import KVCache
 from balcony_runtime.loader import LoadedModel
 from balcony_runtime.model_runner import ModelRunner, PendingStep, StepResult
+from balcony_runtime.plain_outputs import PlainRun
 from balcony_runtime.request import Request, RequestStatus
 from balcony_runtime.request_output import CompletedRequest, RequestOutput, output_row
 from balcony_runtime.sampler import TokenLogprobs
@@ -30,7 +31,7 @@ from balcony_runtime.routing.calibration import calibrate
 from balcony_runtime.routing.latency_model import LatencyModel, LoadSnapshot, RowLoad
 from balcony_runtime.routing.router import RouteDecision, Router
 from balcony_runtime.routing.step_cost import StepShape
-from balcony_runtime.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
+from balcony_runtime.scheduler import DecodeRun, ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
 from balcony_runtime.structured.token_masks import MaskFiller
 
 
@@ -171,6 +172,12 @@ class LLMEngine:
         self._last_resolved = 0.0  # time.monotonic() when the last step's tokens were read
         self._num_needs_sync = 0  # tracked requests with Request.needs_sync
         self._output: Callable[..., RequestOutput | tuple] = RequestOutput  # what step() makes of each output (emit_rows)
+        # A steady decode of plain requests gives its outputs as columns (plain_outputs.py; False:
+        # always an output made per row, as before: benchmarks and tests compare the two).
+        self.steady_columns = True
+        self._released = 0  # requests finished or aborted so far (a PlainRun made before one is checked again)
+        # The current steady decode's (requests, released, PlainRun or None: not every row plain).
+        self._plain: tuple[list[Request] | None, int, PlainRun | None] = (None, 0, None)
         eos = self.tokenizer.eos_token_id
         self.token_texts = token_texts(self.tokenizer)  # shared by every request's detokenizer
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
@@ -318,6 +325,7 @@ class LLMEngine:
         if tracked is None:
             return False
         self._num_needs_sync -= tracked.request.needs_sync
+        self._released += 1
         self.scheduler.finish(tracked.request, "abort")
         self.runner.release(request_id)
         return True
@@ -452,13 +460,20 @@ class LLMEngine:
                      ) -> list[RequestOutput]:
         """``positions[i]``: where row i's placeholder sits in its request's output (None: the
         tokens are appended)."""
-        # Runs once per row per step: a running request's decode token goes through here. A plain
-        # request's token that does not end it (most rows of most steps) takes the short path: its
-        # token placed, its text, its output; anything else takes _row_output, the whole path.
+        # Runs once per row per step: a running request's decode token goes through here. A steady
+        # decode of plain requests none of which ends gives its outputs as columns (PlainRun).
+        # Otherwise, a plain request's token that does not end it takes the short path: its token
+        # placed, its text, its output; anything else takes _row_output, the whole path.
+        scheduled, run = plan.scheduled, plan.decode_run
+        if run is not None and self.steady_columns:
+            plain = self._plain_run(run)
+            if plain is not None:
+                outputs = plain.outputs(run.starts, result.tokens, positions, self._output)
+                if outputs is not None:
+                    return outputs
         now = time.monotonic()
         outputs = []
         append, tracked_of, make_output = outputs.append, self._tracked, self._output
-        scheduled, run = plan.scheduled, plan.decode_run
         # (a steady plan's requests from its DecodeRun: its rows are made only when read)
         requests = run.requests if run is not None else map(_request_of, scheduled)
         for i, (request, token) in enumerate(zip(requests, result.tokens)):
@@ -485,6 +500,17 @@ class LLMEngine:
                     continue
             append(self._row_output(i, scheduled[i], token, tracked, result, positions, now))
         return outputs
+
+    def _plain_run(self, run: DecodeRun) -> PlainRun | None:
+        """The steady decode's PlainRun, made at its first step (and again after a request left
+        the engine: one of its rows may be gone); None when not every row is plain."""
+        requests, released, plain = self._plain
+        if requests is not run.requests or released != self._released:
+            plain = PlainRun.of(run.requests, self._tracked, self._released)
+            # (a row still to give its first token: tried again at the next step)
+            settled = plain is not None or all(r.first_token_time is not None for r in run.requests)
+            self._plain = run.requests if settled else None, self._released, plain
+        return plain
 
     def _row_output(self, i: int, item: ScheduledRequest, token: int | None, tracked: _Tracked, result: StepResult,
                     positions: list[int | None] | None, now: float) -> RequestOutput | tuple:
@@ -540,6 +566,7 @@ class LLMEngine:
                 del request.output_token_ids[position + 1 :]  # a later step's placeholder
             self.scheduler.finish(request, reason)
             self._tracked.pop(request.request_id)
+            self._released += 1
             self._num_needs_sync -= request.needs_sync
             self.runner.release(request.request_id)
             latency_s = now - request.arrival_time

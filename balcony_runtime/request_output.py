@@ -3,7 +3,9 @@ whole request gathered from them (CompletedRequest). No torch."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:  # (annotations only: the sampler imports torch)
@@ -39,6 +41,64 @@ class RequestOutput:
 def output_row(*fields) -> tuple:
     """A step's output as the tuple of RequestOutput's fields (LLMEngine.emit_rows)."""
     return fields
+
+
+@dataclass(frozen=True, slots=True)
+class RunColumns:
+    """The fields of a steady decode's rows that stay the same from step to step (each a list in
+    the rows' order; plain_outputs.PlainRun keeps them for the run)."""
+
+    request_ids: list[str]
+    exit_layers: list[int]
+    num_prompt_tokens: list[int]
+    arrival_times: list[float]
+    first_scheduled_times: list[float]
+    first_token_times: list[float]
+    num_cached_tokens: list[int]
+
+
+class StepOutputs(Sequence):
+    """One step's outputs for the plain rows of a steady decode (none ending, none asking for
+    logprobs), as columns: what changes per step (token, text, output count) beside a run's
+    RunColumns. Each row's output (``make``'s: a RequestOutput, or emit_rows' tuple) is made when
+    the rows are first read, by whoever reads them: the server's event loop, or the HTTP process
+    after the columns crossed the pipe (pickled as columns, not as a tuple per row). The engine's
+    step, which the device waits for, then makes no object per row (docs/benchmarks.md, "Outputs
+    as columns")."""
+
+    __slots__ = ("columns", "tokens", "texts", "num_output_tokens", "make", "_items")
+
+    def __init__(self, columns: RunColumns, tokens: list[int], texts: list[str], num_output_tokens: list[int],
+                 make: Callable[..., RequestOutput | tuple] = RequestOutput):
+        self.columns = columns
+        self.tokens = tokens  # [B] each row's new token
+        self.texts = texts  # [B] the text it completes
+        self.num_output_tokens = num_output_tokens  # [B] each row's output tokens, this one included
+        self.make = make
+        self._items: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index):
+        return self._made()[index]
+
+    def __iter__(self):
+        return iter(self._made())
+
+    def __reduce__(self):
+        return StepOutputs, (self.columns, self.tokens, self.texts, self.num_output_tokens, self.make)
+
+    def _made(self) -> list:
+        if self._items is None:
+            c, n = self.columns, len(self.tokens)
+            # In the field order of RequestOutput (as LLMEngine._row_output passes them).
+            self._items = list(map(
+                self.make, c.request_ids, c.exit_layers, [[t] for t in self.tokens], self.texts, repeat((), n),
+                repeat(None), c.num_prompt_tokens, self.num_output_tokens, repeat(False), repeat(None),
+                c.arrival_times, c.first_scheduled_times, c.first_token_times, repeat(None), repeat(None),
+                repeat(None), c.num_cached_tokens))
+        return self._items
 
 
 @dataclass

@@ -17,7 +17,8 @@ The two talk over one pipe, in order:
                              ("failed", request_ids, message)  a step raised
 
 A step's outputs travel as plain tuples (RequestOutput's fields; the route only on a finished
-one): pickling 256 dataclass objects cost more than half a step. Submissions are answered before
+one): pickling 256 dataclass objects cost more than half a step. A steady decode of plain requests
+travels as columns (request_output.StepOutputs), made into RequestOutputs here. Submissions are answered before
 any step that could produce their tokens, and the HTTP process registers a request's stream when
 the answer arrives, before it reads anything later from the pipe: no output can come to a stream
 that does not exist yet. Times are time.monotonic(), one clock for every process of the machine.
@@ -32,10 +33,11 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from balcony_runtime.engine import tokenize_prompt
-from balcony_runtime.request_output import RequestOutput
+from balcony_runtime.request_output import RequestOutput, StepOutputs
 from server.async_engine import AsyncEngine, Draining, EngineFailed, GroupEntry, Submission, _Stream
 from server.engine_core import EngineFacts, run_engine_process
 from server.metrics import ServerMetrics
@@ -226,7 +228,7 @@ class EngineProcess(AsyncEngine):
         if not future.cancelled():
             future.set_exception(error)
 
-    def _outputs(self, rows: list[tuple], gauges: tuple, now: float) -> None:
+    def _outputs(self, rows: list[tuple] | StepOutputs, gauges: tuple, now: float) -> None:
         running, waiting, kv_usage, cpu_threads = gauges
         m = self.metrics
         m.running.set(running)
@@ -234,7 +236,7 @@ class EngineProcess(AsyncEngine):
         m.kv_usage.set(kv_usage)
         if cpu_threads is not None:
             m.cpu_threads.set(cpu_threads)
-        self._dispatch([RequestOutput(*row) for row in rows], now)
+        self._dispatch(request_outputs(rows), now)
 
     def _update_gauges(self) -> None:
         pass  # the engine process sends its gauges with each step's outputs
@@ -258,3 +260,10 @@ class EngineProcess(AsyncEngine):
             if not future.cancelled():
                 future.set_exception(EngineFailed(self._dead))
         self._calls.clear()
+
+
+def request_outputs(rows: list[tuple] | StepOutputs) -> Sequence[RequestOutput]:
+    """A step's outputs as the engine process sent them (LLMEngine.emit_rows), as RequestOutputs."""
+    if isinstance(rows, StepOutputs):  # a steady decode's columns: each row made once, straight from them
+        return StepOutputs(rows.columns, rows.tokens, rows.texts, rows.num_output_tokens)
+    return [RequestOutput(*row) for row in rows]

@@ -1,0 +1,78 @@
+"""A steady decode's outputs as columns, when every row is plain (LLMEngine._postprocess).
+
+Under steady load most steps are a steady decode (scheduler.DecodeRun: the same requests, one token
+each) whose requests are plain (engine._Tracked.plain_text: no stop strings, logprobs, prompt
+logprobs or grammar). Then a step's outputs differ from the last step's only in each row's token,
+its text and its output count: the rest is kept for the run (RunColumns), the checks that a row
+ends (a stop token, its length) are one set operation and one array comparison over the rows,
+and the tokens are placed with one C-level pass. What is left per row is its text. Any row that
+could end, and any step after a request finished or was aborted, goes down the engine's row-by-row
+path instead.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from operator import attrgetter, call
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from balcony_runtime.request import Request
+from balcony_runtime.request_output import RequestOutput, RunColumns, StepOutputs
+
+if TYPE_CHECKING:  # (the engine imports this module)
+    from balcony_runtime.engine import _Tracked
+
+
+@dataclass(frozen=True, slots=True)
+class PlainRun:
+    """What a steady decode of plain requests keeps from its first step to its last."""
+
+    requests: list[Request]  # DecodeRun.requests, whose identity marks the run
+    released: int  # the engine's count of finished and aborted requests when this was made
+    columns: RunColumns
+    output_lists: list[list[int]]  # each row's request.output_token_ids (grown in place)
+    text_of: list[Callable[[int], str]]  # each row's detokenizer step (_Tracked.plain_text)
+    stop_ids: frozenset[int]  # every row's stop tokens together
+    num_prompt: np.ndarray  # [B] int64
+    max_tokens: np.ndarray  # [B] int64
+
+    @classmethod
+    def of(cls, requests: list[Request], tracked: Mapping[str, "_Tracked"], released: int) -> "PlainRun | None":
+        """The run's kept columns; None unless every row is a plain request past its first token."""
+        rows = [tracked.get(r.request_id) for r in requests]
+        if any(t is None or t.plain_text is None for t in rows) or any(
+                r.first_token_time is None for r in requests):
+            return None
+        num_prompt = [len(r.prompt_token_ids) for r in requests]
+        columns = RunColumns(
+            [r.request_id for r in requests], [r.exit_layer for r in requests], num_prompt,
+            [r.arrival_time for r in requests], [r.first_scheduled_time for r in requests],
+            [r.first_token_time for r in requests], [r.num_cached_tokens for r in requests])
+        return cls(requests, released, columns, [r.output_token_ids for r in requests],
+                   list(map(attrgetter("plain_text"), rows)), frozenset().union(*(t.stop_ids for t in rows)),
+                   np.array(num_prompt, dtype=np.int64), np.array([r.params.max_tokens for r in requests], dtype=np.int64))
+
+    def outputs(self, starts: np.ndarray, tokens: list[int], positions: list[int | None] | None,
+                make: Callable[..., RequestOutput | tuple]) -> StepOutputs | None:
+        """This step's outputs, its tokens placed in the requests' outputs and their text read; None
+        (nothing changed) if some row may end with it: the row-by-row path then takes the step.
+
+        ``starts``: [B] the plan's (DecodeRun.starts); ``tokens``: each row's sampled token, in the
+        rows' order; ``positions``: where each row's placeholder sits (overlapped steps), else None."""
+        if not self.stop_ids.isdisjoint(tokens):
+            return None
+        # A decode row fed token `start` samples output token number start - prompt + 2 (a later
+        # step's placeholder may already follow it; its own sits at start - prompt + 1).
+        num_output = starts - self.num_prompt + 2  # [B]
+        if (num_output >= self.max_tokens).any():
+            return None
+        if positions is None:
+            deque(map(list.append, self.output_lists, tokens), maxlen=0)  # (a loop in C)
+        else:
+            deque(map(list.__setitem__, self.output_lists, positions, tokens), maxlen=0)  # over the placeholders
+        texts = list(map(call, self.text_of, tokens))  # (a lookup per row first measured no faster)
+        return StepOutputs(self.columns, tokens, texts, num_output.tolist(), make)
