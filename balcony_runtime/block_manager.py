@@ -7,6 +7,7 @@ depth, so shallow requests cost proportionally less memory and more of them fit.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -184,8 +185,7 @@ class BlockManager:
             grown[rid] = mine = taken[at:at + count]  # layer after layer, `extra` each
             at += count
             if extra == 1:
-                for _ in map(list.append, held.tables, mine):  # (a loop run in C)
-                    pass
+                deque(map(list.append, held.tables, mine), maxlen=0)  # (a loop run in C)
             else:
                 for i, table in enumerate(held.tables):
                     table.extend(mine[i * extra:(i + 1) * extra])
