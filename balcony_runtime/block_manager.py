@@ -7,7 +7,6 @@ depth, so shallow requests cost proportionally less memory and more of them fit.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -25,7 +24,11 @@ class OutOfBlocks(Exception):
 class RequestBlocks:
     num_layers: int  # cache layers this request writes
     capacity_tokens: int  # tokens each layer's blocks can hold
-    tables: list[list[int]]  # [num_layers][blocks] physical block ids, token order
+    # [blocks * num_layers] physical block ids, block-major: block i of layer l at i * num_layers + l.
+    # One list per request, not one per layer: a decoding row reaching a new block extends it once,
+    # where appending to a list per layer touched num_layers lists scattered over the heap, one
+    # cache miss after another (docs/benchmarks.md, "A request's blocks in one list").
+    blocks: list[int]
     layers: tuple[int, ...] = ()  # the cache layers of the tables, in order (the prefix cache's keys)
     prefix_nodes: list[int] = field(default_factory=list)  # trie node of each leading block cached
 
@@ -61,10 +64,6 @@ class BlockManager:
         # batch ahead pays them once per batch; the cost is at most this many cached blocks
         # forgotten somewhat early, the oldest ones, a sixty-fourth of the pool or less.
         self.evict_ahead = min(1024, num_blocks // 64) if evict_ahead is None else evict_ahead
-        # Request id -> the blocks it took in the last try_grow_all, layer after layer (a decoding
-        # row: one per layer). The runner writes a crossing row's new ids from here: the list was
-        # just built, where reading them back out of the row's tables touches one list per layer.
-        self.grown: dict[str, list[int]] = {}
 
     # ---- queries ---------------------------------------------------------------------------
 
@@ -108,12 +107,16 @@ class BlockManager:
         return request_id in self._requests
 
     def block_tables(self, request_id: str) -> list[list[int]]:
-        return self._requests[request_id].tables
+        """A request's blocks, [layers][blocks] (a new list of lists, made from its block-major list)."""
+        held = self._requests[request_id]
+        return [held.blocks[layer::held.num_layers] for layer in range(held.num_layers)]
 
-    def tables_of(self, request_ids: list[str]) -> list[list[list[int]]]:
-        """block_tables of each request, in one call (the runner asks for every row each step)."""
+    def tables_of(self, request_ids: list[str]) -> list[list[int]]:
+        """Each request's block-major list of blocks (RequestBlocks.blocks: the manager's own lists,
+        extended in place as a request grows, a new one when it is allocated again), in one call
+        (the runner asks for every row each step)."""
         held = self._requests
-        return [held[rid].tables for rid in request_ids]
+        return [held[rid].blocks for rid in request_ids]
 
     def capacity(self, request_id: str) -> int:
         return self._requests[request_id].capacity_tokens
@@ -149,15 +152,15 @@ class BlockManager:
             shared = [[] for _ in range(num_layers)]
         extra = per_layer - len(shared[0])  # the same in every layer
         taken = self._take(extra * num_layers)  # one take, layer after layer (as a take per layer gave)
-        tables = [list(table) + taken[i * extra:(i + 1) * extra] for i, table in enumerate(shared)]
+        blocks = _block_major(shared, num_layers) + _block_major(taken, num_layers)
         nodes = list(reuse.nodes) if reuse is not None else []
-        self._requests[request_id] = RequestBlocks(num_layers, per_layer * self.block_size, tables, layers, nodes)
+        self._requests[request_id] = RequestBlocks(num_layers, per_layer * self.block_size, blocks, layers, nodes)
 
     def grow(self, request_id: str, num_tokens: int) -> None:
         """Make room for ``num_tokens`` tokens in total (a no-op when there already is)."""
         if not self.try_grow(request_id, num_tokens):
             held = self._requests[request_id]
-            needed = (self.blocks_per_layer(num_tokens) - len(held.tables[0])) * held.num_layers
+            needed = (self.blocks_per_layer(num_tokens) - held.capacity_tokens // self.block_size) * held.num_layers
             raise OutOfBlocks(f"{needed} blocks needed, {self.num_free_blocks} free")
 
     def try_grow(self, request_id: str, num_tokens: int) -> bool:
@@ -171,9 +174,8 @@ class BlockManager:
         try_grow on each in turn would give (one take, in the same order), with one eviction for
         all of them: in a decode step about one row in block_size grows, each by a block per cache
         layer, and per-row takes paid the eviction's fixed costs that many times."""
-        grown = self.grown = {}
-        held_of, per_layer = self._requests, self.blocks_per_layer
-        rows = [(rid, held := held_of[rid], per_layer(tokens) - len(held.tables[0])) for rid, tokens in growth]
+        held_of, size = self._requests, self.block_size
+        rows = [(rid, held := held_of[rid], -(-tokens // size) - held.capacity_tokens // size) for rid, tokens in growth]
         total = sum(extra * held.num_layers for _, held, extra in rows if extra > 0)
         if total > self.num_free_blocks:
             return False
@@ -182,14 +184,10 @@ class BlockManager:
             if extra <= 0:
                 continue
             count = extra * held.num_layers
-            grown[rid] = mine = taken[at:at + count]  # layer after layer, `extra` each
+            mine = taken[at:at + count]  # layer after layer, `extra` each
             at += count
-            if extra == 1:
-                deque(map(list.append, held.tables, mine), maxlen=0)  # (a loop run in C)
-            else:
-                for i, table in enumerate(held.tables):
-                    table.extend(mine[i * extra:(i + 1) * extra])
-            held.capacity_tokens = len(held.tables[0]) * self.block_size
+            held.blocks += mine if extra == 1 else _block_major(mine, held.num_layers)  # (one block: one id per layer)
+            held.capacity_tokens += extra * size
         return True
 
     def cache_prefix(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
@@ -205,21 +203,21 @@ class BlockManager:
         for i in range(first, end):
             nodes.append(cache.node(nodes[-1] if nodes else cache.root(), tuple(token_ids[i * size:(i + 1) * size])))
         # [end - first][layers]: every layer's block i, for each block newly computed
-        cache.register(nodes[first:], held.layers, [list(c) for c in zip(*(t[first:end] for t in held.tables))])
+        n, blocks = held.num_layers, held.blocks
+        cache.register(nodes[first:], held.layers, [blocks[i * n:(i + 1) * n] for i in range(first, end)])
 
     def free(self, request_id: str) -> None:
         """Let go of every block of a finished, aborted or preempted request; unknown ids are ignored."""
         held = self._requests.pop(request_id, None)
         if held is None:
             return
-        self.grown.pop(request_id, None)  # (its id may come back, re-allocated after a preemption)
         # Last block first and, for each, every layer's copy together: eviction takes the oldest
         # first, so it removes a prefix's tail in all its layers at once, and the leading blocks
         # stay matchable (a match needs every layer's copy; going layer by layer would evict the
         # first layer's whole prefix before any other layer's, leaving nothing to match).
         # [layers * blocks] in that order: block i of every layer, for i from the last. (A request
         # never holds a block twice, so one indexed decrement counts each once.)
-        order = np.array(held.tables, dtype=np.int64)[:, ::-1].T.ravel()
+        order = np.array(held.blocks, dtype=np.int64).reshape(-1, held.num_layers)[::-1].ravel()
         left = self._refs[order] - 1  # [layers * blocks] holders after this request
         self._refs[order] = left
         released = order[left == 0]  # nobody holds them now, in the same order
@@ -266,3 +264,9 @@ def _shared_blocks(reuse: PrefixMatch | None) -> np.ndarray | None:
         return None
     return np.fromiter(chain.from_iterable(reuse.blocks), dtype=np.int64)
 
+
+def _block_major(layer_major, num_layers: int) -> list[int]:
+    """Blocks given layer after layer ([layers][blocks] lists, or one flat list in that order) as
+    one block-major list: block i of layer l at i * num_layers + l."""
+    ids = np.array(layer_major, dtype=np.int64).reshape(num_layers, -1)  # [layers, blocks]
+    return ids.T.ravel().tolist()

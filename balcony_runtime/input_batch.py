@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from balcony_runtime.staging import to_device
 class _Row:
     request_id: str
     exit_layer: int  # backbone layers it runs (its cache layers follow from it)
-    tables: list[list[int]]  # the block manager's own lists: a new object means re-allocated
+    blocks: list[int]  # the block manager's own block-major list (tables_of): a new object means re-allocated
 
 
 class InputBatch:
@@ -85,7 +84,7 @@ class InputBatch:
 
     # ---- one step --------------------------------------------------------------------------
 
-    def arrange(self, request_ids: list[str], exits: list[int], tables: list[list[list[int]]]) -> list[int]:
+    def arrange(self, request_ids: list[str], exits: list[int], tables: list[list[int]]) -> list[int]:
         """Place the step's requests in slots 0..B-1, each inside its exit group; returns ``order``:
         order[b] is the index (into the arguments) of the request in slot b.
 
@@ -162,23 +161,21 @@ class InputBatch:
         self._last_request_ids, self._last_order = request_ids, target  # type: ignore[assignment]
         return target  # type: ignore[return-value]
 
-    def update_blocks(self, tables: list[list[list[int]]], needed: np.ndarray,
-                      grown: dict[str, list[int]] | None = None) -> int:
+    def update_blocks(self, tables: list[list[int]], needed: np.ndarray) -> int:
         """Write the blocks each of slots 0..B-1 reads this step (``needed``[B] per layer, from its
         first) and did not have in block_table; ``tables`` in slot order (the block manager's
-        lists, each at least that long). Returns the most blocks any of these rows reads.
+        block-major lists, BlockManager.tables_of, each at least that long). Returns the most
+        blocks any of these rows reads.
 
         A row's blocks are written as its context reaches them, not as they are allocated (a
         prefill chunk's or a prefix's blocks may come earlier): the check is one comparison of
-        arrays, where counting every row's blocks was a Python pass over the rows each step.
-        ``grown``: BlockManager.grown, where a row that reached a block it has just taken finds
-        its new ids (checked against its tables; rows not there are read from the tables)."""
+        arrays, where counting every row's blocks was a Python pass over the rows each step."""
         n = len(tables)
         if not self._unchanged:
             rows = self.slots
-            reset = [b for b in range(n) if tables[b] is not rows[b].tables]  # re-allocated after a preemption
+            reset = [b for b in range(n) if tables[b] is not rows[b].blocks]  # re-allocated after a preemption
             for b in reset:
-                rows[b].tables = tables[b]
+                rows[b].blocks = tables[b]
             self._zero(reset)
         most = int(needed.max()) if n else 0
         if most > self.block_table.shape[2]:
@@ -186,7 +183,7 @@ class InputBatch:
         written = self.written[:n]
         grow = np.flatnonzero(needed > written)
         if grow.size:
-            self._write(grow, needed, tables, grown)
+            self._write(grow, needed, tables)
         # (a row's context only grows, so written == needed unless its blocks were read further back)
         self._last_exact = bool((written == needed).all())
         return most
@@ -203,8 +200,7 @@ class InputBatch:
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _write(self, grow: np.ndarray, upto: np.ndarray, tables: list[list[list[int]]],
-               grown: dict[str, list[int]] | None) -> None:
+    def _write(self, grow: np.ndarray, upto: np.ndarray, tables: list[list[int]]) -> None:
         """Copy block ids written[b]:upto[b] of rows b in ``grow`` into block_table, and each one's
         last into last_block, with one indexed write each."""
         _, slots, width = self.block_table.shape
@@ -218,15 +214,10 @@ class InputBatch:
             rows, olds = grow[crossed], old_of[crossed]  # [R]
             exits = []
             for b, old in zip(rows.tolist(), olds.tolist()):
-                row, row_tables = slot_rows[b], tables[b]
-                exits.append(row.exit_layer)
-                fresh = grown.get(row.request_id) if grown else None
-                # Taken this step, one per layer, and block `old` of the first layer is the first of
-                # them (a table never holds a block twice, so that pins which growth they came from).
-                if fresh is not None and len(fresh) == len(row_tables) and fresh[0] == row_tables[0][old]:
-                    values += fresh
-                else:
-                    values += map(itemgetter(old), row_tables)
+                exit_layer = slot_rows[b].exit_layer
+                exits.append(exit_layer)
+                n = len(layer_offsets(exit_layer))
+                values += tables[b][old * n:(old + 1) * n]  # block `old` of every layer (block-major)
             base = rows * width + olds  # [R] each row's block `old` in layer 0
             if len(set(exits)) == 1:  # one exit: the same layers for every row, [R, L] in values' order
                 index.append((base[:, None] + layer_offsets(exits[0])[None, :]).ravel())
@@ -234,13 +225,13 @@ class InputBatch:
                 offsets = [layer_offsets(e) for e in exits]  # [L_b] each
                 index.append(np.concatenate(offsets) + np.repeat(base, [len(o) for o in offsets]))
             last.append(np.arange(len(values)))
-        for b, old, new in zip(grow[~crossed].tolist(), old_of[~crossed].tolist(), new_of[~crossed].tolist()):
-            layers = layer_offsets(slot_rows[b].exit_layer)  # [L_b]
-            first = len(values)
-            for table in tables[b]:
-                values += table[old:new]
-            index.append((layers[:, None] + (b * width + np.arange(old, new))[None, :]).ravel())  # [L_b * k]
-            last.append(np.arange(first + new - old - 1, len(values), new - old))  # [L_b]
+        if not crossed.all():
+            for b, old, new in zip(grow[~crossed].tolist(), old_of[~crossed].tolist(), new_of[~crossed].tolist()):
+                layers = layer_offsets(slot_rows[b].exit_layer)  # [L_b]
+                n, first = len(layers), len(values)
+                values += tables[b][old * n:new * n]  # [new - old, L_b] block-major
+                index.append(((b * width + np.arange(old, new))[:, None] + layers[None, :]).ravel())  # [k * L_b]
+                last.append(np.arange(first + (new - old - 1) * n, first + (new - old) * n))  # [L_b] block new - 1's
         self.written[grow] = new_of
         # [N] into block_table.view(-1): layer * slots * width + slot * width + block
         flat = np.concatenate(index) if len(index) > 1 else index[0]

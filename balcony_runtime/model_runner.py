@@ -229,7 +229,7 @@ class ModelRunner:
             is_decode = sum(query_lens) == len(rows)  # every row feeds one token
             all_sampled = is_decode and all(item.completes_sequence for item in rows)
         context_lens = starts + lens  # [B]
-        num_blocks = self.input_batch.update_blocks(tables, -(-context_lens // block_size), self.blocks.grown)
+        num_blocks = self.input_batch.update_blocks(tables, -(-context_lens // block_size))
         prompt_targets: dict[int, list[int]] = {}
         head_rows = len(rows)
         fed = None  # the input ids as a device tensor already, when the last step sampled them
@@ -350,7 +350,7 @@ class _RunLists:
     arrangement: list[str]  # InputBatch.arrangement
     ids: list[str]  # each row's request id, in the rows' order (the scheduler's)
     exits: list[int]
-    tables: list[list[list[int]]]  # the block manager's lists (grown in place)
+    tables: list[list[int]]  # the block manager's block-major lists (grown in place)
     query_lens: list[int]  # [1] * B
     lens: np.ndarray  # [B] int64 ones
     logits_indices: list[int]  # 0..B-1

@@ -35,11 +35,11 @@ def dense_tables(blocks: BlockManager, ids: list[str], exits: list[int], needed:
 def step(batch: InputBatch, blocks: BlockManager, ids: list[str], exits: list[int],
          needed: dict[str, int] | None = None) -> list[int]:
     """One step's arrangement and block writes; ``needed``: blocks each row reads (default: all it
-    holds). New ids come from the blocks' last try_grow_all where they can (BlockManager.grown)."""
-    tables = [blocks.block_tables(r) for r in ids]
+    holds)."""
+    tables = blocks.tables_of(ids)  # block-major, as the runner passes them
     order = batch.arrange(ids, exits, tables)
-    each = [len(tables[i][0]) if needed is None else needed[ids[i]] for i in order]
-    width = batch.update_blocks([tables[i] for i in order], np.asarray(each), blocks.grown)
+    each = [len(blocks.block_tables(ids[i])[0]) if needed is None else needed[ids[i]] for i in order]
+    width = batch.update_blocks([tables[i] for i in order], np.asarray(each))
     got = batch.view(len(ids), width)
     expected = dense_tables(blocks, [ids[i] for i in order], [exits[i] for i in order], each)
     assert torch.equal(got, expected)
@@ -89,9 +89,9 @@ def test_random_lives_match_tables_built_from_scratch(seed, numpy_writes):
                 n += rng.choice([1, 1, 1, 5])
                 growth.append((rid, n + rng.choice([0, 0, 3, 9])))  # sometimes ahead of what the step reads
                 live[rid] = (e, n)
-        if rng.random() < 0.5:  # all together, as the scheduler grows them (new ids in blocks.grown) ...
+        if rng.random() < 0.5:  # all together, as the scheduler grows them ...
             assert blocks.try_grow_all(growth)
-        else:  # ... or one by one, leaving an earlier step's blocks.grown behind (stale for these rows)
+        else:  # ... or one by one
             for rid, tokens in growth:
                 blocks.grow(rid, tokens)
         if not live:
