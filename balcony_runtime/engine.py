@@ -368,7 +368,7 @@ class LLMEngine:
 
     # ---- the step loop ---------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> Sequence[RequestOutput]:
         """Schedule and launch a step; return the outputs of every step whose tokens were read.
 
         Synchronous (the default on a CPU): the step's tokens are read at once and its outputs
@@ -440,7 +440,7 @@ class LLMEngine:
                 output_ids.append(-1 - j)
         return _Launched(plan, pending, positions, now)
 
-    def _resolve(self, launched: _Launched, later: SchedulerOutput | None) -> list[RequestOutput]:
+    def _resolve(self, launched: _Launched, later: SchedulerOutput | None) -> Sequence[RequestOutput]:
         """Read a launched step's tokens and turn them into outputs; ``later``: the step launched
         since, if any."""
         result = launched.pending.result()
@@ -457,7 +457,7 @@ class LLMEngine:
         return self._postprocess(plan, result, launched.positions)
 
     def _postprocess(self, plan: SchedulerOutput, result: StepResult, positions: list[int | None] | None
-                     ) -> list[RequestOutput]:
+                     ) -> Sequence[RequestOutput]:
         """``positions[i]``: where row i's placeholder sits in its request's output (None: the
         tokens are appended)."""
         # Runs once per row per step: a running request's decode token goes through here. A steady
@@ -506,7 +506,7 @@ class LLMEngine:
         the engine: one of its rows may be gone); None when not every row is plain."""
         requests, released, plain = self._plain
         if requests is not run.requests or released != self._released:
-            plain = PlainRun.of(run.requests, self._tracked, self._released)
+            plain = PlainRun.of(run.requests, self._tracked)
             # (a row still to give its first token: tried again at the next step)
             settled = plain is not None or all(r.first_token_time is not None for r in run.requests)
             self._plain = run.requests if settled else None, self._released, plain

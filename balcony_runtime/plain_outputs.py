@@ -32,7 +32,6 @@ class PlainRun:
     """What a steady decode of plain requests keeps from its first step to its last."""
 
     requests: list[Request]  # DecodeRun.requests, whose identity marks the run
-    released: int  # the engine's count of finished and aborted requests when this was made
     columns: RunColumns
     output_lists: list[list[int]]  # each row's request.output_token_ids (grown in place)
     text_of: list[Callable[[int], str]]  # each row's detokenizer step (_Tracked.plain_text)
@@ -41,7 +40,7 @@ class PlainRun:
     max_tokens: np.ndarray  # [B] int64
 
     @classmethod
-    def of(cls, requests: list[Request], tracked: Mapping[str, "_Tracked"], released: int) -> "PlainRun | None":
+    def of(cls, requests: list[Request], tracked: Mapping[str, "_Tracked"]) -> "PlainRun | None":
         """The run's kept columns; None unless every row is a plain request past its first token."""
         rows = [tracked.get(r.request_id) for r in requests]
         if any(t is None or t.plain_text is None for t in rows) or any(
@@ -52,7 +51,7 @@ class PlainRun:
             [r.request_id for r in requests], [r.exit_layer for r in requests], num_prompt,
             [r.arrival_time for r in requests], [r.first_scheduled_time for r in requests],
             [r.first_token_time for r in requests], [r.num_cached_tokens for r in requests])
-        return cls(requests, released, columns, [r.output_token_ids for r in requests],
+        return cls(requests, columns, [r.output_token_ids for r in requests],
                    list(map(attrgetter("plain_text"), rows)), frozenset().union(*(t.stop_ids for t in rows)),
                    np.array(num_prompt, dtype=np.int64), np.array([r.params.max_tokens for r in requests], dtype=np.int64))
 

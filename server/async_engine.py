@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ from server.routing_headers import exit_name
 log = logging.getLogger("balcony.engine")
 
 
-def guarded_step(engine: LLMEngine, fail_all: Callable[[Exception], None]) -> list[RequestOutput] | None:
+def guarded_step(engine: LLMEngine, fail_all: Callable[[Exception], None]) -> Sequence[RequestOutput] | None:
     """One engine step. A step that raises (a bug, a device error) is logged and handed to
     ``fail_all``, which fails the requests in flight, and None is returned: serving goes on."""
     try:
@@ -277,7 +277,7 @@ class AsyncEngine:
             stream.queue.put(error)
             self.metrics.request_success.labels(stream.exit_label, "abort").inc()
 
-    def _dispatch(self, outputs: list[RequestOutput], now: float) -> None:
+    def _dispatch(self, outputs: Sequence[RequestOutput], now: float) -> None:
         m = self.metrics
         for out in outputs:
             stream = self._streams.get(out.request_id)
