@@ -175,7 +175,8 @@ class BlockManager:
         all of them: in a decode step about one row in block_size grows, each by a block per cache
         layer, and per-row takes paid the eviction's fixed costs that many times."""
         held_of, size = self._requests, self.block_size
-        rows = [(rid, held := held_of[rid], -(-tokens // size) - held.capacity_tokens // size) for rid, tokens in growth]
+        rows = [(rid, held := held_of[rid], -(-tokens // size) - held.capacity_tokens // size)
+                for rid, tokens in growth]  # (request id, its blocks, new blocks per layer)
         total = sum(extra * held.num_layers for _, held, extra in rows if extra > 0)
         if total > self.num_free_blocks:
             return False

@@ -53,7 +53,8 @@ class PlainRun:
             [r.first_token_time for r in requests], [r.num_cached_tokens for r in requests])
         return cls(requests, columns, [r.output_token_ids for r in requests],
                    list(map(attrgetter("plain_text"), rows)), frozenset().union(*(t.stop_ids for t in rows)),
-                   np.array(num_prompt, dtype=np.int64), np.array([r.params.max_tokens for r in requests], dtype=np.int64))
+                   np.array(num_prompt, dtype=np.int64),
+                   np.array([r.params.max_tokens for r in requests], dtype=np.int64))
 
     def outputs(self, starts: np.ndarray, tokens: list[int], positions: list[int | None] | None,
                 make: Callable[..., RequestOutput | tuple]) -> StepOutputs | None:

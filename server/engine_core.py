@@ -90,7 +90,8 @@ class EngineLoop:
         from balcony_runtime.cpu_threads import ThreadGovernor
 
         self.engine, self.conn, self.max_queued = engine, conn, max_queued
-        engine.emit_rows()  # its outputs go down the pipe as tuples (a steady decode's as columns); the HTTP process rebuilds them
+        # Its outputs go down the pipe as tuples (a steady decode's as columns); the HTTP process rebuilds them.
+        engine.emit_rows()
         # Submissions whose schemas are being compiled (in order): compiling on this loop would
         # stall every stream for as long (a large schema, or llguidance's first vocabulary trie:
         # seconds), so a worker thread compiles and the submission is queued once it is done, as
@@ -121,7 +122,7 @@ class EngineLoop:
                 outputs = guarded_step(engine, self._fail_all)
                 if outputs is None:
                     continue
-                conn.send(("outputs", outputs, self._gauges(threads)))  # rows of fields (emit_rows), or StepOutputs columns
+                conn.send(("outputs", outputs, self._gauges(threads)))  # rows of fields, or StepOutputs columns
         except (EOFError, OSError, ValueError):
             return  # the HTTP process is gone
 

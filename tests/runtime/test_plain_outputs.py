@@ -17,7 +17,8 @@ from balcony_runtime.request_output import RequestOutput, RunColumns, StepOutput
 from balcony_runtime.sampling_params import SamplingParams
 
 _FIELDS = [f.name for f in dataclasses.fields(RequestOutput)]
-_TIMES = ("arrival_time", "first_scheduled_time", "first_token_time", "latency_s", "budget_met")  # each engine's own clock
+# Each engine's own clock readings, not compared.
+_TIMES = ("arrival_time", "first_scheduled_time", "first_token_time", "latency_s", "budget_met")
 _COMPARED = [f for f in _FIELDS if f not in _TIMES]
 
 
