@@ -24,7 +24,7 @@ from balcony_runtime.loader import LoadedModel
 from balcony_runtime.model_runner import ModelRunner, PendingStep, StepResult
 from balcony_runtime.plain_outputs import PlainRun
 from balcony_runtime.request import Request, RequestStatus
-from balcony_runtime.request_output import CompletedRequest, RequestOutput, output_row
+from balcony_runtime.request_output import CompletedRequest, RequestOutput, output_row, plain_output
 from balcony_runtime.sampler import TokenLogprobs
 from balcony_runtime.sampling_params import SamplingParams
 from balcony_runtime.routing.calibration import calibrate
@@ -490,13 +490,10 @@ class LLMEngine:
                         output_ids.append(token)
                     else:
                         output_ids[position] = token  # its placeholder
-                    # In the field order of RequestOutput (as in _row_output).
-                    append(make_output(
-                        request.request_id, request.exit_layer, [token], text_of(token), (), None,
-                        len(request.prompt_token_ids), position + 1, False, None,
-                        request.arrival_time, request.first_scheduled_time, request.first_token_time,
-                        None, None, None, request.num_cached_tokens,
-                    ))
+                    append(plain_output(
+                        make_output, request.request_id, request.exit_layer, token, text_of(token),
+                        len(request.prompt_token_ids), position + 1, request.arrival_time,
+                        request.first_scheduled_time, request.first_token_time, request.num_cached_tokens))
                     continue
             append(self._row_output(i, scheduled[i], token, tracked, result, positions, now))
         return outputs
@@ -506,10 +503,10 @@ class LLMEngine:
         the engine: one of its rows may be gone); None when not every row is plain."""
         requests, released, plain = self._plain
         if requests is not run.requests or released != self._released:
+            if any(r.first_token_time is None for r in run.requests):
+                return None  # a row still to give its first token (the whole path's): tried again next step
             plain = PlainRun.of(run.requests, self._tracked)
-            # (a row still to give its first token: tried again at the next step)
-            settled = plain is not None or all(r.first_token_time is not None for r in run.requests)
-            self._plain = run.requests if settled else None, self._released, plain
+            self._plain = run.requests, self._released, plain
         return plain
 
     def _row_output(self, i: int, item: ScheduledRequest, token: int | None, tracked: _Tracked, result: StepResult,

@@ -41,10 +41,10 @@ class PlainRun:
 
     @classmethod
     def of(cls, requests: list[Request], tracked: Mapping[str, "_Tracked"]) -> "PlainRun | None":
-        """The run's kept columns; None unless every row is a plain request past its first token."""
+        """The run's kept columns; None unless every row is a plain request. Every row must be past
+        its first token (its first_token_time is kept)."""
         rows = [tracked.get(r.request_id) for r in requests]
-        if any(t is None or t.plain_text is None for t in rows) or any(
-                r.first_token_time is None for r in requests):
+        if any(t is None or t.plain_text is None for t in rows):
             return None
         num_prompt = [len(r.prompt_token_ids) for r in requests]
         columns = RunColumns(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import repeat
+from functools import partial
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:  # (annotations only: the sampler imports torch)
@@ -41,6 +41,16 @@ class RequestOutput:
 def output_row(*fields) -> tuple:
     """A step's output as the tuple of RequestOutput's fields (LLMEngine.emit_rows)."""
     return fields
+
+
+def plain_output(make: Callable[..., RequestOutput | tuple], request_id: str, exit_layer: int, token: int,
+                 text: str, num_prompt_tokens: int, num_output_tokens: int, arrival_time: float,
+                 first_scheduled_time: float, first_token_time: float, num_cached_tokens: int) -> RequestOutput | tuple:
+    """``make``'s output (RequestOutput, or emit_rows' tuple) for a plain request's token that
+    does not end it: no logprobs, not finished, no route. Positional, in RequestOutput's field
+    order (17 keyword arguments were a measurable share of a row's host time)."""
+    return make(request_id, exit_layer, [token], text, (), None, num_prompt_tokens, num_output_tokens, False, None,
+                arrival_time, first_scheduled_time, first_token_time, None, None, None, num_cached_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +101,11 @@ class StepOutputs(Sequence):
 
     def _made(self) -> list:
         if self._items is None:
-            c, n = self.columns, len(self.tokens)
-            # In the field order of RequestOutput (as LLMEngine._row_output passes them).
+            c = self.columns
             self._items = list(map(
-                self.make, c.request_ids, c.exit_layers, [[t] for t in self.tokens], self.texts, repeat((), n),
-                repeat(None), c.num_prompt_tokens, self.num_output_tokens, repeat(False), repeat(None),
-                c.arrival_times, c.first_scheduled_times, c.first_token_times, repeat(None), repeat(None),
-                repeat(None), c.num_cached_tokens))
+                partial(plain_output, self.make), c.request_ids, c.exit_layers, self.tokens, self.texts,
+                c.num_prompt_tokens, self.num_output_tokens, c.arrival_times, c.first_scheduled_times,
+                c.first_token_times, c.num_cached_tokens))
         return self._items
 
 
