@@ -56,13 +56,19 @@ class InputBatch:
         # block_table touched one scattered entry per row and layer of a table that outgrows the caches.
         self.last_block = torch.full((num_cache_layers, rows), null_block, dtype=torch.int32, device=device)
         self._last_exact = False  # after update_blocks: every row's last written block is the last it reads
-        self._layers: dict[int, np.ndarray] = {}  # exit -> cache layers, as an index array
+        self._layers: dict[int, np.ndarray] = {}  # exit -> cache layers, as flat offsets into block_table
+        self._layer_rows: dict[int, np.ndarray] = {}  # exit -> cache layers, [L, 1] (_layer_index)
         self._last_ids: list[str] = []  # the request ids of the last arrangement, in slot order
         # The last arrange()'s arguments' ids (the scheduler's order) and the order it returned:
         # while the scheduler lists the same requests in the same order, they stay where they are.
         self._last_request_ids: list[str] | None = None
         self._last_order: list[int] = []
         self._unchanged = False  # the last arrange() found the same requests as the one before
+        # The last view() and last_blocks() made, by their arguments, and the tables' flat numpy
+        # views (numpy_writes): a torch slice costs several microseconds of a step whose rows and
+        # widths rarely change; dropped when the tables are replaced (_grow_slots, _grow_blocks).
+        self._views: dict[tuple[int, int], torch.Tensor] = {}
+        self._flat: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def num_slots(self) -> int:
@@ -192,13 +198,30 @@ class InputBatch:
         """The block each of slots 0..num_rows-1 reads last this step, at every cache layer: [C,
         num_rows], a view (``null_block`` at layers a row skips); None when some row read fewer blocks
         than it has written (the caller then looks its blocks up in the table)."""
-        return self.last_block[:, :num_rows] if self._last_exact else None
+        return self._view(num_rows, -1) if self._last_exact else None
 
     def view(self, num_rows: int, num_blocks: int) -> torch.Tensor:
         """The block tables of slots 0..num_rows-1: [C, num_rows, num_blocks], a view (no copy)."""
-        return self.block_table[:, :num_rows, :num_blocks]
+        return self._view(num_rows, num_blocks)
 
     # ---- internals -------------------------------------------------------------------------
+
+    def _view(self, num_rows: int, num_blocks: int) -> torch.Tensor:
+        """block_table[:, :num_rows, :num_blocks], or last_block[:, :num_rows] for num_blocks -1,
+        made once per shape while the tables stay the same tensors."""
+        views = self._views
+        view = views.get((num_rows, num_blocks))
+        if view is None:
+            if len(views) > 64:  # (shapes of past steps: keep a few, not every one ever seen)
+                views.clear()
+            view = self.block_table[:, :num_rows, :num_blocks] if num_blocks >= 0 else self.last_block[:, :num_rows]
+            views[num_rows, num_blocks] = view
+        return view
+
+    def _tables_replaced(self) -> None:
+        self._views.clear()
+        self._flat = None
+        self._layers.clear()
 
     def _write(self, grow: np.ndarray, upto: np.ndarray, tables: list[list[int]]) -> None:
         """Copy block ids written[b]:upto[b] of rows b in ``grow`` into block_table, and each one's
@@ -206,6 +229,8 @@ class InputBatch:
         _, slots, width = self.block_table.shape
         slot_rows, layer_offsets = self.slots, self._layer_offsets
         old_of, new_of = self.written[grow], upto[grow]  # [G]
+        if self.numpy_writes and self._write_crossed(grow, old_of, new_of, tables):
+            return
         crossed = new_of == old_of + 1  # [G] decoding rows that reached their next block: one id per layer
         values: list[int] = []  # the new block ids, in the order of `index`
         index: list[np.ndarray] = []  # where each goes in block_table.view(-1)
@@ -243,12 +268,49 @@ class InputBatch:
             # The tensors are host memory: numpy writes them in place, several times faster than
             # torch's indexed writes for a few hundred ids (this runs in every step a row crosses
             # into a new block, about one row in block_size of them).
-            self.block_table.numpy().reshape(-1)[flat] = ids
-            self.last_block.numpy().reshape(-1)[last_flat] = last_ids
+            if self._flat is None:
+                self._flat = self.block_table.numpy().reshape(-1), self.last_block.numpy().reshape(-1)
+            table, last_block = self._flat
+            table[flat] = ids
+            last_block[last_flat] = last_ids
             return
         device = self.device
         self.block_table.view(-1)[to_device(flat, torch.long, device)] = to_device(ids, torch.int32, device)
         self.last_block.view(-1)[to_device(last_flat, torch.long, device)] = to_device(last_ids, torch.int32, device)
+
+    def _write_crossed(self, grow: np.ndarray, old_of: np.ndarray, new_of: np.ndarray,
+                       tables: list[list[int]]) -> bool:
+        """_write's common case through numpy views: every row in ``grow`` reached its next block
+        (a decode step) and all run at one exit. Each row's new ids are one slice of its
+        block-major list; two broadcast writes place them, where the general path builds flat
+        indices first (a dozen more array calls). False, nothing written, otherwise."""
+        olds = old_of.tolist()
+        rows = grow.tolist()
+        exit_layer = self.slots[rows[0]].exit_layer
+        slot_rows = self.slots
+        if any(slot_rows[b].exit_layer != exit_layer for b in rows) or (new_of - old_of != 1).any():
+            return False
+        layers = self._layer_index(exit_layer)  # [L, 1]
+        n = layers.shape[0]
+        values: list[int] = []
+        for b, old in zip(rows, olds):
+            values += tables[b][old * n:(old + 1) * n]  # block `old` of every layer (block-major)
+        ids = np.array(values, dtype=np.int32).reshape(len(rows), n).T  # [L, R]
+        if self._flat is None:
+            self._flat = self.block_table.numpy().reshape(-1), self.last_block.numpy().reshape(-1)
+        table = self._flat[0].reshape(self.block_table.shape)  # [C, slots, width], a view
+        last_block = self._flat[1].reshape(self.last_block.shape)  # [C, slots], a view
+        table[layers, grow, old_of] = ids
+        last_block[layers, grow] = ids
+        self.written[grow] = new_of
+        return True
+
+    def _layer_index(self, exit_layer: int) -> np.ndarray:
+        """An exit's cache layers as an [L, 1] index (broadcast against rows)."""
+        index = self._layer_rows.get(exit_layer)
+        if index is None:
+            index = self._layer_rows[exit_layer] = np.asarray(self.cache_layers_of(exit_layer), dtype=np.int64)[:, None]
+        return index
 
     def _layer_offsets(self, exit_layer: int) -> np.ndarray:
         """Flat offsets of an exit's cache layers in block_table: layer * rows * width."""
@@ -280,7 +342,7 @@ class InputBatch:
         self.last_block = last
         self.slots += [None] * first
         self.written = np.concatenate([self.written, np.zeros(first, dtype=np.int64)])
-        self._layers.clear()
+        self._tables_replaced()
         return first
 
     def _grow_blocks(self, at_least: int) -> None:
@@ -290,4 +352,4 @@ class InputBatch:
         grown = torch.full((*self.block_table.shape[:2], width), self.null_block, dtype=torch.int32, device=self.device)
         grown[:, :, : self.block_table.shape[2]] = self.block_table
         self.block_table = grown
-        self._layers.clear()
+        self._tables_replaced()

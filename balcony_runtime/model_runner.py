@@ -76,6 +76,7 @@ class ModelRunner:
         # other step: the next decode step of the same arrangement reuses the lists as they are.
         self._decode_rows: tuple[list[str], list[SamplingRow], list[int], list[int]] | None = None
         self._arange = torch.arange(0, dtype=torch.int32, device=self.device)  # see _row_offsets
+        self._offsets: tuple[int, torch.Tensor] | None = None  # the last _row_offsets: (rows, its view)
         # The last decode arrangement's DecodeRows: its step shapes differ only in the contexts.
         self._decode_shape: tuple[list[str] | None, DecodeRows | None] = (None, None)
         # The arrangement of the last step that sampled every row, and the tokens it sampled, [B]
@@ -336,9 +337,14 @@ class ModelRunner:
     def _row_offsets(self, num_rows: int) -> torch.Tensor:
         """0, 1, ..., num_rows as int32 on the device: a decode step's cu_query_lens (a view of a
         tensor kept between steps; nothing writes to it)."""
+        kept = self._offsets
+        if kept is not None and kept[0] == num_rows:  # (a slice costs microseconds; rows rarely change)
+            return kept[1]
         if self._arange.shape[0] <= num_rows:
             self._arange = torch.arange(2 * num_rows + 2, dtype=torch.int32, device=self.device)
-        return self._arange[: num_rows + 1]
+        offsets = self._arange[: num_rows + 1]
+        self._offsets = num_rows, offsets
+        return offsets
 
 
 @dataclass(frozen=True, slots=True)
