@@ -211,7 +211,7 @@ class ModelRunner:
             # starts come from the plan, not from a pass over the rows.
             ids, exits, tables, query_lens, lens = kept.ids, kept.exits, kept.tables, kept.query_lens, kept.lens
             order = self.input_batch.arrange(ids, exits, tables)  # (they stay where they are)
-            rows, starts = scheduled, run.starts
+            rows, starts, context_lens = scheduled, run.starts, run.ends
             is_decode = all_sampled = True
         else:
             kept = None
@@ -229,8 +229,8 @@ class ModelRunner:
             lens = np.asarray(query_lens, dtype=np.int64)  # [B]
             is_decode = sum(query_lens) == len(rows)  # every row feeds one token
             all_sampled = is_decode and all(item.completes_sequence for item in rows)
-        context_lens = starts + lens  # [B]
-        num_blocks = self.input_batch.update_blocks(tables, -(-context_lens // block_size))
+            context_lens = starts + lens  # [B]
+        num_blocks = self.input_batch.update_blocks(tables, (context_lens + (block_size - 1)) // block_size)
         prompt_targets: dict[int, list[int]] = {}
         head_rows = len(rows)
         fed = None  # the input ids as a device tensor already, when the last step sampled them

@@ -36,7 +36,7 @@ class PlainRun:
     output_lists: list[list[int]]  # each row's request.output_token_ids (grown in place)
     text_of: list[Callable[[int], str]]  # each row's detokenizer step (_Tracked.plain_text)
     stop_ids: frozenset[int]  # every row's stop tokens together
-    num_prompt: np.ndarray  # [B] int64
+    output_from_start: np.ndarray  # [B] int64 2 - prompt length: a row fed token `start` samples output token start + this
     max_tokens: np.ndarray  # [B] int64
 
     @classmethod
@@ -53,7 +53,7 @@ class PlainRun:
             [r.first_token_time for r in requests], [r.num_cached_tokens for r in requests])
         return cls(requests, columns, [r.output_token_ids for r in requests],
                    list(map(attrgetter("plain_text"), rows)), frozenset().union(*(t.stop_ids for t in rows)),
-                   np.array(num_prompt, dtype=np.int64),
+                   2 - np.array(num_prompt, dtype=np.int64),
                    np.array([r.params.max_tokens for r in requests], dtype=np.int64))
 
     def outputs(self, starts: np.ndarray, tokens: list[int], positions: list[int | None] | None,
@@ -67,7 +67,7 @@ class PlainRun:
             return None
         # A decode row fed token `start` samples output token number start - prompt + 2 (a later
         # step's placeholder may already follow it; its own sits at start - prompt + 1).
-        num_output = starts - self.num_prompt + 2  # [B]
+        num_output = starts + self.output_from_start  # [B]
         if (num_output >= self.max_tokens).any():
             return None
         if positions is None:

@@ -131,6 +131,9 @@ class DecodeRun:
 
     requests: list[Request]  # in the plan's order: the same list object for as long as the steady decode goes on
     starts: np.ndarray  # [B] int64 each row's start in this plan
+    # [B] int64 starts + 1: each row's context once this step's token is cached (the step's
+    # context lengths, and the next plan's starts). Neither array is written after the plan is made.
+    ends: np.ndarray
 
 
 @dataclass(slots=True)
@@ -143,7 +146,7 @@ class _SteadyDecode:
     running: list[Request]  # Scheduler.running when the plan was made (a copy, compared by identity)
     rows: list[Request]  # the plan's requests, in its order
     to_running: np.ndarray  # [B] each row's index in running (growth goes in running order)
-    starts: np.ndarray  # [B] int64 each row's start in the plan
+    ends: np.ndarray  # [B] int64 each row's start in the plan + 1 (DecodeRun.ends): its start in the next
     full_starts: np.ndarray  # [B] int64 a row's start once it holds all its tokens, the last maybe a placeholder (prompt + max_tokens - 1)
     capacity: np.ndarray  # [B] int64 tokens each row's blocks hold
 
@@ -290,7 +293,7 @@ class Scheduler:
         return _SteadyDecode(
             list(running), rows,
             np.array([index[id(r)] for r in rows], dtype=np.int64),
-            np.array([item.start for item in scheduled], dtype=np.int64),
+            np.array([item.start for item in scheduled], dtype=np.int64) + 1,
             np.array([len(r.prompt_token_ids) + r.params.max_tokens - 1 for r in rows], dtype=np.int64),
             np.array([capacity(r.request_id) for r in rows], dtype=np.int64))
 
@@ -305,19 +308,20 @@ class Scheduler:
         # (On None the row-by-row pass follows, and schedule() replaces or drops self._steady.)
         if running != steady.running or len(running) > budget:  # (compared by identity: Request has no __eq__)
             return None
-        starts = steady.starts + 1  # [B]
+        starts = steady.ends  # [B] each row one token on
         if (starts >= steady.full_starts).any():  # a row has all its tokens, its last still being sampled (overlapped)
             return None
-        grow = np.flatnonzero(starts + 1 > steady.capacity)  # [G] rows reaching a new block
+        ends = starts + 1  # [B]
+        grow = np.flatnonzero(ends > steady.capacity)  # [G] rows reaching a new block
         if len(grow):
             grow = grow[np.argsort(steady.to_running[grow])]  # in running order, as the pass takes them
-            rows, ends = steady.rows, (starts[grow] + 1).tolist()
-            if not self.blocks.try_grow_all([(rows[b].request_id, end) for b, end in zip(grow.tolist(), ends)]):
+            rows = steady.rows
+            if not self.blocks.try_grow_all([(rows[b].request_id, end) for b, end in zip(grow.tolist(), ends[grow].tolist())]):
                 return None  # the pass row by row preempts
             capacity = self.blocks.capacity
             steady.capacity[grow] = [capacity(rows[b].request_id) for b in grow.tolist()]
-        steady.starts = starts
-        run = DecodeRun(steady.rows, starts)
+        steady.ends = ends
+        run = DecodeRun(steady.rows, starts, ends)
         return run, budget - len(starts)
 
     def _schedule_running(self, depth: int | None, preempted: list[Request], together: bool
@@ -391,7 +395,7 @@ class Scheduler:
         reads them) in the cache: the next schedule may build on them."""
         run = output.decode_run
         if run is not None:  # a steady decode: one token each, all past their prompts
-            for request, computed in zip(run.requests, (run.starts + 1).tolist()):
+            for request, computed in zip(run.requests, run.ends.tolist()):
                 request.num_computed_tokens = computed
             if self._some_waited:  # (a row waits only after a step that left it out)
                 for request in run.requests:
