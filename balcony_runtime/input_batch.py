@@ -64,11 +64,11 @@ class InputBatch:
         self._last_request_ids: list[str] | None = None
         self._last_order: list[int] = []
         self._unchanged = False  # the last arrange() found the same requests as the one before
-        # The last view() and last_blocks() made, by their arguments, and the tables' flat numpy
-        # views (numpy_writes): a torch slice costs several microseconds of a step whose rows and
+        # The views view() and last_blocks() made, by their arguments, and the tables as numpy
+        # arrays (numpy_writes): a torch slice costs several microseconds of a step whose rows and
         # widths rarely change; dropped when the tables are replaced (_grow_slots, _grow_blocks).
         self._views: dict[tuple[int, int], torch.Tensor] = {}
-        self._flat: tuple[np.ndarray, np.ndarray] | None = None
+        self._numpy_tables: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def num_slots(self) -> int:
@@ -220,7 +220,7 @@ class InputBatch:
 
     def _tables_replaced(self) -> None:
         self._views.clear()
-        self._flat = None
+        self._numpy_tables = None
         self._layers.clear()
 
     def _write(self, grow: np.ndarray, upto: np.ndarray, tables: list[list[int]]) -> None:
@@ -268,11 +268,9 @@ class InputBatch:
             # The tensors are host memory: numpy writes them in place, several times faster than
             # torch's indexed writes for a few hundred ids (this runs in every step a row crosses
             # into a new block, about one row in block_size of them).
-            if self._flat is None:
-                self._flat = self.block_table.numpy().reshape(-1), self.last_block.numpy().reshape(-1)
-            table, last_block = self._flat
-            table[flat] = ids
-            last_block[last_flat] = last_ids
+            table, last_block = self._host_tables()
+            table.reshape(-1)[flat] = ids
+            last_block.reshape(-1)[last_flat] = last_ids
             return
         device = self.device
         self.block_table.view(-1)[to_device(flat, torch.long, device)] = to_device(ids, torch.int32, device)
@@ -296,14 +294,17 @@ class InputBatch:
         for b, old in zip(rows, olds):
             values += tables[b][old * n:(old + 1) * n]  # block `old` of every layer (block-major)
         ids = np.array(values, dtype=np.int32).reshape(len(rows), n).T  # [L, R]
-        if self._flat is None:
-            self._flat = self.block_table.numpy().reshape(-1), self.last_block.numpy().reshape(-1)
-        table = self._flat[0].reshape(self.block_table.shape)  # [C, slots, width], a view
-        last_block = self._flat[1].reshape(self.last_block.shape)  # [C, slots], a view
+        table, last_block = self._host_tables()  # [C, slots, width], [C, slots]
         table[layers, grow, old_of] = ids
         last_block[layers, grow] = ids
         self.written[grow] = new_of
         return True
+
+    def _host_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """block_table and last_block as numpy arrays sharing their memory (numpy_writes: host tensors)."""
+        if self._numpy_tables is None:
+            self._numpy_tables = self.block_table.numpy(), self.last_block.numpy()
+        return self._numpy_tables
 
     def _layer_index(self, exit_layer: int) -> np.ndarray:
         """An exit's cache layers as an [L, 1] index (broadcast against rows)."""

@@ -119,3 +119,20 @@ def test_a_steady_batch_moves_nothing_and_a_leaver_moves_one_row():
     # The last full-depth row fills the hole and the last exit-4 row takes the slot it left.
     assert moved == ["r3", "r7"]
     assert [ids[i] for i in order] == ["r0", "r3", "r2", "r7", "r4", "r5", "r6"]
+
+
+@pytest.mark.parametrize("exit_layer", [FULL, 2], ids=["full", "exit-2"])
+def test_decoding_rows_at_one_exit_cross_into_blocks_as_the_tables_say(exit_layer):
+    """A decode of rows at one exit, their contexts a token apart, so a few reach a new block each
+    step (the broadcast write of _write_crossed), while the tables outgrow their first shape."""
+    blocks = BlockManager(4000, 4)
+    batch = InputBatch(cache_layers_of, NUM_CACHE_LAYERS, torch.device("cpu"), rows=2, blocks=2)
+    ids = [f"r{i}" for i in range(7)]
+    tokens = {rid: 1 + i for i, rid in enumerate(ids)}
+    for rid in ids:
+        blocks.allocate(rid, len(cache_layers_of(exit_layer)), tokens[rid])
+    for _ in range(30):
+        step(batch, blocks, ids, [exit_layer] * len(ids), {r: -(-tokens[r] // 4) for r in ids})
+        for rid in ids:
+            tokens[rid] += 1
+        assert blocks.try_grow_all([(rid, tokens[rid]) for rid in ids])
