@@ -6,6 +6,8 @@ contexts to 8k; correctness as ||out - ref|| / ||ref|| (bf16 < 1e-2, plus an fp3
 times as the median of ``triton.testing.do_bench`` (L2 flushed before each run); achieved GB/s or
 TFLOP/s against ceilings measured on the same device (a 1 GiB device-to-device copy, a bf16
 8192^3 cuBLAS matmul). Prints a markdown table and the issue's goals, and writes both to --out.
+decode_attention is also timed at 1-16 sequence splits (batches 1, 64, 256 at 2,048 tokens), with
+the launcher's own choice against the fastest, so its split policy is set from measurements.
 Needs torch, triton and numpy only: no network, no transformers.
 
     python bench/gpu_kernels.py --out docs/gpu_kernels_h200.md     # about 2-3 minutes on an H200
@@ -248,6 +250,58 @@ def decode_rows(bench: Bench, models, batches, contexts, dtype, ragged: bool = T
             del k_cache, v_cache
             _free(bench)
     return rows
+
+
+def decode_split_rows(bench: Bench, models, batches, context: int, dtype, splits=(1, 2, 4, 8, 16)) -> list[Row]:
+    """decode_attention at each number of sequence splits, the launcher's own choice marked: what
+    its policy (about two waves of programs, kernels/decode_attention._choose_num_splits) should be
+    is read off these rows, not guessed."""
+    from kernels import launch, reference
+    from kernels.decode_attention import _choose_num_splits, decode_attention
+
+    rows = []
+    for m in models:
+        for batch in batches:
+            dev = bench.device
+            lens = [context] * batch
+            k_cache, v_cache, block_tables = _paged_cache(m, lens, dtype, dev)
+            ctx = torch.tensor(lens, dtype=torch.int32, device=dev)
+            q = _randn(batch, m.q_heads, m.head_dim, dtype=dtype, device=dev)
+            scale = m.head_dim**-0.5
+            n = min(batch, 16)
+            ref = reference.decode_attention(q[:n], k_cache, v_cache, block_tables[:n], ctx[:n], scale)
+            chosen = _choose_num_splits(batch * m.kv_heads, block_tables.shape[1] * BLOCK_SIZE, launch.sm_count(dev))
+            moved = (2 * sum(lens) * m.kv_heads + 2 * batch * m.q_heads) * m.head_dim * x_size(dtype)
+            for num_splits in sorted({*splits, chosen}):
+                out = decode_attention(q, k_cache, v_cache, block_tables, ctx, scale, num_splits=num_splits)
+                row = Row("decode_attention", m.name, f"B={batch} ctx={context} splits={num_splits}", dtype,
+                          rel_err(out[:n], ref), key=("decode splits", m.name, batch, num_splits),
+                          note="the launcher's choice" if num_splits == chosen else "")
+                row.triton_ms = bench.time_ms(lambda: decode_attention(q, k_cache, v_cache, block_tables, ctx, scale,
+                                                                       num_splits=num_splits))
+                row.unit, row.achieved, row.ceiling = "GB/s", moved / row.triton_ms / 1e6, bench.copy_gbs
+                rows.append(row)
+            del k_cache, v_cache
+            _free(bench)
+    return rows
+
+
+def split_summary(rows: list[Row]) -> str:
+    """Per model and batch: the launcher's choice of splits against the fastest measured."""
+    lines = ["| model | batch | launcher's splits | its ms | fastest splits | its ms | launcher / fastest |",
+             "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        if r.key[:1] == ("decode splits",) and r.triton_ms:
+            groups.setdefault(r.key[1:3], []).append(r)
+    for (model, batch), group in groups.items():
+        best = min(group, key=lambda r: r.triton_ms)
+        chosen = next((r for r in group if r.note), None)
+        if chosen is None:
+            continue
+        lines.append(f"| {model} | {batch} | {chosen.key[3]} | {_fmt(chosen.triton_ms)} | {best.key[3]} | "
+                     f"{_fmt(best.triton_ms)} | {chosen.triton_ms / best.triton_ms:.2f}x |")
+    return "\n".join(lines)
 
 
 def prefill_rows(bench: Bench, models, cases, dtype) -> list[Row]:
@@ -527,12 +581,14 @@ def main(argv: list[str] | None = None) -> int:
     bf16 = torch.bfloat16
     if args.smoke:
         models, tokens, batches, contexts = [TINY], [3, 20], [1, 3], [40]
+        split_batches, split_context = [3], 40
         mlp_tokens, prefill_cases = [1, 70], [("1x40", [40], [40]), ("2 chunks", [9, 1], [30, 17])]
     else:
         models = [DEFAULT_MODEL, LLAMA3_8B]
         tokens = [1, 64, 4096] if args.quick else [1, 64, 256, 4096]
         batches = [1, 64, 256] if args.quick else [1, 16, 64, 256]
         contexts = [2048] if args.quick else [512, 2048, 8192]
+        split_batches, split_context = [1, 64, 256], 2048
         mlp_tokens = [1, 64, 2048] if args.quick else [1, 16, 64, 256, 2048, 8192]
         prefill_cases = [("1x2048", [2048], [2048]), ("8 chunks of 512 at ctx 4096", [512] * 8, [4096] * 8)]
         if not args.quick:
@@ -542,15 +598,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     bench = Bench(device, args.smoke, args.warmup_ms, args.rep_ms)
     print(header(bench), flush=True)
-    sections: list[tuple[str, Callable[[], list[Row]]]] = [
-        ("rms_norm", lambda: rms_norm_rows(bench, models, tokens, bf16)),
-        ("rotary_and_cache", lambda: rotary_rows(bench, models, tokens, bf16)),
-        ("decode_attention", lambda: decode_rows(bench, models, batches, contexts, bf16)),
-        ("prefill_attention", lambda: prefill_rows(bench, models, prefill_cases, bf16)),
-        ("swiglu", lambda: swiglu_rows(bench, models, mlp_tokens, bf16)),
+    sections: list[tuple[str, str, Callable[[], list[Row]]]] = [  # (kernel, section, its rows)
+        ("rms_norm", "rms_norm", lambda: rms_norm_rows(bench, models, tokens, bf16)),
+        ("rotary_and_cache", "rotary_and_cache", lambda: rotary_rows(bench, models, tokens, bf16)),
+        ("decode_attention", "decode_attention", lambda: decode_rows(bench, models, batches, contexts, bf16)),
+        ("decode_attention", "decode_attention splits",
+         lambda: decode_split_rows(bench, models, split_batches, split_context, bf16)),
+        ("prefill_attention", "prefill_attention", lambda: prefill_rows(bench, models, prefill_cases, bf16)),
+        ("swiglu", "swiglu", lambda: swiglu_rows(bench, models, mlp_tokens, bf16)),
     ]
     rows: list[Row] = []
-    for name, run in sections:
+    for name, section, run in sections:
         if name not in only:
             continue
         section_start = time.perf_counter()
@@ -558,8 +616,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += run()
         except Exception as exc:  # one kernel's failure must not hide the others' numbers
             traceback.print_exc()
-            rows.append(Row(name, "-", "section crashed", bf16, None, note=f"{type(exc).__name__}: {exc}"[:200]))
-        print(f"{name}: {time.perf_counter() - section_start:.1f}s", flush=True)
+            rows.append(Row(name, "-", f"{section} crashed", bf16, None, note=f"{type(exc).__name__}: {exc}"[:200]))
+        print(f"{section}: {time.perf_counter() - section_start:.1f}s", flush=True)
     try:
         fp32 = [r for r in fp32_rows(bench, models[0]) if r.kernel in only]
     except Exception as exc:
@@ -576,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
         header(bench),
         "## bf16, real sizes\n\n" + table(rows),
         "## fp32 correctness (exact dots), default model sizes\n\n" + table(fp32),
+        "## decode_attention: the launcher's sequence splits against the fastest (rows 'splits=' above)\n\n"
+        + split_summary(rows),
         "## Goals (issue 5)\n\n" + goals(rows, args.goal_batch),
         f"Total time of this run: {time.perf_counter() - started:.0f}s.",
     ]) + "\n"

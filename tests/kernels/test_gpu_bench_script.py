@@ -31,6 +31,10 @@ def test_smoke_run_writes_a_report(bench, tmp_path, capsys):
     assert "**FAIL**" not in report
     assert "of copy bandwidth at batch 3" in report  # the goal lines were produced
     assert "fused MLP within 10% of cuBLAS" in report
+    # Every split count timed, the launcher's own marked, and summed up against the fastest.
+    assert all(f"B=3 ctx=40 splits={n} " in report for n in (1, 2, 4, 8, 16))
+    assert report.count("the launcher's choice") == 1
+    assert "| tiny (smoke) | 3 | 1 |" in report
 
 
 def test_without_cuda_it_says_so_and_exits_cleanly(bench, capsys, monkeypatch):
