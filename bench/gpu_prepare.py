@@ -10,7 +10,9 @@ stack; a device call carries at most 64 MiB of ignored files. This puts in ``--o
 - ``smollm2-135m-shape/``: the default model's config.json and tokenizer files, without its weights
   (bench/gpu_check.py builds random weights of that shape, seeded).
 
-Then it prints the one device call, for `run` with ``carry: [".whl"]``:
+Then it prints the one device call, for `run` with ``carry: [".whl"]``. The wheels come with their
+dependencies, one version of each (pip resolves them here), so the device installs them without
+a resolver.
 
     python bench/gpu_prepare.py                  # about 10 MB, a few seconds
     python bench/gpu_prepare.py --python-version 3.11 --out /tmp/whl
@@ -70,9 +72,12 @@ def copy_shape(model_dir: Path, out: Path) -> Path:
     return shape
 
 
-def device_command(out: Path, requirements: list[str]) -> str:
-    names = " ".join(r.split("==")[0] for r in requirements)
-    return (f"pip install -q --no-index --find-links {out} {names} && python bench/gpu_check.py "
+def device_command(out: Path) -> str:
+    """Install the carried wheels beside the device's own packages (a --target directory on
+    PYTHONPATH, as the device's notes advise: no resolver, nothing of the image replaced), then the
+    check."""
+    return (f"python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
+            f"{out}/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 && python3 bench/gpu_check.py "
             f"--shape {out}/{SHAPE_DIR} --quick --out $OUT/gpu_h200.md --json $OUT/gpu_h200.json")
 
 
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out} is too large to carry", file=sys.stderr)
         return 1
     print("\nThe device call (run, carry [\"%s\"], timeout_s about 540):\n" % out)
-    print(device_command(out, requirements))
+    print(device_command(out))
     return 0
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def test_the_shape_travels_without_the_weights(prepare, tiny_model_dir, tmp_path
     assert not any(name.endswith((".safetensors", ".bin", ".gguf")) for name in copied)
     assert (shape / "config.json").read_bytes() == (tiny_model_dir / "config.json").read_bytes()
     printed = capsys.readouterr().out
-    assert f"--shape {out}/{prepare.SHAPE_DIR}" in printed and "--find-links" in printed
+    assert f"--shape {out}/{prepare.SHAPE_DIR}" in printed and f"--target /tmp/site {out}/*.whl" in printed
 
 
 def test_wheels_are_pinned_to_this_environment_and_fetched_for_the_device(prepare, tmp_path):
