@@ -6,7 +6,8 @@ bench/data/README.md says what it holds and how it was made); nothing is downloa
 start (``--init lens``), then trains every balcony by the KL recipe for as many tokens as the
 budget allows, then scores every exit on the held-out English and writes the adapters and a report.
 
-    # here: pack what travels (the device call's carry is 64 MiB in all, the GGUF is 94 MiB: two parts)
+    # here: pack what travels (the device call's carry is 64 MiB in all, the GGUF is 94 MiB: two parts;
+    # part a also carries the gguf package's wheel, which the device's image lacks)
     python bench/gpu_train.py --pack .gputrain
     # on the device, call 1 (carry .gputrain/a): keep part a in an ignored folder the next call sees
     mkdir -p .gputrain/keep && cp .gputrain/a/* .gputrain/keep/
@@ -27,10 +28,13 @@ OUT/gpu_train.md; the adapters to OUT/adapters (balcony.json records the command
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tarfile
 import time
@@ -42,12 +46,13 @@ sys.path.insert(0, str(REPO))
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the file balcony_runtime.model_source expects in downloads/
 PART_BYTES = 48 * 2**20  # each weight part with room to spare in one 64 MiB carry
 TEXT_ARCHIVE = "text.tar.xz"  # train/ and heldout/ inside
+GGUF_WHEEL = "gguf-*.whl"  # the gguf package, which reading the GGUF needs and the device's image lacks
 REPO_TEXT = REPO / "bench" / "data" / "gpu_train_text.tar.xz"  # the same layout, in git: used when DIR has none
 
 
 def pack(directory: Path, data: list[str], heldout: str | None) -> None:
-    """Split the cached GGUF into parts a/ and b/; with ``data``, archive it and the held-out text
-    (else the run reads the repository's archive)."""
+    """Split the cached GGUF into parts a/ and b/, the gguf package's wheel beside part a; with
+    ``data``, archive it and the held-out text (else the run reads the repository's archive)."""
     from balcony_runtime.model_source import balcony_home, resolve_model
 
     gguf = balcony_home() / "downloads" / GGUF_NAME
@@ -59,6 +64,7 @@ def pack(directory: Path, data: list[str], heldout: str | None) -> None:
     for name, piece in (("a", blob[:PART_BYTES]), ("b", blob[PART_BYTES:])):
         (directory / name).mkdir(parents=True, exist_ok=True)
         (directory / name / f"{GGUF_NAME}.part-{name}").write_bytes(piece)
+    fetch_gguf_wheel(directory / "a")
     if data:
         with tarfile.open(directory / TEXT_ARCHIVE, "w:xz") as tar:
             for i, source in enumerate(data):
@@ -66,6 +72,32 @@ def pack(directory: Path, data: list[str], heldout: str | None) -> None:
             tar.add(heldout, arcname="heldout")
     sizes = {p.relative_to(directory).as_posix(): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
     print(json.dumps(sizes, indent=1))
+
+
+def fetch_gguf_wheel(into: Path) -> Path:
+    """The gguf package at this environment's version, as its wheel (pure Python, about 0.1 MB):
+    the device's image has no gguf, and converting the GGUF reads it with that package."""
+    version = importlib.metadata.version("gguf")
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+               "--dest", str(into), f"gguf=={version}"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    wheels = sorted(into.glob(f"gguf-{version}-*.whl"))
+    if done.returncode or not wheels:
+        raise SystemExit(f"could not fetch the gguf wheel ({' '.join(command)}):\n{done.stderr[-2000:]}")
+    return wheels[0]
+
+
+def gguf_importable(directory: Path) -> None:
+    """Make ``import gguf`` work on a machine without it: the carried wheel (pure Python) goes on
+    the path, where Python imports it from the zip, in this process and in those it starts."""
+    if importlib.util.find_spec("gguf") is not None:
+        return
+    wheels = sorted((directory / "keep").glob(GGUF_WHEEL)) or sorted(directory.rglob(GGUF_WHEEL))
+    if not wheels:
+        raise SystemExit(f"this machine has no gguf package and {directory} no gguf wheel: pack with --pack, "
+                         f"which carries one in part a")
+    sys.path.insert(0, str(wheels[-1]))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(wheels[-1]), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def unpack(directory: Path, home: Path) -> tuple[Path, Path]:
@@ -149,6 +181,7 @@ def run(args) -> int:
         args.seq_len, args.micro_batch_size, args.lens_tokens, args.eval_sequences = 64, 2, 1024, 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    gguf_importable(Path(args.run))
     train_dir, heldout_dir = unpack(Path(args.run), balcony_home())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",

@@ -29,6 +29,10 @@ def test_pack_then_run_trains_and_reports(tmp_path, default_model):
     parts = sorted(pack.rglob("*.part-*"))
     assert [p.parent.name for p in parts] == ["a", "b"]
     assert all(p.stat().st_size <= 48 * 2**20 for p in parts)  # each fits one 64 MiB carry
+    import importlib.metadata
+
+    wheel = pack / "a" / f"gguf-{importlib.metadata.version('gguf')}-py3-none-any.whl"
+    assert wheel.is_file()  # the device's image has no gguf: it travels with part a
 
     # On the device: part a was kept by an earlier call, part b arrives with this one.
     (pack / "keep").mkdir()
@@ -70,3 +74,32 @@ def test_the_repositorys_text_is_read_when_the_pack_has_none(tmp_path):
     assert "constitution.txt" in held and len(held) == 17
     trained_text = {p.read_text(errors="replace")[:200] for p in train.rglob("*.txt")}
     assert not any(p.read_text()[:200] in trained_text for p in heldout.iterdir())
+
+
+def test_a_carried_gguf_wheel_is_imported_where_the_machine_has_none(tmp_path, monkeypatch):
+    """On the device (no gguf installed) the wheel packed beside part a goes on the path, and a
+    process the run starts finds it too; a machine that has gguf keeps its own."""
+    import importlib.util
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_train
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    wheel = gpu_train.fetch_gguf_wheel(tmp_path / "pack" / "a")
+    (tmp_path / "pack" / "keep").mkdir()
+    kept = tmp_path / "pack" / "keep" / wheel.name
+    kept.write_bytes(wheel.read_bytes())
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "")
+    gpu_train.gguf_importable(tmp_path / "pack")  # gguf is installed here: nothing changes
+    assert sys.path[0] != str(kept)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    gpu_train.gguf_importable(tmp_path / "pack")
+    assert sys.path[0] == str(kept) and os.environ["PYTHONPATH"] == str(kept)
+    # Python imports the package from the zip alone (in a process that cannot see the installed one).
+    probe = ("import sys, numpy, yaml, tqdm, requests; sys.path = [p for p in sys.path if 'site-packages' not in p]; "
+             "import gguf.quants, gguf.constants; print(gguf.__file__)")
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert shown.startswith(str(kept))
