@@ -4,9 +4,10 @@ The device machine has torch, triton and transformers but no internet and none o
 stack; a device call carries at most 64 MiB of ignored files. This puts in ``--out`` (default
 ``.whl/``, git-ignored):
 
-- the wheels of the serving stack and their dependencies for the device's Python (fastapi,
-  uvicorn, pydantic, prometheus-client, openai, llguidance, at this environment's versions where
-  it has them), fetched with ``pip download --only-binary=:all:`` for that Python and manylinux;
+- the wheels of what the project needs and the device's image lacks, with their dependencies, for
+  the device's Python (SERVING_STACK: fastapi, uvicorn, pydantic, orjson, llguidance, gguf, and
+  openai for the check's client, at this environment's versions), fetched with
+  ``pip download --only-binary=:all:`` for that Python and manylinux;
 - ``smollm2-135m-shape/``: the default model's config.json and tokenizer files, without its weights
   (bench/gpu_check.py builds random weights of that shape, seeded).
 
@@ -32,8 +33,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-# What the device lacks (docs/gpu_h200.md: what stopped an earlier run), by distribution name.
-SERVING_STACK = ("fastapi", "uvicorn", "pydantic", "prometheus-client", "openai", "llguidance")
+# pyproject.toml's runtime dependencies that the device's image holds (the device notes' package
+# list) and that therefore do not travel; tests/bench/test_gpu_prepare.py checks that every
+# dependency is in one list or the other, so a new one cannot be forgotten.
+DEVICE_HAS = ("torch", "transformers", "safetensors", "tokenizers", "accelerate", "numpy", "triton",
+              "prometheus-client", "httpx", "tqdm", "matplotlib")
+# What travels: the dependencies the image lacks (an earlier run stopped at a missing fastapi
+# dependency; orjson and gguf came after it), and openai for the check's client.
+SERVING_STACK = ("fastapi", "uvicorn", "pydantic", "orjson", "llguidance", "gguf", "openai")
+# Fetched without their dependencies: gguf's (numpy, pyyaml, requests, tqdm) are all on the device,
+# and a carried numpy would shadow the one the device's torch was built against.
+WITHOUT_DEPS = ("gguf",)
 PLATFORMS = ("manylinux_2_31_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 CARRY_LIMIT_MB = 64  # a device call's carried files, all of them together
 SHAPE_DIR = "smollm2-135m-shape"
@@ -50,9 +60,9 @@ def pinned(names: tuple[str, ...] = SERVING_STACK) -> list[str]:
     return out
 
 
-def download_command(requirements: list[str], out: Path, python_version: str) -> list[str]:
+def download_command(requirements: list[str], out: Path, python_version: str, deps: bool = True) -> list[str]:
     command = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(out),
-               "--python-version", python_version, "--implementation", "cp"]
+               "--python-version", python_version, "--implementation", "cp", *([] if deps else ["--no-deps"])]
     for platform in PLATFORMS:
         command += ["--platform", platform]
     return command + requirements
@@ -97,12 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shape: {shape} ({', '.join(sorted(p.name for p in shape.iterdir()))})")
     requirements = pinned()
     if not args.no_download:
-        command = download_command(requirements, out, args.python_version)
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            print(done.stdout[-3000:] + done.stderr[-3000:], file=sys.stderr)
-            print(f"pip download failed (exit {done.returncode}): {' '.join(command)}", file=sys.stderr)
-            return 1
+        alone = [r for r in requirements if r.split("==")[0] in WITHOUT_DEPS]
+        for group, deps in (([r for r in requirements if r not in alone], True), (alone, False)):
+            command = download_command(group, out, args.python_version, deps)
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                print(done.stdout[-3000:] + done.stderr[-3000:], file=sys.stderr)
+                print(f"pip download failed (exit {done.returncode}): {' '.join(command)}", file=sys.stderr)
+                return 1
+        shadowing = sorted(p.name for p in out.glob("*.whl") if p.name.split("-")[0].lower() in DEVICE_HAS)
+        if shadowing:  # a dependency pulled in something the device's image has: it would shadow it
+            print(f"{', '.join(shadowing)}: the device has these; not carried", file=sys.stderr)
+            for name in shadowing:
+                (out / name).unlink()
     size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     wheels = sorted(p.name for p in out.glob("*.whl"))
     print(f"{len(wheels)} wheels in {out}, {size_mb:.1f} MiB in all (a device call carries at most "

@@ -39,3 +39,14 @@ def test_a_directory_without_a_config_is_refused(prepare, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
         prepare.copy_shape(tmp_path / "empty", tmp_path / "whl")
+
+
+def test_every_runtime_dependency_either_travels_or_is_on_the_device(prepare):
+    import re
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    names = {re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0].lower() for dep in pyproject["project"]["dependencies"]}
+    assert names <= set(prepare.SERVING_STACK) | set(prepare.DEVICE_HAS), names - set(prepare.DEVICE_HAS)
+    assert not set(prepare.SERVING_STACK) & set(prepare.DEVICE_HAS)
