@@ -1,18 +1,20 @@
 """Train the default model's balconies on one GPU within a wall-clock budget (issue 12, item 7).
 
-From a bare machine without internet access: the backbone's GGUF file travels in two parts, the
+From a bare machine without internet access: the backbone's GGUF file travels in parts, the
 training text and the English held-out text are in the repository (bench/data/gpu_train_text.tar.xz,
 bench/data/README.md says what it holds and how it was made); nothing is downloaded. The run fits the closed-form
 start (``--init lens``), then trains every balcony by the KL recipe for as many tokens as the
 budget allows, then scores every exit on the held-out English and writes the adapters and a report.
 
-    # here: pack what travels (the device call's carry is 64 MiB in all, the GGUF is 94 MiB: two parts;
-    # part a also carries the gguf package's wheel, which the device's image lacks)
+    # here: pack what travels. A device call brings the tracked tree and its carry, 64 MiB in all;
+    # the GGUF is 94 MiB, so it goes in parts a, b, ... sized to what the tree leaves (it prints
+    # them); the last part also carries the gguf package's wheel, which the device's image lacks
     python bench/gpu_train.py --pack .gputrain
-    # on the device, call 1 (carry .gputrain/a): keep part a in an ignored folder the next call sees
+    # on the device, one call per part but the last, at once one after the other (carry .gputrain/a,
+    # then .gputrain/b, ...): keep it in an ignored folder the next calls see
     mkdir -p .gputrain/keep && cp .gputrain/a/* .gputrain/keep/
-    # call 2, at once (carry .gputrain/b): assemble and train
-    cp .gputrain/b/* .gputrain/keep/ && python bench/gpu_train.py --run .gputrain --minutes 8 --out $OUT
+    # the last part's call (carry .gputrain/d, say): assemble and train
+    cp .gputrain/d/* .gputrain/keep/ && python bench/gpu_train.py --run .gputrain --minutes 8 --out $OUT
 
     # other text instead of the repository's: --pack also archives it (then carry .gputrain/text.tar.xz too)
     python bench/gpu_train.py --pack .gputrain --data /tmp/fit2 /tmp/fit3 --heldout /tmp/english
@@ -34,6 +36,7 @@ import json
 import os
 import shlex
 import shutil
+import string
 import subprocess
 import sys
 import tarfile
@@ -44,7 +47,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the file balcony_runtime.model_source expects in downloads/
-PART_BYTES = 48 * 2**20  # each weight part with room to spare in one 64 MiB carry
+# A device call brings the working tree (its tracked files) and the carried paths, 64 MiB in all:
+# each weight part is what the tracked tree leaves of that, less a margin for files that change.
+CALL_BYTES, MARGIN_BYTES = 64 * 2**20, 3 * 2**20
 TEXT_ARCHIVE = "text.tar.xz"  # train/ and heldout/ inside
 GGUF_WHEEL = "gguf-*.whl"  # the gguf package, which reading the GGUF needs and the device's image lacks
 REPO_TEXT = REPO / "bench" / "data" / "gpu_train_text.tar.xz"  # the same layout, in git: used when DIR has none
@@ -59,12 +64,14 @@ def pack(directory: Path, data: list[str], heldout: str | None) -> None:
     if not gguf.is_file():
         resolve_model("smollm2-135m")  # fetches it once (pip), as `balcony serve` does
     blob = gguf.read_bytes()
-    if len(blob) > 2 * PART_BYTES:
-        raise SystemExit(f"{gguf} is {len(blob)} bytes: more than two parts of {PART_BYTES}")
-    for name, piece in (("a", blob[:PART_BYTES]), ("b", blob[PART_BYTES:])):
+    size = part_bytes()
+    names = string.ascii_lowercase[: -(-len(blob) // size)]
+    for i, name in enumerate(names):
         (directory / name).mkdir(parents=True, exist_ok=True)
-        (directory / name / f"{GGUF_NAME}.part-{name}").write_bytes(piece)
-    fetch_gguf_wheel(directory / "a")
+        (directory / name / f"{GGUF_NAME}.part-{name}").write_bytes(blob[i * size:(i + 1) * size])
+    wheel = fetch_gguf_wheel(directory / names[-1])  # (the last part is the smallest)
+    print(f"{len(names)} parts of at most {size / 2**20:.1f} MiB beside a tracked tree of "
+          f"{tracked_bytes() / 2**20:.1f} MiB: one device call each, {', '.join(names)}; {wheel.name} with part {names[-1]}")
     if data:
         with tarfile.open(directory / TEXT_ARCHIVE, "w:xz") as tar:
             for i, source in enumerate(data):
@@ -72,6 +79,20 @@ def pack(directory: Path, data: list[str], heldout: str | None) -> None:
             tar.add(heldout, arcname="heldout")
     sizes = {p.relative_to(directory).as_posix(): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
     print(json.dumps(sizes, indent=1))
+
+
+def tracked_bytes() -> int:
+    """Bytes of the repository's tracked files: what every device call brings before its carry."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    return sum((REPO / name).stat().st_size for name in listed.decode().split("\0") if name and (REPO / name).is_file())
+
+
+def part_bytes() -> int:
+    """The largest weight part that fits one device call beside the tracked tree."""
+    size = CALL_BYTES - MARGIN_BYTES - tracked_bytes()
+    if size < 8 * 2**20:
+        raise SystemExit(f"the tracked tree leaves {size / 2**20:.1f} MiB of a device call: too little to carry weights")
+    return size
 
 
 def fetch_gguf_wheel(into: Path) -> Path:
