@@ -1,6 +1,7 @@
 """One GPU check (issue 13, item 7): everything that needs a GPU, in one call from a bare machine.
 
     python bench/gpu_check.py --shape DIR --out docs/gpu_h200.md [--json results.json] [--quick]
+    python bench/gpu_prepare.py        # here, first: the wheels and DIR that travel, and the device call
     TRITON_INTERPRET=1 python bench/gpu_check.py --smoke --shape DIR    # tiny, on CPU: tests this script
 
 ``--shape DIR`` holds a LLaMA config.json and its tokenizer files (the default model's travel in a
