@@ -6,8 +6,9 @@ contexts to 8k; correctness as ||out - ref|| / ||ref|| (bf16 < 1e-2, plus an fp3
 times as the median of ``triton.testing.do_bench`` (L2 flushed before each run); achieved GB/s or
 TFLOP/s against ceilings measured on the same device (a 1 GiB device-to-device copy, a bf16
 8192^3 cuBLAS matmul). Prints a markdown table and the issue's goals, and writes both to --out.
-decode_attention is also timed at 1-16 sequence splits (batches 1, 64, 256 at 2,048 tokens), with
-the launcher's own choice against the fastest, so its split policy is set from measurements.
+decode_attention is also timed at 1-16 sequence splits (batches 1, 64, 256 at 2,048 tokens) and
+rms_norm at 1-8 rows per program (64 and 4,096 rows), each with the launcher's own choice against
+the fastest, so those settings are chosen from measurements.
 Needs torch, triton and numpy only: no network, no transformers.
 
     python bench/gpu_kernels.py --out docs/gpu_kernels_h200.md     # about 2-3 minutes on an H200
@@ -155,6 +156,32 @@ def rms_norm_rows(bench: Bench, models, token_counts, dtype) -> list[Row]:
     return rows
 
 
+def rms_norm_tile_rows(bench: Bench, models, token_counts, dtype, per_program=(1, 2, 4, 8)) -> list[Row]:
+    """rms_norm with 1 to 8 rows normalised per program (one row, the launcher's default, first):
+    whether short rows (H=576) want several per program is read off these rows."""
+    from kernels import reference
+    from kernels.rms_norm import rms_norm
+
+    rows = []
+    for m in models:
+        for tokens in token_counts:
+            dev = bench.device
+            x = _randn(tokens, m.hidden, dtype=dtype, device=dev)  # [T, H]
+            residual = _randn(tokens, m.hidden, dtype=dtype, device=dev)
+            weight = _randn(m.hidden, dtype=dtype, device=dev)
+            ref_out, ref_residual = reference.rms_norm(x, weight, 1e-5, residual)
+            moved = (4 * tokens * m.hidden + m.hidden) * x.element_size()
+            for n in per_program:
+                out, new_residual = rms_norm(x, weight, 1e-5, residual, rows_per_program=n)
+                err = max(rel_err(out, ref_out), rel_err(new_residual, ref_residual))
+                row = Row("rms_norm", m.name, f"T={tokens} H={m.hidden} rows/program={n}", dtype, err,
+                          key=("rms_norm rows", m.name, tokens, n), note="the launcher's default" if n == 1 else "")
+                row.triton_ms = bench.time_ms(lambda: rms_norm(x, weight, 1e-5, residual, rows_per_program=n))
+                row.unit, row.achieved, row.ceiling = "GB/s", moved / row.triton_ms / 1e6, bench.copy_gbs
+                rows.append(row)
+    return rows
+
+
 def _rope_tables(max_positions: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / 500000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)  # [D/2]
     angles = torch.arange(max_positions, device=device).float()[:, None] * inv_freq  # [P, D/2]
@@ -286,20 +313,21 @@ def decode_split_rows(bench: Bench, models, batches, context: int, dtype, splits
     return rows
 
 
-def split_summary(rows: list[Row]) -> str:
-    """Per model and batch: the launcher's choice of splits against the fastest measured."""
-    lines = ["| model | batch | launcher's splits | its ms | fastest splits | its ms | launcher / fastest |",
+def setting_summary(rows: list[Row], tag: str, setting: str) -> str:
+    """Per model and size: the launcher's choice of a setting (its row's note says so) against the
+    fastest measured, from rows keyed (tag, model, size, setting)."""
+    lines = [f"| model | size | launcher's {setting} | its ms | fastest {setting} | its ms | launcher / fastest |",
              "|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
-        if r.key[:1] == ("decode splits",) and r.triton_ms:
+        if r.key[:1] == (tag,) and r.triton_ms:
             groups.setdefault(r.key[1:3], []).append(r)
-    for (model, batch), group in groups.items():
+    for (model, size), group in groups.items():
         best = min(group, key=lambda r: r.triton_ms)
-        chosen = next((r for r in group if r.note), None)
+        chosen = next((r for r in group if r.note.startswith("the launcher's")), None)
         if chosen is None:
             continue
-        lines.append(f"| {model} | {batch} | {chosen.key[3]} | {_fmt(chosen.triton_ms)} | {best.key[3]} | "
+        lines.append(f"| {model} | {size} | {chosen.key[3]} | {_fmt(chosen.triton_ms)} | {best.key[3]} | "
                      f"{_fmt(best.triton_ms)} | {chosen.triton_ms / best.triton_ms:.2f}x |")
     return "\n".join(lines)
 
@@ -582,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         models, tokens, batches, contexts = [TINY], [3, 20], [1, 3], [40]
         split_batches, split_context = [3], 40
+        tile_tokens = [7]
         mlp_tokens, prefill_cases = [1, 70], [("1x40", [40], [40]), ("2 chunks", [9, 1], [30, 17])]
     else:
         models = [DEFAULT_MODEL, LLAMA3_8B]
@@ -589,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         batches = [1, 64, 256] if args.quick else [1, 16, 64, 256]
         contexts = [2048] if args.quick else [512, 2048, 8192]
         split_batches, split_context = [1, 64, 256], 2048
+        tile_tokens = [64, 4096]
         mlp_tokens = [1, 64, 2048] if args.quick else [1, 16, 64, 256, 2048, 8192]
         prefill_cases = [("1x2048", [2048], [2048]), ("8 chunks of 512 at ctx 4096", [512] * 8, [4096] * 8)]
         if not args.quick:
@@ -600,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header(bench), flush=True)
     sections: list[tuple[str, str, Callable[[], list[Row]]]] = [  # (kernel, section, its rows)
         ("rms_norm", "rms_norm", lambda: rms_norm_rows(bench, models, tokens, bf16)),
+        ("rms_norm", "rms_norm rows per program", lambda: rms_norm_tile_rows(bench, models, tile_tokens, bf16)),
         ("rotary_and_cache", "rotary_and_cache", lambda: rotary_rows(bench, models, tokens, bf16)),
         ("decode_attention", "decode_attention", lambda: decode_rows(bench, models, batches, contexts, bf16)),
         ("decode_attention", "decode_attention splits",
@@ -635,7 +666,9 @@ def main(argv: list[str] | None = None) -> int:
         "## bf16, real sizes\n\n" + table(rows),
         "## fp32 correctness (exact dots), default model sizes\n\n" + table(fp32),
         "## decode_attention: the launcher's sequence splits against the fastest (rows 'splits=' above)\n\n"
-        + split_summary(rows),
+        + setting_summary(rows, "decode splits", "splits"),
+        "## rms_norm: rows per program, the launcher's one against the fastest (rows 'rows/program=' above)\n\n"
+        + setting_summary(rows, "rms_norm rows", "rows/program"),
         "## Goals (issue 5)\n\n" + goals(rows, args.goal_batch),
         f"Total time of this run: {time.perf_counter() - started:.0f}s.",
     ]) + "\n"

@@ -1,8 +1,8 @@
 """Fused residual add + RMSNorm (Zhang & Sennrich 2019, as LLaMA uses it).
 
-One program normalises one row: it reads x (and the residual) once, writes the new residual and
-the normalised row once. The whole row sits in registers, so the sum of squares needs no second
-read. Rounding follows ``reference.rms_norm`` step by step: the add is rounded to the activation
+One program normalises one row (or a few, as one tile: ``rows_per_program``): it reads x (and the
+residual) once, writes the new residual and the normalised row once. The whole row sits in
+registers, so the sum of squares needs no second read. Rounding follows ``reference.rms_norm`` step by step: the add is rounded to the activation
 dtype (the unfused model's residual stream), statistics are fp32, the normalised row is rounded to
 the activation dtype before the weight multiplies it.
 """
@@ -23,6 +23,7 @@ def _rms_norm_kernel(
     weight_ptr,
     out_ptr,
     residual_out_ptr,
+    num_rows,
     hidden,
     eps,
     stride_x,
@@ -31,30 +32,38 @@ def _rms_norm_kernel(
     stride_residual_out,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # int64: T * H can pass 2**31 at long prefills
+    # int64: T * H can pass 2**31 at long prefills
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [R] this program's rows
     cols = tl.arange(0, BLOCK_H)
-    mask = cols < hidden
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)  # [BLOCK_H]
+    col_mask = cols < hidden
+    mask = (rows < num_rows)[:, None] & col_mask[None, :]  # [R, BLOCK_H]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)  # [R, BLOCK_H]
     if HAS_RESIDUAL:
-        r = tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0)
+        r = tl.load(residual_ptr + rows[:, None] * stride_residual + cols[None, :], mask=mask, other=0.0)
         # Rounded to the activation dtype, exactly as `x + residual` in the unfused model.
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        tl.store(residual_out_ptr + row * stride_residual_out + cols, x, mask=mask)
+        tl.store(residual_out_ptr + rows[:, None] * stride_residual_out + cols[None, :], x, mask=mask)
     x32 = x.to(tl.float32)
-    inv_rms = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / hidden + eps)  # padded lanes add 0
-    normed = (x32 * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=1) / hidden + eps)  # [R]; padded lanes add 0
+    normed = (x32 * inv_rms[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)  # [BLOCK_H]
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], (normed * w[None, :]).to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
+    rows_per_program: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of ``reference.rms_norm``: returns (normalised, new residual).
 
     x, residual: [T, H]; weight: [H]. The output dtype is that of ``weight * x`` (type promotion),
     as in the reference; the new residual is a new tensor (the inputs are not modified).
+    ``rows_per_program`` (a power of two): rows each program normalises, as one [rows, H] tile. One
+    by default; more may suit short rows (the default model's H=576), which
+    bench/gpu_kernels.py times on a GPU before any default changes.
     """
     op = "rms_norm"
     tensors = {"x": x, "weight": weight} | ({} if residual is None else {"residual": residual})
@@ -71,6 +80,8 @@ def rms_norm(
         launch.check_last_dim_contiguous(op, "residual", residual)
     if not eps > 0:
         raise ValueError(f"{op}: eps must be positive, got {eps}")
+    if rows_per_program < 1 or rows_per_program & (rows_per_program - 1):
+        raise ValueError(f"{op}: rows_per_program must be a power of two, got {rows_per_program}")
 
     num_rows, hidden = x.shape
     out = torch.empty((num_rows, hidden), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
@@ -78,12 +89,13 @@ def rms_norm(
     if num_rows == 0:
         return out, new_residual
     block_h = triton.next_power_of_2(hidden)
-    _rms_norm_kernel[(num_rows,)](
+    _rms_norm_kernel[(triton.cdiv(num_rows, rows_per_program),)](
         x,
         x if residual is None else residual,  # an unused pointer must still be a valid tensor
         weight,
         out,
         new_residual,
+        num_rows,
         hidden,
         float(eps),
         x.stride(0),
@@ -92,6 +104,7 @@ def rms_norm(
         new_residual.stride(0),
         HAS_RESIDUAL=residual is not None,
         BLOCK_H=block_h,
-        num_warps=min(16, max(1, block_h // 256)),  # ~8 elements per thread per pass
+        ROWS=rows_per_program,
+        num_warps=min(16, max(1, rows_per_program * block_h // 256)),  # ~8 elements per thread per pass
     )
     return out, new_residual

@@ -94,6 +94,7 @@ def main() -> int:
             x = torch.zeros(4, q_heads * head_dim, dtype=dtype)
             rms.rms_norm(x, torch.ones(x.shape[1], dtype=dtype), 1e-5, torch.zeros_like(x))
             rms.rms_norm(x, torch.ones(x.shape[1], dtype=dtype), 1e-5)
+            rms.rms_norm(x, torch.ones(x.shape[1], dtype=dtype), 1e-5, torch.zeros_like(x), rows_per_program=4)
             q = torch.zeros(4, q_heads, head_dim, dtype=dtype)
             k = torch.zeros(4, kv_heads, head_dim, dtype=dtype)
             cache = torch.zeros(8, 16, kv_heads, head_dim, dtype=dtype)

@@ -35,6 +35,8 @@ def test_smoke_run_writes_a_report(bench, tmp_path, capsys):
     assert all(f"B=3 ctx=40 splits={n} " in report for n in (1, 2, 4, 8, 16))
     assert report.count("the launcher's choice") == 1
     assert "| tiny (smoke) | 3 | 1 |" in report
+    assert all(f"T=7 H=96 rows/program={n} " in report for n in (1, 2, 4, 8))
+    assert "| tiny (smoke) | 7 | 1 |" in report  # rms_norm's rows per program, summed up likewise
 
 
 def test_without_cuda_it_says_so_and_exits_cleanly(bench, capsys, monkeypatch):
