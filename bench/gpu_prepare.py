@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shape: {shape} ({', '.join(sorted(p.name for p in shape.iterdir()))})")
     requirements = pinned()
     if not args.no_download:
+        for stale in out.glob("*.whl"):  # (two versions of one package stop the device's install)
+            stale.unlink()
         alone = [r for r in requirements if r.split("==")[0] in WITHOUT_DEPS]
         for group, deps in (([r for r in requirements if r not in alone], True), (alone, False)):
             command = download_command(group, out, args.python_version, deps)
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(done.stdout[-3000:] + done.stderr[-3000:], file=sys.stderr)
                 print(f"pip download failed (exit {done.returncode}): {' '.join(command)}", file=sys.stderr)
                 return 1
-        shadowing = sorted(p.name for p in out.glob("*.whl") if p.name.split("-")[0].lower() in DEVICE_HAS)
+        shadowing = sorted(p.name for p in out.glob("*.whl")
+                           if p.name.split("-")[0].lower().replace("_", "-") in DEVICE_HAS)
         if shadowing:  # a dependency pulled in something the device's image has: it would shadow it
             print(f"{', '.join(shadowing)}: the device has these; not carried", file=sys.stderr)
             for name in shadowing:
@@ -130,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     if size_mb + tree_mb > CARRY_LIMIT_MB:
         print(f"{out} and the tree are too large for one device call", file=sys.stderr)
         return 1
-    print("\nThe device call (run, carry [\"%s\"], timeout_s about 540):\n" % out)
+    print(f"\nThe device call (run, carry [\"{out}\"]; the check takes a few minutes):\n")
     print(device_command(out))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

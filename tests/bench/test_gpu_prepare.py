@@ -3,6 +3,9 @@ needs the network; here the shape directory, the pins and the commands are check
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
 
@@ -50,3 +53,28 @@ def test_every_runtime_dependency_either_travels_or_is_on_the_device(prepare):
     names = {re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0].lower() for dep in pyproject["project"]["dependencies"]}
     assert names <= set(prepare.SERVING_STACK) | set(prepare.DEVICE_HAS), names - set(prepare.DEVICE_HAS)
     assert not set(prepare.SERVING_STACK) & set(prepare.DEVICE_HAS)
+
+
+def test_what_pip_fetches_is_cleaned_of_stale_and_shadowing_wheels(prepare, tiny_model_dir, tmp_path, monkeypatch):
+    """Wheels from an earlier run go first (two versions of one package stop the device's
+    install); a dependency the device's image has is not carried (it would shadow the image's)."""
+    out = tmp_path / "whl"
+    out.mkdir()
+    (out / "fastapi-0.100.0-py3-none-any.whl").write_bytes(b"old")
+    calls, real_run = [], subprocess.run
+
+    def fake_pip(command, **kwargs):  # what `pip download` would leave in --dest
+        if "download" not in command:
+            return real_run(command, **kwargs)  # (git ls-files: the tracked tree's size)
+        calls.append(command)
+        dest = Path(command[command.index("--dest") + 1])
+        for name in ("fastapi-9.9.9-py3-none-any.whl", "numpy-2.5.5-cp312-cp312-manylinux_2_28_x86_64.whl",
+                     "prometheus_client-0.26.0-py3-none-any.whl"):
+            (dest / name).write_bytes(b"wheel")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(prepare.subprocess, "run", fake_pip)
+    assert prepare.main(["--model", str(tiny_model_dir), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.whl")) == ["fastapi-9.9.9-py3-none-any.whl"]
+    assert len(calls) == 2 and "--no-deps" not in calls[0] and "--no-deps" in calls[1]  # gguf alone, no deps
+    assert any(r.startswith("gguf") for r in calls[1]) and not any(r.startswith("gguf") for r in calls[0])
