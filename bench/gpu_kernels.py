@@ -132,6 +132,14 @@ def _randn(*shape, dtype, device, scale: float = 1.0) -> torch.Tensor:
 # ---- kernels --------------------------------------------------------------------------------
 
 
+def _rms_norm_inputs(m: ModelShape, tokens: int, dtype, device):
+    """x [T, H], residual [T, H], weight [H], and the bytes a fused call moves (x, r in; out, r out; w)."""
+    x = _randn(tokens, m.hidden, dtype=dtype, device=device)
+    residual = _randn(tokens, m.hidden, dtype=dtype, device=device)
+    weight = _randn(m.hidden, dtype=dtype, device=device)
+    return x, residual, weight, (4 * tokens * m.hidden + m.hidden) * x.element_size()
+
+
 def rms_norm_rows(bench: Bench, models, token_counts, dtype) -> list[Row]:
     from kernels import reference
     from kernels.rms_norm import rms_norm
@@ -139,10 +147,7 @@ def rms_norm_rows(bench: Bench, models, token_counts, dtype) -> list[Row]:
     rows = []
     for m in models:
         for tokens in token_counts:
-            dev = bench.device
-            x = _randn(tokens, m.hidden, dtype=dtype, device=dev)  # [T, H]
-            residual = _randn(tokens, m.hidden, dtype=dtype, device=dev)
-            weight = _randn(m.hidden, dtype=dtype, device=dev)
+            x, residual, weight, moved = _rms_norm_inputs(m, tokens, dtype, bench.device)
             out, new_residual = rms_norm(x, weight, 1e-5, residual)
             ref_out, ref_residual = reference.rms_norm(x, weight, 1e-5, residual)
             err = max(rel_err(out, ref_out), rel_err(new_residual, ref_residual))
@@ -150,7 +155,6 @@ def rms_norm_rows(bench: Bench, models, token_counts, dtype) -> list[Row]:
                       key=("rms_norm", m.name, tokens))
             row.triton_ms = bench.time_ms(lambda: rms_norm(x, weight, 1e-5, residual))
             row.torch_ms = bench.time_ms(lambda: reference.rms_norm(x, weight, 1e-5, residual))
-            moved = (4 * tokens * m.hidden + m.hidden) * x.element_size()  # x, r in; out, r out; w
             row.unit, row.achieved, row.ceiling = "GB/s", moved / row.triton_ms / 1e6, bench.copy_gbs
             rows.append(row)
     return rows
@@ -165,12 +169,8 @@ def rms_norm_tile_rows(bench: Bench, models, token_counts, dtype, per_program=(1
     rows = []
     for m in models:
         for tokens in token_counts:
-            dev = bench.device
-            x = _randn(tokens, m.hidden, dtype=dtype, device=dev)  # [T, H]
-            residual = _randn(tokens, m.hidden, dtype=dtype, device=dev)
-            weight = _randn(m.hidden, dtype=dtype, device=dev)
+            x, residual, weight, moved = _rms_norm_inputs(m, tokens, dtype, bench.device)
             ref_out, ref_residual = reference.rms_norm(x, weight, 1e-5, residual)
-            moved = (4 * tokens * m.hidden + m.hidden) * x.element_size()
             for n in per_program:
                 out, new_residual = rms_norm(x, weight, 1e-5, residual, rows_per_program=n)
                 err = max(rel_err(out, ref_out), rel_err(new_residual, ref_residual))
