@@ -282,16 +282,16 @@ class InputBatch:
         (a decode step) and all run at one exit. Each row's new ids are one slice of its
         block-major list; two broadcast writes place them, where the general path builds flat
         indices first (a dozen more array calls). False, nothing written, otherwise."""
-        olds = old_of.tolist()
-        rows = grow.tolist()
-        exit_layer = self.slots[rows[0]].exit_layer
-        slot_rows = self.slots
-        if any(slot_rows[b].exit_layer != exit_layer for b in rows) or (new_of - old_of != 1).any():
+        if (new_of - old_of != 1).any():
+            return False
+        rows, slot_rows = grow.tolist(), self.slots
+        exit_layer = slot_rows[rows[0]].exit_layer
+        if any(slot_rows[b].exit_layer != exit_layer for b in rows):
             return False
         layers = self._layer_index(exit_layer)  # [L, 1]
         n = layers.shape[0]
         values: list[int] = []
-        for b, old in zip(rows, olds):
+        for b, old in zip(rows, old_of.tolist()):
             values += tables[b][old * n:(old + 1) * n]  # block `old` of every layer (block-major)
         ids = np.array(values, dtype=np.int32).reshape(len(rows), n).T  # [L, R]
         table, last_block = self._host_tables()  # [C, slots, width], [C, slots]
@@ -317,7 +317,7 @@ class InputBatch:
         """Flat offsets of an exit's cache layers in block_table: layer * rows * width."""
         if exit_layer not in self._layers:
             _, slots, width = self.block_table.shape
-            self._layers[exit_layer] = np.asarray(self.cache_layers_of(exit_layer), dtype=np.int64) * slots * width
+            self._layers[exit_layer] = self._layer_index(exit_layer)[:, 0] * (slots * width)
         return self._layers[exit_layer]
 
     def _zero(self, slots: list[int]) -> None:

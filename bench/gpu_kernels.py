@@ -242,6 +242,22 @@ def _paged_cache(m: ModelShape, context_lens: list[int], dtype, device):
     return k_cache, v_cache, block_tables
 
 
+def _decode_inputs(m: ModelShape, lens: list[int], dtype, device):
+    """decode_attention's arguments for rows at contexts ``lens`` (q, the paged K/V pools, block
+    tables, context lengths, scale), the reference's output for the first rows (at most 16: rows
+    are independent, and the reference's gather stays small), and the bytes a call moves."""
+    from kernels import reference
+
+    k_cache, v_cache, block_tables = _paged_cache(m, lens, dtype, device)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    q = _randn(len(lens), m.q_heads, m.head_dim, dtype=dtype, device=device)
+    args = (q, k_cache, v_cache, block_tables, ctx, m.head_dim**-0.5)
+    n = min(len(lens), 16)
+    ref = reference.decode_attention(q[:n], k_cache, v_cache, block_tables[:n], ctx[:n], args[-1])
+    moved = (2 * sum(lens) * m.kv_heads + 2 * len(lens) * m.q_heads) * m.head_dim * x_size(dtype)
+    return args, ref, moved
+
+
 def decode_rows(bench: Bench, models, batches, contexts, dtype, ragged: bool = True) -> list[Row]:
     from kernels import reference
     from kernels.decode_attention import decode_attention
@@ -254,27 +270,19 @@ def decode_rows(bench: Bench, models, batches, contexts, dtype, ragged: bool = T
             lens = torch.randint(1, top + 1, (b,)).tolist()
             cases.append((b, lens, f"B={b} ctx=ragged 1..{top}"))
         for batch, lens, label in cases:
-            dev = bench.device
-            k_cache, v_cache, block_tables = _paged_cache(m, lens, dtype, dev)
-            ctx = torch.tensor(lens, dtype=torch.int32, device=dev)
-            q = _randn(batch, m.q_heads, m.head_dim, dtype=dtype, device=dev)
-            scale = m.head_dim**-0.5
-            out = decode_attention(q, k_cache, v_cache, block_tables, ctx, scale)
-            n = min(batch, 16)  # rows are independent: check a few, keep the reference's gather small
-            ref = reference.decode_attention(q[:n], k_cache, v_cache, block_tables[:n], ctx[:n], scale)
+            args, ref, moved = _decode_inputs(m, lens, dtype, bench.device)
+            out = decode_attention(*args)
             uniform = len(set(lens)) == 1
-            row = Row("decode_attention", m.name, label, dtype, rel_err(out[:n], ref),
+            row = Row("decode_attention", m.name, label, dtype, rel_err(out[:len(ref)], ref),
                       key=("decode", m.name, batch, lens[0] if uniform else "ragged"))
-            row.triton_ms = bench.time_ms(lambda: decode_attention(q, k_cache, v_cache, block_tables, ctx, scale))
+            row.triton_ms = bench.time_ms(lambda: decode_attention(*args))
             if sum(lens) <= REFERENCE_TOKEN_LIMIT:
-                row.torch_ms = bench.time_ms(
-                    lambda: reference.decode_attention(q, k_cache, v_cache, block_tables, ctx, scale))
+                row.torch_ms = bench.time_ms(lambda: reference.decode_attention(*args))
             else:
                 row.note = "torch path not timed (its gather would copy the whole cache)"
-            moved = (2 * sum(lens) * m.kv_heads + 2 * batch * m.q_heads) * m.head_dim * x_size(dtype)
             row.unit, row.achieved, row.ceiling = "GB/s", moved / row.triton_ms / 1e6, bench.copy_gbs
             rows.append(row)
-            del k_cache, v_cache
+            del args, out
             _free(bench)
     return rows
 
@@ -283,32 +291,25 @@ def decode_split_rows(bench: Bench, models, batches, context: int, dtype, splits
     """decode_attention at each number of sequence splits, the launcher's own choice marked: what
     its policy (about two waves of programs, kernels/decode_attention._choose_num_splits) should be
     is read off these rows, not guessed."""
-    from kernels import launch, reference
+    from kernels import launch
     from kernels.decode_attention import _choose_num_splits, decode_attention
 
     rows = []
     for m in models:
         for batch in batches:
-            dev = bench.device
-            lens = [context] * batch
-            k_cache, v_cache, block_tables = _paged_cache(m, lens, dtype, dev)
-            ctx = torch.tensor(lens, dtype=torch.int32, device=dev)
-            q = _randn(batch, m.q_heads, m.head_dim, dtype=dtype, device=dev)
-            scale = m.head_dim**-0.5
-            n = min(batch, 16)
-            ref = reference.decode_attention(q[:n], k_cache, v_cache, block_tables[:n], ctx[:n], scale)
-            chosen = _choose_num_splits(batch * m.kv_heads, block_tables.shape[1] * BLOCK_SIZE, launch.sm_count(dev))
-            moved = (2 * sum(lens) * m.kv_heads + 2 * batch * m.q_heads) * m.head_dim * x_size(dtype)
+            args, ref, moved = _decode_inputs(m, [context] * batch, dtype, bench.device)
+            block_tables = args[3]
+            chosen = _choose_num_splits(batch * m.kv_heads, block_tables.shape[1] * BLOCK_SIZE,
+                                        launch.sm_count(bench.device))
             for num_splits in sorted({*splits, chosen}):
-                out = decode_attention(q, k_cache, v_cache, block_tables, ctx, scale, num_splits=num_splits)
+                out = decode_attention(*args, num_splits=num_splits)
                 row = Row("decode_attention", m.name, f"B={batch} ctx={context} splits={num_splits}", dtype,
-                          rel_err(out[:n], ref), key=("decode splits", m.name, batch, num_splits),
+                          rel_err(out[:len(ref)], ref), key=("decode splits", m.name, batch, num_splits),
                           note="the launcher's choice" if num_splits == chosen else "")
-                row.triton_ms = bench.time_ms(lambda: decode_attention(q, k_cache, v_cache, block_tables, ctx, scale,
-                                                                       num_splits=num_splits))
+                row.triton_ms = bench.time_ms(lambda: decode_attention(*args, num_splits=num_splits))
                 row.unit, row.achieved, row.ceiling = "GB/s", moved / row.triton_ms / 1e6, bench.copy_gbs
                 rows.append(row)
-            del k_cache, v_cache
+            del args, block_tables, out
             _free(bench)
     return rows
 

@@ -45,6 +45,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # its sibling gpu_prepare, however it is loaded
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the file balcony_runtime.model_source expects in downloads/
 # A device call brings the working tree (its tracked files) and the carried paths, 64 MiB in all:
@@ -98,9 +99,10 @@ def part_bytes() -> int:
 def fetch_gguf_wheel(into: Path) -> Path:
     """The gguf package at this environment's version, as its wheel (pure Python, about 0.1 MB):
     the device's image has no gguf, and converting the GGUF reads it with that package."""
+    from gpu_prepare import download_command  # (how every wheel that travels is fetched)
+
     version = importlib.metadata.version("gguf")
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-               "--dest", str(into), f"gguf=={version}"]
+    command = download_command([f"gguf=={version}"], into, python_version="3.12", deps=False)
     done = subprocess.run(command, capture_output=True, text=True)
     wheels = sorted(into.glob(f"gguf-{version}-*.whl"))
     if done.returncode or not wheels:
