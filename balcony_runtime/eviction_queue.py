@@ -66,7 +66,7 @@ class EvictionQueue:
             window = entries[head:min(self._end, head + 2 * count + 16)]  # [W] the next entries, a view
             if not len(window):
                 raise RuntimeError("the eviction queue lost count of its blocks")
-            live = np.flatnonzero(position[window] == np.arange(head, head + len(window)))
+            live = (position[window] == np.arange(head, head + len(window))).nonzero()[0]
             if len(live) >= count:
                 live = live[:count]
                 head += int(live[-1]) + 1

@@ -69,6 +69,7 @@ class InputBatch:
         # widths rarely change; dropped when the tables are replaced (_grow_slots, _grow_blocks).
         self._views: dict[tuple[int, int], torch.Tensor] = {}
         self._numpy_tables: tuple[np.ndarray, np.ndarray] | None = None
+        self._host_views: dict[int, np.ndarray] = {}  # last_block_ids' views, by row count
 
     @property
     def num_slots(self) -> int:
@@ -187,11 +188,11 @@ class InputBatch:
         if most > self.block_table.shape[2]:
             self._grow_blocks(most)
         written = self.written[:n]
-        grow = np.flatnonzero(needed > written)
+        grow = (needed > written).nonzero()[0]
         if grow.size:
             self._write(grow, needed, tables)
         # (a row's context only grows, so written == needed unless its blocks were read further back)
-        self._last_exact = bool((written == needed).all())
+        self._last_exact = not np.count_nonzero(written != needed)
         return most
 
     def last_blocks(self, num_rows: int) -> torch.Tensor | None:
@@ -199,6 +200,16 @@ class InputBatch:
         num_rows], a view (``null_block`` at layers a row skips); None when some row read fewer blocks
         than it has written (the caller then looks its blocks up in the table)."""
         return self._view(num_rows, -1) if self._last_exact else None
+
+    def last_block_ids(self, num_rows: int) -> np.ndarray:
+        """last_blocks(num_rows) as a numpy array sharing its memory (host tables only; the caller
+        has checked that last_blocks is not None)."""
+        view = self._host_views.get(num_rows)
+        if view is None:
+            if len(self._host_views) > 64:
+                self._host_views.clear()
+            view = self._host_views[num_rows] = self._host_tables()[1][:, :num_rows]
+        return view
 
     def view(self, num_rows: int, num_blocks: int) -> torch.Tensor:
         """The block tables of slots 0..num_rows-1: [C, num_rows, num_blocks], a view (no copy)."""
@@ -220,6 +231,7 @@ class InputBatch:
 
     def _tables_replaced(self) -> None:
         self._views.clear()
+        self._host_views.clear()
         self._numpy_tables = None
         self._layers.clear()
 
@@ -282,7 +294,7 @@ class InputBatch:
         (a decode step) and all run at one exit. Each row's new ids are one slice of its
         block-major list; two broadcast writes place them, where the general path builds flat
         indices first (a dozen more array calls). False, nothing written, otherwise."""
-        if (new_of - old_of != 1).any():
+        if np.count_nonzero(new_of - old_of != 1):
             return False
         rows, slot_rows = grow.tolist(), self.slots
         exit_layer = slot_rows[rows[0]].exit_layer

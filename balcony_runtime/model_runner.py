@@ -87,6 +87,9 @@ class ModelRunner:
         # The lists of the first step of the current steady decode (SchedulerOutput.decode_run), in
         # its arrangement; None after any other step.
         self._run_lists: _RunLists | None = None
+        # Row count -> the host buffers a CPU decode step of that many rows writes its inputs into
+        # (see _decode_inputs).
+        self._decode_buffers: dict[int, _DecodeInputs] = {}
 
     def use_graphs(self, max_rows: int, max_model_len: int, record: bool | None = None) -> DecodeGraphs:
         """Serve decode steps of up to ``max_rows`` rows by replaying recorded pieces
@@ -280,12 +283,16 @@ class ModelRunner:
         # Slot of each token at every cache layer; rows that skip a layer point at block 0 but are
         # never read or written there (the model slices them away).
         last = self.input_batch.last_blocks(num_rows) if is_decode else None
+        context_t = None
         if last is not None and device.type == "cpu":
-            # Host memory: numpy's few small operations take a fraction of torch's per-call cost.
+            # Host memory: numpy's few small operations, into buffers kept between steps, take a
+            # fraction of torch's per-call cost and of making new tensors each step.
+            buffers = self._decode_inputs(num_rows)
             # [C, T]: token t is row t, written into the last block its context reaches.
-            slots = np.multiply(last.numpy(), block_size, dtype=np.int64)  # [C, T]
+            slots = np.multiply(self.input_batch.last_block_ids(num_rows), block_size, out=buffers.slots)  # [C, T]
             slots += starts % block_size
-            slot_mapping = torch.from_numpy(slots)
+            buffers.context[:] = context_lens  # [B] int32
+            slot_mapping, context_t = buffers.slots_t, buffers.context_t
         else:
             if last is not None:
                 blocks = last  # [C, T]
@@ -308,7 +315,7 @@ class ModelRunner:
             exits=exits,
             query_lens=query_lens,
             cu_query_lens=cu_t,
-            context_lens=to_device(context_lens, torch.int32, device),
+            context_lens=to_device(context_lens, torch.int32, device) if context_t is None else context_t,
             block_tables=block_tables,
             slot_mapping=slot_mapping,
             logits_indices=logits_indices,
@@ -334,6 +341,20 @@ class ModelRunner:
         num_prefill_tokens = 0 if is_decode else int(lens[lens > 1].sum())
         return batch, StepLayout(order, prompt_targets, decode_arrangement, shape, num_prefill_tokens)
 
+    def _decode_inputs(self, num_rows: int) -> "_DecodeInputs":
+        """The host buffers of a CPU decode step of ``num_rows`` rows, made once per row count. A
+        CPU step's forward has finished before the next step is prepared, so nothing reads a
+        buffer when it is written again."""
+        buffers = self._decode_buffers.get(num_rows)
+        if buffers is None:
+            if len(self._decode_buffers) > 64:  # (row counts of past steps: keep a few)
+                self._decode_buffers.clear()
+            slots = np.empty((self.input_batch.block_table.shape[0], num_rows), dtype=np.int64)  # [C, B]
+            context = np.empty(num_rows, dtype=np.int32)  # [B]
+            buffers = self._decode_buffers[num_rows] = _DecodeInputs(
+                slots, context, torch.from_numpy(slots), torch.from_numpy(context))
+        return buffers
+
     def _row_offsets(self, num_rows: int) -> torch.Tensor:
         """0, 1, ..., num_rows as int32 on the device: a decode step's cu_query_lens (a view of a
         tensor kept between steps; nothing writes to it)."""
@@ -345,6 +366,17 @@ class ModelRunner:
         offsets = self._arange[: num_rows + 1]
         self._offsets = num_rows, offsets
         return offsets
+
+
+@dataclass(frozen=True, slots=True)
+class _DecodeInputs:
+    """Host buffers that a CPU decode step of B rows writes its slot mapping and context lengths
+    into: numpy arrays for the writes, tensors sharing their memory for the model."""
+
+    slots: np.ndarray  # [C, B] int64
+    context: np.ndarray  # [B] int32
+    slots_t: torch.Tensor  # slots' memory
+    context_t: torch.Tensor  # context's memory
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,7 +68,7 @@ class PlainRun:
         # A decode row fed token `start` samples output token number start - prompt + 2 (a later
         # step's placeholder may already follow it; its own sits at start - prompt + 1).
         num_output = starts + self.output_from_start  # [B]
-        if (num_output >= self.max_tokens).any():
+        if np.count_nonzero(num_output >= self.max_tokens):
             return None
         if positions is None:
             deque(map(list.append, self.output_lists, tokens), maxlen=0)  # (a loop in C)

@@ -135,7 +135,7 @@ class PrefixCache:
         keys = key_of[blocks]  # [N]
         key_of[blocks] = _NOT_CACHED
         nodes = keys >> _LAYER_BITS  # [N]
-        cuts = (np.flatnonzero(nodes[1:] != nodes[:-1]) + 1).tolist()  # where each run of one node starts
+        cuts = ((nodes[1:] != nodes[:-1]).nonzero()[0] + 1).tolist()  # where each run of one node starts
         starts = [0, *cuts]
         layers = keys & _LAYER_MASK  # [N]
         for node, start, end in zip(nodes[starts].tolist(), starts, [*cuts, len(keys)]):

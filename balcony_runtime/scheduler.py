@@ -309,10 +309,10 @@ class Scheduler:
         if running != steady.running or len(running) > budget:  # (compared by identity: Request has no __eq__)
             return None
         starts = steady.ends  # [B] each row one token on
-        if (starts >= steady.full_starts).any():  # a row has all its tokens, its last still being sampled (overlapped)
+        if np.count_nonzero(starts >= steady.full_starts):  # a row has all its tokens, its last still being sampled (overlapped)
             return None
         ends = starts + 1  # [B]
-        grow = np.flatnonzero(ends > steady.capacity)  # [G] rows reaching a new block
+        grow = (ends > steady.capacity).nonzero()[0]  # [G] rows reaching a new block
         if len(grow):
             grow = grow[np.argsort(steady.to_running[grow])]  # in running order, as the pass takes them
             rows = steady.rows
