@@ -62,6 +62,7 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.blocks = block_manager
         self.device = model.norm.device
+        self._on_cpu = self.device.type == "cpu"
         self.sampler = Sampler()
         self.scratch_block = scratch_block
         self.input_batch = InputBatch(model.cache_layers_of, model.num_cache_layers, self.device,
@@ -278,13 +279,13 @@ class ModelRunner:
             token_rows = np.repeat(np.arange(num_rows), lens)  # [T]
             positions = np.arange(num_tokens) - cu[token_rows] + starts[token_rows]  # [T]
             cu_t, max_query_len = to_device(cu, torch.int32, device), int(lens.max())
-        positions_t = to_device(positions, torch.int64, device)  # [T]
+        positions_t = None
         block_tables = self.input_batch.view(num_rows, num_blocks)  # [C, B, max_blocks], a view
         # Slot of each token at every cache layer; rows that skip a layer point at block 0 but are
         # never read or written there (the model slices them away).
         last = self.input_batch.last_blocks(num_rows) if is_decode else None
         context_t = None
-        if last is not None and device.type == "cpu":
+        if last is not None and self._on_cpu:
             # Host memory: numpy's few small operations, into buffers kept between steps, take a
             # fraction of torch's per-call cost and of making new tensors each step.
             buffers = self._decode_inputs(num_rows)
@@ -292,8 +293,10 @@ class ModelRunner:
             slots = np.multiply(self.input_batch.last_block_ids(num_rows), block_size, out=buffers.slots)  # [C, T]
             slots += starts % block_size
             buffers.context[:] = context_lens  # [B] int32
-            slot_mapping, context_t = buffers.slots_t, buffers.context_t
+            buffers.positions[:] = starts  # [T]: token t is row t
+            slot_mapping, context_t, positions_t = buffers.slots_t, buffers.context_t, buffers.positions_t
         else:
+            positions_t = to_device(positions, torch.int64, device)  # [T]
             if last is not None:
                 blocks = last  # [C, T]
             elif is_decode:  # a gather along the blocks (twice as fast as the indexing below)
@@ -351,8 +354,9 @@ class ModelRunner:
                 self._decode_buffers.clear()
             slots = np.empty((self.input_batch.block_table.shape[0], num_rows), dtype=np.int64)  # [C, B]
             context = np.empty(num_rows, dtype=np.int32)  # [B]
+            positions = np.empty(num_rows, dtype=np.int64)  # [B]
             buffers = self._decode_buffers[num_rows] = _DecodeInputs(
-                slots, context, torch.from_numpy(slots), torch.from_numpy(context))
+                slots, context, positions, torch.from_numpy(slots), torch.from_numpy(context), torch.from_numpy(positions))
         return buffers
 
     def _row_offsets(self, num_rows: int) -> torch.Tensor:
@@ -370,13 +374,15 @@ class ModelRunner:
 
 @dataclass(frozen=True, slots=True)
 class _DecodeInputs:
-    """Host buffers that a CPU decode step of B rows writes its slot mapping and context lengths
-    into: numpy arrays for the writes, tensors sharing their memory for the model."""
+    """Host buffers that a CPU decode step of B rows writes its slot mapping, context lengths and
+    positions into: numpy arrays for the writes, tensors sharing their memory for the model."""
 
     slots: np.ndarray  # [C, B] int64
     context: np.ndarray  # [B] int32
+    positions: np.ndarray  # [B] int64
     slots_t: torch.Tensor  # slots' memory
     context_t: torch.Tensor  # context's memory
+    positions_t: torch.Tensor  # positions' memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,7 +437,7 @@ class PendingStep:
         # Every row sampled, sampled row j being scheduled row j (set by ModelRunner.sample): the
         # tokens as read are the result's, with no pass over the rows to place them.
         self.in_order = False
-        if listed is None and tokens is not None and tokens.device.type == "cuda":
+        if listed is None and tokens is not None and tokens.is_cuda:
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
             self._event = torch.cuda.Event()

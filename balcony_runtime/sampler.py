@@ -175,9 +175,11 @@ class Sampler:
         back (an overlapped engine step hands it to the next step's input before the host sees it).
         Logprobs are not computed here: :meth:`sample` adds them."""
         self._check(logits, rows)
-        raw = logits.float()  # [B, V]; may alias the caller's tensor, so never written
+        # [B, V]; may alias the caller's tensor, so never written. (Tensor attributes are read
+        # where they cost least: .device.type builds a device and a string on every read.)
+        raw = logits if logits.dtype is torch.float32 else logits.float()
         device = raw.device
-        sync_free = device.type != "cpu" if self.sync_free is None else self.sync_free
+        sync_free = not raw.is_cpu if self.sync_free is None else self.sync_free
         if classes is None:
             classes = classify_rows(rows)
         greedy, sampled, has_bias = classes.greedy, classes.sampled, classes.has_bias
@@ -217,7 +219,7 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     counting as the maximum, as torch's and numpy's argmax both do. On a CPU numpy's: its vectorized
     reduction runs several times faster than torch's CPU argmax kernel (docs/benchmarks.md), which
     a greedy step pays over the whole vocabulary for every row."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
+    if x.is_cpu and x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
         return torch.from_numpy(np.argmax(x.numpy(), axis=-1).astype(np.int64, copy=False))
     return x.argmax(dim=-1)
 

@@ -145,7 +145,7 @@ class _SteadyDecode:
 
     running: list[Request]  # Scheduler.running when the plan was made (a copy, compared by identity)
     rows: list[Request]  # the plan's requests, in its order
-    to_running: np.ndarray  # [B] each row's index in running (growth goes in running order)
+    to_running: np.ndarray | None  # [B] each row's index in running (growth goes in running order); None: row b is running[b]
     ends: np.ndarray  # [B] int64 each row's start in the plan + 1 (DecodeRun.ends): its start in the next
     full_starts: np.ndarray  # [B] int64 a row's start once it holds all its tokens, the last maybe a placeholder (prompt + max_tokens - 1)
     capacity: np.ndarray  # [B] int64 tokens each row's blocks hold
@@ -290,9 +290,10 @@ class Scheduler:
         index = {id(r): i for i, r in enumerate(running)}
         rows = [item.request for item in scheduled]
         capacity = self.blocks.capacity
+        to_running = [index[id(r)] for r in rows]
+        in_order = all(a is b for a, b in zip(rows, running))  # (one exit, or admitted deepest first)
         return _SteadyDecode(
-            list(running), rows,
-            np.array([index[id(r)] for r in rows], dtype=np.int64),
+            list(running), rows, None if in_order else np.array(to_running, dtype=np.int64),
             np.array([item.start for item in scheduled], dtype=np.int64) + 1,
             np.array([len(r.prompt_token_ids) + r.params.max_tokens - 1 for r in rows], dtype=np.int64),
             np.array([capacity(r.request_id) for r in rows], dtype=np.int64))
@@ -314,7 +315,8 @@ class Scheduler:
         ends = starts + 1  # [B]
         grow = (ends > steady.capacity).nonzero()[0]  # [G] rows reaching a new block
         if len(grow):
-            grow = grow[np.argsort(steady.to_running[grow])]  # in running order, as the pass takes them
+            if steady.to_running is not None:  # in running order, as the pass takes them
+                grow = grow[np.argsort(steady.to_running[grow])]
             rows = steady.rows
             if not self.blocks.try_grow_all([(rows[b].request_id, end) for b, end in zip(grow.tolist(), ends[grow].tolist())]):
                 return None  # the pass row by row preempts

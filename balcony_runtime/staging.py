@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 
+_CPU = torch.device("cpu")  # (compared against: a device's .type builds a new string on each read)
 _NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.bool: np.bool_}
 
 
@@ -32,7 +33,7 @@ def to_device(values: Sequence | np.ndarray | torch.Tensor, dtype: torch.dtype, 
         host = torch.from_numpy(values if values.dtype == wanted else values.astype(wanted))
     else:
         host = torch.as_tensor(values, dtype=dtype)
-    if device.type == "cpu":
+    if device == _CPU:
         return host
     if device.type == "cuda":
         pinned = torch.empty(host.shape, dtype=dtype, pin_memory=True)
