@@ -130,8 +130,9 @@ def measure_interleaved(runs: list["HostStepRun"], steps: int) -> list[HostStep]
     drifts from minute to minute (a shared VM) slows them alike, so their ratio holds. The turns
     go forwards and backwards on alternate steps: runs of the same code stepped always in one order
     measured apart by their place in it (docs/benchmarks.md, "Steady decodes planned from arrays")."""
-    # As `balcony serve` does once it is ready (server/serve.py).
-    with serving_heap():
+    # As `balcony serve` does once it is ready (server/serve.py), its step loop in inference mode
+    # (server/async_engine.py).
+    with serving_heap(), torch.inference_mode():
         for i in range(steps):
             for run in runs if i % 2 == 0 else reversed(runs):
                 run.step()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from balcony_runtime.block_manager import BlockManager
+from balcony_runtime.inference_mode import in_inference_mode
 from balcony_runtime.input_batch import InputBatch
 from balcony_runtime.kv_cache import KVCache
 from balcony_runtime.model.balcony_model import BalconyModel
@@ -123,7 +124,7 @@ class ModelRunner:
         the plan's DecodeRun, when the scheduler made it one (SchedulerOutput.decode_run)."""
         return self.sample(self.forward(scheduled, previous, run))
 
-    @torch.inference_mode()
+    @in_inference_mode
     def forward(self, scheduled: Sequence[ScheduledRequest], previous: torch.Tensor | None = None,
                 run: DecodeRun | None = None) -> "ForwardedStep":
         """The first half of :meth:`launch`: the model's forward (and prompt logprobs). An engine
@@ -166,7 +167,7 @@ class ModelRunner:
         self._decode_rows = None if arrangement is None else (arrangement, rows, sampling, sample_logit_rows)
         return ForwardedStep(scheduled, logits, rows, sampling, sample_logit_rows, prompt, layout)
 
-    @torch.inference_mode()
+    @in_inference_mode
     def sample(self, step: "ForwardedStep", some_finished: bool = False) -> "PendingStep":
         """The second half of :meth:`launch`: masks, penalties and sampling of a forwarded step.
         ``some_finished``: requests may have finished since the forward; their rows are sampled
@@ -279,7 +280,6 @@ class ModelRunner:
             token_rows = np.repeat(np.arange(num_rows), lens)  # [T]
             positions = np.arange(num_tokens) - cu[token_rows] + starts[token_rows]  # [T]
             cu_t, max_query_len = to_device(cu, torch.int32, device), int(lens.max())
-        positions_t = None
         block_tables = self.input_batch.view(num_rows, num_blocks)  # [C, B, max_blocks], a view
         # Slot of each token at every cache layer; rows that skip a layer point at block 0 but are
         # never read or written there (the model slices them away).

@@ -225,18 +225,21 @@ class AsyncEngine:
 
     def _run(self) -> None:
         engine = self.engine
-        while not self._stop.is_set():
-            self._run_commands(block=not engine.has_unfinished())
-            if not engine.has_unfinished():
-                continue
-            if self.governor is not None:
-                self.metrics.cpu_threads.set(self.governor.tick())
-            outputs = guarded_step(engine, self._fail_all)
-            if outputs is None:
-                continue
-            self._update_gauges()  # blocks and queues changed with the step, outputs or not
-            if outputs:
-                self._loop.call_soon_threadsafe(self._dispatch, outputs, time.monotonic())
+        # In inference mode for the loop's life: the runner's methods then skip entering it on
+        # every call (balcony_runtime/inference_mode.py).
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                self._run_commands(block=not engine.has_unfinished())
+                if not engine.has_unfinished():
+                    continue
+                if self.governor is not None:
+                    self.metrics.cpu_threads.set(self.governor.tick())
+                outputs = guarded_step(engine, self._fail_all)
+                if outputs is None:
+                    continue
+                self._update_gauges()  # blocks and queues changed with the step, outputs or not
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs, time.monotonic())
 
     def _run_commands(self, block: bool) -> None:
         try:

@@ -103,6 +103,14 @@ class EngineLoop:
             self.governor = ThreadGovernor(full=torch.get_num_threads())
 
     def run(self) -> None:
+        # In inference mode for the loop's life: the runner's methods then skip entering it on
+        # every call (balcony_runtime/inference_mode.py).
+        import torch
+
+        with torch.inference_mode():
+            self._serve()
+
+    def _serve(self) -> None:
         engine, conn = self.engine, self.conn
         threads = None
         try:
