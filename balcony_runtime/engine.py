@@ -89,9 +89,10 @@ class StepStats:
     @classmethod
     def of(cls, plan: SchedulerOutput, pending: PendingStep, seconds: float) -> "StepStats":
         """A launched step's stats: its shape as the runner measured it while preparing the step."""
-        rows, layout = plan.scheduled, pending.layout
-        return cls(seconds, layout.shape, len(rows), rows[0].request.exit_layer, layout.num_prefill_tokens,
-                   plan.depth_limit)
+        rows, layout, run = plan.scheduled, pending.layout, plan.decode_run
+        # (a steady plan's rows are made when read: its requests give the deepest exit directly)
+        deepest = run.requests[0].exit_layer if run is not None else rows[0].request.exit_layer
+        return cls(seconds, layout.shape, len(rows), deepest, layout.num_prefill_tokens, plan.depth_limit)
 
 
 @dataclass(slots=True)

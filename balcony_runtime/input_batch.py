@@ -168,11 +168,11 @@ class InputBatch:
         self._last_request_ids, self._last_order = request_ids, target  # type: ignore[assignment]
         return target  # type: ignore[return-value]
 
-    def update_blocks(self, tables: list[list[int]], needed: np.ndarray) -> int:
+    def update_blocks(self, tables: list[list[int]], needed: np.ndarray, most: int | None = None) -> int:
         """Write the blocks each of slots 0..B-1 reads this step (``needed``[B] per layer, from its
         first) and did not have in block_table; ``tables`` in slot order (the block manager's
         block-major lists, BlockManager.tables_of, each at least that long). Returns the most
-        blocks any of these rows reads.
+        blocks any of these rows reads (``most``: that number, when the caller knows it).
 
         A row's blocks are written as its context reaches them, not as they are allocated (a
         prefill chunk's or a prefix's blocks may come earlier): the check is one comparison of
@@ -184,7 +184,8 @@ class InputBatch:
             for b in reset:
                 rows[b].blocks = tables[b]
             self._zero(reset)
-        most = int(needed.max()) if n else 0
+        if most is None:
+            most = int(needed.max()) if n else 0
         if most > self.block_table.shape[2]:
             self._grow_blocks(most)
         written = self.written[:n]

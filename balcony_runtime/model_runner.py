@@ -217,6 +217,7 @@ class ModelRunner:
             ids, exits, tables, query_lens, lens = kept.ids, kept.exits, kept.tables, kept.query_lens, kept.lens
             order = self.input_batch.arrange(ids, exits, tables)  # (they stay where they are)
             rows, starts, context_lens = scheduled, run.starts, run.ends
+            max_context = run.max_end
             is_decode = all_sampled = True
         else:
             kept = None
@@ -235,7 +236,9 @@ class ModelRunner:
             is_decode = sum(query_lens) == len(rows)  # every row feeds one token
             all_sampled = is_decode and all(item.completes_sequence for item in rows)
             context_lens = starts + lens  # [B]
-        num_blocks = self.input_batch.update_blocks(tables, (context_lens + (block_size - 1)) // block_size)
+            max_context = int(context_lens.max()) if len(rows) else 0
+        num_blocks = self.input_batch.update_blocks(tables, (context_lens + (block_size - 1)) // block_size,
+                                                    -(-max_context // block_size))
         prompt_targets: dict[int, list[int]] = {}
         head_rows = len(rows)
         fed = None  # the input ids as a device tensor already, when the last step sampled them
@@ -324,7 +327,7 @@ class ModelRunner:
             logits_indices=logits_indices,
             is_decode=is_decode,
             max_query_len=max_query_len,
-            max_context_len=int(context_lens.max()),
+            max_context_len=max_context,
         )
         # (only where each row sits where the scheduler listed it, so the lists reused are the same)
         decode_arrangement = self.input_batch.arrangement if all_sampled and rows is scheduled else None

@@ -134,6 +134,7 @@ class DecodeRun:
     # [B] int64 starts + 1: each row's context once this step's token is cached (the step's
     # context lengths, and the next plan's starts). Neither array is written after the plan is made.
     ends: np.ndarray
+    max_end: int  # ends' largest (every row moves one token a plan, so it is kept, not reduced)
 
 
 @dataclass(slots=True)
@@ -149,6 +150,7 @@ class _SteadyDecode:
     ends: np.ndarray  # [B] int64 each row's start in the plan + 1 (DecodeRun.ends): its start in the next
     full_starts: np.ndarray  # [B] int64 a row's start once it holds all its tokens, the last maybe a placeholder (prompt + max_tokens - 1)
     capacity: np.ndarray  # [B] int64 tokens each row's blocks hold
+    max_end: int  # ends' largest
 
 
 class Scheduler:
@@ -292,11 +294,12 @@ class Scheduler:
         capacity = self.blocks.capacity
         to_running = [index[id(r)] for r in rows]
         in_order = all(a is b for a, b in zip(rows, running))  # (one exit, or admitted deepest first)
+        starts = [item.start for item in scheduled]
         return _SteadyDecode(
             list(running), rows, None if in_order else np.array(to_running, dtype=np.int64),
-            np.array([item.start for item in scheduled], dtype=np.int64) + 1,
+            np.array(starts, dtype=np.int64) + 1,
             np.array([len(r.prompt_token_ids) + r.params.max_tokens - 1 for r in rows], dtype=np.int64),
-            np.array([capacity(r.request_id) for r in rows], dtype=np.int64))
+            np.array([capacity(r.request_id) for r in rows], dtype=np.int64), max(starts) + 1)
 
     def _schedule_steady(self) -> tuple["DecodeRun", int] | None:
         """The last plan's rows one token on, if it was a steady decode and still is one: the same
@@ -323,7 +326,8 @@ class Scheduler:
             capacity = self.blocks.capacity
             steady.capacity[grow] = [capacity(rows[b].request_id) for b in grow.tolist()]
         steady.ends = ends
-        run = DecodeRun(steady.rows, starts, ends)
+        steady.max_end += 1
+        run = DecodeRun(steady.rows, starts, ends, steady.max_end)
         return run, budget - len(starts)
 
     def _schedule_running(self, depth: int | None, preempted: list[Request], together: bool
