@@ -289,14 +289,15 @@ class Scheduler:
         if (not self.steady_decodes or not scheduled or len(scheduled) != len(running)
                 or any(item.num_tokens != 1 or not item.completes_sequence for item in scheduled)):
             return None
-        index = {id(r): i for i, r in enumerate(running)}
         rows = [item.request for item in scheduled]
+        to_running = None  # rows in the running order (one exit, or admitted deepest first)
+        if any(a is not b for a, b in zip(rows, running)):
+            index = {id(r): i for i, r in enumerate(running)}
+            to_running = np.array([index[id(r)] for r in rows], dtype=np.int64)
         capacity = self.blocks.capacity
-        to_running = [index[id(r)] for r in rows]
-        in_order = all(a is b for a, b in zip(rows, running))  # (one exit, or admitted deepest first)
         starts = [item.start for item in scheduled]
         return _SteadyDecode(
-            list(running), rows, None if in_order else np.array(to_running, dtype=np.int64),
+            list(running), rows, to_running,
             np.array(starts, dtype=np.int64) + 1,
             np.array([len(r.prompt_token_ids) + r.params.max_tokens - 1 for r in rows], dtype=np.int64),
             np.array([capacity(r.request_id) for r in rows], dtype=np.int64), max(starts) + 1)
