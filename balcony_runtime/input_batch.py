@@ -64,12 +64,11 @@ class InputBatch:
         self._last_request_ids: list[str] | None = None
         self._last_order: list[int] = []
         self._unchanged = False  # the last arrange() found the same requests as the one before
-        # The views view() and last_blocks() made, by their arguments, and the tables as numpy
+        # The views view(), last_blocks() and last_block_ids() made, by shape, and the tables as numpy
         # arrays (numpy_writes): a torch slice costs several microseconds of a step whose rows and
         # widths rarely change; dropped when the tables are replaced (_grow_slots, _grow_blocks).
-        self._views: dict[tuple[int, int], torch.Tensor] = {}
+        self._views: dict[tuple[int, int], torch.Tensor | np.ndarray] = {}
         self._numpy_tables: tuple[np.ndarray, np.ndarray] | None = None
-        self._host_views: dict[int, np.ndarray] = {}  # last_block_ids' views, by row count
 
     @property
     def num_slots(self) -> int:
@@ -205,12 +204,7 @@ class InputBatch:
     def last_block_ids(self, num_rows: int) -> np.ndarray:
         """last_blocks(num_rows) as a numpy array sharing its memory (host tables only; the caller
         has checked that last_blocks is not None)."""
-        view = self._host_views.get(num_rows)
-        if view is None:
-            if len(self._host_views) > 64:
-                self._host_views.clear()
-            view = self._host_views[num_rows] = self._host_tables()[1][:, :num_rows]
-        return view
+        return self._view(num_rows, -2)
 
     def view(self, num_rows: int, num_blocks: int) -> torch.Tensor:
         """The block tables of slots 0..num_rows-1: [C, num_rows, num_blocks], a view (no copy)."""
@@ -218,21 +212,25 @@ class InputBatch:
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _view(self, num_rows: int, num_blocks: int) -> torch.Tensor:
-        """block_table[:, :num_rows, :num_blocks], or last_block[:, :num_rows] for num_blocks -1,
-        made once per shape while the tables stay the same tensors."""
+    def _view(self, num_rows: int, num_blocks: int) -> torch.Tensor | np.ndarray:
+        """block_table[:, :num_rows, :num_blocks]; for num_blocks -1 last_block[:, :num_rows], for -2
+        the same as a numpy array (host tables). Made once per shape while the tables stay the same."""
         views = self._views
         view = views.get((num_rows, num_blocks))
         if view is None:
             if len(views) > 64:  # (shapes of past steps: keep a few, not every one ever seen)
                 views.clear()
-            view = self.block_table[:, :num_rows, :num_blocks] if num_blocks >= 0 else self.last_block[:, :num_rows]
+            if num_blocks >= 0:
+                view = self.block_table[:, :num_rows, :num_blocks]
+            elif num_blocks == -1:
+                view = self.last_block[:, :num_rows]
+            else:
+                view = self._host_tables()[1][:, :num_rows]
             views[num_rows, num_blocks] = view
         return view
 
     def _tables_replaced(self) -> None:
         self._views.clear()
-        self._host_views.clear()
         self._numpy_tables = None
         self._layers.clear()
 

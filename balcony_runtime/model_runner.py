@@ -287,7 +287,6 @@ class ModelRunner:
         # Slot of each token at every cache layer; rows that skip a layer point at block 0 but are
         # never read or written there (the model slices them away).
         last = self.input_batch.last_blocks(num_rows) if is_decode else None
-        context_t = None
         if last is not None and self._on_cpu:
             # Host memory: numpy's few small operations, into buffers kept between steps, take a
             # fraction of torch's per-call cost and of making new tensors each step.
@@ -300,6 +299,7 @@ class ModelRunner:
             slot_mapping, context_t, positions_t = buffers.slots_t, buffers.context_t, buffers.positions_t
         else:
             positions_t = to_device(positions, torch.int64, device)  # [T]
+            context_t = to_device(context_lens, torch.int32, device)  # [B]
             if last is not None:
                 blocks = last  # [C, T]
             elif is_decode:  # a gather along the blocks (twice as fast as the indexing below)
@@ -321,7 +321,7 @@ class ModelRunner:
             exits=exits,
             query_lens=query_lens,
             cu_query_lens=cu_t,
-            context_lens=to_device(context_lens, torch.int32, device) if context_t is None else context_t,
+            context_lens=context_t,
             block_tables=block_tables,
             slot_mapping=slot_mapping,
             logits_indices=logits_indices,
