@@ -174,22 +174,29 @@ class BlockManager:
         try_grow on each in turn would give (one take, in the same order), with one eviction for
         all of them: in a decode step about one row in block_size grows, each by a block per cache
         layer, and per-row takes paid the eviction's fixed costs that many times."""
+        return self.try_take_for(growth) is not None
+
+    def try_take_for(self, growth: list[tuple[str, int]]) -> np.ndarray | None:
+        """try_grow_all, giving the blocks it took ([N] int64: for each row in ``growth``'s order,
+        its new blocks layer after layer), or None (nothing changed) if the pool cannot give them
+        all. A steady decode hands them on to the batch's tables as they are (scheduler.GrownBlocks)."""
         held_of, size = self._requests, self.block_size
         rows = [(rid, held := held_of[rid], -(-tokens // size) - held.capacity_tokens // size)
                 for rid, tokens in growth]  # (request id, its blocks, new blocks per layer)
         total = sum(extra * held.num_layers for _, held, extra in rows if extra > 0)
         if total > self.num_free_blocks:
-            return False
-        taken, at = self._take(total), 0
+            return None
+        taken = self._take(total)
+        listed, at = taken.tolist(), 0
         for rid, held, extra in rows:
             if extra <= 0:
                 continue
             count = extra * held.num_layers
-            mine = taken[at:at + count]  # layer after layer, `extra` each
+            mine = listed[at:at + count]  # layer after layer, `extra` each
             at += count
             held.blocks += mine if extra == 1 else _block_major(mine, held.num_layers)  # (one block: one id per layer)
             held.capacity_tokens += extra * size
-        return True
+        return taken
 
     def cache_prefix(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
         """Offer the request's whole blocks among its first ``num_computed`` tokens (computed: their
@@ -235,15 +242,16 @@ class BlockManager:
         self._evictable.remove(blocks[refs[blocks] == 0])
         refs[blocks] += 1
 
-    def _take(self, count: int) -> list[int]:
-        """``count`` blocks for new tokens: plain free ones first (the stack's top; lowest ids first
-        in a fresh pool), then the cached blocks let go of longest ago, which leave the prefix cache
-        (at least evict_ahead of them, the surplus joining the plain free ones)."""
+    def _take(self, count: int) -> np.ndarray:
+        """``count`` blocks for new tokens ([count] int64): plain free ones first (the stack's top;
+        lowest ids first in a fresh pool), then the cached blocks let go of longest ago, which leave
+        the prefix cache (at least evict_ahead of them, the surplus joining the plain free ones)."""
         free = self._free
         plain = min(count, len(free))
-        taken = free[len(free) - plain:]
+        top = free[len(free) - plain:]
         del free[len(free) - plain:]
-        taken.reverse()
+        top.reverse()
+        taken = np.array(top, dtype=np.int64)  # (one conversion, for the count below and the caller)
         if plain:
             self._refs[taken] = 1
         if count > plain:
@@ -253,7 +261,7 @@ class BlockManager:
             self.prefix_cache.forget(evicted)
             used, surplus = evicted[:wanted], evicted[wanted:]
             self._refs[used] = 1
-            taken += used.tolist()
+            taken = np.concatenate((taken, used)) if plain else used.astype(np.int64, copy=False)
             if len(surplus):  # plain free now, the oldest on top of the stack (taken first)
                 free += surplus[::-1].tolist()
         return taken

@@ -237,8 +237,14 @@ class ModelRunner:
             all_sampled = is_decode and all(item.completes_sequence for item in rows)
             context_lens = starts + lens  # [B]
             max_context = int(context_lens.max()) if len(rows) else 0
-        num_blocks = self.input_batch.update_blocks(tables, (context_lens + (block_size - 1)) // block_size,
-                                                    -(-max_context // block_size))
+        num_blocks = None
+        if kept is not None and run.grown is not None:  # the plan says which rows took which blocks
+            grown = run.grown
+            num_blocks = self.input_batch.write_grown(grown.rows, grown.ids, grown.exit_layer,
+                                                      -(-max_context // block_size))
+        if num_blocks is None:
+            num_blocks = self.input_batch.update_blocks(tables, (context_lens + (block_size - 1)) // block_size,
+                                                        -(-max_context // block_size))
         prompt_targets: dict[int, list[int]] = {}
         head_rows = len(rows)
         fed = None  # the input ids as a device tensor already, when the last step sampled them

@@ -135,6 +135,21 @@ class DecodeRun:
     # context lengths, and the next plan's starts). Neither array is written after the plan is made.
     ends: np.ndarray
     max_end: int  # ends' largest (every row moves one token a plan, so it is kept, not reduced)
+    # The blocks the plan took for its rows, when it can tell (see GrownBlocks); None: the batch's
+    # tables find the rows that read a block they lack by comparing counts.
+    grown: "GrownBlocks | None" = None
+
+
+@dataclass(frozen=True, slots=True)
+class GrownBlocks:
+    """The rows of a steady decode of one exit that reached a new block in this plan, and the block
+    each took at every cache layer. Given when each row's blocks end where its context does, so
+    these rows are exactly those whose context crosses into a block the batch's tables have not
+    written (ModelRunner.prepare writes them as given, without looking for them)."""
+
+    rows: np.ndarray  # [G] int64 plan rows, in the order they took their blocks
+    ids: np.ndarray  # [G, L] int64 block ids, the exit's cache layers in order
+    exit_layer: int
 
 
 @dataclass(slots=True)
@@ -151,6 +166,11 @@ class _SteadyDecode:
     full_starts: np.ndarray  # [B] int64 a row's start once it holds all its tokens, the last maybe a placeholder (prompt + max_tokens - 1)
     capacity: np.ndarray  # [B] int64 tokens each row's blocks hold
     max_end: int  # ends' largest
+    # Set when every row runs at one exit and its blocks end where its context does (capacity ==
+    # ends rounded up to a block): then the rows reaching a new block are exactly those whose
+    # context crosses into one, and each plan hands its take on (DecodeRun.grown). This one stands
+    # for a plan in which no row grows. None otherwise (the batch compares counts).
+    no_growth: GrownBlocks | None
 
 
 class Scheduler:
@@ -296,11 +316,17 @@ class Scheduler:
             to_running = np.array([index[id(r)] for r in rows], dtype=np.int64)
         capacity = self.blocks.capacity
         starts = [item.start for item in scheduled]
+        ends = np.array(starts, dtype=np.int64) + 1  # [B]
+        capacities = np.array([capacity(r.request_id) for r in rows], dtype=np.int64)  # [B]
+        no_growth = None
+        exit_layer, size = rows[0].exit_layer, self.blocks.block_size
+        if all(r.exit_layer == exit_layer for r in rows) and np.array_equal(capacities, -(-ends // size) * size):
+            no_growth = GrownBlocks(np.empty(0, dtype=np.int64), np.empty((0, rows[0].num_cache_layers), dtype=np.int64),
+                                    exit_layer)
         return _SteadyDecode(
-            list(running), rows, to_running,
-            np.array(starts, dtype=np.int64) + 1,
+            list(running), rows, to_running, ends,
             np.array([len(r.prompt_token_ids) + r.params.max_tokens - 1 for r in rows], dtype=np.int64),
-            np.array([capacity(r.request_id) for r in rows], dtype=np.int64), max(starts) + 1)
+            capacities, max(starts) + 1, no_growth)
 
     def _schedule_steady(self) -> tuple["DecodeRun", int] | None:
         """The last plan's rows one token on, if it was a steady decode and still is one: the same
@@ -318,17 +344,21 @@ class Scheduler:
             return None
         ends = starts + 1  # [B]
         grow = (ends > steady.capacity).nonzero()[0]  # [G] rows reaching a new block
+        grown = steady.no_growth
         if len(grow):
             if steady.to_running is not None:  # in running order, as the pass takes them
                 grow = grow[np.argsort(steady.to_running[grow])]
             rows = steady.rows
-            if not self.blocks.try_grow_all([(rows[b].request_id, end) for b, end in zip(grow.tolist(), ends[grow].tolist())]):
+            taken = self.blocks.try_take_for([(rows[b].request_id, end) for b, end in zip(grow.tolist(), ends[grow].tolist())])
+            if taken is None:
                 return None  # the pass row by row preempts
-            capacity = self.blocks.capacity
-            steady.capacity[grow] = [capacity(rows[b].request_id) for b in grow.tolist()]
+            # A row's blocks held its context, one token short of `ends`: each row here took one block.
+            steady.capacity[grow] += self.blocks.block_size
+            if grown is not None:  # one exit: each row's new block at every layer, in take order
+                grown = GrownBlocks(grow, taken.reshape(len(grow), -1), grown.exit_layer)
         steady.ends = ends
         steady.max_end += 1
-        run = DecodeRun(steady.rows, starts, ends, steady.max_end)
+        run = DecodeRun(steady.rows, starts, ends, steady.max_end, grown)
         return run, budget - len(starts)
 
     def _schedule_running(self, depth: int | None, preempted: list[Request], together: bool

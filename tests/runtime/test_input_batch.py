@@ -136,3 +136,51 @@ def test_decoding_rows_at_one_exit_cross_into_blocks_as_the_tables_say(exit_laye
         for rid in ids:
             tokens[rid] += 1
         assert blocks.try_grow_all([(rid, tokens[rid]) for rid in ids])
+
+
+@pytest.mark.parametrize("numpy_writes", [True, False], ids=["numpy-writes", "torch-writes"])
+@pytest.mark.parametrize("exit_layer", [FULL, 2], ids=["full", "exit-2"])
+def test_blocks_a_steady_plan_took_write_the_tables_update_blocks_finds(exit_layer, numpy_writes):
+    """write_grown (the rows a steady plan grew and the blocks it took, written as given) against
+    update_blocks on a twin batch (the rows found by comparing counts), step after step while the
+    tables outgrow their first shape."""
+    blocks = BlockManager(4000, 4)
+    twins = [InputBatch(cache_layers_of, NUM_CACHE_LAYERS, torch.device("cpu"), rows=2, blocks=2,
+                        numpy_writes=numpy_writes) for _ in range(2)]
+    ids = [f"r{i}" for i in range(7)]
+    exits = [exit_layer] * len(ids)
+    tokens = {rid: 1 + 3 * i for i, rid in enumerate(ids)}
+    for rid in ids:
+        blocks.allocate(rid, len(cache_layers_of(exit_layer)), tokens[rid])
+    for batch in twins:  # the run's first step: found by comparing counts
+        step(batch, blocks, ids, exits, {r: -(-tokens[r] // 4) for r in ids})
+    grown_steps = 0
+    for _ in range(30):
+        for rid in ids:
+            tokens[rid] += 1
+        grow = [b for b, rid in enumerate(ids) if blocks.capacity(rid) < tokens[rid]]
+        taken = blocks.try_take_for([(ids[b], tokens[ids[b]]) for b in grow])
+        assert taken is not None
+        grown_steps += bool(grow)
+        tables = blocks.tables_of(ids)
+        assert twins[0].arrange(ids, exits, tables) == list(range(len(ids)))
+        needed = np.array([-(-tokens[r] // 4) for r in ids])
+        width = twins[0].write_grown(np.array(grow, dtype=np.int64), taken.reshape(len(grow), -1), exit_layer,
+                                     int(needed.max()))
+        assert width == int(needed.max())
+        step(twins[1], blocks, ids, exits, {r: -(-tokens[r] // 4) for r in ids})
+        assert torch.equal(twins[0].view(len(ids), width), twins[1].view(len(ids), width))
+        assert torch.equal(twins[0].last_blocks(len(ids)), twins[1].last_blocks(len(ids)))
+        assert np.array_equal(twins[0].written, twins[1].written)
+    assert grown_steps >= 20
+
+
+def test_blocks_a_plan_took_are_refused_where_a_row_read_fewer_blocks_than_it_has():
+    blocks = BlockManager(1000, 4)
+    batch = InputBatch(cache_layers_of, NUM_CACHE_LAYERS, torch.device("cpu"))
+    blocks.allocate("r0", FULL, 12)
+    step(batch, blocks, ["r0"], [FULL], {"r0": 3})
+    step(batch, blocks, ["r0"], [FULL], {"r0": 2})  # reads fewer than were written: not exact
+    taken = blocks.try_take_for([("r0", 13)])
+    assert batch.write_grown(np.array([0]), taken.reshape(1, -1), FULL, 4) is None
+    assert batch.written[0] == 3  # nothing written

@@ -116,3 +116,37 @@ def test_a_steady_plans_rows_are_made_when_read_and_are_the_rows_it_plans():
     assert [r.num_computed_tokens - 1 for r in out.decode_run.requests] == [i.start for i in made]
     assert rows[0] is made[0] and rows[-1] is made[-1] and rows[1:] == made[1:]  # now the same objects
     assert list(rows) == made
+
+
+@pytest.mark.parametrize("one_exit", [True, False], ids=["one-exit", "mixed-exits"])
+def test_a_steady_plan_of_one_exit_names_the_rows_that_took_blocks_and_the_blocks(one_exit):
+    """DecodeRun.grown: the rows whose context crosses into a new block this plan and the block each
+    took at every cache layer, as the block manager's tables show them; None with rows of several
+    exits (the batch's tables then compare counts)."""
+    blocks = BlockManager(4000, 4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256), blocks)
+    exits = [22] * 6 if one_exit else [FULL, 22, 22, 8, 8, 8]
+    for i, exit_layer in enumerate(exits):
+        scheduler.add(_request(f"r{i}", exit_layer, list(range(3 + i)), 60, 0.0, None))
+    grown_plans = 0
+    for _ in range(40):
+        before = {r.request_id: blocks.block_tables(r.request_id) for r in scheduler.running}
+        out = scheduler.schedule(0.0)
+        scheduler.on_step_launched(out)
+        run = out.decode_run
+        if run is not None and before:
+            if not one_exit:
+                assert run.grown is None
+            else:
+                assert run.grown is not None and run.grown.exit_layer == 22
+                crossed = [b for b, start in enumerate(run.starts.tolist()) if start % 4 == 0]
+                assert sorted(run.grown.rows.tolist()) == crossed
+                for b, ids in zip(run.grown.rows.tolist(), run.grown.ids.tolist()):
+                    rid = run.requests[b].request_id
+                    after = blocks.block_tables(rid)
+                    assert [len(t) for t in after] == [len(t) + 1 for t in before[rid]]
+                    assert ids == [t[-1] for t in after]
+                grown_plans += len(run.grown.rows) > 0
+        for item in out.scheduled:
+            item.request.output_token_ids.append(7)
+    assert grown_plans >= (5 if one_exit else 0)
