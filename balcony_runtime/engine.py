@@ -469,7 +469,7 @@ class LLMEngine:
         if run is not None and self.steady_columns:
             plain = self._plain_run(run)
             if plain is not None:
-                outputs = plain.outputs(run.starts, result.tokens, positions, self._output)
+                outputs = plain.outputs(run, result.tokens, positions, self._output)
                 if outputs is not None:
                     return outputs
         now = time.monotonic()

@@ -4,7 +4,7 @@ Under steady load most steps are a steady decode (scheduler.DecodeRun: the same 
 each) whose requests are plain (engine._Tracked.plain_text: no stop strings, logprobs, prompt
 logprobs or grammar). Then a step's outputs differ from the last step's only in each row's token,
 its text and its output count: the rest is kept for the run (RunColumns), the checks that a row
-ends (a stop token, its length) are one set operation and one array comparison over the rows,
+ends (a stop token, its length) are one set operation and a flag of the plan's (DecodeRun.ends_a_row),
 and the tokens are placed with one C-level pass. What is left per row is its text. Any row that
 could end, and any step after a request finished or was aborted, goes down the engine's row-by-row
 path instead.
@@ -22,6 +22,7 @@ import numpy as np
 
 from balcony_runtime.request import Request
 from balcony_runtime.request_output import RequestOutput, RunColumns, StepOutputs
+from balcony_runtime.scheduler import DecodeRun
 
 if TYPE_CHECKING:  # (the engine imports this module)
     from balcony_runtime.engine import _Tracked
@@ -37,7 +38,6 @@ class PlainRun:
     text_of: list[Callable[[int], str]]  # each row's detokenizer step (_Tracked.plain_text)
     stop_ids: frozenset[int]  # every row's stop tokens together
     output_from_start: np.ndarray  # [B] int64 2 - prompt length: a row fed token `start` samples output token start + this
-    max_tokens: np.ndarray  # [B] int64
 
     @classmethod
     def of(cls, requests: list[Request], tracked: Mapping[str, "_Tracked"]) -> "PlainRun | None":
@@ -53,23 +53,20 @@ class PlainRun:
             [r.first_token_time for r in requests], [r.num_cached_tokens for r in requests])
         return cls(requests, columns, [r.output_token_ids for r in requests],
                    list(map(attrgetter("plain_text"), rows)), frozenset().union(*(t.stop_ids for t in rows)),
-                   2 - np.array(num_prompt, dtype=np.int64),
-                   np.array([r.params.max_tokens for r in requests], dtype=np.int64))
+                   2 - np.array(num_prompt, dtype=np.int64))
 
-    def outputs(self, starts: np.ndarray, tokens: list[int], positions: list[int | None] | None,
+    def outputs(self, run: DecodeRun, tokens: list[int], positions: list[int | None] | None,
                 make: Callable[..., RequestOutput | tuple]) -> StepOutputs | None:
         """This step's outputs, its tokens placed in the requests' outputs and their text read; None
         (nothing changed) if some row may end with it: the row-by-row path then takes the step.
 
-        ``starts``: [B] the plan's (DecodeRun.starts); ``tokens``: each row's sampled token, in the
-        rows' order; ``positions``: where each row's placeholder sits (overlapped steps), else None."""
-        if not self.stop_ids.isdisjoint(tokens):
+        ``run``: the plan's; ``tokens``: each row's sampled token, in the rows' order;
+        ``positions``: where each row's placeholder sits (overlapped steps), else None."""
+        if run.ends_a_row or not self.stop_ids.isdisjoint(tokens):  # a row's last token, or a stop
             return None
         # A decode row fed token `start` samples output token number start - prompt + 2 (a later
         # step's placeholder may already follow it; its own sits at start - prompt + 1).
-        num_output = starts + self.output_from_start  # [B]
-        if np.count_nonzero(num_output >= self.max_tokens):
-            return None
+        num_output = run.starts + self.output_from_start  # [B]
         if positions is None:
             deque(map(list.append, self.output_lists, tokens), maxlen=0)  # (a loop in C)
         else:

@@ -135,6 +135,8 @@ class DecodeRun:
     # context lengths, and the next plan's starts). Neither array is written after the plan is made.
     ends: np.ndarray
     max_end: int  # ends' largest (every row moves one token a plan, so it is kept, not reduced)
+    # Some row samples its last token (by max_tokens) in this plan: its output ends with it.
+    ends_a_row: bool
     # The blocks the plan took for its rows, when it can tell (see GrownBlocks); None: the batch's
     # tables find the rows that read a block they lack by comparing counts.
     grown: "GrownBlocks | None" = None
@@ -163,7 +165,10 @@ class _SteadyDecode:
     rows: list[Request]  # the plan's requests, in its order
     to_running: np.ndarray | None  # [B] each row's index in running (growth goes in running order); None: row b is running[b]
     ends: np.ndarray  # [B] int64 each row's start in the plan + 1 (DecodeRun.ends): its start in the next
-    full_starts: np.ndarray  # [B] int64 a row's start once it holds all its tokens, the last maybe a placeholder (prompt + max_tokens - 1)
+    # Plans of these rows left before a row's start reaches its last (prompt + max_tokens - 1: it
+    # then holds all its tokens, the last maybe a placeholder still being sampled): min over the rows
+    # of that start - ends, one less each plan (every row moves one token a plan).
+    plans_left: int
     capacity: np.ndarray  # [B] int64 tokens each row's blocks hold
     max_end: int  # ends' largest
     # Set when every row runs at one exit and its blocks end where its context does (capacity ==
@@ -323,10 +328,9 @@ class Scheduler:
         if all(r.exit_layer == exit_layer for r in rows) and np.array_equal(capacities, -(-ends // size) * size):
             no_growth = GrownBlocks(np.empty(0, dtype=np.int64), np.empty((0, rows[0].num_cache_layers), dtype=np.int64),
                                     exit_layer)
-        return _SteadyDecode(
-            list(running), rows, to_running, ends,
-            np.array([len(r.prompt_token_ids) + r.params.max_tokens - 1 for r in rows], dtype=np.int64),
-            capacities, max(starts) + 1, no_growth)
+        last_starts = np.array([len(r.prompt_token_ids) + r.params.max_tokens - 1 for r in rows], dtype=np.int64)
+        return _SteadyDecode(list(running), rows, to_running, ends, int((last_starts - ends).min()), capacities,
+                             max(starts) + 1, no_growth)
 
     def _schedule_steady(self) -> tuple["DecodeRun", int] | None:
         """The last plan's rows one token on, if it was a steady decode and still is one: the same
@@ -340,7 +344,7 @@ class Scheduler:
         if running != steady.running or len(running) > budget:  # (compared by identity: Request has no __eq__)
             return None
         starts = steady.ends  # [B] each row one token on
-        if np.count_nonzero(starts >= steady.full_starts):  # a row has all its tokens, its last still being sampled (overlapped)
+        if steady.plans_left <= 0:  # a row has all its tokens, its last still being sampled (overlapped)
             return None
         ends = starts + 1  # [B]
         grow = (ends > steady.capacity).nonzero()[0]  # [G] rows reaching a new block
@@ -358,7 +362,8 @@ class Scheduler:
                 grown = GrownBlocks(grow, taken.reshape(len(grow), -1), grown.exit_layer)
         steady.ends = ends
         steady.max_end += 1
-        run = DecodeRun(steady.rows, starts, ends, steady.max_end, grown)
+        steady.plans_left -= 1
+        run = DecodeRun(steady.rows, starts, ends, steady.max_end, steady.plans_left == 0, grown)
         return run, budget - len(starts)
 
     def _schedule_running(self, depth: int | None, preempted: list[Request], together: bool

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ((64, 256), (256, 1024), (256, 4096))
 # The step's host side, loaded in this order (each file's imports of the ones before it rewritten).
 OLD_FILES = ("request", "sampler", "detokenizer", "input_batch", "prefix_cache", "block_manager", "model_runner",
-             "scheduler", "request_output", "engine")
+             "scheduler", "request_output", "plain_outputs", "engine")
 
 
 def old_modules(revision: str) -> dict[str, types.ModuleType]:
@@ -47,7 +47,7 @@ def old_modules(revision: str) -> dict[str, types.ModuleType]:
     for name in OLD_FILES:
         shown = subprocess.run(["git", "show", f"{revision}:balcony_runtime/{name}.py"], cwd=ROOT,
                                capture_output=True, text=True)
-        if shown.returncode and name in ("input_batch", "request_output"):
+        if shown.returncode and name in ("input_batch", "request_output", "plain_outputs"):
             continue  # a revision from before the persistent batch state, or with its outputs in engine.py
         shown.check_returncode()
         source = shown.stdout
