@@ -45,7 +45,11 @@ class BlockManager:
             raise ValueError(f"evict_ahead must be >= 0, got {evict_ahead}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() takes low ids first
+        # The plain free blocks, a stack in an array: entries [:_num_free], the top last (a take
+        # reads the top, low ids first in a fresh pool). An array, not a list: a take hands its
+        # ids on as an array (try_take_for) and a free pushes an array, with no conversion between.
+        self._free = np.arange(num_blocks - 1, -1, -1, dtype=np.int64)  # [num_blocks]
+        self._num_free = num_blocks
         # Holders of each block. An array: a request holds a block per cache layer per 16 tokens
         # (thousands at a long context), and letting go of them all, or taking a step's new ones,
         # is then a few whole-array operations instead of a Python statement per block.
@@ -69,7 +73,7 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free) + len(self._evictable)
+        return self._num_free + len(self._evictable)
 
     @property
     def num_used_blocks(self) -> int:
@@ -233,7 +237,7 @@ class BlockManager:
             cached = self.prefix_cache.cached_mask(released)
             self._evictable.push(released[cached])
             released = released[~cached]
-        self._free += released.tolist()
+        self._push_free(released)
 
     def _hold(self, blocks: np.ndarray) -> None:
         """One more holder for each of ``blocks`` (distinct); the cached blocks nobody held leave
@@ -246,12 +250,10 @@ class BlockManager:
         """``count`` blocks for new tokens ([count] int64): plain free ones first (the stack's top;
         lowest ids first in a fresh pool), then the cached blocks let go of longest ago, which leave
         the prefix cache (at least evict_ahead of them, the surplus joining the plain free ones)."""
-        free = self._free
-        plain = min(count, len(free))
-        top = free[len(free) - plain:]
-        del free[len(free) - plain:]
-        top.reverse()
-        taken = np.array(top, dtype=np.int64)  # (one conversion, for the count below and the caller)
+        num_free = self._num_free
+        plain = min(count, num_free)
+        taken = self._free[num_free - plain:num_free][::-1].copy()  # [plain] the top first
+        self._num_free = num_free - plain
         if plain:
             self._refs[taken] = 1
         if count > plain:
@@ -263,8 +265,15 @@ class BlockManager:
             self._refs[used] = 1
             taken = np.concatenate((taken, used)) if plain else used.astype(np.int64, copy=False)
             if len(surplus):  # plain free now, the oldest on top of the stack (taken first)
-                free += surplus[::-1].tolist()
+                self._push_free(surplus[::-1])
         return taken
+
+    def _push_free(self, blocks: np.ndarray) -> None:
+        """Put ``blocks`` on the free stack, the last on top (a block is free at most once, so the
+        stack never outgrows the pool)."""
+        num_free = self._num_free
+        self._free[num_free:num_free + len(blocks)] = blocks
+        self._num_free = num_free + len(blocks)
 
 
 def _shared_blocks(reuse: PrefixMatch | None) -> np.ndarray | None:

@@ -53,7 +53,7 @@ def test_a_recycled_pool_serves_the_timed_rows_from_cached_prefixes(tiny_model_d
     recycled = HostStepRun(loaded, rows=3, context=40, steps=60)
     fresh = HostStepRun(loaded, rows=3, context=40, steps=60, recycled=False)
     assert recycled.engine.blocks._evictable
-    assert fresh.engine.blocks._free and not fresh.engine.blocks._evictable
+    assert fresh.engine.blocks._num_free and not fresh.engine.blocks._evictable
     evicted: list[int] = []
     for run in (recycled, fresh):
         cache = run.engine.blocks.prefix_cache

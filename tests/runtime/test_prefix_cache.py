@@ -22,7 +22,7 @@ def check_invariants(bm: BlockManager, live: dict[str, list[int]]) -> None:
     held = Counter(b for rid in live for table in bm.block_tables(rid) for b in table)
     assert all(bm._refs[b] == n for b, n in held.items()), "a reference count is off"
     assert sum(bm._refs) == sum(held.values())
-    free = set(bm._free) | set(bm._evictable)
+    free = set(bm._free[: bm._num_free].tolist()) | set(bm._evictable)
     assert not free & set(held), "a held block is also free"
     assert len(held) + bm.num_free_blocks == bm.num_blocks, "a block leaked"
     assert all(bm.prefix_cache.is_cached(b) for b in bm._evictable)
