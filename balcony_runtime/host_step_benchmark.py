@@ -13,6 +13,12 @@ device is done with it. The host spins meanwhile, as a CUDA event wait does by d
 not counted as host work. Then the step's wall time shows how much of the host's work the device
 waits for: about host + device per step when steps run synchronously, about max(host, device) when
 they overlap (EngineConfig.overlap_steps).
+
+Through decode graphs (``graphs``): decode steps go through model/decode_graphs.py as on a GPU, with
+every recorded piece's replay a no-op, so the forward phase times the host work a replayed step
+does around its replays (which rows leave where, the bucket, filling the static buffers). On a CPU
+the static buffers' fills are memory copies the host does; on a GPU they are device copies whose
+launches the host pays for, not their bytes.
 """
 
 from __future__ import annotations
@@ -56,8 +62,15 @@ class StubModel(torch.nn.Module):
         return self.real.cache_layers_of(exit_layer)
 
     def forward(self, batch: ForwardBatch, kv_cache) -> torch.Tensor:
-        n = len(batch.logits_indices)
-        return self.table[:n] if n <= len(self.table) else self.table[torch.arange(n) % len(self.table)]  # [N, V]
+        return self.logits(len(batch.logits_indices))
+
+    def logits(self, n: int) -> torch.Tensor:
+        """The logits it hands out for ``n`` rows: [n, vocab]."""
+        return self.table[:n] if n <= len(self.table) else self.table[torch.arange(n) % len(self.table)]
+
+
+def _no_replay() -> None:
+    """A recorded piece's replay in the host-only benchmark: the device work left out."""
 
 
 class SimulatedDevice:
@@ -172,7 +185,7 @@ class HostStepRun:
     def __init__(self, loaded: LoadedModel, rows: int, context: int, steps: int = 30, vocab: int = 512,
                  params: SamplingParams | None = None, block_size: int = 16, exit_layer=None,
                  device_ms: float = 0.0, overlap: bool = False, engine_module=None, recycled: bool = True,
-                 queued: int = 0, aligned: bool = False, young_threshold: int | None = None):
+                 queued: int = 0, aligned: bool = False, young_threshold: int | None = None, graphs: bool = False):
         # Real token ids whose text is mostly whole characters, so the detokenizer works as in serving.
         token_pool = list(range(256, 256 + vocab))
         budget = max(8192, rows)  # tokens per step
@@ -182,6 +195,9 @@ class HostStepRun:
         params = params or SamplingParams(max_tokens=prefill_steps + 2 * steps + 2, temperature=0, ignore_eos=True)
         engine = stub_engine(loaded, rows, context + params.max_tokens, vocab, block_size, budget, overlap,
                              engine_module)
+        if graphs:  # every replay a no-op; the logits they would leave are the stub's
+            graphed = engine.runner.use_graphs(rows, context + params.max_tokens, record=False, replay=_no_replay)
+            graphed.s.logits = engine.runner.model.logits(rows).clone()  # [rows, vocab]
         self.device = SimulatedDevice(device_ms)
         if device_ms:
             self.device.wrap(engine.runner)
@@ -257,6 +273,8 @@ class PhaseTimers:
                    (engine, "_postprocess", "postprocess")]
         if hasattr(sampler, "sample_on_device"):  # (bench/host_step.py --baseline: an older sampler)
             methods.append((sampler, "sample_on_device", "sample"))
+        if getattr(runner, "graphs", None) is not None:  # decode steps replayed (the model called for the others)
+            methods.append((runner.graphs, "run", "forward"))
         self._wrappers = [(owner, name, timed(getattr(owner, name), phase)) for owner, name, phase in methods]
         self._runner, self._model = runner, runner.model
         self._timed_model = _TimedModel(runner.model, timed)

@@ -9,7 +9,7 @@ leaves or joins moves only itself); results come back in the scheduler's order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,15 +93,17 @@ class ModelRunner:
         # (see _decode_inputs).
         self._decode_buffers: dict[int, _DecodeInputs] = {}
 
-    def use_graphs(self, max_rows: int, max_model_len: int, record: bool | None = None) -> DecodeGraphs:
+    def use_graphs(self, max_rows: int, max_model_len: int, record: bool | None = None,
+                   replay: Callable[[], None] | None = None) -> DecodeGraphs:
         """Serve decode steps of up to ``max_rows`` rows by replaying recorded pieces
-        (model/decode_graphs.py; ``record`` False runs them eagerly: tests on the CPU)."""
+        (model/decode_graphs.py; ``record`` False runs them eagerly: tests on the CPU; ``replay``
+        stands in for every piece: the host-only benchmark)."""
         if self.scratch_block is None or self.scratch_block >= self.kv_cache.keys.shape[0]:
             raise ValueError("decode graphs need a scratch block in the KV cache that no request owns")
         max_blocks = -(-max_model_len // self.blocks.block_size)
         graphs = DecodeGraphs(self.model, self.kv_cache.as_tuple(), self.scratch_block, self.blocks.block_size,
                               max_rows, max_blocks, record)
-        graphs.capture()
+        graphs.capture(replay)
         self.graphs = graphs
         return graphs
 

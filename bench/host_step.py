@@ -8,6 +8,7 @@
     python bench/host_step.py --aligned             # every row at the same context (the median step takes no new block)
     python bench/host_step.py --default-gc          # and with CPython's default collector threshold, a step of each in turn
     python bench/host_step.py --queued 1000         # with 1,000 requests waiting behind the full batch
+    python bench/host_step.py --graphs              # and through decode graphs (a GPU's path), replays no-ops
 
 Prints a markdown table: median milliseconds per engine.step(), as CPU time of the stepping thread
 (the host work, robust to a busy machine) and as wall time, and the CPU time of each phase
@@ -84,15 +85,22 @@ def main() -> None:
     parser.add_argument("--device-ms", type=float, action="append",
                         help="also time each shape on a simulated device taking this long per step, steps "
                              "synchronous and overlapped (repeatable); prints a second table")
+    parser.add_argument("--graphs", action="store_true",
+                        help="also time this checkout's decode steps through decode graphs, as on a GPU, each "
+                             "replay a no-op: the forward column is then the host work around the replays "
+                             "(on a CPU the static buffers' fills are memory copies a GPU would do itself)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shape] if args.shape else SHAPES
     loaded = load_model("smollm2-135m", adapters=None, dtype="float32", device="cpu")
-    versions = [("this checkout", None, None)]  # (label, old modules, young-generation threshold)
+    # (label, old modules, young-generation threshold, decode graphs)
+    versions = [("this checkout", None, None, False)]
     if args.baseline:
-        versions.insert(0, (args.baseline, old_modules(args.baseline), None))
+        versions.insert(0, (args.baseline, old_modules(args.baseline), None, False))
     if args.default_gc:
-        versions.insert(0, ("this checkout, gc threshold 700", None, 700))
+        versions.insert(0, ("this checkout, gc threshold 700", None, 700, False))
+    if args.graphs:
+        versions.append(("this checkout, decode graphs", None, None, True))
     pool = "a fresh block pool" if args.fresh_pool else "a block pool that served a wave of other prompts first"
     pool += ", every row at the same context" if args.aligned else ", contexts spread over a block (context - i mod 16)"
     print(f"{loaded.identity}, {loaded.model.num_cache_layers} cache layers, block size 16, greedy, "
@@ -104,10 +112,10 @@ def main() -> None:
         runs = [HostStepRun(loaded, rows, context, steps=args.steps, vocab=args.vocab,
                             engine_module=None if modules is None else modules["engine"],
                             recycled=not args.fresh_pool, queued=args.queued, aligned=args.aligned,
-                            young_threshold=threshold)
-                for _, modules, threshold in versions]
+                            young_threshold=threshold, graphs=graphs)
+                for _, modules, threshold, graphs in versions]
         # One step of each version in turn: the machine's drift slows both alike.
-        for (label, _, _), r in zip(versions, measure_interleaved(runs, args.steps)):
+        for (label, *_), r in zip(versions, measure_interleaved(runs, args.steps)):
             p = r.phase_ms
             print(f"| {label} | {rows} x {context} | {r.step_cpu_ms:.3f} | {r.step_ms:.3f} | {p['schedule']:.3f} | {p['prepare']:.3f} | "
                   f"{p['forward']:.3f} | {p['sample']:.3f} | {p['postprocess']:.3f} |", flush=True)

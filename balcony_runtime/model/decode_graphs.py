@@ -25,6 +25,8 @@ bucketing, padding and scatter logic on the CPU against the eager forward.
 
 from __future__ import annotations
 
+import functools
+import operator
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Callable
@@ -107,21 +109,36 @@ class DecodeGraphs:
         self._pieces: dict[tuple[str, int, int], Callable[[], None]] = {}
         self._pool = None
         self.recorded = 0
+        self._cut_layers = (0, *model.exits)  # the layers after which rows may leave
+        # What the static buffers hold from the last step, so an unchanged part is not written again:
+        # the (rows, bucket) whose padding rows point at the scratch block, and the composition
+        # (rows deeper than each cut layer) whose index is in _Static.index.
+        self._padded: tuple[int, int] | None = None
+        self._composition: tuple[int, ...] | None = None
+        self._indices_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     # ---- recording ---------------------------------------------------------------------------
 
-    def capture(self) -> None:
-        """Record every piece at every bucket, largest first (smaller ones reuse its memory)."""
+    def capture(self, replay: Callable[[], None] | None = None) -> None:
+        """Record every piece at every bucket, largest first (smaller ones reuse its memory).
+        ``replay``: a stand-in for every piece, nothing recorded (the host-only benchmark times a
+        step's host work around the replays, balcony_runtime/host_step_benchmark.py)."""
+        if replay is not None:
+            self._pieces = dict.fromkeys(self._keys(), replay)
+            return
         if self.record:
             self._pool = torch.cuda.graph_pool_handle()
-        for b in reversed(self.buckets):
-            for i in range(len(self.segments)):
-                self._add(("segment", i, b), lambda i=i, b=b: self._segment(i, b))
-            for j in range(len(self.model.exits)):
-                self._add(("balcony", j, b), lambda j=j, b=b: self._balcony(j, b))
-            self._add(("head", 0, b), lambda b=b: self._head(b))
+        pieces = {"segment": self._segment, "balcony": self._balcony, "head": lambda _, b: self._head(b)}
+        for kind, i, b in self._keys():
+            self._add((kind, i, b), functools.partial(pieces[kind], i, b))
         if self.record:
             torch.cuda.synchronize(self.device)
+
+    def _keys(self) -> list[tuple[str, int, int]]:
+        """Every piece, (kind, index, bucket), largest bucket first."""
+        return [key for b in reversed(self.buckets)
+                for key in ([("segment", i, b) for i in range(len(self.segments))]
+                            + [("balcony", j, b) for j in range(len(self.model.exits))] + [("head", 0, b)])]
 
     def _add(self, key: tuple[str, int, int], piece: Callable[[], None]) -> None:
         if not self.record:
@@ -190,40 +207,57 @@ class DecodeGraphs:
         buffer: valid until the next step)."""
         s, model = self.s, self.model
         exits, n = batch.exits, len(batch.exits)
-        # deeper[l]: rows whose exit is deeper than l (a prefix, exits being non-increasing).
-        deeper = {l: sum(1 for e in exits if e > l) for l in (0, *model.exits)}
+        # deeper[l]: rows whose exit is deeper than l (a prefix, exits being non-increasing), for l
+        # in (0, *model.exits): found by bisection, since a Python pass over the rows per exit cost
+        # more host time than the rest of this method at 64 rows (docs/benchmarks.md, stop 45).
+        deeper = tuple(bisect_left(exits, -l, key=operator.neg) for l in self._cut_layers)
         b0 = self.bucket(n)
         s.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
         s.positions[:n].copy_(batch.positions, non_blocking=True)
         s.context_lens[:n].copy_(batch.context_lens, non_blocking=True)
         s.slot_mapping[:, :n].copy_(batch.slot_mapping, non_blocking=True)
-        s.slot_mapping[:, n:b0].fill_(self.scratch_slot)  # padding rows write to the scratch block
+        if self._padded != (n, b0):  # (rows n..b0-1 still point at the scratch block when unchanged)
+            s.slot_mapping[:, n:b0].fill_(self.scratch_slot)  # padding rows write to the scratch block
+            self._padded = (n, b0)
         width = batch.block_tables.shape[2]
         s.block_tables[:, :n, :width].copy_(batch.block_tables, non_blocking=True)
-        s.index.copy_(to_device(self._indices(exits, deeper), torch.int64, self.device), non_blocking=True)
+        if self._composition != deeper:  # the index depends only on how many rows leave where
+            s.index.copy_(self._index_of(deeper), non_blocking=True)
+            self._composition = deeper
 
         self._pieces[("segment", 0, b0)]()
-        for j, k in enumerate(model.exits):
-            leaving = deeper[self.segments[j][0]] - deeper[k]  # rows whose exit is k
+        for j in range(len(model.exits)):
+            leaving = deeper[j] - deeper[j + 1]  # rows whose exit is model.exits[j]
             if leaving:
                 self._pieces[("balcony", j, self.bucket(leaving))]()
-            if deeper[k]:
-                self._pieces[("segment", j + 1, self.bucket(deeper[k]))]()
+            if deeper[j + 1]:
+                self._pieces[("segment", j + 1, self.bucket(deeper[j + 1]))]()
         self._pieces[("head", 0, b0)]()
         return s.logits[:n]
 
-    def _indices(self, exits: list[int], deeper: dict[int, int]) -> torch.Tensor:
-        """This step's ``_Static.index`` on the host: [2E + 1, R] int64."""
-        model, R = self.model, self.max_rows
-        E = len(model.exits)
+    def _index_of(self, deeper: tuple[int, ...]) -> torch.Tensor:
+        """``_Static.index`` for a composition, on the device: built once per composition (a steady
+        decode keeps one for many steps; a batch's compositions are few), the cache bounded."""
+        index = self._indices_cache.get(deeper)
+        if index is None:
+            if len(self._indices_cache) >= 256:
+                self._indices_cache.clear()
+            index = to_device(self._indices(deeper), torch.int64, self.device)
+            self._indices_cache[deeper] = index
+        return index
+
+    def _indices(self, deeper: tuple[int, ...]) -> torch.Tensor:
+        """``_Static.index`` on the host for the rows deeper than each of (0, *model.exits):
+        [2E + 1, R] int64."""
+        R, E = self.max_rows, len(self.model.exits)
         index = torch.full((2 * E + 1, R), R, dtype=torch.int64)
         index[:E] = 0
-        for j, k in enumerate(model.exits):
-            lo, hi = deeper[k], deeper[self.segments[j][0]]  # rows [lo, hi) exit at k
+        for j in range(E):
+            lo, hi = deeper[j + 1], deeper[j]  # rows [lo, hi) exit at model.exits[j]
             if hi > lo:
                 index[j, : hi - lo] = torch.arange(lo, hi)
                 index[j, hi - lo :] = hi - 1
                 index[E + j, : hi - lo] = torch.arange(lo, hi)
-        full_rows = sum(1 for e in exits if e == model.full_depth)
+        full_rows = deeper[E]  # deeper than the deepest exit: the full-depth rows
         index[2 * E, :full_rows] = torch.arange(full_rows)
         return index

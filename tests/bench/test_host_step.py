@@ -111,3 +111,27 @@ def test_a_run_steps_under_its_own_collector_threshold_and_puts_the_serving_one_
     measure_interleaved([default, serving], steps=3)
     assert seen == {"default": {700}, "serving": {YOUNG_THRESHOLD}}
     assert gc.get_threshold() == before
+
+
+def test_through_decode_graphs_every_decode_step_replays_and_no_token_changes(tiny_model_dir):
+    """--graphs: decode steps go through the decode graphs' host path (which rows leave where, the
+    bucket, the static buffers) with every replay a no-op, and the forward phase times it; the
+    logits the replays would leave are the stub's, so the tokens are the eager stub's."""
+    loaded = load_model(str(tiny_model_dir), adapters=None, dtype="float32", device="cpu")
+    graphed = HostStepRun(loaded, rows=3, context=20, steps=6, graphs=True)
+    eager = HostStepRun(loaded, rows=3, context=20, steps=6)
+    graphs = graphed.engine.runner.graphs
+    replays = []
+    graphs._pieces = {key: (lambda key=key: replays.append(key)) for key in graphs._pieces}
+    called = []
+    stub = graphed.engine.runner.model
+    forward = stub.forward
+    stub.forward = lambda *args: called.append(1) or forward(*args)
+    measure_interleaved([graphed, eager], steps=6)
+    # Every decode step (two per timed step) replayed, each its head once at the bucket of 3 rows;
+    # none ran the model eagerly.
+    assert [key for key in replays if key[0] == "head"] == [("head", 0, 3)] * 12 and not called
+    assert ("segment", 0, 3) in replays
+    assert len(graphed.phases["forward"]) == 6 and all(t > 0 for t in graphed.phases["forward"])
+    tokens = [[t.request.output_token_ids for t in r.engine._tracked.values()] for r in (graphed, eager)]
+    assert tokens[0] == tokens[1]
