@@ -393,13 +393,13 @@ class LLMEngine:
         if not self.overlap_steps:
             self._prefetch_masks(plan)
             pending = self.runner.launch(plan.scheduled, None, plan.decode_run)
-            self.scheduler.on_step_launched(plan)
+            self.scheduler.on_step_launched(plan, pending.layout.order)
             return self._resolve(_Launched(plan, pending, None, now), None)
         if in_flight is not None and self._num_needs_sync and any(item.request.needs_sync for item in plan.scheduled):
             # Some row's sampling needs the step in flight read first (its grammar's mask, its
             # penalties' counts): the forward goes ahead, the sampling waits for the read.
             forwarded = self.runner.forward(plan.scheduled, in_flight.pending.tokens, plan.decode_run)
-            self.scheduler.on_step_launched(plan)
+            self.scheduler.on_step_launched(plan, forwarded.layout.order)
             self._in_flight = None
             outputs = self._resolve(in_flight, plan)
             self._prefetch_masks(plan)
@@ -408,7 +408,7 @@ class LLMEngine:
         self._prefetch_masks(plan)
         pending = self.runner.launch(plan.scheduled, None if in_flight is None else in_flight.pending.tokens,
                                      plan.decode_run)
-        self.scheduler.on_step_launched(plan)
+        self.scheduler.on_step_launched(plan, pending.layout.order)
         self._in_flight = self._placed(plan, pending, now)
         return [] if in_flight is None else self._resolve(in_flight, plan)
 

@@ -14,11 +14,13 @@ not counted as host work. Then the step's wall time shows how much of the host's
 waits for: about host + device per step when steps run synchronously, about max(host, device) when
 they overlap (EngineConfig.overlap_steps).
 
-Through decode graphs (``graphs``): decode steps go through model/decode_graphs.py as on a GPU, with
-every recorded piece's replay a no-op, so the forward phase times the host work a replayed step
-does around its replays (which rows leave where, the bucket, filling the static buffers). On a CPU
-the static buffers' fills are memory copies the host does; on a GPU they are device copies whose
-launches the host pays for, not their bytes.
+Through decode graphs (``graphs``): the code path of a GPU. Decode steps go through
+model/decode_graphs.py with every recorded piece's replay a no-op, so the forward phase times the
+host work a replayed step does around its replays (which rows leave where, the bucket, filling the
+static buffers), and the runner and batch state write with torch ops instead of their CPU-only
+numpy shortcuts. A small torch op on CPU tensors costs the host about what launching it on a GPU
+does; what differs is bytes: on a CPU the static buffers' fills are memory copies the host does, on
+a GPU device copies whose launches the host pays for, not their bytes.
 """
 
 from __future__ import annotations
@@ -186,6 +188,9 @@ class HostStepRun:
                  params: SamplingParams | None = None, block_size: int = 16, exit_layer=None,
                  device_ms: float = 0.0, overlap: bool = False, engine_module=None, recycled: bool = True,
                  queued: int = 0, aligned: bool = False, young_threshold: int | None = None, graphs: bool = False):
+        # ``exit_layer``: one exit for every row (None: full depth), or a sequence that row i takes
+        # entry i mod its length of (a mixed-depth batch, as budgets route it).
+        exits = list(exit_layer) if isinstance(exit_layer, (list, tuple)) else [exit_layer]
         # Real token ids whose text is mostly whole characters, so the detokenizer works as in serving.
         token_pool = list(range(256, 256 + vocab))
         budget = max(8192, rows)  # tokens per step
@@ -198,6 +203,8 @@ class HostStepRun:
         if graphs:  # every replay a no-op; the logits they would leave are the stub's
             graphed = engine.runner.use_graphs(rows, context + params.max_tokens, record=False, replay=_no_replay)
             graphed.s.logits = engine.runner.model.logits(rows).clone()  # [rows, vocab]
+            # The device's code path: the batch state written with torch ops, no host-array shortcuts.
+            engine.runner._on_cpu = engine.runner.input_batch.numpy_writes = False
         self.device = SimulatedDevice(device_ms)
         if device_ms:
             self.device.wrap(engine.runner)
@@ -209,18 +216,20 @@ class HostStepRun:
             # serving, not from a never-used free list.
             wave = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
             longest = context + params.max_tokens - 1
-            for _ in range(rows):
-                engine.add_request([rng.choice(token_pool) for _ in range(longest)], wave, exit_layer=exit_layer)
+            for i in range(rows):
+                engine.add_request([rng.choice(token_pool) for _ in range(longest)], wave,
+                                   exit_layer=exits[i % len(exits)])
             while engine.has_unfinished():
                 engine.step()
         for i in range(rows):
             length = context if aligned else max(1, context - i % block_size)
-            engine.add_request([rng.choice(token_pool) for _ in range(length)], params, exit_layer=exit_layer)
+            engine.add_request([rng.choice(token_pool) for _ in range(length)], params,
+                               exit_layer=exits[i % len(exits)])
         while any(not t.request.output_token_ids for t in engine._tracked.values()):
             engine.step()  # prefill, in chunks of the token budget
         assert all(len(t.request.output_token_ids) + 2 * steps <= params.max_tokens for t in engine._tracked.values())
-        for _ in range(queued):  # waiting behind the full batch, as under a burst
-            engine.add_request([rng.choice(token_pool) for _ in range(16)], params, exit_layer=exit_layer)
+        for i in range(queued):  # waiting behind the full batch, as under a burst
+            engine.add_request([rng.choice(token_pool) for _ in range(16)], params, exit_layer=exits[i % len(exits)])
         self.engine, self.rows, self.context, self.device_ms, self.overlap = engine, rows, context, device_ms, overlap
         # The collector's young-generation threshold while this run steps (None: the serving
         # process's, balcony_runtime/heap.py), to time the step under another.

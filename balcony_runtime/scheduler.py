@@ -176,6 +176,9 @@ class _SteadyDecode:
     # context crosses into one, and each plan hands its take on (DecodeRun.grown). This one stands
     # for a plan in which no row grows. None otherwise (the batch compares counts).
     no_growth: GrownBlocks | None
+    # Whether rows is in the order the runner's batch holds them (Scheduler.follow_batch_order); a
+    # plan in that order lets the runner reuse the lists of its first step.
+    in_batch_order: bool = False
 
 
 class Scheduler:
@@ -427,14 +430,37 @@ class Scheduler:
         request.waited_s = 0.0
         self.waiting.append(request)
 
+    def follow_batch_order(self, order: list[int]) -> None:
+        """The runner's batch holds the rows of the plan just launched in this order (order[b]:
+        index into that plan's list of the request in row b). When that plan started a steady
+        decode, its rows are listed in this order from the next plan on: every order with the
+        deepest exit first is one the runner serves, and one it already holds lets it reuse the
+        first step's lists at every later step (ModelRunner.prepare), where a listing that only
+        differs within an exit group made it rebuild them each step (a mixed-depth batch, its rows
+        admitted at different times)."""
+        steady = self._steady
+        if steady is None or steady.in_batch_order:
+            return
+        steady.in_batch_order = True
+        if len(order) != len(steady.rows) or order == list(range(len(order))):
+            return
+        moved = np.asarray(order, dtype=np.int64)  # [B]
+        steady.rows = [steady.rows[i] for i in order]
+        steady.to_running = moved if steady.to_running is None else steady.to_running[moved]
+        steady.ends, steady.capacity = steady.ends[moved], steady.capacity[moved]
+
     def on_step_done(self, output: SchedulerOutput, seconds: float = 0.0) -> None:
         """The runner has written this step's tokens into the cache; it took ``seconds``."""
         self.on_step_launched(output)
         self.on_step_timed(output, seconds)
 
-    def on_step_launched(self, output: SchedulerOutput) -> None:
+    def on_step_launched(self, output: SchedulerOutput, batch_order: list[int] | None = None) -> None:
         """The step's tokens are (or, on a device still working, will be before any later step
-        reads them) in the cache: the next schedule may build on them."""
+        reads them) in the cache: the next schedule may build on them. ``batch_order``: the order
+        the runner's batch holds the step's rows in (see follow_batch_order)."""
+        steady = self._steady
+        if batch_order is not None and steady is not None and not steady.in_batch_order:
+            self.follow_batch_order(batch_order)
         run = output.decode_run
         if run is not None:  # a steady decode: one token each, all past their prompts
             for request, computed in zip(run.requests, run.ends.tolist()):

@@ -8,6 +8,7 @@
     python bench/host_step.py --aligned             # every row at the same context (the median step takes no new block)
     python bench/host_step.py --default-gc          # and with CPython's default collector threshold, a step of each in turn
     python bench/host_step.py --queued 1000         # with 1,000 requests waiting behind the full batch
+    python bench/host_step.py --mixed               # rows at full depth and every exit in turn
     python bench/host_step.py --graphs              # and through decode graphs (a GPU's path), replays no-ops
 
 Prints a markdown table: median milliseconds per engine.step(), as CPU time of the stepping thread
@@ -89,6 +90,9 @@ def main() -> None:
                         help="also time this checkout's decode steps through decode graphs, as on a GPU, each "
                              "replay a no-op: the forward column is then the host work around the replays "
                              "(on a CPU the static buffers' fills are memory copies a GPU would do itself)")
+    parser.add_argument("--mixed", action="store_true",
+                        help="row i at full depth and each exit in turn (i mod 1 + exits), a mixed-depth batch "
+                             "as budgets route it (default: every row at full depth)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shape] if args.shape else SHAPES
@@ -101,18 +105,20 @@ def main() -> None:
         versions.insert(0, ("this checkout, gc threshold 700", None, 700, False))
     if args.graphs:
         versions.append(("this checkout, decode graphs", None, None, True))
+    depths = [loaded.model.full_depth, *reversed(loaded.model.exits)] if args.mixed else None
     pool = "a fresh block pool" if args.fresh_pool else "a block pool that served a wave of other prompts first"
     pool += ", every row at the same context" if args.aligned else ", contexts spread over a block (context - i mod 16)"
     print(f"{loaded.identity}, {loaded.model.num_cache_layers} cache layers, block size 16, greedy, "
           f"stub vocab {args.vocab}, {args.steps} decode steps, torch {torch.__version__}, {args.threads} thread(s), "
-          f"{pool}{f', {args.queued} requests queued behind the batch' if args.queued else ''}\n")
+          f"{pool}{f', {args.queued} requests queued behind the batch' if args.queued else ''}"
+          f"{f', rows at depths {depths} in turn' if depths else ''}\n")
     print("| code | rows x context | step CPU ms | step wall ms | schedule | prepare | forward stub | sample | postprocess |")
     print("|---|---|---|---|---|---|---|---|---|")
     for rows, context in shapes:
         runs = [HostStepRun(loaded, rows, context, steps=args.steps, vocab=args.vocab,
                             engine_module=None if modules is None else modules["engine"],
                             recycled=not args.fresh_pool, queued=args.queued, aligned=args.aligned,
-                            young_threshold=threshold, graphs=graphs)
+                            young_threshold=threshold, graphs=graphs, exit_layer=depths)
                 for _, modules, threshold, graphs in versions]
         # One step of each version in turn: the machine's drift slows both alike.
         for (label, *_), r in zip(versions, measure_interleaved(runs, args.steps)):
@@ -130,7 +136,7 @@ def main() -> None:
             for overlap in (False, True):
                 r = measure_host_step(loaded, rows, context, steps=args.steps, vocab=args.vocab,
                                       device_ms=device_ms, overlap=overlap, recycled=not args.fresh_pool,
-                                      aligned=args.aligned)
+                                      aligned=args.aligned, exit_layer=depths)
                 print(f"| {rows} x {context} | {device_ms:g} | {'overlapped' if overlap else 'synchronous'} | "
                       f"{r.step_cpu_ms:.3f} | {r.step_ms:.3f} | {r.device_idle_ms:.3f} |", flush=True)
 

@@ -135,3 +135,12 @@ def test_through_decode_graphs_every_decode_step_replays_and_no_token_changes(ti
     assert len(graphed.phases["forward"]) == 6 and all(t > 0 for t in graphed.phases["forward"])
     tokens = [[t.request.output_token_ids for t in r.engine._tracked.values()] for r in (graphed, eager)]
     assert tokens[0] == tokens[1]
+
+
+def test_rows_take_the_given_exits_in_turn(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), adapters=None, dtype="float32", device="cpu")
+    depths = [loaded.model.full_depth, *reversed(loaded.model.exits)]
+    run = HostStepRun(loaded, rows=5, context=20, steps=3, exit_layer=depths)
+    measure_interleaved([run], steps=3)
+    exits = [t.request.exit_layer for t in run.engine._tracked.values()][-5:]
+    assert sorted(exits) == sorted(depths[i % len(depths)] for i in range(5)) and len(set(exits)) == min(5, len(depths))

@@ -24,7 +24,7 @@ def _drive(model, steady: bool, overlap: bool, seed: int):
     def recorded(now):
         nonlocal steady_plans
         out = schedule(now)
-        plans.append([(i.request.request_id, i.start, i.num_tokens) for i in out.scheduled])
+        plans.append([(i.request.exit_layer, i.request.request_id, i.start, i.num_tokens) for i in out.scheduled])
         steady_plans += out.decode_run is not None
         return out
 
@@ -63,7 +63,10 @@ def test_steady_decodes_plan_and_generate_what_row_by_row_planning_does(tiny_mod
         _drive(tiny_model, steady, overlap, seed=7) for steady in (True, False))
     assert none == 0 and steady > 100  # the arrays planned most quiet stretches
     assert none_kept == 0 and kept > 80  # and the runner prepared most of them from its kept lists
-    assert plans == plans_ref
+    # The same rows in every plan, deepest exit first; within an exit the steady plans list the rows
+    # as the runner's batch holds them (Scheduler.follow_batch_order), the row-by-row ones as admitted.
+    assert [[row[0] for row in plan] for plan in plans] == [[row[0] for row in plan] for plan in plans_ref]
+    assert [sorted(plan) for plan in plans] == [sorted(plan) for plan in plans_ref]
     assert texts == texts_ref
 
 
@@ -86,3 +89,47 @@ def test_a_steady_step_of_plain_requests_makes_no_row_objects(tiny_model, overla
     runs = {id(p.decode_run.requests) for p in steady}
     made = sum(p.scheduled._items is not None for p in steady)
     assert 0 < made <= len(runs) < len(steady) / 3, (made, len(runs), len(steady))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_steady_decode_lists_its_rows_as_the_batch_holds_them(tiny_model, overlap):
+    """A request that leaves from the front moves the last row into its slot, so the batch holds
+    the rest in another order than admission's; the steady decode that follows lists its rows in the
+    batch's order, and every plan after its first is prepared from the runner's kept lists."""
+    engine = LLMEngine(tiny_model, EngineConfig(max_num_seqs=8, overlap_steps=overlap))
+    plans, kept_flags = [], {}  # kept_flags: plan index -> prepared from the kept lists
+    schedule, prepare = engine.scheduler.schedule, engine.runner.prepare
+
+    def recorded(now):
+        plans.append(schedule(now))
+        return plans[-1]
+
+    def counted(scheduled, previous=None, run=None):
+        kept = engine.runner._run_lists
+        kept_flags[len(plans) - 1] = run is not None and kept is not None and kept.requests is run.requests
+        return prepare(scheduled, previous, run)
+
+    engine.scheduler.schedule, engine.runner.prepare = recorded, counted
+    ids = [engine.add_request([5 + i, 6, 7], SamplingParams(max_tokens=3 if i == 0 else 24, temperature=0,
+                                                            ignore_eos=True), exit_layer=exit_layer)
+           for i, exit_layer in enumerate(["full", "full", "full", 2, 2])]
+    texts = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            texts[out.request_id] = texts.get(out.request_id, "") + out.new_text
+    after = [i for i, p in enumerate(plans) if ids[0] not in {item.request.request_id for item in p.scheduled}]
+    # The steady decode's first plan is prepared from its rows; every later one from the kept lists.
+    first = next(i for i in after if plans[i].decode_run is not None)
+    late = [i for i in after if i > first and plans[i].decode_run is not None]
+    assert len(late) > 15 and all(kept_flags[i] for i in late)
+    # The rows are listed as the batch holds them: the last full-depth row took the first one's slot.
+    assert [item.request.request_id for item in plans[late[0]].scheduled][:2] == [ids[2], ids[1]]
+    # And the text is what each request makes alone.
+    for rid, exit_layer, i in zip(ids[1:], ["full", "full", 2, 2], range(1, 5)):
+        alone = LLMEngine(tiny_model, EngineConfig(max_num_seqs=1))
+        own = alone.add_request([5 + i, 6, 7], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+                                exit_layer=exit_layer)
+        text = ""
+        while alone.has_unfinished():
+            text += "".join(o.new_text for o in alone.step() if o.request_id == own)
+        assert texts[rid] == text
