@@ -195,31 +195,38 @@ class InputBatch:
         self._last_exact = not np.count_nonzero(written != needed)
         return most
 
-    def write_grown(self, rows: np.ndarray, ids: np.ndarray, exit_layer: int, most: int) -> int | None:
+    def write_grown(self, rows: np.ndarray, ids: np.ndarray, exit_layer: int | None, most: int,
+                    row_exits: tuple[int, ...] = ()) -> int | None:
         """update_blocks for a steady decode step that knows which rows reach a new block and the
-        block each took (scheduler.GrownBlocks: ``rows`` [G] slots, ``ids`` [G, L] at
-        ``exit_layer``'s cache layers, every row among slots 0..B-1 running at that exit, each
-        one token past the last step): written as given, with no comparison of counts. ``most``:
-        the most blocks any row reads. None, nothing written, unless every row's last written
-        block was the last it read in the last step: then the rows whose context crosses into a
-        new block are exactly these (the plan's promise), each needing the one block it took."""
+        block each took (scheduler.GrownBlocks: ``rows`` [G] slots among 0..B-1, each one token past
+        the last step; ``ids`` [G, L] at ``exit_layer``'s cache layers when every row runs at that
+        exit, or, ``exit_layer`` None, [N]: each row's ids at the cache layers of its exit in
+        ``row_exits`` in turn): written as given, with no comparison of counts. ``most``: the most
+        blocks any row reads. None, nothing written, unless every row's last written block was the
+        last it read in the last step: then the rows whose context crosses into a new block are
+        exactly these (the plan's promise), each needing the one block it took."""
         if not self._last_exact:
             return None
         if most > self.block_table.shape[2]:
             self._grow_blocks(most)
         if len(rows):
-            layers = self._layer_index(exit_layer)  # [L, 1]
             old = self.written[rows]  # [G] each row's new block's index
+            if exit_layer is not None:  # broadcast: [L, 1] layers against [G] rows
+                layers, slots, blocks, values = self._layer_index(exit_layer), rows, old, ids.T  # values [L, G]
+            else:  # one entry per (row, layer of its exit): [N] each
+                per_row = [self._layer_index(e)[:, 0] for e in row_exits]
+                counts = [len(layers) for layers in per_row]
+                layers, slots, blocks, values = np.concatenate(per_row), np.repeat(rows, counts), np.repeat(old, counts), ids
             if self.numpy_writes:
                 table, last_block = self._host_tables()  # [C, slots, width], [C, slots]
-                table[layers, rows, old] = ids.T  # [L, G]
-                last_block[layers, rows] = ids.T
+                table[layers, slots, blocks] = values
+                last_block[layers, slots] = values
             else:
                 device = self.device
-                layers_t, rows_t = to_device(layers, torch.long, device), to_device(rows, torch.long, device)
-                ids_t = to_device(ids.T, torch.int32, device)  # [L, G]
-                self.block_table[layers_t, rows_t, to_device(old, torch.long, device)] = ids_t
-                self.last_block[layers_t, rows_t] = ids_t
+                layers_t, slots_t = to_device(layers, torch.long, device), to_device(slots, torch.long, device)
+                values_t = to_device(values, torch.int32, device)
+                self.block_table[layers_t, slots_t, to_device(blocks, torch.long, device)] = values_t
+                self.last_block[layers_t, slots_t] = values_t
             self.written[rows] = old + 1
         return most
 

@@ -243,7 +243,7 @@ class ModelRunner:
         if kept is not None and run.grown is not None:  # the plan says which rows took which blocks
             grown = run.grown
             num_blocks = self.input_batch.write_grown(grown.rows, grown.ids, grown.exit_layer,
-                                                      -(-max_context // block_size))
+                                                      -(-max_context // block_size), grown.row_exits)
         if num_blocks is None:
             num_blocks = self.input_batch.update_blocks(tables, (context_lens + (block_size - 1)) // block_size,
                                                         -(-max_context // block_size))

@@ -144,14 +144,17 @@ class DecodeRun:
 
 @dataclass(frozen=True, slots=True)
 class GrownBlocks:
-    """The rows of a steady decode of one exit that reached a new block in this plan, and the block
-    each took at every cache layer. Given when each row's blocks end where its context does, so
-    these rows are exactly those whose context crosses into a block the batch's tables have not
-    written (ModelRunner.prepare writes them as given, without looking for them)."""
+    """The rows of a steady decode that reached a new block in this plan, and the block each took
+    at every cache layer. Given when each row's blocks end where its context does, so these rows
+    are exactly those whose context crosses into a block the batch's tables have not written
+    (ModelRunner.prepare writes them as given, without looking for them)."""
 
     rows: np.ndarray  # [G] int64 plan rows, in the order they took their blocks
-    ids: np.ndarray  # [G, L] int64 block ids, the exit's cache layers in order
-    exit_layer: int
+    # One exit: [G, L] int64 block ids, the exit's cache layers in order. Mixed exits: [N] int64,
+    # each row's ids in turn (its exit's cache layers in order).
+    ids: np.ndarray
+    exit_layer: int | None  # the rows' one exit; None: mixed, each row's in row_exits
+    row_exits: tuple[int, ...] = ()  # [G] (mixed exits only)
 
 
 @dataclass(slots=True)
@@ -171,10 +174,10 @@ class _SteadyDecode:
     plans_left: int
     capacity: np.ndarray  # [B] int64 tokens each row's blocks hold
     max_end: int  # ends' largest
-    # Set when every row runs at one exit and its blocks end where its context does (capacity ==
-    # ends rounded up to a block): then the rows reaching a new block are exactly those whose
-    # context crosses into one, and each plan hands its take on (DecodeRun.grown). This one stands
-    # for a plan in which no row grows. None otherwise (the batch compares counts).
+    # Set when every row's blocks end where its context does (capacity == ends rounded up to a
+    # block): then the rows reaching a new block are exactly those whose context crosses into one,
+    # and each plan hands its take on (DecodeRun.grown). This one stands for a plan in which no row
+    # grows (exit_layer None: rows at several exits). None otherwise (the batch compares counts).
     no_growth: GrownBlocks | None
     # Whether rows is in the order the runner's batch holds them (Scheduler.follow_batch_order); a
     # plan in that order lets the runner reuse the lists of its first step.
@@ -328,9 +331,11 @@ class Scheduler:
         capacities = np.array([capacity(r.request_id) for r in rows], dtype=np.int64)  # [B]
         no_growth = None
         exit_layer, size = rows[0].exit_layer, self.blocks.block_size
-        if all(r.exit_layer == exit_layer for r in rows) and np.array_equal(capacities, -(-ends // size) * size):
-            no_growth = GrownBlocks(np.empty(0, dtype=np.int64), np.empty((0, rows[0].num_cache_layers), dtype=np.int64),
-                                    exit_layer)
+        if np.array_equal(capacities, -(-ends // size) * size):
+            one_exit = all(r.exit_layer == exit_layer for r in rows)
+            no_growth = GrownBlocks(np.empty(0, dtype=np.int64),
+                                    np.empty((0, rows[0].num_cache_layers) if one_exit else 0, dtype=np.int64),
+                                    exit_layer if one_exit else None)
         last_starts = np.array([len(r.prompt_token_ids) + r.params.max_tokens - 1 for r in rows], dtype=np.int64)
         return _SteadyDecode(list(running), rows, to_running, ends, int((last_starts - ends).min()), capacities,
                              max(starts) + 1, no_growth)
@@ -361,8 +366,12 @@ class Scheduler:
                 return None  # the pass row by row preempts
             # A row's blocks held its context, one token short of `ends`: each row here took one block.
             steady.capacity[grow] += self.blocks.block_size
-            if grown is not None:  # one exit: each row's new block at every layer, in take order
+            if grown is None:
+                pass
+            elif grown.exit_layer is not None:  # one exit: each row's new block at every layer, in take order
                 grown = GrownBlocks(grow, taken.reshape(len(grow), -1), grown.exit_layer)
+            else:  # each row's new block at every layer of its exit, in take order
+                grown = GrownBlocks(grow, taken, None, tuple(rows[b].exit_layer for b in grow.tolist()))
         steady.ends = ends
         steady.max_end += 1
         steady.plans_left -= 1

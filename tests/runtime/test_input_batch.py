@@ -139,19 +139,19 @@ def test_decoding_rows_at_one_exit_cross_into_blocks_as_the_tables_say(exit_laye
 
 
 @pytest.mark.parametrize("numpy_writes", [True, False], ids=["numpy-writes", "torch-writes"])
-@pytest.mark.parametrize("exit_layer", [FULL, 2], ids=["full", "exit-2"])
+@pytest.mark.parametrize("exit_layer", [FULL, 2, None], ids=["full", "exit-2", "mixed"])
 def test_blocks_a_steady_plan_took_write_the_tables_update_blocks_finds(exit_layer, numpy_writes):
     """write_grown (the rows a steady plan grew and the blocks it took, written as given) against
     update_blocks on a twin batch (the rows found by comparing counts), step after step while the
-    tables outgrow their first shape."""
+    tables outgrow their first shape; rows at one exit, or (None) at every depth, deepest first."""
     blocks = BlockManager(4000, 4)
     twins = [InputBatch(cache_layers_of, NUM_CACHE_LAYERS, torch.device("cpu"), rows=2, blocks=2,
                         numpy_writes=numpy_writes) for _ in range(2)]
     ids = [f"r{i}" for i in range(7)]
-    exits = [exit_layer] * len(ids)
+    exits = [exit_layer] * len(ids) if exit_layer is not None else [FULL, FULL, 4, 4, 4, 2, 2]
     tokens = {rid: 1 + 3 * i for i, rid in enumerate(ids)}
-    for rid in ids:
-        blocks.allocate(rid, len(cache_layers_of(exit_layer)), tokens[rid])
+    for rid, e in zip(ids, exits):
+        blocks.allocate(rid, len(cache_layers_of(e)), tokens[rid])
     for batch in twins:  # the run's first step: found by comparing counts
         step(batch, blocks, ids, exits, {r: -(-tokens[r] // 4) for r in ids})
     grown_steps = 0
@@ -165,8 +165,12 @@ def test_blocks_a_steady_plan_took_write_the_tables_update_blocks_finds(exit_lay
         tables = blocks.tables_of(ids)
         assert twins[0].arrange(ids, exits, tables) == list(range(len(ids)))
         needed = np.array([-(-tokens[r] // 4) for r in ids])
-        width = twins[0].write_grown(np.array(grow, dtype=np.int64), taken.reshape(len(grow), -1), exit_layer,
-                                     int(needed.max()))
+        if exit_layer is not None:
+            width = twins[0].write_grown(np.array(grow, dtype=np.int64), taken.reshape(len(grow), -1), exit_layer,
+                                         int(needed.max()))
+        else:  # each row's ids at its exit's layers in turn
+            width = twins[0].write_grown(np.array(grow, dtype=np.int64), taken, None, int(needed.max()),
+                                         tuple(exits[b] for b in grow))
         assert width == int(needed.max())
         step(twins[1], blocks, ids, exits, {r: -(-tokens[r] // 4) for r in ids})
         assert torch.equal(twins[0].view(len(ids), width), twins[1].view(len(ids), width))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from balcony_runtime.block_manager import BlockManager
@@ -119,10 +120,10 @@ def test_a_steady_plans_rows_are_made_when_read_and_are_the_rows_it_plans():
 
 
 @pytest.mark.parametrize("one_exit", [True, False], ids=["one-exit", "mixed-exits"])
-def test_a_steady_plan_of_one_exit_names_the_rows_that_took_blocks_and_the_blocks(one_exit):
+def test_a_steady_plan_names_the_rows_that_took_blocks_and_the_blocks(one_exit):
     """DecodeRun.grown: the rows whose context crosses into a new block this plan and the block each
-    took at every cache layer, as the block manager's tables show them; None with rows of several
-    exits (the batch's tables then compare counts)."""
+    took at every cache layer of its exit, as the block manager's tables show them: [G, L] for rows
+    of one exit, each row's in turn for rows of several."""
     blocks = BlockManager(4000, 4)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256), blocks)
     exits = [22] * 6 if one_exit else [FULL, 22, 22, 8, 8, 8]
@@ -135,18 +136,24 @@ def test_a_steady_plan_of_one_exit_names_the_rows_that_took_blocks_and_the_block
         scheduler.on_step_launched(out)
         run = out.decode_run
         if run is not None and before:
-            if not one_exit:
-                assert run.grown is None
-            else:
-                assert run.grown is not None and run.grown.exit_layer == 22
-                crossed = [b for b, start in enumerate(run.starts.tolist()) if start % 4 == 0]
-                assert sorted(run.grown.rows.tolist()) == crossed
-                for b, ids in zip(run.grown.rows.tolist(), run.grown.ids.tolist()):
-                    rid = run.requests[b].request_id
-                    after = blocks.block_tables(rid)
-                    assert [len(t) for t in after] == [len(t) + 1 for t in before[rid]]
-                    assert ids == [t[-1] for t in after]
-                grown_plans += len(run.grown.rows) > 0
+            grown = run.grown
+            assert grown is not None and grown.exit_layer == (22 if one_exit else None)
+            crossed = [b for b, start in enumerate(run.starts.tolist()) if start % 4 == 0]
+            assert sorted(grown.rows.tolist()) == crossed
+            rows = grown.rows.tolist()
+            if one_exit:
+                per_row = grown.ids.tolist()
+            else:  # each row's ids in turn, as many as its exit's cache layers
+                assert list(grown.row_exits) == [run.requests[b].exit_layer for b in rows]
+                sizes = [run.requests[b].num_cache_layers for b in rows]
+                assert len(grown.ids) == sum(sizes)
+                per_row = [part.tolist() for part in np.split(grown.ids, np.cumsum(sizes)[:-1])] if rows else []
+            for b, ids in zip(rows, per_row):
+                rid = run.requests[b].request_id
+                after = blocks.block_tables(rid)
+                assert [len(t) for t in after] == [len(t) + 1 for t in before[rid]]
+                assert ids == [t[-1] for t in after]
+            grown_plans += len(rows) > 0
         for item in out.scheduled:
             item.request.output_token_ids.append(7)
-    assert grown_plans >= (5 if one_exit else 0)
+    assert grown_plans >= 5
