@@ -58,6 +58,9 @@ class InputBatch:
         self._last_exact = False  # after update_blocks: every row's last written block is the last it reads
         self._layers: dict[int, np.ndarray] = {}  # exit -> cache layers, as flat offsets into block_table
         self._layer_rows: dict[int, np.ndarray] = {}  # exit -> cache layers, [L, 1] (_layer_index)
+        # The exits of the rows a mixed-exit plan grew, in order -> (their cache layers one after
+        # another [N], each entry's row among them [N]) (write_grown; few distinct ones recur).
+        self._grown_layers: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
         self._last_ids: list[str] = []  # the request ids of the last arrangement, in slot order
         # The last arrange()'s arguments' ids (the scheduler's order) and the order it returned:
         # while the scheduler lists the same requests in the same order, they stay where they are.
@@ -214,9 +217,8 @@ class InputBatch:
             if exit_layer is not None:  # broadcast: [L, 1] layers against [G] rows
                 layers, slots, blocks, values = self._layer_index(exit_layer), rows, old, ids.T  # values [L, G]
             else:  # one entry per (row, layer of its exit): [N] each
-                per_row = [self._layer_index(e)[:, 0] for e in row_exits]
-                counts = [len(layers) for layers in per_row]
-                layers, slots, blocks, values = np.concatenate(per_row), np.repeat(rows, counts), np.repeat(old, counts), ids
+                layers, entry_row = self._grown_layers_of(row_exits)
+                slots, blocks, values = rows[entry_row], old[entry_row], ids
             if self.numpy_writes:
                 table, last_block = self._host_tables()  # [C, slots, width], [C, slots]
                 table[layers, slots, blocks] = values
@@ -358,6 +360,19 @@ class InputBatch:
         if index is None:
             index = self._layer_rows[exit_layer] = np.asarray(self.cache_layers_of(exit_layer), dtype=np.int64)[:, None]
         return index
+
+    def _grown_layers_of(self, row_exits: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """For rows at these exits: their cache layers one row after another [N], and the row (index
+        into row_exits) of each [N]."""
+        found = self._grown_layers.get(row_exits)
+        if found is None:
+            per_row = [self._layer_index(e)[:, 0] for e in row_exits]
+            found = (np.concatenate(per_row),
+                     np.repeat(np.arange(len(row_exits)), [len(layers) for layers in per_row]))
+            if len(self._grown_layers) >= 4096:  # (bounded: rows' exits could combine without end)
+                self._grown_layers.clear()
+            self._grown_layers[row_exits] = found
+        return found
 
     def _layer_offsets(self, exit_layer: int) -> np.ndarray:
         """Flat offsets of an exit's cache layers in block_table: layer * rows * width."""
