@@ -143,7 +143,7 @@ class LLMEngine:
         self.graphs_recorded = 0
         if self.model.norm.device.type == "cuda" and not config.enforce_eager:
             graphs = self.runner.use_graphs(min(config.max_num_seqs, config.cuda_graph_max_rows),
-                                            loaded.max_model_len)
+                                            loaded.max_model_len, max_slots=config.max_num_seqs)
             self.graphs_recorded = graphs.recorded
         # Structured outputs: grammars compiled once per schema, masks filled while the model runs.
         # Imported here: llguidance's tokenizer bridge imports transformers (about a second), which a

@@ -388,6 +388,14 @@ class InputBatch:
             self.last_block[:, slots_t] = self.null_block
             self.written[slots] = 0
 
+    def reserve(self, rows: int, blocks: int) -> None:
+        """Size the tables for ``rows`` slots of ``blocks`` blocks now, so that a batch of at most
+        that many never replaces them: a reader holding a view of block_table (decode graphs'
+        static buffer) keeps reading the live tables."""
+        self._reserve_slots(rows)
+        if blocks > self.block_table.shape[2]:
+            self._grow_blocks(blocks)
+
     def _reserve_slots(self, n: int) -> None:
         while self.num_slots < n:
             self._grow_slots()

@@ -94,15 +94,19 @@ class ModelRunner:
         self._decode_buffers: dict[int, _DecodeInputs] = {}
 
     def use_graphs(self, max_rows: int, max_model_len: int, record: bool | None = None,
-                   replay: Callable[[], None] | None = None) -> DecodeGraphs:
+                   replay: Callable[[], None] | None = None, max_slots: int = 0) -> DecodeGraphs:
         """Serve decode steps of up to ``max_rows`` rows by replaying recorded pieces
         (model/decode_graphs.py; ``record`` False runs them eagerly: tests on the CPU; ``replay``
-        stands in for every piece: the host-only benchmark)."""
+        stands in for every piece: the host-only benchmark). ``max_slots``: the most rows the batch
+        will hold (the engine's max_num_seqs), so its tables are sized once and the pieces read
+        them where they live, with no copy a step."""
         if self.scratch_block is None or self.scratch_block >= self.kv_cache.keys.shape[0]:
             raise ValueError("decode graphs need a scratch block in the KV cache that no request owns")
         max_blocks = -(-max_model_len // self.blocks.block_size)
+        batch = self.input_batch
+        batch.reserve(max(max_rows, max_slots), max_blocks)
         graphs = DecodeGraphs(self.model, self.kv_cache.as_tuple(), self.scratch_block, self.blocks.block_size,
-                              max_rows, max_blocks, record)
+                              max_rows, max_blocks, record, block_tables=batch.block_table[:, :max_rows, :max_blocks])
         graphs.capture(replay)
         self.graphs = graphs
         return graphs

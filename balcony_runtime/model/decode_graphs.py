@@ -78,9 +78,13 @@ class _Static:
 
 class DecodeGraphs:
     def __init__(self, model: BalconyModel, kv_cache: tuple[torch.Tensor, torch.Tensor], scratch_block: int,
-                 block_size: int, max_rows: int, max_blocks: int, record: bool | None = None):
+                 block_size: int, max_rows: int, max_blocks: int, record: bool | None = None,
+                 block_tables: torch.Tensor | None = None):
         """``scratch_block``: a KV block no request owns; ``max_blocks``: the block-table width a
-        row can reach (max_model_len / block_size); ``record``: record CUDA graphs (default: on CUDA)."""
+        row can reach (max_model_len / block_size); ``record``: record CUDA graphs (default: on CUDA).
+        ``block_tables``: [C, max_rows, max_blocks] int32, a view of the batch's own tables (the
+        runner's InputBatch, sized once) for the pieces to read where they are; a step whose tables
+        are elsewhere (the batch outgrew them) is copied in. Default: a buffer of its own."""
         self.model, self.kv_cache = model, kv_cache
         self.device = model.norm.device
         self.record = self.device.type == "cuda" if record is None else record
@@ -97,7 +101,8 @@ class DecodeGraphs:
             positions=torch.zeros(R, dtype=torch.int64, device=d),
             context_lens=torch.ones(R, dtype=torch.int32, device=d),
             slot_mapping=torch.full((C, R), self.scratch_slot, dtype=torch.int64, device=d),
-            block_tables=torch.full((C, R, W), scratch_block, dtype=torch.int32, device=d),
+            block_tables=(torch.full((C, R, W), scratch_block, dtype=torch.int32, device=d)
+                          if block_tables is None else block_tables),
             hidden=torch.zeros(R, H, dtype=model.dtype, device=d),
             residual=torch.zeros(R, H, dtype=model.dtype, device=d),
             normed=torch.zeros(R + 1, H, dtype=model.dtype, device=d),
@@ -219,8 +224,9 @@ class DecodeGraphs:
         if self._padded != (n, b0):  # (rows n..b0-1 still point at the scratch block when unchanged)
             s.slot_mapping[:, n:b0].fill_(self.scratch_slot)  # padding rows write to the scratch block
             self._padded = (n, b0)
-        width = batch.block_tables.shape[2]
-        s.block_tables[:, :n, :width].copy_(batch.block_tables, non_blocking=True)
+        tables = batch.block_tables  # [C, n, width]
+        if tables.data_ptr() != s.block_tables.data_ptr() or tables.stride() != s.block_tables.stride():
+            s.block_tables[:, :n, : tables.shape[2]].copy_(tables, non_blocking=True)  # (else already where read)
         if self._composition != deeper:  # the index depends only on how many rows leave where
             s.index.copy_(self._index_of(deeper), non_blocking=True)
             self._composition = deeper

@@ -50,20 +50,29 @@ def _jobs(model, seed: int) -> list[tuple[list[int], int, int]]:
 def _engine(tiny_model, graphs: bool) -> LLMEngine:
     engine = LLMEngine(tiny_model, EngineConfig(max_num_seqs=8, num_kv_blocks=400, block_size=4))
     if graphs:
-        engine.runner.use_graphs(max_rows=8, max_model_len=tiny_model.max_model_len, record=False)
+        engine.runner.use_graphs(max_rows=8, max_model_len=tiny_model.max_model_len, record=False, max_slots=8)
     return engine
 
 
+# Shared: the pieces read the batch's own tables (sized once for every slot). Outgrown: the batch
+# replaced its tables since (as when it holds more rows than it was sized for), so each replayed step
+# copies them into the pieces' view of the old ones.
+@pytest.mark.parametrize("tables", ["shared", "outgrown"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_graph_decode_steps_match_eager_steps(tiny_model, seed, monkeypatch):
+def test_graph_decode_steps_match_eager_steps(tiny_model, seed, tables, monkeypatch):
     jobs = _jobs(tiny_model.model, seed)
     eager = _generate(_engine(tiny_model, graphs=False), jobs)
     engine = _engine(tiny_model, graphs=True)
+    graphs, batch = engine.runner.graphs, engine.runner.input_batch
+    if tables == "outgrown":
+        batch._grow_slots()
     runs = []
-    run = engine.runner.graphs.run
-    monkeypatch.setattr(engine.runner.graphs, "run", lambda batch: runs.append(len(batch.exits)) or run(batch))
+    run = graphs.run
+    monkeypatch.setattr(graphs, "run", lambda batch: runs.append(len(batch.exits)) or run(batch))
     graphed = _generate(engine, jobs)
     assert len(set(runs)) > 2  # decode steps of several row counts went through the pieces
+    shared = graphs.s.block_tables.data_ptr() == batch.block_table.data_ptr()
+    assert shared == (tables == "shared")
     for (ids_e, lp_e), (ids_g, lp_g) in zip(eager, graphed):
         assert ids_g == ids_e
         assert lp_g == pytest.approx(lp_e, abs=1e-4)
