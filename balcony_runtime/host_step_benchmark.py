@@ -132,11 +132,12 @@ def measure_host_step(
     loaded: LoadedModel, rows: int, context: int, steps: int = 30, vocab: int = 512,
     params: SamplingParams | None = None, block_size: int = 16, exit_layer=None,
     device_ms: float = 0.0, overlap: bool = False, recycled: bool = True, queued: int = 0, aligned: bool = False,
+    graphs: bool = False,
 ) -> HostStep:
     """Median host milliseconds per decode step with ``rows`` requests at ``context`` tokens each,
-    on a simulated device taking ``device_ms`` per step, steps overlapped or not."""
+    on a simulated device taking ``device_ms`` per step, steps overlapped or not (see HostStepRun)."""
     run = HostStepRun(loaded, rows, context, steps, vocab, params, block_size, exit_layer, device_ms, overlap,
-                      recycled=recycled, queued=queued, aligned=aligned)
+                      recycled=recycled, queued=queued, aligned=aligned, graphs=graphs)
     return measure_interleaved([run], steps)[0]
 
 

@@ -199,14 +199,17 @@ def bench_host_only(args) -> int:
         loaded = load_from_args(args)
         if args.device_ms < 0:
             raise ValueError(f"--device-ms must be >= 0, got {args.device_ms}")
+        depths = [loaded.model.full_depth, *reversed(loaded.model.exits)] if args.mixed else None
         result = measure_host_step(loaded, args.rows, args.context, device_ms=args.device_ms,
-                                   overlap=args.overlap)
+                                   overlap=args.overlap, exit_layer=depths, graphs=args.graphs)
     except (BalconyError, ValueError) as exc:
         print(f"balcony bench: {exc}", file=sys.stderr)
         return 2
     phases = ", ".join(f"{phase} {ms:.2f}" for phase, ms in result.phase_ms.items())
+    rows_at = f"; rows at depths {', '.join(map(str, depths))} in turn" if depths else ""
+    path = "; decode graphs, replays stubbed" if args.graphs else ""
     print(f"host ms per decode step, {args.rows} rows x {args.context} tokens of context (row i: i mod 16 fewer; "
-          f"forward stubbed): "
+          f"forward stubbed{rows_at}{path}): "
           f"{result.step_cpu_ms:.2f} CPU, {result.step_ms:.2f} wall; per phase (CPU): {phases}")
     if args.device_ms:
         mode = "overlapped" if args.overlap else "synchronous"
@@ -304,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--overlap", action="store_true",
                        help="with --host-only: overlapped steps (step N+1 launched before step N's tokens are "
                             "read), as `balcony serve` runs them on CUDA")
+    bench.add_argument("--mixed", action="store_true",
+                       help="with --host-only: row i at full depth and each exit in turn, a mixed-depth batch as "
+                            "budgets route it (default: every row at full depth)")
+    bench.add_argument("--graphs", action="store_true",
+                       help="with --host-only: the GPU's code path, decode steps through the decode graphs with "
+                            "each replay a no-op and the batch written with torch ops")
     bench.set_defaults(run=cmd_bench)
     return parser
 

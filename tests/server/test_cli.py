@@ -89,6 +89,15 @@ def test_bench_host_only_times_the_host_side_of_a_decode_step(capsys, tiny_model
         assert f"{phase} " in out
 
 
+def test_bench_host_only_of_a_mixed_batch_through_decode_graphs(capsys, tiny_model_dir):
+    code = main(["bench", "--model", str(tiny_model_dir), "--dtype", "float32", "--host-only", "--rows", "4",
+                 "--context", "16", "--mixed", "--graphs"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "rows at depths" in out and "decode graphs, replays stubbed" in out
+    assert "forward " in out
+
+
 @pytest.mark.parametrize("overlap", [[], ["--overlap"]])
 def test_bench_host_only_on_a_simulated_device_is_never_faster_than_the_device(capsys, tiny_model_dir, overlap):
     code = main(["bench", "--model", str(tiny_model_dir), "--adapters", "none", "--dtype", "float32",
