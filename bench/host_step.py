@@ -37,8 +37,12 @@ from balcony_runtime.loader import load_model  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ((64, 256), (256, 1024), (256, 4096))
 # The step's host side, loaded in this order (each file's imports of the ones before it rewritten).
-OLD_FILES = ("request", "sampler", "detokenizer", "input_batch", "prefix_cache", "block_manager", "model_runner",
-             "scheduler", "request_output", "plain_outputs", "engine")
+OLD_FILES = ("request", "sampler", "detokenizer", "input_batch", "prefix_cache", "block_manager", "model.decode_graphs",
+             "model_runner", "scheduler", "request_output", "plain_outputs", "engine")
+
+
+def _old_name(name: str) -> str:
+    return "_old_" + name.replace(".", "_")
 
 
 def old_modules(revision: str) -> dict[str, types.ModuleType]:
@@ -47,18 +51,18 @@ def old_modules(revision: str) -> dict[str, types.ModuleType]:
     old versions (the rest of the package is this checkout's)."""
     modules: dict[str, types.ModuleType] = {}
     for name in OLD_FILES:
-        shown = subprocess.run(["git", "show", f"{revision}:balcony_runtime/{name}.py"], cwd=ROOT,
-                               capture_output=True, text=True)
-        if shown.returncode and name in ("input_batch", "request_output", "plain_outputs"):
+        path = f"balcony_runtime/{name.replace('.', '/')}.py"
+        shown = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=ROOT, capture_output=True, text=True)
+        if shown.returncode and name in ("input_batch", "request_output", "plain_outputs", "model.decode_graphs"):
             continue  # a revision from before the persistent batch state, or with its outputs in engine.py
         shown.check_returncode()
         source = shown.stdout
         for dep in modules:
-            source = source.replace(f"from balcony_runtime.{dep} import", f"from _old_{dep} import")
-        spec = importlib.util.spec_from_loader(f"_old_{name}", loader=None)
+            source = source.replace(f"from balcony_runtime.{dep} import", f"from {_old_name(dep)} import")
+        spec = importlib.util.spec_from_loader(_old_name(name), loader=None)
         module = importlib.util.module_from_spec(spec)
-        sys.modules[f"_old_{name}"] = module
-        exec(compile(source, f"{revision}:balcony_runtime/{name}.py", "exec"), module.__dict__)
+        sys.modules[_old_name(name)] = module
+        exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
         modules[name] = module
     return modules
 
@@ -87,7 +91,7 @@ def main() -> None:
                         help="also time each shape on a simulated device taking this long per step, steps "
                              "synchronous and overlapped (repeatable); prints a second table")
     parser.add_argument("--graphs", action="store_true",
-                        help="also time this checkout's decode steps through decode graphs, as on a GPU, each "
+                        help="also time decode steps through decode graphs, as on a GPU (the baseline's too), each "
                              "replay a no-op: the forward column is then the host work around the replays "
                              "(on a CPU the static buffers' fills are memory copies a GPU would do itself)")
     parser.add_argument("--mixed", action="store_true",
@@ -99,12 +103,16 @@ def main() -> None:
     loaded = load_model("smollm2-135m", adapters=None, dtype="float32", device="cpu")
     # (label, old modules, young-generation threshold, decode graphs)
     versions = [("this checkout", None, None, False)]
-    if args.baseline:
-        versions.insert(0, (args.baseline, old_modules(args.baseline), None, False))
+    baseline = old_modules(args.baseline) if args.baseline else None
+    if baseline is not None:
+        versions.insert(0, (args.baseline, baseline, None, False))
     if args.default_gc:
         versions.insert(0, ("this checkout, gc threshold 700", None, 700, False))
     if args.graphs:
         versions.append(("this checkout, decode graphs", None, None, True))
+        if baseline is not None:
+            versions.insert(versions.index((args.baseline, baseline, None, False)) + 1,
+                            (f"{args.baseline}, decode graphs", baseline, None, True))
     depths = [loaded.model.full_depth, *reversed(loaded.model.exits)] if args.mixed else None
     pool = "a fresh block pool" if args.fresh_pool else "a block pool that served a wave of other prompts first"
     pool += ", every row at the same context" if args.aligned else ", contexts spread over a block (context - i mod 16)"

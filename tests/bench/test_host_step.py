@@ -33,6 +33,7 @@ def test_an_old_revision_and_this_checkout_step_in_turn(bench_script, tiny_model
                          (then.engine.runner.input_batch, "input_batch"), (then.engine.runner.sampler, "sampler")):
         assert type(part).__module__ == f"_old_{module}"
     assert all(type(t.request).__module__ == "_old_request" for t in then.engine._tracked.values())
+    assert old["model_runner"].DecodeGraphs is old["model.decode_graphs"].DecodeGraphs  # the old pieces too
     assert type(now.engine.runner.input_batch).__module__ == "balcony_runtime.input_batch"
     results = measure_interleaved([then, now], steps=4)
     assert len(then.cpu) == len(now.cpu) == 4  # one step of each in turn
