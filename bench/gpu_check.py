@@ -382,13 +382,22 @@ def host_time(report: Report, loaded: LoadedModel, batches: list[int], cuda: boo
         del engine
     report.add("")
     report.add("Host-only (`balcony bench --host-only`: the forward replaced by a stub; schedule, prepare,",
-               "sample, detokenize and postprocess real), this machine's CPU:", "",
-               "| rows | context | host CPU ms/step | wall ms/step |", "|---|---|---|---|")
+               "sample, detokenize and postprocess real), this machine's CPU: rows at full depth; rows at",
+               "every depth in turn (`--mixed`); and those through the decode graphs with each replay a",
+               "no-op (`--mixed --graphs`: on this device, the GPU path's host work with its real copies):", "",
+               "| rows | context | full depth: host CPU ms/step | wall ms/step | mixed: CPU ms | mixed, graphs: CPU ms |",
+               "|---|---|---|---|---|---|")
+    depths = [loaded.model.full_depth, *reversed(loaded.model.exits)]
     for rows, context in host_sizes:
         h = measure_host_step(loaded, rows, context, steps=20)
-        report.add(f"| {rows} | {context} | {h.step_cpu_ms:.2f} | {h.step_ms:.2f} |")
+        mixed = measure_host_step(loaded, rows, context, steps=20, exit_layer=depths)
+        graphed = measure_host_step(loaded, rows, context, steps=20, exit_layer=depths, graphs=True)
+        report.add(f"| {rows} | {context} | {h.step_cpu_ms:.2f} | {h.step_ms:.2f} | {mixed.step_cpu_ms:.2f} | "
+                   f"{graphed.step_cpu_ms:.2f} |")
         report.figures.setdefault("host_only", []).append({"rows": rows, "context": context,
-                                                           "cpu_ms": h.step_cpu_ms, "wall_ms": h.step_ms})
+                                                           "cpu_ms": h.step_cpu_ms, "wall_ms": h.step_ms,
+                                                           "mixed_cpu_ms": mixed.step_cpu_ms,
+                                                           "mixed_graphs_cpu_ms": graphed.step_cpu_ms})
 
 
 # ---- 6. the server over HTTP ----------------------------------------------------------------

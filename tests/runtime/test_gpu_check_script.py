@@ -30,6 +30,8 @@ def test_smoke_run_passes_and_reports_every_section(tiny_model_dir, tmp_path):
     overlap = data["figures"]["overlap_parity"]  # overlapped steps give the synchronous steps' greedy tokens
     assert overlap and all(row["ok"] and row["tokens"] > 0 for row in overlap)
     assert all(row["max_abs_diff"] < 1e-4 for row in parity)  # fp32 on the CPU: exact up to rounding
+    host = data["figures"]["host_only"]  # full depth, mixed depths, and mixed through the decode graphs
+    assert host and all(row["cpu_ms"] > 0 and row["mixed_cpu_ms"] > 0 and row["mixed_graphs_cpu_ms"] > 0 for row in host)
     assert {row["served"].split(" ")[0] for row in data["figures"]["server"]} == {"full", "exit"}
     engine_process = [row for row in data["figures"]["server"] if row["served"] == "full depth, engine process"]
     assert len(engine_process) == 1 and engine_process[0]["tok_s"] > 0
