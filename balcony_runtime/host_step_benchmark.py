@@ -71,6 +71,11 @@ class StubModel(torch.nn.Module):
         return self.table[:n] if n <= len(self.table) else self.table[torch.arange(n) % len(self.table)]
 
 
+def every_depth(loaded: LoadedModel) -> list[int]:
+    """Full depth and every exit, deepest first: the depths a mixed batch's rows take in turn."""
+    return [loaded.model.full_depth, *reversed(loaded.model.exits)]
+
+
 def _no_replay() -> None:
     """A recorded piece's replay in the host-only benchmark: the device work left out."""
 

@@ -54,6 +54,7 @@ import torch  # noqa: E402
 
 from balcony_runtime.decode_benchmark import engine_decode_rate, hf_decode_rate, ideal_share  # noqa: E402
 from balcony_runtime.engine import EngineConfig, LLMEngine  # noqa: E402
+from balcony_runtime.host_step_benchmark import every_depth  # noqa: E402
 from balcony_runtime.loader import LoadedModel, load_model  # noqa: E402
 from balcony_runtime.sampling_params import SamplingParams  # noqa: E402
 
@@ -212,7 +213,7 @@ def parity(report: Report, model_dir: Path, exits: tuple[int, ...], device: str,
     for dtype in dtypes:
         loaded = load(model_dir, exits, dtype, device, backend)
         model = loaded.model
-        depths = [model.full_depth, *reversed(model.exits)]
+        depths = every_depth(loaded)
         vocab = model.arch.vocab_size
         lengths = [77, 45, 20, 64, 5][: len(depths)]
         prompts = [torch.randint(100, vocab, (n,), generator=g).tolist() for n in lengths]
@@ -387,7 +388,7 @@ def host_time(report: Report, loaded: LoadedModel, batches: list[int], cuda: boo
                "no-op (`--mixed --graphs`: on this device, the GPU path's host work with its real copies):", "",
                "| rows | context | full depth: host CPU ms/step | wall ms/step | mixed: CPU ms | mixed, graphs: CPU ms |",
                "|---|---|---|---|---|---|")
-    depths = [loaded.model.full_depth, *reversed(loaded.model.exits)]
+    depths = every_depth(loaded)
     for rows, context in host_sizes:
         h = measure_host_step(loaded, rows, context, steps=20)
         mixed = measure_host_step(loaded, rows, context, steps=20, exit_layer=depths)

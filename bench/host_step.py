@@ -31,7 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from balcony_runtime.host_step_benchmark import HostStepRun, measure_host_step, measure_interleaved  # noqa: E402
+from balcony_runtime.host_step_benchmark import (HostStepRun, every_depth, measure_host_step,  # noqa: E402
+                                                  measure_interleaved)
 from balcony_runtime.loader import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +114,7 @@ def main() -> None:
         if baseline is not None:
             versions.insert(versions.index((args.baseline, baseline, None, False)) + 1,
                             (f"{args.baseline}, decode graphs", baseline, None, True))
-    depths = [loaded.model.full_depth, *reversed(loaded.model.exits)] if args.mixed else None
+    depths = every_depth(loaded) if args.mixed else None
     pool = "a fresh block pool" if args.fresh_pool else "a block pool that served a wave of other prompts first"
     pool += ", every row at the same context" if args.aligned else ", contexts spread over a block (context - i mod 16)"
     print(f"{loaded.identity}, {loaded.model.num_cache_layers} cache layers, block size 16, greedy, "

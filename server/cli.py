@@ -193,13 +193,13 @@ def bench_host_only(args) -> int:
     """The host side of a decode step alone: the model's forward is a stub returning the right
     shapes; scheduling, input preparation, sampling and detokenization are real."""
     from balcony_runtime.errors import BalconyError
-    from balcony_runtime.host_step_benchmark import measure_host_step
+    from balcony_runtime.host_step_benchmark import every_depth, measure_host_step
 
     try:
         loaded = load_from_args(args)
         if args.device_ms < 0:
             raise ValueError(f"--device-ms must be >= 0, got {args.device_ms}")
-        depths = [loaded.model.full_depth, *reversed(loaded.model.exits)] if args.mixed else None
+        depths = every_depth(loaded) if args.mixed else None
         result = measure_host_step(loaded, args.rows, args.context, device_ms=args.device_ms,
                                    overlap=args.overlap, exit_layer=depths, graphs=args.graphs)
     except (BalconyError, ValueError) as exc:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from balcony_runtime.host_step_benchmark import HostStepRun, measure_interleaved
+from balcony_runtime.host_step_benchmark import HostStepRun, every_depth, measure_interleaved
 from balcony_runtime.loader import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,7 +140,7 @@ def test_through_decode_graphs_every_decode_step_replays_and_no_token_changes(ti
 
 def test_rows_take_the_given_exits_in_turn(tiny_model_dir):
     loaded = load_model(str(tiny_model_dir), adapters=None, dtype="float32", device="cpu")
-    depths = [loaded.model.full_depth, *reversed(loaded.model.exits)]
+    depths = every_depth(loaded)
     run = HostStepRun(loaded, rows=5, context=20, steps=3, exit_layer=depths)
     measure_interleaved([run], steps=3)
     exits = [t.request.exit_layer for t in run.engine._tracked.values()][-5:]
