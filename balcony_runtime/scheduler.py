@@ -366,12 +366,9 @@ class Scheduler:
                 return None  # the pass row by row preempts
             # A row's blocks held its context, one token short of `ends`: each row here took one block.
             steady.capacity[grow] += self.blocks.block_size
-            if grown is None:
-                pass
-            elif grown.exit_layer is not None:  # one exit: each row's new block at every layer, in take order
-                grown = GrownBlocks(grow, taken.reshape(len(grow), -1), grown.exit_layer)
-            else:  # each row's new block at every layer of its exit, in take order
-                grown = GrownBlocks(grow, taken, None, tuple(rows[b].exit_layer for b in grow.tolist()))
+            if grown is not None:  # each row's new block at every cache layer of its exit, in take order
+                grown = (GrownBlocks(grow, taken.reshape(len(grow), -1), grown.exit_layer) if grown.exit_layer is not None
+                         else GrownBlocks(grow, taken, None, tuple(rows[b].exit_layer for b in grow.tolist())))
         steady.ends = ends
         steady.max_end += 1
         steady.plans_left -= 1
