@@ -6,6 +6,7 @@ model's forward stubbed, driven by N streaming clients.
     python bench/serving_host.py --device-ms 4             # each step also waits 4 ms, lock released
     python bench/serving_host.py --loop uvloop             # the server on uvloop instead of asyncio's loop
     python bench/serving_host.py --engine-process          # the step loop in its own process (balcony serve --engine-process)
+    python bench/serving_host.py --mixed                   # stream i asks for full depth and each exit in turn (X-Balcony-Exit)
 
 A server process runs the real app (`server.app.create_app`: FastAPI, the async engine's step
 thread, Prometheus metrics, SSE chunks) on an engine whose model is the host-only benchmark's stub
@@ -114,12 +115,14 @@ def serve(port: int, max_streams: int, context: int, tokens: int, device_ms: flo
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, loop=loop)
 
 
-async def _one_stream(port: int, body: bytes) -> tuple[int, float]:
-    """One streaming completion over a raw connection: (SSE events before [DONE], seconds)."""
+async def _one_stream(port: int, body: bytes, exit_name: str | None = None) -> tuple[int, float]:
+    """One streaming completion over a raw connection: (SSE events before [DONE], seconds).
+    ``exit_name``: the depth asked for (X-Balcony-Exit), else the server's choice."""
     start = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    depth = b"" if exit_name is None else b"X-Balcony-Exit: %s\r\n" % exit_name.encode()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n%s"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (depth, len(body), body))
     await writer.drain()
     data = await reader.read()  # until the server closes the connection
     writer.close()
@@ -132,13 +135,16 @@ async def _one_stream(port: int, body: bytes) -> tuple[int, float]:
     return events - 1, time.perf_counter() - start
 
 
-async def _drive(port: int, streams: int, context: int, tokens: int, seed: int) -> tuple[float, list[int]]:
+async def _drive(port: int, streams: int, context: int, tokens: int, seed: int,
+                 exits: list[str] | None = None) -> tuple[float, list[int]]:
+    """``exits``: stream i asks for exits[i mod len(exits)] (None: every stream the server's choice)."""
     rng = random.Random(seed)
     bodies = [json.dumps({"model": "stub", "prompt": [rng.choice(TOKEN_POOL) for _ in range(context)],
                           "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True}).encode()
               for _ in range(streams)]
     start = time.perf_counter()
-    results = await asyncio.gather(*(_one_stream(port, b) for b in bodies))
+    results = await asyncio.gather(*(_one_stream(port, b, exits[i % len(exits)] if exits else None)
+                                     for i, b in enumerate(bodies)))
     return time.perf_counter() - start, [n for n, _ in results]
 
 
@@ -164,6 +170,14 @@ def _stats(port: int) -> dict:
     return httpx.get(f"http://127.0.0.1:{port}/bench/stats", timeout=30).json()
 
 
+def _served_exits(port: int) -> list[str]:
+    """The depths the server serves, deepest first (/v1/models)."""
+    import httpx
+
+    card = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()["data"][0]
+    return [e["exit"] for e in sorted(card["balcony"]["exits"], key=lambda e: -e["layers"])]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -181,6 +195,9 @@ def main() -> None:
                         help="the server's event loop (as balcony serve --event-loop)")
     parser.add_argument("--engine-process", action="store_true",
                         help="the server's step loop in its own process (as balcony serve --engine-process)")
+    parser.add_argument("--mixed", action="store_true",
+                        help="stream i asks for full depth and each exit in turn (X-Balcony-Exit), a mixed-depth "
+                             "batch (default: every stream the server's choice, full depth on the stub)")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the server process's own mode: its port
     parser.add_argument("--max-streams", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -196,10 +213,11 @@ def main() -> None:
     rows = []
     try:
         _wait_ready(port, server)
-        asyncio.run(_drive(port, min(counts), args.context, 4, seed=99))  # a first pass: connections, code paths
+        exits = _served_exits(port) if args.mixed else None
+        asyncio.run(_drive(port, min(counts), args.context, 4, seed=99, exits=exits))  # a first pass: connections, code paths
         for streams in counts:
             before = _stats(port)
-            seconds, events = asyncio.run(_drive(port, streams, args.context, args.tokens, seed=streams))
+            seconds, events = asyncio.run(_drive(port, streams, args.context, args.tokens, seed=streams, exits=exits))
             after = _stats(port)
             if any(n != args.tokens for n in events):
                 raise RuntimeError(f"streams delivered {sorted(set(events))} tokens, expected {args.tokens}")
@@ -210,13 +228,15 @@ def main() -> None:
 
     import torch
 
-    from balcony_runtime.host_step_benchmark import measure_host_step
+    from balcony_runtime.host_step_benchmark import every_depth, measure_host_step
     from balcony_runtime.loader import load_model
 
     torch.set_num_threads(1)
     loaded = load_model("smollm2-135m", adapters=None, dtype="float32", device="cpu")
+    depths = every_depth(loaded) if args.mixed else None
     print(f"stub model (forward replaced, {loaded.identity}'s shapes), prompts of {args.context} tokens, "
           f"{args.tokens} tokens per stream, greedy, one torch thread"
+          + (f", stream i at depth {', '.join(map(str, depths))} in turn" if depths else "")
           + f", the {args.loop} event loop"
           + (", the step loop in its own process" if args.engine_process else "")
           + (f", each step also waiting {args.device_ms:g} ms without the interpreter lock" if args.device_ms else "")
@@ -225,7 +245,7 @@ def main() -> None:
           "step() CPU ms, median | host-only step CPU ms |")
     print("|---|---|---|---|---|---|---|---|")
     for streams, seconds, served in rows:
-        host = measure_host_step(loaded, streams, args.context + args.tokens // 2, steps=30)
+        host = measure_host_step(loaded, streams, args.context + args.tokens // 2, steps=30, exit_layer=depths)
         steps = len(served["step_s"])
         if not steps:  # --engine-process: steps run in the engine's process, untimed
             print(f"| {streams} | {seconds:.2f} | {streams * args.tokens / seconds:,.0f} | - | "
