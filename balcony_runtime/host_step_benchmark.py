@@ -207,12 +207,9 @@ class HostStepRun:
         engine = stub_engine(loaded, rows, context + params.max_tokens, vocab, block_size, budget, overlap,
                              engine_module)
         if graphs:  # every replay a no-op; the logits they would leave are the stub's
-            runner = engine.runner
-            try:
-                graphed = runner.use_graphs(rows, context + params.max_tokens, record=False, replay=_no_replay)
-            except TypeError:  # an older runner (bench/host_step.py --baseline): its pieces replaced after
-                graphed = runner.use_graphs(rows, context + params.max_tokens, record=False)
-                graphed._pieces = dict.fromkeys(graphed._pieces, _no_replay)
+            # (Replaced after recording nothing, the same way for an older runner: --baseline.)
+            graphed = engine.runner.use_graphs(rows, context + params.max_tokens, record=False)
+            graphed._pieces = dict.fromkeys(graphed._pieces, _no_replay)
             graphed.s.logits = engine.runner.model.logits(rows).clone()  # [rows, vocab]
             # The device's code path: the batch state written with torch ops, no host-array shortcuts.
             engine.runner._on_cpu = engine.runner.input_batch.numpy_writes = False

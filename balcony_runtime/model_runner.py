@@ -9,7 +9,7 @@ leaves or joins moves only itself); results come back in the scheduler's order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,10 +94,9 @@ class ModelRunner:
         self._decode_buffers: dict[int, _DecodeInputs] = {}
 
     def use_graphs(self, max_rows: int, max_model_len: int, record: bool | None = None,
-                   replay: Callable[[], None] | None = None, max_slots: int = 0) -> DecodeGraphs:
+                   max_slots: int = 0) -> DecodeGraphs:
         """Serve decode steps of up to ``max_rows`` rows by replaying recorded pieces
-        (model/decode_graphs.py; ``record`` False runs them eagerly: tests on the CPU; ``replay``
-        stands in for every piece: the host-only benchmark). ``max_slots``: the most rows the batch
+        (model/decode_graphs.py; ``record`` False runs them eagerly: tests on the CPU). ``max_slots``: the most rows the batch
         will hold (the engine's max_num_seqs), so its tables are sized once and the pieces read
         them where they live, with no copy a step."""
         if self.scratch_block is None or self.scratch_block >= self.kv_cache.keys.shape[0]:
@@ -107,7 +106,7 @@ class ModelRunner:
         batch.reserve(max(max_rows, max_slots), max_blocks)
         graphs = DecodeGraphs(self.model, self.kv_cache.as_tuple(), self.scratch_block, self.blocks.block_size,
                               max_rows, max_blocks, record, block_tables=batch.block_table[:, :max_rows, :max_blocks])
-        graphs.capture(replay)
+        graphs.capture()
         self.graphs = graphs
         return graphs
 
@@ -243,14 +242,14 @@ class ModelRunner:
             all_sampled = is_decode and all(item.completes_sequence for item in rows)
             context_lens = starts + lens  # [B]
             max_context = int(context_lens.max()) if len(rows) else 0
-        num_blocks = None
+        num_blocks, most_blocks = None, -(-max_context // block_size)
         if kept is not None and run.grown is not None:  # the plan says which rows took which blocks
             grown = run.grown
-            num_blocks = self.input_batch.write_grown(grown.rows, grown.ids, grown.exit_layer,
-                                                      -(-max_context // block_size), grown.row_exits)
+            num_blocks = self.input_batch.write_grown(grown.rows, grown.ids, grown.exit_layer, most_blocks,
+                                                      grown.row_exits)
         if num_blocks is None:
             num_blocks = self.input_batch.update_blocks(tables, (context_lens + (block_size - 1)) // block_size,
-                                                        -(-max_context // block_size))
+                                                        most_blocks)
         prompt_targets: dict[int, list[int]] = {}
         head_rows = len(rows)
         fed = None  # the input ids as a device tensor already, when the last step sampled them

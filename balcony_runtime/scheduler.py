@@ -464,8 +464,7 @@ class Scheduler:
         """The step's tokens are (or, on a device still working, will be before any later step
         reads them) in the cache: the next schedule may build on them. ``batch_order``: the order
         the runner's batch holds the step's rows in (see follow_batch_order)."""
-        steady = self._steady
-        if batch_order is not None and steady is not None and not steady.in_batch_order:
+        if batch_order is not None:
             self.follow_batch_order(batch_order)
         run = output.decode_run
         if run is not None:  # a steady decode: one token each, all past their prompts

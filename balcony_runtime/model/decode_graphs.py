@@ -124,13 +124,8 @@ class DecodeGraphs:
 
     # ---- recording ---------------------------------------------------------------------------
 
-    def capture(self, replay: Callable[[], None] | None = None) -> None:
-        """Record every piece at every bucket, largest first (smaller ones reuse its memory).
-        ``replay``: a stand-in for every piece, nothing recorded (the host-only benchmark times a
-        step's host work around the replays, balcony_runtime/host_step_benchmark.py)."""
-        if replay is not None:
-            self._pieces = dict.fromkeys(self._keys(), replay)
-            return
+    def capture(self) -> None:
+        """Record every piece at every bucket, largest first (smaller ones reuse its memory)."""
         if self.record:
             self._pool = torch.cuda.graph_pool_handle()
         pieces = {"segment": self._segment, "balcony": self._balcony, "head": lambda _, b: self._head(b)}
@@ -213,8 +208,8 @@ class DecodeGraphs:
         s, model = self.s, self.model
         exits, n = batch.exits, len(batch.exits)
         # deeper[l]: rows whose exit is deeper than l (a prefix, exits being non-increasing), for l
-        # in (0, *model.exits): found by bisection, since a Python pass over the rows per exit cost
-        # more host time than the rest of this method at 64 rows (docs/benchmarks.md, stop 45).
+        # in (0, *model.exits): found by bisection, not by a pass of Python over the rows per exit,
+        # which cost more host time than the rest of this method (docs/benchmarks.md, "Mixed depths").
         deeper = tuple(bisect_left(exits, -l, key=operator.neg) for l in self._cut_layers)
         b0 = self.bucket(n)
         s.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
