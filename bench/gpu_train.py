@@ -206,8 +206,8 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     gguf_importable(Path(args.run))
     train_dir, heldout_dir = unpack(Path(args.run), balcony_home())
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    report: dict = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                     "torch": torch.__version__, "command": shlex.join(sys.argv), "phases_s": {}}
 
     def phase(name: str, t0: float) -> None:

@@ -46,8 +46,10 @@ class NormalEquations:
         x64 = torch.cat([x.double(), x.new_ones(x.shape[0], 1, dtype=torch.float64)], dim=1)  # [T, H+1]
         y64 = y.double()  # [T, H]
         wx = x64 if weight is None else x64 * weight.double()[:, None]  # [T, H+1]
-        self.xtx += wx.T @ x64  # [H+1, H+1]
-        self.xty += wx.T @ y64  # [H+1, H]
+        # The sums stay on the CPU (the solve and the held-out error read them there); the products
+        # are made where the activations are.
+        self.xtx += (wx.T @ x64).to(self.xtx.device)  # [H+1, H+1]
+        self.xty += (wx.T @ y64).to(self.xty.device)  # [H+1, H]
         self.yty += float((y64.pow(2).sum(1) * (1.0 if weight is None else weight.double())).sum())
         self.tokens += x.shape[0]
 

@@ -81,6 +81,10 @@ class Distributed:
         if device == "auto":
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # torch.cuda.set_device takes only an indexed device ("cuda" alone raises): a plain
+            # --device cuda means this process's own GPU.
+            self.device = torch.device("cuda", local_rank if self.world > 1 else torch.cuda.current_device())
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda":

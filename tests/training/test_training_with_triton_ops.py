@@ -36,3 +36,29 @@ def test_a_training_step_with_triton_ops_gives_the_torch_gradients(text_corpus, 
     for a, b in zip(moved["torch"], moved["triton"]):
         # One Adam step from the same start: equal updates up to the backbone kernels' rounding.
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_bf16_autocast_step_with_triton_ops_matches_the_torch_ops(text_corpus, tiny_model_dir, tiny_trainable, tmp_path):
+    """Under autocast (what a GPU run uses) the backbone's matmuls return bf16 while the residual
+    stream stays fp32; the Triton kernels insist on one dtype, so the no-grad passes (the backbone
+    and the closed-form start) must not hand them that mix. The first GPU run stopped there."""
+    model = tiny_trainable.model
+    start = {k: v.clone() for k, v in model.balconies.state_dict().items()}
+    config = TrainConfig(
+        data=DataConfig((str(text_corpus),), seq_len=16, heldout_fraction=0.1, seed=3),
+        output_dir=str(tmp_path / "run"), model=str(tiny_model_dir), exits=(1, 2, 3), device="cpu",
+        autocast="bf16", init="lens", lens_tokens=64, micro_batch_size=1, max_steps=1, log_every=1,
+        save_every=100, kl_chunk=16, lr=1e-3,
+    )
+    moved = {}
+    for ops in (TORCH_OPS, select_ops("cpu", backend="triton")):
+        model.balconies.load_state_dict(start, strict=False)  # (the first run added lens maps: refitted)
+        model.ops = ops
+        try:
+            train(config, loaded=tiny_trainable, log=lambda _: None)
+        finally:
+            model.ops = TORCH_OPS
+        moved[ops.name] = [p.detach().clone() for p in model.balconies.parameters()]
+        config = TrainConfig(**{**config.__dict__, "output_dir": str(tmp_path / "run-triton")})
+    for a, b in zip(moved["torch"], moved["triton"]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # the same ops ran: bf16 rounding aside
