@@ -74,8 +74,8 @@ def test_the_repositorys_text_is_read_when_the_pack_has_none(tmp_path):
         sys.path.remove(str(SCRIPT.parent))
     train, heldout = gpu_train.unpack(tmp_path, tmp_path / "home")  # no parts, no text.tar.xz
     folders = {p.relative_to(train).parts[:2] for p in train.rglob("*") if p.is_file() and len(p.relative_to(train).parts) > 2}
-    assert folders == {("0-fit2", "text"), ("0-fit2", "pydoc"), ("0-fit2", "gen"), ("1-fit3", "wordnet")}
-    answers = (train / "0-fit2" / "gen" / "generations.jsonl").read_text().splitlines()
+    assert folders == {("0-fit4", "text"), ("0-fit4", "pydoc"), ("2-fit5", "wordnet"), ("3-fit6", "perl")}
+    answers = (train / "1-gen" / "generations.jsonl").read_text().splitlines()
     assert len(answers) == 320 and all(json.loads(line)["prompt"] for line in answers)
     held = sorted(p.name for p in heldout.iterdir())
     assert "constitution.txt" in held and len(held) == 17
