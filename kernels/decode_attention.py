@@ -23,7 +23,13 @@ import triton.language as tl
 from kernels import launch
 
 _LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)); exp2 is the cheaper instruction
-_MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, merge) outweighs its reads
+_MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost (q load, merge) outweighs its reads
+# Programs per SM the split aims for. An H200's sweep of 1-16 splits at the default model's and
+# LLaMA-3-8B's sizes (docs/gpu_h200.md, run 4, "the launcher's sequence splits against the
+# fastest") put the fastest split at about three and a half waves or more, with 128 tokens a split
+# still paying at batch 1; two waves (the rule before) left batch 64 of the default model at 2 splits
+# where 4 ran 1.2x faster.
+_TARGET_WAVES = 3.5
 _MAX_SPLITS = 64
 
 
@@ -117,8 +123,9 @@ def _decode_merge_kernel(
 
 
 def _choose_num_splits(programs: int, max_context: int, sm_count: int) -> int:
-    """Enough splits for about two waves of programs, none shorter than _MIN_TOKENS_PER_SPLIT."""
-    wanted = math.ceil(2 * sm_count / max(programs, 1))
+    """Enough splits (a power of two) for about _TARGET_WAVES waves of programs, none shorter than
+    _MIN_TOKENS_PER_SPLIT."""
+    wanted = 1 << max(0, math.ceil(math.log2(_TARGET_WAVES * sm_count / max(programs, 1))))
     return max(1, min(wanted, math.ceil(max_context / _MIN_TOKENS_PER_SPLIT), _MAX_SPLITS))
 
 

@@ -80,10 +80,14 @@ def test_reference_matches_plain_attention_row_by_row(case, dtype, rng):
 
 def test_split_choice():
     choose = decode_module._choose_num_splits
-    assert choose(programs=64 * 3, max_context=8192, sm_count=132) == 2  # batch 64 nearly fills the GPU
-    assert choose(programs=1 * 8, max_context=8192, sm_count=132) == 32  # batch 1: split the sequence
+    assert choose(programs=1 * 8, max_context=8192, sm_count=132) == 64  # batch 1: split the sequence
     assert choose(programs=1 * 8, max_context=100, sm_count=132) == 1  # too short to be worth a split
     assert choose(programs=256 * 8, max_context=8192, sm_count=132) == 1
+    assert choose(programs=200, max_context=8192, sm_count=132) == 4  # 2.3 waves of 200 rounded up: 4
+    # The fastest of 1-16 splits an H200 measured (docs/gpu_h200.md, run 4), context 2,048:
+    # the default model (3 KV heads) at batch 1, 64, 256; LLaMA-3-8B (8 KV heads) at 1, 64, 256.
+    measured = {(3, 16), (64 * 3, 4), (256 * 3, 1), (8, 16), (64 * 8, 1), (256 * 8, 1)}
+    assert {(p, choose(programs=p, max_context=2048, sm_count=132)) for p, _ in measured} == measured
 
 
 def _valid_args():
