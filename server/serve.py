@@ -20,13 +20,13 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import NoReturn
 
 import uvicorn
 
-from server.serve_options import ServeConfig, parse_exit_list
+from server.serve_options import ENGINE_PROCESS_MODES, ServeConfig, parse_exit_list
 
 log = logging.getLogger("balcony.server")
 
@@ -100,6 +100,14 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def engine_process_by_default(device: str) -> bool:
+    """--engine-process when neither it nor --no-engine-process is given: on where the model runs on
+    a GPU (ServeConfig.engine_process says why)."""
+    from balcony_runtime.loader import resolve_device
+
+    return resolve_device(device).type == "cuda"
+
+
 def serve(args) -> int:
     """Run the server until it is stopped; exits the process (status 0, or 1 if the model failed to
     load) instead of returning, except for invalid options (returns 2)."""
@@ -112,7 +120,7 @@ def serve(args) -> int:
             served_model_name=args.served_model_name, tool_call_parser=args.tool_call_parser,
             prefix_caching=args.prefix_caching, overlap_steps=args.overlap_steps,
             recalibrate=args.recalibrate, log_level=args.log_level, event_loop=args.event_loop,
-            engine_process=args.engine_process,
+            engine_process=ENGINE_PROCESS_MODES[args.engine_process],
         )
     except ValueError as exc:
         print(f"balcony serve: {exc}", file=sys.stderr)
@@ -130,6 +138,9 @@ def serve(args) -> int:
              "(/health answers at once, /ready once the model is ready)", config.host, config.port)
 
     from server.app import create_app  # torch and the runtime: the slow imports
+
+    if config.engine_process is None:
+        config = replace(config, engine_process=engine_process_by_default(args.device))
 
     failed: list[BaseException] = []
     engine_died: list[str] = []  # --engine-process: why the engine's process ended while serving

@@ -32,8 +32,11 @@ class ServeConfig:
     # runs while the kernel sends each streamed token; uvloop's hold it (docs/benchmarks.md).
     event_loop: str = "asyncio"
     # The step loop in a process of its own (server/engine_process.py), beside the HTTP process,
-    # so their Python runs at once instead of taking turns on one interpreter lock.
-    engine_process: bool = False
+    # so their Python runs at once instead of taking turns on one interpreter lock. None: on where
+    # the model runs on a GPU, whose node has the cores for both (an H200 node served 1.5x the
+    # tokens with it, docs/gpu_h200.md run 4), off on a CPU, where the model's threads need the
+    # cores the second process would take (docs/benchmarks.md, "The step loop in its own process").
+    engine_process: bool | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -68,6 +71,19 @@ def parse_exit_list(text: str, full_depth: int) -> tuple[int, ...] | None:
         else:
             raise ValueError(f"--exits takes layer counts and 'full' separated by commas, or 'all'; got {item!r}")
     return tuple(exits)
+
+
+ENGINE_PROCESS_MODES = {"on": True, "off": False, "auto": None}
+
+
+def engine_process_mode(value: str) -> str:
+    """--engine-process's value (or BALCONY_ENGINE_PROCESS's): on, off or auto; 1/true/yes and
+    0/false/no too, as the variable of an on/off switch reads."""
+    value = value.strip().lower()
+    value = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(value, value)
+    if value not in ENGINE_PROCESS_MODES:
+        raise argparse.ArgumentTypeError(f"expected on, off or auto, got {value!r}")
+    return value
 
 
 def add_serve_options(p: argparse.ArgumentParser) -> None:
@@ -109,9 +125,11 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--event-loop", default=d.event_loop, choices=list(EVENT_LOOPS),
                    help="the HTTP side's event loop: asyncio's (its socket writes let the step loop run "
                         "meanwhile) or uvloop")
-    p.add_argument("--engine-process", action="store_true", default=d.engine_process,
+    p.add_argument("--engine-process", nargs="?", const="on", default="auto", type=engine_process_mode,
+                   metavar="on|off|auto",
                    help="run the engine (model, scheduler, step loop) in a child process, so the HTTP side's "
-                        "Python and the step loop's run at once rather than sharing one interpreter lock")
+                        "Python and the step loop's run at once rather than sharing one interpreter lock: on, "
+                        "off, or auto (on when the model runs on a GPU); the flag alone means on")
     p.add_argument("--log-level", default=d.log_level, choices=list(LOG_LEVELS),
                    help="how much the server logs: debug adds a line per HTTP request, warning keeps "
                         "only problems")

@@ -7,6 +7,7 @@ import argparse
 import re
 
 import pytest
+import torch
 
 from server.cli import build_parser, main
 from server.routing_headers import BUDGET_HEADER, EXIT_HEADER
@@ -126,3 +127,32 @@ def test_generate_takes_a_cpu_weight_format_and_refuses_an_impossible_one(capsys
 def test_a_no_switch_reads_its_variable_as_the_switch(monkeypatch, variable, attribute, value, expected):
     monkeypatch.setenv(variable, value)
     assert getattr(subcommand("serve").parse_args([]), attribute) is expected
+
+
+@pytest.mark.parametrize("argv, env, expected", [
+    ([], None, "auto"), (["--engine-process"], None, "on"), (["--engine-process", "off"], None, "off"),
+    (["--engine-process", "auto"], "1", "auto"), ([], "1", "on"), ([], "false", "off"), ([], "auto", "auto"),
+])
+def test_the_engine_process_is_on_off_or_auto(monkeypatch, argv, env, expected):
+    if env is None:
+        monkeypatch.delenv("BALCONY_ENGINE_PROCESS", raising=False)
+    else:
+        monkeypatch.setenv("BALCONY_ENGINE_PROCESS", env)
+    assert subcommand("serve").parse_args(argv).engine_process == expected
+
+
+def test_an_engine_process_mode_outside_on_off_auto_is_refused(capsys):
+    with pytest.raises(SystemExit) as exited:
+        subcommand("serve").parse_args(["--engine-process", "sometimes"])
+    assert exited.value.code == 2 and "expected on, off or auto" in capsys.readouterr().err
+
+
+def test_auto_runs_the_engine_in_its_own_process_only_on_a_gpu(monkeypatch):
+    from server.serve import engine_process_by_default
+
+    assert engine_process_by_default("cpu") is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engine_process_by_default("auto") is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert engine_process_by_default("auto") is True
+    assert engine_process_by_default("cuda") is True
