@@ -69,6 +69,10 @@ class Row:
     achieved: float | None = None
     ceiling: float | None = None  # measured ceiling in the same unit
     cublas_ms: float | None = None  # swiglu only: cuBLAS for the same two GEMMs, no epilogue
+    # A device-to-device copy moving the same bytes (read + write): what any kernel of this size
+    # can at best approach, launch included. Beside the 1 GiB copy's bandwidth, which a kernel
+    # moving a fraction of a megabyte cannot reach (its launch alone outlasts the transfer).
+    copy_ms: float | None = None
     note: str = ""
     key: tuple = ()  # what the goals select rows by: (kernel, model, batch, ...)
     # A whole step: the torch path's error in the same dtype against the same fp32 reference (a
@@ -89,6 +93,7 @@ class Bench:
 
     def __init__(self, device: torch.device, smoke: bool, warmup_ms: int, rep_ms: int):
         self.device, self.smoke, self.warmup_ms, self.rep_ms = device, smoke, warmup_ms, rep_ms
+        self._copy_ms: dict[int, float] = {}  # bytes copied -> ms (same_size_copy_ms)
         self.copy_gbs = self._copy_bandwidth()
         self.matmul_tflops = self._matmul_tflops()
 
@@ -103,6 +108,21 @@ class Bench:
             return float(do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
         except TypeError:  # older triton: no return_mode
             return float(do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, quantiles=[0.5])[0])
+
+    def bandwidth(self, row: Row, moved: int) -> None:
+        """A memory-bound row: achieved GB/s for ``moved`` bytes against the 1 GiB copy's, and the
+        time of a copy moving the same bytes."""
+        row.unit, row.achieved, row.ceiling = "GB/s", moved / row.triton_ms / 1e6, self.copy_gbs
+        row.copy_ms = self.same_size_copy_ms(moved)
+
+    def same_size_copy_ms(self, moved: int) -> float:
+        """Milliseconds of a device-to-device copy that reads and writes ``moved`` bytes in all."""
+        half = max(1, moved // 2)
+        if half not in self._copy_ms:
+            src = torch.empty(half, dtype=torch.uint8, device=self.device).random_(0, 255)
+            dst = torch.empty_like(src)
+            self._copy_ms[half] = self.time_ms(lambda: dst.copy_(src))
+        return self._copy_ms[half]
 
     def _copy_bandwidth(self) -> float:
         """GB/s of a device-to-device copy of 1 GiB (read + write counted), far above L2's size."""
@@ -155,7 +175,7 @@ def rms_norm_rows(bench: Bench, models, token_counts, dtype) -> list[Row]:
                       key=("rms_norm", m.name, tokens))
             row.triton_ms = bench.time_ms(lambda: rms_norm(x, weight, 1e-5, residual))
             row.torch_ms = bench.time_ms(lambda: reference.rms_norm(x, weight, 1e-5, residual))
-            row.unit, row.achieved, row.ceiling = "GB/s", moved / row.triton_ms / 1e6, bench.copy_gbs
+            bench.bandwidth(row, moved)
             rows.append(row)
     return rows
 
@@ -177,7 +197,7 @@ def rms_norm_tile_rows(bench: Bench, models, token_counts, dtype, per_program=(1
                 row = Row("rms_norm", m.name, f"T={tokens} H={m.hidden} rows/program={n}", dtype, err,
                           key=("rms_norm rows", m.name, tokens, n), note="the launcher's default" if n == 1 else "")
                 row.triton_ms = bench.time_ms(lambda: rms_norm(x, weight, 1e-5, residual, rows_per_program=n))
-                row.unit, row.achieved, row.ceiling = "GB/s", moved / row.triton_ms / 1e6, bench.copy_gbs
+                bench.bandwidth(row, moved)
                 rows.append(row)
     return rows
 
@@ -217,7 +237,7 @@ def rotary_rows(bench: Bench, models, token_counts, dtype) -> list[Row]:
             # in: q, k, v; out: q, k, cached k and v; plus a cos/sin row, position and slot per token
             moved = tokens * m.head_dim * x_size(dtype) * (2 * m.q_heads + 5 * m.kv_heads)
             moved += tokens * (4 * m.head_dim + 16)
-            row.unit, row.achieved, row.ceiling = "GB/s", moved / row.triton_ms / 1e6, bench.copy_gbs
+            bench.bandwidth(row, moved)
             rows.append(row)
     return rows
 
@@ -280,7 +300,7 @@ def decode_rows(bench: Bench, models, batches, contexts, dtype, ragged: bool = T
                 row.torch_ms = bench.time_ms(lambda: reference.decode_attention(*args))
             else:
                 row.note = "torch path not timed (its gather would copy the whole cache)"
-            row.unit, row.achieved, row.ceiling = "GB/s", moved / row.triton_ms / 1e6, bench.copy_gbs
+            bench.bandwidth(row, moved)
             rows.append(row)
             del args, out
             _free(bench)
@@ -307,7 +327,7 @@ def decode_split_rows(bench: Bench, models, batches, context: int, dtype, splits
                           rel_err(out[:len(ref)], ref), key=("decode splits", m.name, batch, num_splits),
                           note="the launcher's choice" if num_splits == chosen else "")
                 row.triton_ms = bench.time_ms(lambda: decode_attention(*args, num_splits=num_splits))
-                row.unit, row.achieved, row.ceiling = "GB/s", moved / row.triton_ms / 1e6, bench.copy_gbs
+                bench.bandwidth(row, moved)
                 rows.append(row)
             del args, block_tables, out
             _free(bench)
@@ -380,7 +400,7 @@ def swiglu_rows(bench: Bench, models, token_counts, dtype) -> list[Row]:
             row.note = f"fused / cuBLAS GEMM = {row.triton_ms / row.cublas_ms:.2f}"
             if tokens <= 64:  # weight-bandwidth bound: GB/s of weights and activations
                 moved = (2 * m.inter * m.hidden + tokens * (m.hidden + m.inter)) * x_size(dtype)
-                row.unit, row.achieved, row.ceiling = "GB/s", moved / row.triton_ms / 1e6, bench.copy_gbs
+                bench.bandwidth(row, moved)
             else:
                 flops = 2 * tokens * m.hidden * 2 * m.inter
                 row.unit, row.achieved, row.ceiling = "TFLOP/s", flops / row.triton_ms / 1e9, bench.matmul_tflops
@@ -524,9 +544,9 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| kernel | model | shape | dtype | Triton ms | torch ms | speedup | achieved | of ceiling | rel err | check "
-        "| note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | model | shape | dtype | Triton ms | torch ms | speedup | achieved | of ceiling "
+        "| of a same-size copy | rel err | check | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         speedup = r.torch_ms / r.triton_ms if r.torch_ms and r.triton_ms else None
@@ -535,8 +555,14 @@ def table(rows: list[Row]) -> str:
         dtype = str(r.dtype).removeprefix("torch.")
         check = "ok" if r.ok else "**FAIL**"
         lines.append(f"| {r.kernel} | {r.model} | {r.shape} | {dtype} | {_fmt(r.triton_ms)} | {_fmt(r.torch_ms)} | "
-                     f"{_fmt(speedup)} | {achieved} | {share} | {_fmt(r.rel_err, 2)} | {check} | {r.note} |")
+                     f"{_fmt(speedup)} | {achieved} | {share} | {_copy_share(r)} | {_fmt(r.rel_err, 2)} | {check} "
+                     f"| {r.note} |")
     return "\n".join(lines)
+
+
+def _copy_share(r: Row) -> str:
+    """The time of a copy moving the same bytes as a share of the kernel's (100%: as fast as that copy)."""
+    return f"{100 * r.copy_ms / r.triton_ms:.0f}%" if r.copy_ms and r.triton_ms else "-"
 
 
 def goals(rows: list[Row], goal_batch: int) -> str:
@@ -546,7 +572,8 @@ def goals(rows: list[Row], goal_batch: int) -> str:
         if r.key[:1] in (("rms_norm",), ("decode",)) and r.key[2] == goal_batch and r.achieved is not None:
             share = r.achieved / r.ceiling
             lines.append(f"| {r.kernel} >= 70% of copy bandwidth at batch {goal_batch} | {r.model} {r.shape} | "
-                         f"{100 * share:.0f}% | {'yes' if share >= 0.7 else 'no'} |")
+                         f"{100 * share:.0f}% (a same-size copy's time: {_copy_share(r)} of its) | "
+                         f"{'yes' if share >= 0.7 else 'no'} |")
         elif r.key[:1] == ("swiglu",) and r.cublas_ms:
             ratio = r.triton_ms / r.cublas_ms
             lines.append(f"| fused MLP within 10% of cuBLAS | {r.model} {r.shape} | {ratio:.2f}x | "

@@ -37,6 +37,16 @@ def test_smoke_run_writes_a_report(bench, tmp_path, capsys):
     assert "| tiny (smoke) | 3 | 1 |" in report
     assert all(f"T=7 H=96 rows/program={n} " in report for n in (1, 2, 4, 8))
     assert "| tiny (smoke) | 7 | 1 |" in report  # rms_norm's rows per program, summed up likewise
+    # Memory-bound rows are also set beside a copy of the same bytes, in the table and the goals.
+    rms_rows = [line for line in report.splitlines() if line.startswith("| rms_norm | tiny") and "bfloat16" in line]
+    assert rms_rows and all(line.split("|")[10].strip().endswith("%") for line in rms_rows)
+    assert "a same-size copy's time:" in report
+
+
+def test_the_same_size_copy_reads_and_writes_the_bytes_given(bench):
+    timed = bench.Bench(bench.torch.device("cpu"), smoke=True, warmup_ms=1, rep_ms=1)
+    assert timed.same_size_copy_ms(1000) == timed.same_size_copy_ms(1000)  # timed once per size
+    assert set(timed._copy_ms) == {500}  # 500 bytes read and 500 written
 
 
 def test_without_cuda_it_says_so_and_exits_cleanly(bench, capsys, monkeypatch):
