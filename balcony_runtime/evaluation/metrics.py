@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from balcony_runtime.model.balcony_model import BalconyModel
 from balcony_runtime.training.dense_forward import (
-    BackboneStates, backbone_pass, balcony_normed, final_normed, lm_logits,
+    BackboneStates, backbone_pass, balcony_normed, dense_ops, final_normed, lm_logits,
 )
 
 METHODS = ("balcony", "naive_k", "naive_k+1", "layer_drop")
@@ -38,7 +38,7 @@ def method_normed(model: BalconyModel, method: str, k: int, states: BackboneStat
     if method == "naive_k+1":
         return final_normed(model, *states.at_exit[k + 1])
     if method == "layer_drop":
-        out, res = model.layers[-1](*states.at_exit[k], states.attend, model.ops)
+        out, res = model.layers[-1](*states.at_exit[k], states.attend, dense_ops(model))
         return final_normed(model, out, res)
     raise ValueError(f"unknown method {method!r}")
 

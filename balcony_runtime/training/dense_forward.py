@@ -64,7 +64,7 @@ def backbone_pass(model: BalconyModel, input_ids: torch.Tensor, keep: set[int]) 
     residual = None
     at_exit = {}
     for l, layer in enumerate(model.layers):
-        hidden, residual = layer(hidden, residual, attend, training_ops(model))
+        hidden, residual = layer(hidden, residual, attend, dense_ops(model))
         if l + 1 in keep:
             at_exit[l + 1] = (hidden, residual)
     return BackboneStates(at_exit, (hidden, residual), attend)
@@ -73,13 +73,14 @@ def backbone_pass(model: BalconyModel, input_ids: torch.Tensor, keep: set[int]) 
 def differentiable_ops(model: BalconyModel) -> KernelOps:
     """The ops for computations gradients flow through: the Triton kernels are forward-only
     (they serve inference), so under autograd the exact torch references stand in for them."""
-    return TORCH_OPS if torch.is_grad_enabled() else training_ops(model)
+    return TORCH_OPS if torch.is_grad_enabled() else dense_ops(model)
 
 
-def training_ops(model: BalconyModel) -> KernelOps:
-    """The ops for a pass without gradients: the model's own, except under autocast, where matmuls
-    return bf16 while the residual stream stays fp32 and the kernels insist on one dtype (the torch
-    references promote, as autocast expects)."""
+def dense_ops(model: BalconyModel) -> KernelOps:
+    """The ops for a dense pass without gradients (training's backbone pass, the closed-form fit,
+    evaluation): the model's own, except under autocast, where matmuls return bf16 while the residual
+    stream stays fp32 and the kernels insist on one dtype (the torch references promote, as
+    autocast expects)."""
     return TORCH_OPS if torch.is_autocast_enabled(model.embed_tokens.device.type) else model.ops
 
 
@@ -93,7 +94,7 @@ def balcony_normed(model: BalconyModel, k: int, states: BackboneStates) -> torch
 
 def final_normed(model: BalconyModel, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """The backbone's final norm: [T, H]."""
-    normed, _ = training_ops(model).rms_norm(hidden, model.norm, model.arch.rms_norm_eps, residual)
+    normed, _ = dense_ops(model).rms_norm(hidden, model.norm, model.arch.rms_norm_eps, residual)
     return normed
 
 

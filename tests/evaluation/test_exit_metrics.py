@@ -94,3 +94,21 @@ def test_eval_command_writes_table_json_and_plot(tiny_model_dir, tmp_path, capsy
     assert result["sequences"] == 3 and set(result["exits"]) == {"1", "2", "3"}
     assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
     assert "| exit |" in (out / "eval.md").read_text()
+
+
+def test_bf16_autocast_eval_with_triton_ops_matches_the_torch_ops(tiny_model_dir):
+    """`balcony eval --autocast` on a GPU runs the model's Triton kernels; under autocast the
+    matmuls return bf16 beside the fp32 residual, which the kernels refuse, so every dense pass
+    (the layer-drop baseline's included) takes the torch ops there."""
+    from kernels.dispatch import TORCH_OPS, select_ops
+
+    loaded = load_model(str(tiny_model_dir), adapters=None, exits=(1, 2), dtype="float32", device="cpu")
+    ids = torch.randint(0, loaded.model.arch.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for ops in (TORCH_OPS, select_ops("cpu", backend="triton")):
+        loaded.model.ops = ops
+        results[ops.name] = evaluate_exits(loaded.model, ids, batch_size=2, chunk_size=12, autocast=True)
+    loaded.model.ops = TORCH_OPS
+    for k in ("1", "2"):
+        for method, row in results["torch"]["exits"][k].items():
+            assert math.isclose(row["perplexity"], results["triton"]["exits"][k][method]["perplexity"], rel_tol=1e-6)
