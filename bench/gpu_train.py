@@ -177,6 +177,11 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lens-tokens", type=int, default=262144)
     parser.add_argument("--eval-sequences", type=int, default=16, help="held-out sequences of --seq-len")
+    parser.add_argument("--return-dir", metavar="DIR",
+                        help="also put what should come back from a device call in DIR, flat: the report, the "
+                             "training log and the adapters, their weights in parts of at most 15 MB (a call "
+                             "brings back at most 8 files of 16 MiB; `cat balcony.safetensors.part-* > "
+                             "balcony.safetensors` joins them)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: tests this script")
     args = parser.parse_args()
     if args.pack:
@@ -257,9 +262,31 @@ def run(args) -> int:
     report["total_s"] = round(time.perf_counter() - start, 1)
     (out / "gpu_train.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "gpu_train.md").write_text(markdown(report, out / "eval" / "eval.md"))
+    if args.return_dir:
+        returned(out, Path(args.return_dir))
     print(json.dumps({k: report[k] for k in ("device", "probe_tokens_per_s", "planned", "trained", "phases_s",
                                              "total_s")}, indent=1))
     return 0
+
+
+RETURN_PART_BYTES = 15_000_000
+
+
+def returned(out: Path, into: Path) -> list[Path]:
+    """The run's report, training log and adapters, flat in ``into``, the weights cut into parts a
+    device call can bring back (at most 8 files of 16 MiB): 7 files for the default model."""
+    into.mkdir(parents=True, exist_ok=True)
+    written = []
+    for source in (out / "gpu_train.json", out / "gpu_train.md", out / "run" / "log.jsonl",
+                   out / "eval" / "eval.md", out / "adapters" / "balcony.json"):
+        if source.is_file():
+            written.append(Path(shutil.copy2(source, into / source.name)))
+    weights = (out / "adapters" / "balcony.safetensors").read_bytes()
+    for i, name in enumerate(string.ascii_lowercase[: -(-len(weights) // RETURN_PART_BYTES)]):
+        part = into / f"balcony.safetensors.part-{name}"
+        part.write_bytes(weights[i * RETURN_PART_BYTES:(i + 1) * RETURN_PART_BYTES])
+        written.append(part)
+    return written
 
 
 def markdown(report: dict, eval_md: Path) -> str:

@@ -47,7 +47,9 @@ def test_pack_then_run_trains_and_reports(tmp_path, default_model):
         p.rename(pack / "keep" / p.name)
     home, out = tmp_path / "home", tmp_path / "out"
     env = {**os.environ, "BALCONY_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    subprocess.run([sys.executable, str(SCRIPT), "--run", str(pack), "--smoke", "--out", str(out)], check=True, env=env)
+    back = tmp_path / "back"
+    subprocess.run([sys.executable, str(SCRIPT), "--run", str(pack), "--smoke", "--out", str(out),
+                    "--return-dir", str(back)], check=True, env=env)
 
     original = balcony_home() / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assembled = home / "downloads" / original.name
@@ -62,6 +64,15 @@ def test_pack_then_run_trains_and_reports(tmp_path, default_model):
     meta = json.loads((out / "adapters" / "balcony.json").read_text())
     assert "gpu_train.py" in meta["training"]["command"]
     assert (out / "gpu_train.md").read_text().startswith("# Balconies trained on cpu")
+    # What a device call brings back: at most 8 flat files of at most 16 MiB, the weights joined again
+    # byte for byte.
+    returned = sorted(back.iterdir())
+    assert len(returned) <= 8 and all(p.is_file() and p.stat().st_size <= 16 * 2**20 for p in returned)
+    parts = sorted(back.glob("balcony.safetensors.part-*"))
+    assert len(parts) >= 2
+    joined = b"".join(p.read_bytes() for p in parts)
+    assert joined == (out / "adapters" / "balcony.safetensors").read_bytes()
+    assert {"gpu_train.json", "balcony.json", "log.jsonl"} <= {p.name for p in returned}
 
 
 def test_the_repositorys_text_is_read_when_the_pack_has_none(tmp_path):
