@@ -101,8 +101,8 @@ class DrainingServer(uvicorn.Server):
 
 
 def engine_process_by_default(device: str) -> bool:
-    """--engine-process when neither it nor --no-engine-process is given: on where the model runs on
-    a GPU (ServeConfig.engine_process says why)."""
+    """--engine-process auto (the default): on where the model runs on a GPU (ServeConfig.engine_process
+    says why)."""
     from balcony_runtime.loader import resolve_device
 
     return resolve_device(device).type == "cuda"
