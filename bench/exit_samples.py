@@ -1,7 +1,9 @@
 """Greedy answers to ten varied chat prompts at every exit, side by side with the full model's.
 
 Reads as a user would: the chat template applied, temperature 0, the same tokens at every exit
-(one batch per exit through LLMEngine). Writes a markdown section (prompt, then one line per exit).
+(one batch per exit through LLMEngine). Writes a markdown section (prompt, then one line per exit),
+ending in a count per exit of the answers that loop: some run of LOOP_TOKENS tokens occurs
+LOOP_TIMES times or more (issue 12's greedy-text goal asks for none at exit 22).
 
     python bench/exit_samples.py --adapters default --max-tokens 48 --out -
 """
@@ -24,6 +26,20 @@ PROMPTS = [
     "What are the benefits of regular exercise?",
     "Summarize the story of Cinderella in one paragraph.",
 ]
+
+
+LOOP_TOKENS, LOOP_TIMES = 4, 3  # "the sea is a sea of sea. the sea is a sea of sea. ..." loops
+
+
+def loops(token_ids: list[int], n: int = LOOP_TOKENS, times: int = LOOP_TIMES) -> bool:
+    """Whether some run of ``n`` consecutive tokens occurs ``times`` times or more (overlaps count)."""
+    seen: dict[tuple[int, ...], int] = {}
+    for i in range(len(token_ids) - n + 1):
+        gram = tuple(token_ids[i:i + n])
+        seen[gram] = seen.get(gram, 0) + 1
+        if seen[gram] >= times:
+            return True
+    return False
 
 
 def main() -> None:
@@ -54,6 +70,9 @@ def main() -> None:
             text = " ".join(outs[i].text.split())  # one line: newlines would break the list
             lines.append(f"- {name}: {text}")
         lines.append("")
+    lines += [f"Answers that loop (a run of {LOOP_TOKENS} tokens {LOOP_TIMES} times or more), of {len(PROMPTS)}: "
+              + ", ".join(f"{name} {sum(loops(list(o.token_ids)) for o in outs)}" for name, outs in answers.items())
+              + ".", ""]
     text = "\n".join(lines)
     if args.out == "-":
         print(text)

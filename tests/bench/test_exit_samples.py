@@ -1,0 +1,15 @@
+"""bench/exit_samples.py's loop count: an answer loops when some run of tokens comes back again and
+again, not when a phrase is said twice."""
+
+from __future__ import annotations
+
+
+def test_a_run_of_tokens_three_times_is_a_loop(bench_script):
+    with bench_script("exit_samples") as exit_samples:
+        sea = [5, 6, 7, 8, 9] * 3  # "the sea is a sea of sea." three times
+        assert exit_samples.loops(sea)
+        assert exit_samples.loops([1, 2] + [3, 3, 3, 3, 3, 3])  # one token over and over
+        twice = [1, 2, 3, 4, 9, 1, 2, 3, 4, 10, 11]  # a phrase said twice
+        assert not exit_samples.loops(twice)
+        assert not exit_samples.loops(list(range(40)))
+        assert not exit_samples.loops([1, 2, 3])  # shorter than a run
