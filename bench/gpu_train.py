@@ -176,6 +176,9 @@ def main() -> int:
     parser.add_argument("--micro-batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lens-tokens", type=int, default=262144)
+    parser.add_argument("--init-from", metavar="ADAPTERS",
+                        help="continue from these adapters (e.g. balcony_runtime/shipped_adapters/smollm2-135m) "
+                             "with a new schedule instead of fitting the closed-form start")
     parser.add_argument("--eval-sequences", type=int, default=16, help="held-out sequences of --seq-len")
     parser.add_argument("--return-dir", metavar="DIR",
                         help="also put what should come back from a device call in DIR, flat: the report, the "
@@ -235,13 +238,15 @@ def run(args) -> int:
 
     # The closed-form fit reads lens_tokens through the backbone alone (a fraction of a KL step's
     # cost per token); counted at the KL rate, which over-reserves.
-    left = args.minutes * 60 - (time.perf_counter() - start) - args.eval_reserve_s - args.lens_tokens / rate
+    fit_s = 0.0 if args.init_from else args.lens_tokens / rate
+    left = args.minutes * 60 - (time.perf_counter() - start) - args.eval_reserve_s - fit_s
     tokens_per_step = args.micro_batch_size * args.seq_len
     steps = 2 if args.smoke else max(1, int(left * rate / tokens_per_step))
     report["planned"] = {"steps": steps, "tokens": steps * tokens_per_step, "seconds_left": round(left, 1)}
     t0 = time.perf_counter()
     config = TrainConfig(
-        data=data, output_dir=str(out / "run"), device=device, init="lens", lens_tokens=args.lens_tokens,
+        data=data, output_dir=str(out / "run"), device=device, lens_tokens=args.lens_tokens,
+        **({"init": "last", "init_from": args.init_from} if args.init_from else {"init": "lens"}),
         micro_batch_size=args.micro_batch_size, max_steps=steps, lr=args.lr, log_every=max(1, steps // 20),
         save_every=max(1, steps // 4), resume=False, command=report["command"],
     )

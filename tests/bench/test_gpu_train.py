@@ -11,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_train.py"
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "bench" / "gpu_train.py"
 
 
 def test_pack_then_run_trains_and_reports(tmp_path, default_model):
@@ -121,3 +122,20 @@ def test_a_carried_gguf_wheel_is_imported_where_the_machine_has_none(tmp_path, m
              "import gguf.quants, gguf.constants; print(gguf.__file__)")
     shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert shown.startswith(str(kept))
+
+
+def test_a_run_continues_from_given_adapters(tmp_path, default_model):
+    """--init-from: a later GPU session trains on from the shipped adapters with a new schedule,
+    without the closed-form fit, and the adapters record where they started."""
+    pack = tmp_path / "pack"
+    subprocess.run([sys.executable, str(SCRIPT), "--pack", str(pack)], check=True)
+    shipped = REPO / "balcony_runtime" / "shipped_adapters" / "smollm2-135m"
+    home, out = tmp_path / "home", tmp_path / "out"
+    env = {**os.environ, "BALCONY_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    subprocess.run([sys.executable, str(SCRIPT), "--run", str(pack), "--smoke", "--out", str(out),
+                    "--init-from", str(shipped)], check=True, env=env)
+    meta = json.loads((out / "adapters" / "balcony.json").read_text())
+    assert meta["training"]["recipe"]["init_from"] == str(shipped)
+    assert meta["training"]["initialised_from"]["command"] == json.loads(
+        (shipped / "balcony.json").read_text())["training"]["command"]
+    assert not (out / "run" / "lens_fit.json").exists()  # no closed-form fit: the start is given
