@@ -57,7 +57,7 @@ CONTRACT_FLAGS: dict[str, set[str] | None] = {
     "--tool-call-parser": {"auto", "hermes", "llama3_json", "none"},
     "--log-level": {"debug", "info", "warning", "error"},
     "--event-loop": {"asyncio", "uvloop"},
-    "--engine-process": {"1", "true", "yes", "on", "0", "false", "no", "off"},
+    "--engine-process": {"1", "true", "yes", "on", "0", "false", "no", "off", "auto"},
 }
 INTEGER_FLAGS = {"--port", "--max-num-seqs", "--max-queued-requests", "--max-model-len", "--num-kv-blocks"}
 NUMBER_FLAGS = {"--shutdown-timeout", "--starvation-ratio"}
