@@ -24,11 +24,10 @@ from kernels import launch
 
 _LOG2E = 1.4426950408889634  # exp(x) == exp2(x * log2(e)); exp2 is the cheaper instruction
 _MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost (q load, merge) outweighs its reads
-# Programs per SM the split aims for. An H200's sweep of 1-16 splits at the default model's and
-# LLaMA-3-8B's sizes (docs/gpu_h200.md, run 4, "the launcher's sequence splits against the
-# fastest") put the fastest split at about three and a half waves or more, with 128 tokens a split
-# still paying at batch 1; two waves (the rule before) left batch 64 of the default model at 2 splits
-# where 4 ran 1.2x faster.
+# Programs per SM the split aims for: a split is a separate program reading its own stretch of the
+# cache, so a batch too small to fill the GPU several times over leaves bandwidth unused, while
+# every split adds a merge. Set from the H200's sweep of 1-16 splits (docs/gpu_h200.md, "the
+# launcher's sequence splits against the fastest"), where the fastest split sat at this many waves.
 _TARGET_WAVES = 3.5
 _MAX_SPLITS = 64
 

@@ -33,10 +33,10 @@ class ServeConfig:
     event_loop: str = "asyncio"
     # The step loop in a process of its own (server/engine_process.py), beside the HTTP process,
     # so their Python runs at once instead of taking turns on one interpreter lock. None: on where
-    # the model runs on a GPU, whose node has the cores for both (an H200 node served 1.5x the
-    # tokens with it, docs/gpu_h200.md run 4), off on a CPU, where it was measured only with the
-    # forward stubbed (docs/benchmarks.md, "The step loop in its own process") and the model's
-    # threads would share the machine's few cores with a second process.
+    # the model runs on a GPU, whose node has the cores for both (measured there over HTTP:
+    # docs/gpu_h200.md, section 6), off on a CPU, where the model's threads would share the
+    # machine's few cores with a second process (docs/benchmarks.md, "The step loop in its own
+    # process").
     engine_process: bool | None = None
 
     def __post_init__(self) -> None:
