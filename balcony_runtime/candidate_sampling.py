@@ -31,6 +31,11 @@ import torch
 from balcony_runtime.staging import to_device
 
 
+def effective_top_k(top_k: np.ndarray, vocab: int) -> np.ndarray:
+    """Each row's top-k as the count of tokens it keeps, 1..V: off (0, -1 or above V) is V."""
+    return np.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+
+
 def sample_by_candidates(
     scaled: torch.Tensor, top_k: np.ndarray, top_p: np.ndarray, uniform: torch.Tensor,
     sizes: tuple[int, ...], floor: float,
@@ -44,7 +49,7 @@ def sample_by_candidates(
     """
     n, vocab = scaled.shape
     out = torch.full((n,), -1, dtype=torch.long, device=scaled.device)
-    k_host = np.where((top_k <= 0) | (top_k > vocab), vocab, top_k)  # [N], in 1..V
+    k_host = effective_top_k(top_k, vocab)  # [N], in 1..V
     smaller = 0
     for size in sizes:
         group = np.flatnonzero((k_host > smaller) & (k_host <= size) & (k_host < vocab))

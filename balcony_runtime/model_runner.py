@@ -96,9 +96,9 @@ class ModelRunner:
     def use_graphs(self, max_rows: int, max_model_len: int, record: bool | None = None,
                    max_slots: int = 0) -> DecodeGraphs:
         """Serve decode steps of up to ``max_rows`` rows by replaying recorded pieces
-        (model/decode_graphs.py; ``record`` False runs them eagerly: tests on the CPU). ``max_slots``: the most rows the batch
-        will hold (the engine's max_num_seqs), so its tables are sized once and the pieces read
-        them where they live, with no copy a step."""
+        (model/decode_graphs.py; ``record`` False runs them eagerly: tests on the CPU).
+        ``max_slots``: the most rows the batch will hold (the engine's max_num_seqs), so its tables
+        are sized once and the pieces read them where they live, with no copy a step."""
         if self.scratch_block is None or self.scratch_block >= self.kv_cache.keys.shape[0]:
             raise ValueError("decode graphs need a scratch block in the KV cache that no request owns")
         max_blocks = -(-max_model_len // self.blocks.block_size)

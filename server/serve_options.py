@@ -75,13 +75,15 @@ def parse_exit_list(text: str, full_depth: int) -> tuple[int, ...] | None:
 
 
 ENGINE_PROCESS_MODES = {"on": True, "off": False, "auto": None}
+SWITCH_ON = ("1", "true", "yes", "on")  # what a switch's environment variable reads as set
+SWITCH_OFF = ("0", "false", "no", "off")
 
 
 def engine_process_mode(value: str) -> str:
-    """--engine-process's value (or BALCONY_ENGINE_PROCESS's): on, off or auto; 1/true/yes and
-    0/false/no too, as the variable of an on/off switch reads."""
+    """--engine-process's value (or BALCONY_ENGINE_PROCESS's): on, off or auto, or any word a
+    switch's variable reads as set or unset."""
     value = value.strip().lower()
-    value = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(value, value)
+    value = "on" if value in SWITCH_ON else "off" if value in SWITCH_OFF else value
     if value not in ENGINE_PROCESS_MODES:
         raise argparse.ArgumentTypeError(f"expected on, off or auto, got {value!r}")
     return value
