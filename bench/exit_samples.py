@@ -26,6 +26,14 @@ PROMPTS = [
     "What are the benefits of regular exercise?",
     "Summarize the story of Cinderella in one paragraph.",
 ]
+# What the prompts above ask about, with the forms a topic might take: training prompts that use
+# one of these words are left out (bench/chat_prompts.py), so the greedy answers stay unseen.
+SUBJECT_WORDS = frozenset({
+    "capital", "capitals", "france", "french", "paris", "sky", "skies", "sleep", "sleeping", "sleepy",
+    "insomnia", "poem", "sea", "seas", "ocean", "oceans", "photosynthesis", "chlorophyll", "reverse",
+    "reversing", "romeo", "juliet", "shakespeare", "bakery", "bakeries", "baker", "exercise", "exercises",
+    "fitness", "workout", "cinderella", "fairy",
+})
 
 
 LOOP_TOKENS, LOOP_TIMES = 4, 3  # "the sea is a sea of sea. the sea is a sea of sea. ..." loops

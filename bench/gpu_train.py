@@ -47,6 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))  # its sibling gpu_prepare, however it is loaded
 
+from chat_prompts import DEFAULT_POOL, HELDOUT_PROMPTS, read_pool, split_pool  # noqa: E402
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the file balcony_runtime.model_source expects in downloads/
 # A device call brings the working tree (its tracked files) and the carried paths, 64 MiB in all:
 # each weight part is what the tracked tree leaves of that, less a margin for files that change.
@@ -142,15 +144,13 @@ def unpack(directory: Path, home: Path) -> tuple[Path, Path]:
     return text / "train", text / "heldout"
 
 
-def probe_rate(args, train_dir: Path, loaded, device: str) -> float:
+def probe_rate(args, data, loaded, device: str) -> float:
     """Training tokens per second of the KL step on this device (a few steps after a warm-up)."""
     from balcony_runtime.training.config import TrainConfig
-    from balcony_runtime.training.data import DataConfig
     from balcony_runtime.training.trainer import train
 
     out = Path(args.out) / "probe"
     shutil.rmtree(out, ignore_errors=True)
-    data = DataConfig(sources=(str(train_dir),), seq_len=args.seq_len, chat_template=True)
     steps = 2 if args.smoke else 6
     config = TrainConfig(data=data, output_dir=str(out), device=device, micro_batch_size=args.micro_batch_size,
                          max_steps=steps, log_every=1, save_every=10**6, resume=False)
@@ -180,11 +180,21 @@ def main() -> int:
                         help="continue from these adapters (e.g. balcony_runtime/shipped_adapters/smollm2-135m) "
                              "with a new schedule instead of fitting the closed-form start")
     parser.add_argument("--eval-sequences", type=int, default=16, help="held-out sequences of --seq-len")
+    parser.add_argument("--answers-minutes", type=float, default=0.0,
+                        help="first have the full model answer chat prompts for this long (bench/chat_prompts.py's "
+                             "pool, less its held-out slice) and train on the answers beside the text")
+    parser.add_argument("--answers-from", metavar="DIR",
+                        help="train on the answers an earlier run wrote (its OUT/answers) instead of generating")
+    parser.add_argument("--answers-rows", type=int, default=512, help="rows the engine answers at once")
+    parser.add_argument("--answers-max-tokens", type=int, default=320)
+    parser.add_argument("--greedy-prompts", type=int, default=HELDOUT_PROMPTS,
+                        help="held-out chat prompts on which the trained exits' greedy answers are checked for "
+                             "loops (bench/loop_rate.py); 0: no check")
     parser.add_argument("--return-dir", metavar="DIR",
                         help="also put what should come back from a device call in DIR, flat: the report, the "
-                             "training log and the adapters, their weights in parts of at most 15 MB (a call "
-                             "brings back at most 8 files of 16 MiB; `cat balcony.safetensors.part-* > "
-                             "balcony.safetensors` joins them)")
+                             "training log, the adapters and the generated answers (xz), big files in parts of "
+                             "at most 15 MB (a call brings back at most 8 files of 16 MiB; `cat "
+                             "balcony.safetensors.part-* > balcony.safetensors` joins them)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: tests this script")
     args = parser.parse_args()
     if args.pack:
@@ -194,6 +204,8 @@ def main() -> int:
         return 0
     if not args.run:
         parser.error("give --pack DIR or --run DIR")
+    if args.answers_minutes and args.answers_from:
+        parser.error("--answers-minutes generates answers, --answers-from reads earlier ones: give one")
     return run(args)
 
 
@@ -210,6 +222,7 @@ def run(args) -> int:
 
     if args.smoke:
         args.seq_len, args.micro_batch_size, args.lens_tokens, args.eval_sequences = 64, 2, 1024, 2
+        args.answers_rows, args.answers_max_tokens, args.greedy_prompts = 4, 8, min(args.greedy_prompts, 2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gguf_importable(Path(args.run))
@@ -222,8 +235,19 @@ def run(args) -> int:
         report["phases_s"][name] = round(time.perf_counter() - t0, 1)
         (out / "gpu_train.json").write_text(json.dumps(report, indent=1) + "\n")
 
+    sources = [str(train_dir)]
+    if args.answers_minutes:
+        t0 = time.perf_counter()
+        report["answers"] = generate_answers(out / "answers", args.answers_minutes * 60, device, args.answers_rows,
+                                             args.answers_max_tokens, smoke=args.smoke)
+        sources.append(str(out / "answers"))
+        phase("answers", t0)
+    elif args.answers_from:
+        sources.append(args.answers_from)
+        report["answers"] = {"from": args.answers_from}
+
     t0 = time.perf_counter()
-    data = DataConfig(sources=(str(train_dir),), seq_len=args.seq_len, chat_template=True)
+    data = DataConfig(sources=tuple(sources), seq_len=args.seq_len, chat_template=True)
     probe_config = TrainConfig(data=data, output_dir=str(out / "probe"), device=device, max_steps=1)
     loaded = prepare_model(probe_config, torch.device(device))
     phase("load", t0)
@@ -231,7 +255,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     # The probe trains the balconies a few steps: the real run starts again from the loaded ones.
     untrained = {k: v.clone() for k, v in loaded.model.balconies.state_dict().items()}
-    rate = probe_rate(args, train_dir, loaded, device)
+    rate = probe_rate(args, data, loaded, device)
     loaded.model.balconies.load_state_dict(untrained)
     report["probe_tokens_per_s"] = round(rate, 1)
     phase("probe", t0)
@@ -263,6 +287,10 @@ def run(args) -> int:
     ), log=lambda line: None)
     report["english_heldout"] = {"full": evaluation["full"], "exits": evaluation["exits"]}
     phase("eval", t0)
+    if args.greedy_prompts:
+        t0 = time.perf_counter()
+        report["greedy_heldout_prompts"] = greedy_check(adapters, device, args.greedy_prompts)
+        phase("greedy", t0)
     shutil.copytree(adapters, out / "adapters", dirs_exist_ok=True)
     report["total_s"] = round(time.perf_counter() - start, 1)
     (out / "gpu_train.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -274,22 +302,92 @@ def run(args) -> int:
     return 0
 
 
+ANSWERS_KV_GB = 16.0
+
+
+def generate_answers(into: Path, seconds: float, device: str, rows: int, max_tokens: int, smoke: bool = False) -> dict:
+    """The full model's answers to the pool's training prompts, as many as ``seconds`` allow (the
+    pool again, freshly sampled, if it runs out): ``into``/generations.jsonl, one {"prompt", "text",
+    "finish"} a line, the format bench/train_data.py writes and the trainer reads with the chat
+    template. Sampled as the on-policy answers before (temperature 0.8, top-p 0.95), unseeded: the
+    sync-free sampling path, and the file itself is the record (--return-dir brings it back)."""
+    import gc
+
+    import torch
+
+    from balcony_runtime.engine import EngineConfig, LLMEngine
+    from balcony_runtime.loader import load_model
+    from balcony_runtime.sampling_params import SamplingParams
+    from loop_rate import chat_ids
+
+    start = time.perf_counter()
+    prompts, _ = split_pool(read_pool(DEFAULT_POOL))
+    loaded = load_model(adapters=None, device=device, dtype="auto" if device != "cpu" else "float32")
+    # The default model at 512 rows of 420 tokens holds about 5.4 GB of KV (25 KB a token over its 30
+    # layers and 3 balconies in bf16): 16 GB leaves room; the engine's default, 90% of free memory,
+    # would leave nothing to the training that follows in this process.
+    kv_gb = None if device == "cpu" else ANSWERS_KV_GB
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=rows, max_num_batched_tokens=max(2048, 16 * rows),
+                                            kv_cache_memory_gb=kv_gb))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.95)
+    into.mkdir(parents=True, exist_ok=True)
+    wave = 4 * rows  # prompts handed over at once: the clock is read between waves
+    answered = tokens = finished = 0
+    with (into / "generations.jsonl").open("w") as f:
+        while not answered or time.perf_counter() - start < seconds:  # at least one wave
+            group = [prompts[(answered + i) % len(prompts)] for i in range(wave)]
+            for prompt, done in zip(group, engine.generate([chat_ids(loaded.tokenizer, p) for p in group], params)):
+                f.write(json.dumps({"prompt": prompt, "text": done.text.strip(), "finish": done.finish_reason}) + "\n")
+                tokens += len(done.token_ids)
+                finished += done.finish_reason == "stop"
+            answered += len(group)
+            if smoke:
+                break
+    elapsed = time.perf_counter() - start
+    del engine, loaded
+    gc.collect()
+    if device != "cpu":
+        torch.cuda.empty_cache()
+    return {"answers": answered, "distinct_prompts": min(answered, len(prompts)), "tokens": tokens,
+            "stopped_by_eos": finished, "seconds": round(elapsed, 1), "tokens_per_s": round(tokens / elapsed, 1),
+            "rows": rows, "max_tokens": max_tokens}
+
+
+def greedy_check(adapters: Path, device: str, prompts: int) -> dict:
+    """bench/loop_rate.py's figures for the trained adapters on this device (its dtype: the
+    CPU's fp32 figures are the ones the docs compare)."""
+    from balcony_runtime.loader import load_model
+    from loop_rate import measure
+
+    loaded = load_model(adapters=str(adapters), device=device, dtype="auto" if device != "cpu" else "float32")
+    _, heldout = split_pool(read_pool(DEFAULT_POOL))
+    return {"dtype": str(loaded.model.norm.dtype).removeprefix("torch."), **measure(loaded, heldout[:prompts], 64)}
+
+
 RETURN_PART_BYTES = 15_000_000
 
 
 def returned(out: Path, into: Path) -> list[Path]:
-    """The run's report, training log and adapters, flat in ``into``, the weights cut into parts a
-    device call can bring back (at most 8 files of 16 MiB): 7 files for the default model."""
+    """The run's report (the evaluation's table inside), training log and adapters, flat in
+    ``into``, and the answers it generated xz-compressed, big files cut into parts a device call can
+    bring back (at most 8 files of 16 MiB): 6 files for the default model, 7-8 with answers."""
+    import lzma
+
     into.mkdir(parents=True, exist_ok=True)
     written = []
     for source in (out / "gpu_train.json", out / "gpu_train.md", out / "run" / "log.jsonl",
-                   out / "eval" / "eval.md", out / "adapters" / "balcony.json"):
+                   out / "adapters" / "balcony.json"):
         if source.is_file():
             written.append(Path(shutil.copy2(source, into / source.name)))
-    for name, piece in lettered_parts((out / "adapters" / "balcony.safetensors").read_bytes(), RETURN_PART_BYTES):
-        part = into / f"balcony.safetensors.part-{name}"
-        part.write_bytes(piece)
-        written.append(part)
+    blobs = {"balcony.safetensors": (out / "adapters" / "balcony.safetensors").read_bytes()}
+    answers = out / "answers" / "generations.jsonl"
+    if answers.is_file():
+        blobs["generations.jsonl.xz"] = lzma.compress(answers.read_bytes(), preset=6)
+    for file_name, blob in blobs.items():
+        for name, piece in lettered_parts(blob, RETURN_PART_BYTES):
+            part = into / f"{file_name}.part-{name}"
+            part.write_bytes(piece)
+            written.append(part)
     return written
 
 
@@ -306,9 +404,21 @@ def markdown(report: dict, eval_md: Path) -> str:
         f"Probe: {report['probe_tokens_per_s']:,} training tokens/s; planned {report['planned']['steps']} steps "
         f"({report['planned']['tokens']:,} tokens); trained {report['trained']['tokens']:,} tokens.",
         "Phases (s): " + ", ".join(f"{k} {v}" for k, v in report["phases_s"].items()) + f"; total {report['total_s']}.",
-        "", "English held-out, every exit against the full model:", "",
-        eval_md.read_text() if eval_md.is_file() else "(no eval.md)",
     ]
+    answers = report.get("answers")
+    if answers and "tokens" in answers:
+        lines.append(f"Answers: the full model answered {answers['answers']:,} chat prompts ({answers['distinct_prompts']:,} "
+                     f"distinct) in {answers['seconds']} s, {answers['tokens']:,} tokens ({answers['tokens_per_s']:,} "
+                     f"tokens/s at {answers['rows']} rows); {answers['stopped_by_eos']:,} ended by themselves.")
+    elif answers:
+        lines.append(f"Answers: read from {answers['from']}.")
+    lines += ["", "English held-out, every exit against the full model:", "",
+              eval_md.read_text() if eval_md.is_file() else "(no eval.md)"]
+    if "greedy_heldout_prompts" in report:
+        from loop_rate import markdown_line
+
+        lines += ["", f"Greedy answers ({report['greedy_heldout_prompts']['dtype']}): "
+                  + markdown_line(report["greedy_heldout_prompts"])]
     return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "gpu_train.py"
 
 
-def test_pack_then_run_trains_and_reports(tmp_path, default_model):
+def test_pack_then_run_trains_and_reports(tmp_path, default_model, bench_script):
     from balcony_runtime.model_source import balcony_home
 
     train = tmp_path / "train"
@@ -50,7 +50,7 @@ def test_pack_then_run_trains_and_reports(tmp_path, default_model):
     env = {**os.environ, "BALCONY_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     back = tmp_path / "back"
     subprocess.run([sys.executable, str(SCRIPT), "--run", str(pack), "--smoke", "--out", str(out),
-                    "--return-dir", str(back)], check=True, env=env)
+                    "--return-dir", str(back), "--answers-minutes", "0.01"], check=True, env=env)
 
     original = balcony_home() / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assembled = home / "downloads" / original.name
@@ -74,6 +74,24 @@ def test_pack_then_run_trains_and_reports(tmp_path, default_model):
     joined = b"".join(p.read_bytes() for p in parts)
     assert joined == (out / "adapters" / "balcony.safetensors").read_bytes()
     assert {"gpu_train.json", "balcony.json", "log.jsonl"} <= {p.name for p in returned}
+
+    # The full model's answers to the pool's training prompts (one wave under --smoke), trained on
+    # beside the text, and brought back compressed.
+    import lzma
+
+    with bench_script("chat_prompts") as chat_prompts:
+        trainable, heldout = chat_prompts.split_pool(chat_prompts.read_pool(chat_prompts.DEFAULT_POOL))
+    written = (out / "answers" / "generations.jsonl").read_text()
+    rows = [json.loads(line) for line in written.splitlines()]
+    assert len(rows) == report["answers"]["answers"] == 16 and all(r["prompt"] in trainable[:16] for r in rows)
+    assert all(r["text"] for r in rows) and report["answers"]["tokens"] > 16
+    assert meta["training"]["recipe"]["data"]["sources"][-1] == str(out / "answers")
+    returned_answers = b"".join(p.read_bytes() for p in sorted(back.glob("generations.jsonl.xz.part-*")))
+    assert lzma.decompress(returned_answers).decode() == written
+    # The trained exits' greedy answers on held-out prompts, every exit, in the report.
+    greedy = report["greedy_heldout_prompts"]
+    assert greedy["prompts"] == 2 and set(greedy["exits"]) == {"8", "15", "22", "full"}
+    assert "Greedy answers (float32)" in (out / "gpu_train.md").read_text()
 
 
 def test_the_repositorys_text_is_read_when_the_pack_has_none(tmp_path):
@@ -132,10 +150,18 @@ def test_a_run_continues_from_given_adapters(tmp_path, default_model):
     shipped = REPO / "balcony_runtime" / "shipped_adapters" / "smollm2-135m"
     home, out = tmp_path / "home", tmp_path / "out"
     env = {**os.environ, "BALCONY_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    answers = tmp_path / "answers"  # what an earlier run generated (its OUT/answers)
+    answers.mkdir()
+    (answers / "generations.jsonl").write_text(json.dumps({"prompt": "Tell me about violins.",
+                                                           "text": "Violins have four strings. " * 30}) + "\n")
     subprocess.run([sys.executable, str(SCRIPT), "--run", str(pack), "--smoke", "--out", str(out),
-                    "--init-from", str(shipped)], check=True, env=env)
+                    "--init-from", str(shipped), "--answers-from", str(answers), "--greedy-prompts", "0"],
+                   check=True, env=env)
     meta = json.loads((out / "adapters" / "balcony.json").read_text())
     assert meta["training"]["recipe"]["init_from"] == str(shipped)
+    assert meta["training"]["recipe"]["data"]["sources"][-1] == str(answers)
+    report = json.loads((out / "gpu_train.json").read_text())
+    assert report["answers"] == {"from": str(answers)} and "greedy_heldout_prompts" not in report
     assert meta["training"]["initialised_from"]["command"] == json.loads(
         (shipped / "balcony.json").read_text())["training"]["command"]
     assert not (out / "run" / "lens_fit.json").exists()  # no closed-form fit: the start is given

@@ -1,0 +1,127 @@
+"""How often each exit's greedy answer loops, over many held-out chat prompts, and how much of
+that answer the full model would have written itself.
+
+bench/exit_samples.py reads ten answers side by side: the right thing to show, too few to count
+(one answer is 10 points). This runs the same greedy decoding over the held-out slice of
+bench/data/chat_prompts.txt.xz (prompts no training run answers; bench/chat_prompts.py) and reports
+per exit:
+
+- loops: the share of answers in which some run of 4 tokens occurs 3 times or more (the count
+  exit_samples.py ends with);
+- agreement: the share of the exit's own greedy tokens that are also the full model's greedy token
+  after the same prefix (top-1 agreement measured on the text the exit writes, where its mistakes
+  compound, instead of on reference text).
+
+    python bench/loop_rate.py --adapters default --max-tokens 64 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chat_prompts import DEFAULT_POOL, HELDOUT_PROMPTS, read_pool, split_pool  # noqa: E402
+from exit_samples import LOOP_TIMES, LOOP_TOKENS, loops  # noqa: E402
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    """The token ids of one user turn, the chat template applied, ready for the answer."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                        add_generation_prompt=True, return_dict=False)
+    return [int(t) for t in ids]
+
+
+def greedy_answers(engine, prompt_ids: list[list[int]], exits: list[str], max_tokens: int) -> dict[str, list[list[int]]]:
+    """Greedy token ids of every prompt at every exit."""
+    from balcony_runtime.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return {name: [list(o.token_ids) for o in engine.generate(prompt_ids, params, exit_layer=name)] for name in exits}
+
+
+def full_model_agreement(model, prompt_ids: list[list[int]], answers: list[list[int]]) -> tuple[int, int]:
+    """(tokens of ``answers`` that are the full model's argmax after the same prefix, tokens)."""
+    import torch
+
+    from balcony_runtime.training.dense_forward import backbone_pass, final_normed, lm_logits
+
+    device = model.norm.device
+    agree = total = 0
+    for prompt, answer in zip(prompt_ids, answers):
+        if not answer:
+            continue
+        ids = torch.tensor([prompt + answer], device=device)  # [1, P + A]
+        with torch.inference_mode():
+            states = backbone_pass(model, ids, set())
+            # the logits that predict each answer token: positions P-1 .. P+A-2
+            normed = final_normed(model, *states.final)[len(prompt) - 1 : -1]  # [A, H]
+            predicted = lm_logits(model, normed).argmax(-1).tolist()
+        agree += sum(p == a for p, a in zip(predicted, answer))
+        total += len(answer)
+    return agree, total
+
+
+def measure(loaded, prompts: list[str], max_tokens: int, exits: list[str] | None = None) -> dict:
+    """Loop share and full-model agreement of every served exit over ``prompts``."""
+    from balcony_runtime.engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=min(64, len(prompts))))
+    exits = exits or engine.exit_names()
+    t0 = time.perf_counter()
+    prompt_ids = [chat_ids(loaded.tokenizer, p) for p in prompts]
+    answers = greedy_answers(engine, prompt_ids, exits, max_tokens)
+    result = {"prompts": len(prompts), "max_tokens": max_tokens, "exits": {}}
+    for name, ids in answers.items():
+        row = {"loops": round(sum(loops(a) for a in ids) / len(ids), 4),
+               "mean_tokens": round(sum(map(len, ids)) / len(ids), 1)}
+        if name != "full":
+            agree, total = full_model_agreement(loaded.model, prompt_ids, ids)
+            row["agreement"] = round(agree / max(total, 1), 4)
+        result["exits"][name] = row
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def markdown_line(result: dict) -> str:
+    rows = result["exits"]
+    return (f"Over {result['prompts']} held-out chat prompts, greedy, {result['max_tokens']} tokens at most: loops "
+            + ", ".join(f"{k} {v['loops']:.3f}" for k, v in rows.items())
+            + f" (a run of {LOOP_TOKENS} tokens {LOOP_TIMES} times or more); the full model's greedy token "
+            + ", ".join(f"{k} {v['agreement']:.3f}" for k, v in rows.items() if "agreement" in v) + ".")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapters", default="default", help="adapters directory, or 'default'")
+    p.add_argument("--pool", type=Path, default=DEFAULT_POOL)
+    p.add_argument("--prompts", type=int, default=HELDOUT_PROMPTS, help="held-out prompts read (default: all %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json-out", type=Path)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from balcony_runtime.loader import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, heldout = split_pool(read_pool(args.pool))
+    if not 0 < args.prompts <= len(heldout):
+        p.error(f"--prompts must be 1..{len(heldout)} (the pool's held-out slice)")
+    loaded = load_model(adapters=args.adapters, dtype=args.dtype)
+    result = {"adapters": args.adapters, "dtype": args.dtype, **measure(loaded, heldout[: args.prompts], args.max_tokens)}
+    print(json.dumps(result, indent=1))
+    print(markdown_line(result))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,29 @@
+"""bench/loop_rate.py: the agreement it reports is measured on the prefix each token followed (the
+full model's own greedy answer agrees with itself everywhere), and its loop share counts answers."""
+
+from __future__ import annotations
+
+
+def test_the_full_models_greedy_answer_is_its_own_argmax_at_every_token(bench_script, default_model):
+    from balcony_runtime.engine import EngineConfig, LLMEngine
+
+    with bench_script("loop_rate") as loop_rate:
+        prompts = ["Tell me about violins.", "What is a glacier?", "Write a haiku about rain."]
+        ids = [loop_rate.chat_ids(default_model.tokenizer, p) for p in prompts]
+        engine = LLMEngine(default_model, EngineConfig(max_num_seqs=4))
+        answers = loop_rate.greedy_answers(engine, ids, ["full", "8"], max_tokens=12)
+        agree, total = loop_rate.full_model_agreement(default_model.model, ids, answers["full"])
+        assert total == sum(map(len, answers["full"])) >= 30 and agree == total
+        # (logits read one position off would score the token after next: far from all of them)
+        # A shallow exit's answer (a fresh balcony after 8 layers) is mostly not what the full model writes.
+        agree8, total8 = loop_rate.full_model_agreement(default_model.model, ids, answers["8"])
+        assert agree8 < 0.5 * total8
+
+
+def test_measure_reports_every_exit(bench_script, default_model):
+    with bench_script("loop_rate") as loop_rate:
+        result = loop_rate.measure(default_model, ["Name three rivers.", "Describe a violin."], max_tokens=8)
+        assert set(result["exits"]) == {"8", "15", "22", "full"}
+        assert all(0 <= row["loops"] <= 1 and 0 < row["mean_tokens"] <= 8 for row in result["exits"].values())
+        assert "agreement" not in result["exits"]["full"] and 0 <= result["exits"]["22"]["agreement"] <= 1
+        assert "loops 8" in loop_rate.markdown_line(result)
