@@ -6,9 +6,10 @@ contexts to 8k; correctness as ||out - ref|| / ||ref|| (bf16 < 1e-2, plus an fp3
 times as the median of ``triton.testing.do_bench`` (L2 flushed before each run); achieved GB/s or
 TFLOP/s against ceilings measured on the same device (a 1 GiB device-to-device copy, a bf16
 8192^3 cuBLAS matmul). Prints a markdown table and the issue's goals, and writes both to --out.
-decode_attention is also timed at 1-16 sequence splits (batches 1, 64, 256 at 2,048 tokens) and
-rms_norm at 1-8 rows per program (64 and 4,096 rows), each with the launcher's own choice against
-the fastest, so those settings are chosen from measurements.
+decode_attention is also timed at 1-16 sequence splits (batches 1, 64, 256 at 2,048 tokens), and
+for the default model at batch 64 at 27 tiles and launches (32-128 tokens a tile, 1-4 warps, 1-3
+pipeline stages), and rms_norm at 1-8 rows per program (64 and 4,096 rows), each with the
+launcher's own choice against the fastest, so those settings are chosen from measurements.
 Needs torch, triton and numpy only: no network, no transformers.
 
     python bench/gpu_kernels.py --out docs/gpu_kernels_h200.md     # about 2-3 minutes on an H200
@@ -334,6 +335,36 @@ def decode_split_rows(bench: Bench, models, batches, context: int, dtype, splits
     return rows
 
 
+DECODE_TILES = [(n, w, s) for n in (32, 64, 128) for w in (1, 2, 4) for s in (1, 2, 3)]
+DEFAULT_DECODE_TILE = (64, 4, 2)  # decode_attention's defaults: block_n, num_warps, num_stages
+
+
+def decode_tile_rows(bench: Bench, models, batch: int, context: int, dtype, tiles=DECODE_TILES) -> list[Row]:
+    """decode_attention at the launcher's split with each tile size and launch (tokens a tile, warps,
+    pipeline stages), its defaults marked: the kernel below 70% of copy bandwidth at the default
+    model's batch 64 gets its settings from these rows."""
+    from kernels import launch
+    from kernels.decode_attention import _choose_num_splits, decode_attention
+
+    rows = []
+    for m in models:
+        args, ref, moved = _decode_inputs(m, [context] * batch, dtype, bench.device)
+        splits = _choose_num_splits(batch * m.kv_heads, args[3].shape[1] * BLOCK_SIZE, launch.sm_count(bench.device))
+        for block_n, warps, stages in sorted({*tiles, DEFAULT_DECODE_TILE}):
+            knobs = {"num_splits": splits, "block_n": block_n, "num_warps": warps, "num_stages": stages}
+            out = decode_attention(*args, **knobs)
+            tile = f"n{block_n}/w{warps}/s{stages}"
+            row = Row("decode_attention", m.name, f"B={batch} ctx={context} splits={splits} {tile}", dtype,
+                      rel_err(out[:len(ref)], ref), key=("decode tile", m.name, batch, tile),
+                      note="the launcher's choice" if (block_n, warps, stages) == DEFAULT_DECODE_TILE else "")
+            row.triton_ms = bench.time_ms(lambda: decode_attention(*args, **knobs))
+            bench.bandwidth(row, moved)
+            rows.append(row)
+        del args, out
+        _free(bench)
+    return rows
+
+
 def setting_summary(rows: list[Row], tag: str, setting: str) -> str:
     """Per model and size: the launcher's choice of a setting (its row's note says so) against the
     fastest measured, from rows keyed (tag, model, size, setting)."""
@@ -638,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         models, tokens, batches, contexts = [TINY], [3, 20], [1, 3], [40]
         split_batches, split_context = [3], 40
-        tile_tokens = [7]
+        tile_tokens, decode_tiles = [7], [(16, 1, 1), (32, 2, 2)]
         mlp_tokens, prefill_cases = [1, 70], [("1x40", [40], [40]), ("2 chunks", [9, 1], [30, 17])]
     else:
         models = [DEFAULT_MODEL, LLAMA3_8B]
@@ -646,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         batches = [1, 64, 256] if args.quick else [1, 16, 64, 256]
         contexts = [2048] if args.quick else [512, 2048, 8192]
         split_batches, split_context = [1, 64, 256], 2048
-        tile_tokens = [64, 4096]
+        tile_tokens, decode_tiles = [64, 4096], DECODE_TILES
         mlp_tokens = [1, 64, 2048] if args.quick else [1, 16, 64, 256, 2048, 8192]
         prefill_cases = [("1x2048", [2048], [2048]), ("8 chunks of 512 at ctx 4096", [512] * 8, [4096] * 8)]
         if not args.quick:
@@ -663,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
         ("decode_attention", "decode_attention", lambda: decode_rows(bench, models, batches, contexts, bf16)),
         ("decode_attention", "decode_attention splits",
          lambda: decode_split_rows(bench, models, split_batches, split_context, bf16)),
+        ("decode_attention", "decode_attention tiles",  # the default model only: the one below the goal
+         lambda: decode_tile_rows(bench, models[:1], args.goal_batch if not args.smoke else 3, split_context, bf16,
+                                  decode_tiles)),
         ("prefill_attention", "prefill_attention", lambda: prefill_rows(bench, models, prefill_cases, bf16)),
         ("swiglu", "swiglu", lambda: swiglu_rows(bench, models, mlp_tokens, bf16)),
     ]
@@ -695,6 +729,8 @@ def main(argv: list[str] | None = None) -> int:
         "## fp32 correctness (exact dots), default model sizes\n\n" + table(fp32),
         "## decode_attention: the launcher's sequence splits against the fastest (rows 'splits=' above)\n\n"
         + setting_summary(rows, "decode splits", "splits"),
+        "## decode_attention: tokens a tile / warps / pipeline stages at the launcher's split, its defaults "
+        "against the fastest (rows 'n../w../s..' above)\n\n" + setting_summary(rows, "decode tile", "tile"),
         "## rms_norm: rows per program, the launcher's one against the fastest (rows 'rows/program=' above)\n\n"
         + setting_summary(rows, "rms_norm rows", "rows/program"),
         "## Goals (issue 5)\n\n" + goals(rows, args.goal_batch),

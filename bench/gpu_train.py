@@ -175,6 +175,9 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--micro-batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int,
+                        help="train this many steps instead of what the budget allows (a control arm that must "
+                             "match another run's tokens)")
     parser.add_argument("--lens-tokens", type=int, default=262144)
     parser.add_argument("--init-from", metavar="ADAPTERS",
                         help="continue from these adapters (e.g. balcony_runtime/shipped_adapters/smollm2-135m) "
@@ -265,7 +268,7 @@ def run(args) -> int:
     fit_s = 0.0 if args.init_from else args.lens_tokens / rate
     left = args.minutes * 60 - (time.perf_counter() - start) - args.eval_reserve_s - fit_s
     tokens_per_step = args.micro_batch_size * args.seq_len
-    steps = 2 if args.smoke else max(1, int(left * rate / tokens_per_step))
+    steps = args.steps or (2 if args.smoke else max(1, int(left * rate / tokens_per_step)))
     report["planned"] = {"steps": steps, "tokens": steps * tokens_per_step, "seconds_left": round(left, 1)}
     t0 = time.perf_counter()
     config = TrainConfig(

@@ -138,6 +138,8 @@ def decode_attention(
     *,
     num_splits: int | None = None,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Triton version of ``reference.decode_attention``: one query token per request.
 
@@ -145,6 +147,8 @@ def decode_attention(
     int; context_lens: [B] int, each >= 1 and <= max_blocks * block_size (not checked: that needs a
     device sync). Returns [B, Hq, D]. ``num_splits`` overrides the sequence split (tests, tuning);
     by default it follows the GPU's size and the block table's width, again without a sync.
+    ``block_n`` (tokens a tile), ``num_warps`` and ``num_stages`` (pass 1's launch) are tuning knobs
+    that leave the result unchanged: bench/gpu_kernels.py sweeps them on a GPU.
     """
     op = "decode_attention"
     launch.check_device(op, q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
@@ -169,6 +173,8 @@ def decode_attention(
         raise ValueError(f"{op}: query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})")
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"{op}: block_n must be a power of two >= 16, got {block_n}")
+    if num_warps < 1 or num_warps & (num_warps - 1) or num_stages < 1:
+        raise ValueError(f"{op}: num_warps must be a power of two and num_stages >= 1, got {num_warps}, {num_stages}")
 
     out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
@@ -203,8 +209,8 @@ def decode_attention(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         UPCAST_DOT=launch.interpreting(),
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_merge_kernel[(batch, num_heads)](

@@ -144,7 +144,8 @@ def test_a_carried_gguf_wheel_is_imported_where_the_machine_has_none(tmp_path, m
 
 def test_a_run_continues_from_given_adapters(tmp_path, default_model):
     """--init-from: a later GPU session trains on from the shipped adapters with a new schedule,
-    without the closed-form fit, and the adapters record where they started."""
+    without the closed-form fit, and the adapters record where they started; --answers-from adds an
+    earlier run's answers to the text; --steps fixes the schedule's length."""
     pack = tmp_path / "pack"
     subprocess.run([sys.executable, str(SCRIPT), "--pack", str(pack)], check=True)
     shipped = REPO / "balcony_runtime" / "shipped_adapters" / "smollm2-135m"
@@ -155,13 +156,14 @@ def test_a_run_continues_from_given_adapters(tmp_path, default_model):
     (answers / "generations.jsonl").write_text(json.dumps({"prompt": "Tell me about violins.",
                                                            "text": "Violins have four strings. " * 30}) + "\n")
     subprocess.run([sys.executable, str(SCRIPT), "--run", str(pack), "--smoke", "--out", str(out),
-                    "--init-from", str(shipped), "--answers-from", str(answers), "--greedy-prompts", "0"],
+                    "--init-from", str(shipped), "--answers-from", str(answers), "--greedy-prompts", "0", "--steps", "3"],
                    check=True, env=env)
     meta = json.loads((out / "adapters" / "balcony.json").read_text())
     assert meta["training"]["recipe"]["init_from"] == str(shipped)
     assert meta["training"]["recipe"]["data"]["sources"][-1] == str(answers)
     report = json.loads((out / "gpu_train.json").read_text())
     assert report["answers"] == {"from": str(answers)} and "greedy_heldout_prompts" not in report
+    assert report["trained"]["steps"] == 3  # --steps: a control arm matches another run's tokens
     assert meta["training"]["initialised_from"]["command"] == json.loads(
         (shipped / "balcony.json").read_text())["training"]["command"]
     assert not (out / "run" / "lens_fit.json").exists()  # no closed-form fit: the start is given

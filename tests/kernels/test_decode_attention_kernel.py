@@ -55,6 +55,16 @@ def test_many_splits_long_context_and_default_tiles(rng, poison, assert_close):
     assert_close(out, reference.decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.125))
 
 
+@pytest.mark.parametrize("block_n, num_warps, num_stages", [(16, 1, 1), (128, 8, 3)])
+def test_tile_and_launch_knobs_leave_the_result_unchanged(block_n, num_warps, num_stages, rng, poison, assert_close):
+    """The settings bench/gpu_kernels.py sweeps on a GPU: any of them gives the reference's answer."""
+    q, k_cache, v_cache, block_tables, ctx = _paged(rng, [200, 9, 64], 9, 3, 64, torch.bfloat16)
+    poison(decode_module)
+    out = decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.125, num_splits=2, block_n=block_n,
+                           num_warps=num_warps, num_stages=num_stages)
+    assert_close(out, reference.decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.125))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES)
 def test_reference_matches_plain_attention_row_by_row(case, dtype, rng):
@@ -111,6 +121,8 @@ def _valid_args():
         (dict(context_lens=torch.ones(2, dtype=torch.int32, device="meta")), "on one device"),
         (dict(num_splits=0), "num_splits must be >= 1"),
         (dict(block_n=48), "block_n must be a power of two"),
+        (dict(num_warps=3), "num_warps must be a power of two"),
+        (dict(num_stages=0), "num_stages >= 1"),
     ],
 )
 def test_launcher_rejects_bad_arguments(change, message):

@@ -33,8 +33,11 @@ def test_smoke_run_writes_a_report(bench, tmp_path, capsys):
     assert "fused MLP within 10% of cuBLAS" in report
     # Every split count timed, the launcher's own marked, and summed up against the fastest.
     assert all(f"B=3 ctx=40 splits={n} " in report for n in (1, 2, 4, 8, 16))
-    assert report.count("the launcher's choice") == 1
+    assert report.count("the launcher's choice") == 2  # its split, and its tile below
     assert "| tiny (smoke) | 3 | 1 |" in report
+    # decode_attention's tile and launch likewise: the swept ones and its defaults, summed up.
+    assert all(f"B=3 ctx=40 splits=1 {tile} " in report for tile in ("n16/w1/s1", "n32/w2/s2", "n64/w4/s2"))
+    assert "| tiny (smoke) | 3 | n64/w4/s2 |" in report
     assert all(f"T=7 H=96 rows/program={n} " in report for n in (1, 2, 4, 8))
     assert "| tiny (smoke) | 7 | 1 |" in report  # rms_norm's rows per program, summed up likewise
     # Memory-bound rows are also set beside a copy of the same bytes, in the table and the goals.
