@@ -10,7 +10,10 @@ per exit:
   exit_samples.py ends with);
 - agreement: the share of the exit's own greedy tokens that are also the full model's greedy token
   after the same prefix (top-1 agreement measured on the text the exit writes, where its mistakes
-  compound, instead of on reference text).
+  compound, instead of on reference text); also split into the tokens that repeat a run of 4
+  already in the answer and the others. Once an answer repeats itself the full model mostly would
+  too (copying from context is easy for both), so the split says where the exits part from it:
+  before a loop, not inside one.
 
     python bench/loop_rate.py --adapters default --max-tokens 64 --dtype float32
 """
@@ -43,14 +46,25 @@ def greedy_answers(engine, prompt_ids: list[list[int]], exits: list[str], max_to
     return {name: [list(o.token_ids) for o in engine.generate(prompt_ids, params, exit_layer=name)] for name in exits}
 
 
-def full_model_agreement(model, prompt_ids: list[list[int]], answers: list[list[int]]) -> tuple[int, int]:
-    """(tokens of ``answers`` that are the full model's argmax after the same prefix, tokens)."""
+def repeats(answer: list[int], n: int = LOOP_TOKENS) -> list[bool]:
+    """Per token: whether the run of ``n`` tokens it ends was already in the answer."""
+    seen, marks = set(), []
+    for i in range(len(answer)):
+        gram = tuple(answer[max(0, i - n + 1) : i + 1])
+        marks.append(i >= n - 1 and gram in seen)
+        seen.add(gram)
+    return marks
+
+
+def full_model_agreement(model, prompt_ids: list[list[int]], answers: list[list[int]]) -> dict[str, tuple[int, int]]:
+    """(tokens of ``answers`` that are the full model's argmax after the same prefix, tokens), over
+    all tokens, those that repeat a run already written ("repeats") and the others ("fresh")."""
     import torch
 
     from balcony_runtime.training.dense_forward import backbone_pass, final_normed, lm_logits
 
     device = model.norm.device
-    agree = total = 0
+    counts = {"all": [0, 0], "repeats": [0, 0], "fresh": [0, 0]}
     for prompt, answer in zip(prompt_ids, answers):
         if not answer:
             continue
@@ -60,9 +74,11 @@ def full_model_agreement(model, prompt_ids: list[list[int]], answers: list[list[
             # the logits that predict each answer token: positions P-1 .. P+A-2
             normed = final_normed(model, *states.final)[len(prompt) - 1 : -1]  # [A, H]
             predicted = lm_logits(model, normed).argmax(-1).tolist()
-        agree += sum(p == a for p, a in zip(predicted, answer))
-        total += len(answer)
-    return agree, total
+        for p, a, repeated in zip(predicted, answer, repeats(answer)):
+            for kind in ("all", "repeats" if repeated else "fresh"):
+                counts[kind][0] += p == a
+                counts[kind][1] += 1
+    return {kind: (agree, total) for kind, (agree, total) in counts.items()}
 
 
 def measure(loaded, prompts: list[str], max_tokens: int, exits: list[str] | None = None) -> dict:
@@ -79,8 +95,12 @@ def measure(loaded, prompts: list[str], max_tokens: int, exits: list[str] | None
         row = {"loops": round(sum(loops(a) for a in ids) / len(ids), 4),
                "mean_tokens": round(sum(map(len, ids)) / len(ids), 1)}
         if name != "full":
-            agree, total = full_model_agreement(loaded.model, prompt_ids, ids)
-            row["agreement"] = round(agree / max(total, 1), 4)
+            agreement = full_model_agreement(loaded.model, prompt_ids, ids)
+            row["agreement"] = round(agreement["all"][0] / max(agreement["all"][1], 1), 4)
+            for kind in ("repeats", "fresh"):
+                agree, total = agreement[kind]
+                row[f"agreement_{kind}"] = round(agree / max(total, 1), 4)
+                row[f"tokens_{kind}"] = total
         result["exits"][name] = row
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result

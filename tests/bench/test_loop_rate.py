@@ -12,12 +12,22 @@ def test_the_full_models_greedy_answer_is_its_own_argmax_at_every_token(bench_sc
         ids = [loop_rate.chat_ids(default_model.tokenizer, p) for p in prompts]
         engine = LLMEngine(default_model, EngineConfig(max_num_seqs=4))
         answers = loop_rate.greedy_answers(engine, ids, ["full", "8"], max_tokens=12)
-        agree, total = loop_rate.full_model_agreement(default_model.model, ids, answers["full"])
+        agreement = loop_rate.full_model_agreement(default_model.model, ids, answers["full"])
+        agree, total = agreement["all"]
         assert total == sum(map(len, answers["full"])) >= 30 and agree == total
+        assert agreement["repeats"][1] + agreement["fresh"][1] == total
         # (logits read one position off would score the token after next: far from all of them)
         # A shallow exit's answer (a fresh balcony after 8 layers) is mostly not what the full model writes.
-        agree8, total8 = loop_rate.full_model_agreement(default_model.model, ids, answers["8"])
+        agree8, total8 = loop_rate.full_model_agreement(default_model.model, ids, answers["8"])["all"]
         assert agree8 < 0.5 * total8
+
+
+def test_a_token_repeats_when_the_run_it_ends_was_written_before(bench_script):
+    with bench_script("loop_rate") as loop_rate:
+        #        a  b  c  d  a  b  c  d  e
+        marks = loop_rate.repeats([1, 2, 3, 4, 1, 2, 3, 4, 5])
+        assert marks == [False] * 7 + [True, False]  # only the second "a b c d" ends a repeated run
+        assert loop_rate.repeats([7, 7, 7, 7, 7]) == [False, False, False, False, True]
 
 
 def test_measure_reports_every_exit(bench_script, default_model):
