@@ -50,6 +50,21 @@ def loops(token_ids: list[int], n: int = LOOP_TOKENS, times: int = LOOP_TIMES) -
     return False
 
 
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    """The token ids of one user turn, the chat template applied, ready for the answer."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                        add_generation_prompt=True, return_dict=False)
+    return [int(t) for t in ids]
+
+
+def greedy_answers(engine, prompt_ids: list[list[int]], exits: list[str], max_tokens: int) -> dict[str, list[list[int]]]:
+    """Greedy token ids of every prompt at every exit."""
+    from balcony_runtime.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return {name: [list(o.token_ids) for o in engine.generate(prompt_ids, params, exit_layer=name)] for name in exits}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapters", default="default", help="adapters directory, or 'default'")
@@ -60,14 +75,12 @@ def main() -> None:
 
     from balcony_runtime.engine import EngineConfig, LLMEngine
     from balcony_runtime.loader import load_model
-    from balcony_runtime.sampling_params import SamplingParams
 
     loaded = load_model(adapters=args.adapters, dtype=args.dtype)
     engine = LLMEngine(loaded, EngineConfig())
-    prompts = [loaded.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                    add_generation_prompt=True) for p in PROMPTS]
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-    answers = {name: engine.generate(prompts, params, exit_layer=name) for name in engine.exit_names()}
+    prompt_ids = [chat_ids(loaded.tokenizer, p) for p in PROMPTS]
+    answers = greedy_answers(engine, prompt_ids, engine.exit_names(), args.max_tokens)
+    tok = loaded.tokenizer
     lines = [f"Greedy answers, chat template, {args.max_tokens} tokens at most, adapters `{args.adapters}` "
              f"(`python bench/exit_samples.py --adapters {args.adapters} --max-tokens {args.max_tokens}"
              f"{'' if args.dtype == 'auto' else ' --dtype ' + args.dtype}`).", ""]
@@ -75,11 +88,11 @@ def main() -> None:
         lines.append(f"**{prompt}**")
         lines.append("")
         for name, outs in answers.items():
-            text = " ".join(outs[i].text.split())  # one line: newlines would break the list
+            text = " ".join(tok.decode(outs[i], skip_special_tokens=True).split())  # one line: newlines would break the list
             lines.append(f"- {name}: {text}")
         lines.append("")
     lines += [f"Answers that loop (a run of {LOOP_TOKENS} tokens {LOOP_TIMES} times or more), of {len(PROMPTS)}: "
-              + ", ".join(f"{name} {sum(loops(list(o.token_ids)) for o in outs)}" for name, outs in answers.items())
+              + ", ".join(f"{name} {sum(loops(ids) for ids in outs)}" for name, outs in answers.items())
               + ".", ""]
     text = "\n".join(lines)
     if args.out == "-":

@@ -321,7 +321,7 @@ def generate_answers(into: Path, seconds: float, device: str, rows: int, max_tok
     from balcony_runtime.engine import EngineConfig, LLMEngine
     from balcony_runtime.loader import load_model
     from balcony_runtime.sampling_params import SamplingParams
-    from loop_rate import chat_ids
+    from exit_samples import chat_ids
 
     start = time.perf_counter()
     prompts, _ = split_pool(read_pool(DEFAULT_POOL))

@@ -28,22 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_prompts import DEFAULT_POOL, HELDOUT_PROMPTS, read_pool, split_pool  # noqa: E402
-from exit_samples import LOOP_TIMES, LOOP_TOKENS, loops  # noqa: E402
-
-
-def chat_ids(tokenizer, prompt: str) -> list[int]:
-    """The token ids of one user turn, the chat template applied, ready for the answer."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                        add_generation_prompt=True, return_dict=False)
-    return [int(t) for t in ids]
-
-
-def greedy_answers(engine, prompt_ids: list[list[int]], exits: list[str], max_tokens: int) -> dict[str, list[list[int]]]:
-    """Greedy token ids of every prompt at every exit."""
-    from balcony_runtime.sampling_params import SamplingParams
-
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    return {name: [list(o.token_ids) for o in engine.generate(prompt_ids, params, exit_layer=name)] for name in exits}
+from exit_samples import LOOP_TIMES, LOOP_TOKENS, chat_ids, greedy_answers, loops  # noqa: E402
 
 
 def repeats(answer: list[int], n: int = LOOP_TOKENS) -> list[bool]:
