@@ -83,7 +83,7 @@ def test_pack_then_run_trains_and_reports(tmp_path, default_model, bench_script)
         trainable, heldout = chat_prompts.split_pool(chat_prompts.read_pool(chat_prompts.DEFAULT_POOL))
     written = (out / "answers" / "generations.jsonl").read_text()
     rows = [json.loads(line) for line in written.splitlines()]
-    assert len(rows) == report["answers"]["answers"] == 16 and all(r["prompt"] in trainable[:16] for r in rows)
+    assert len(rows) == report["answers"]["answers"] == 32 and all(r["prompt"] in trainable[:32] for r in rows)
     assert all(r["text"] for r in rows) and report["answers"]["tokens"] > 16
     assert meta["training"]["recipe"]["data"]["sources"][-1] == str(out / "answers")
     returned_answers = b"".join(p.read_bytes() for p in sorted(back.glob("generations.jsonl.xz.part-*")))
