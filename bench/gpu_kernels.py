@@ -8,7 +8,7 @@ TFLOP/s against ceilings measured on the same device (a 1 GiB device-to-device c
 8192^3 cuBLAS matmul). Prints a markdown table and the issue's goals, and writes both to --out.
 decode_attention is also timed at 1-16 sequence splits (batches 1, 64, 256 at 2,048 tokens), and
 for the default model at batch 64 at 27 tiles and launches (32-128 tokens a tile, 1-4 warps, 1-3
-pipeline stages), and rms_norm at 1-8 rows per program (64 and 4,096 rows), each with the
+pipeline stages), and rms_norm at 1-8 rows per program and 1-8 warps (64 and 4,096 rows), each with the
 launcher's own choice against the fastest, so those settings are chosen from measurements.
 Needs torch, triton and numpy only: no network, no transformers.
 
@@ -181,25 +181,33 @@ def rms_norm_rows(bench: Bench, models, token_counts, dtype) -> list[Row]:
     return rows
 
 
-def rms_norm_tile_rows(bench: Bench, models, token_counts, dtype, per_program=(1, 2, 4, 8)) -> list[Row]:
-    """rms_norm with 1 to 8 rows normalised per program (one row, the launcher's default, first):
-    whether short rows (H=576) want several per program is read off these rows."""
+def rms_norm_tile_rows(bench: Bench, models, token_counts, dtype, per_program=(1, 2, 4, 8),
+                       warps=(1, 2, 4, 8)) -> list[Row]:
+    """rms_norm with 1 to 8 rows normalised per program, at the launcher's warps and, for the first
+    model (the default one, whose short rows H=576 are below the goal), at 1-8 warps too; the
+    launcher's default (one row, its warps) marked: what short rows want is read off these rows."""
+    import triton
+
     from kernels import reference
-    from kernels.rms_norm import rms_norm
+    from kernels.rms_norm import default_num_warps, rms_norm
 
     rows = []
-    for m in models:
+    for i, m in enumerate(models):
+        default = {n: default_num_warps(n, triton.next_power_of_2(m.hidden)) for n in per_program}
         for tokens in token_counts:
             x, residual, weight, moved = _rms_norm_inputs(m, tokens, dtype, bench.device)
             ref_out, ref_residual = reference.rms_norm(x, weight, 1e-5, residual)
             for n in per_program:
-                out, new_residual = rms_norm(x, weight, 1e-5, residual, rows_per_program=n)
-                err = max(rel_err(out, ref_out), rel_err(new_residual, ref_residual))
-                row = Row("rms_norm", m.name, f"T={tokens} H={m.hidden} rows/program={n}", dtype, err,
-                          key=("rms_norm rows", m.name, tokens, n), note="the launcher's default" if n == 1 else "")
-                row.triton_ms = bench.time_ms(lambda: rms_norm(x, weight, 1e-5, residual, rows_per_program=n))
-                bench.bandwidth(row, moved)
-                rows.append(row)
+                for w in sorted({default[n], *(warps if i == 0 else ())}):
+                    out, new_residual = rms_norm(x, weight, 1e-5, residual, rows_per_program=n, num_warps=w)
+                    err = max(rel_err(out, ref_out), rel_err(new_residual, ref_residual))
+                    row = Row("rms_norm", m.name, f"T={tokens} H={m.hidden} rows/program={n} warps={w}", dtype, err,
+                              key=("rms_norm rows", m.name, tokens, f"{n}/{w}"),
+                              note="the launcher's default" if n == 1 and w == default[1] else "")
+                    row.triton_ms = bench.time_ms(
+                        lambda: rms_norm(x, weight, 1e-5, residual, rows_per_program=n, num_warps=w))
+                    bench.bandwidth(row, moved)
+                    rows.append(row)
     return rows
 
 
@@ -731,8 +739,8 @@ def main(argv: list[str] | None = None) -> int:
         + setting_summary(rows, "decode splits", "splits"),
         "## decode_attention: tokens a tile / warps / pipeline stages at the launcher's split, its defaults "
         "against the fastest (rows 'n../w../s..' above)\n\n" + setting_summary(rows, "decode tile", "tile"),
-        "## rms_norm: rows per program, the launcher's one against the fastest (rows 'rows/program=' above)\n\n"
-        + setting_summary(rows, "rms_norm rows", "rows/program"),
+        "## rms_norm: rows per program / warps, the launcher's against the fastest (rows 'rows/program=' above)\n\n"
+        + setting_summary(rows, "rms_norm rows", "rows/program / warps"),
         "## Goals (issue 5)\n\n" + goals(rows, args.goal_batch),
         f"Total time of this run: {time.perf_counter() - started:.0f}s.",
     ]) + "\n"

@@ -53,9 +53,15 @@ def _rms_norm_kernel(
              mask=mask)
 
 
+def default_num_warps(rows_per_program: int, block_h: int) -> int:
+    """About 8 elements a thread (one 16-byte load of bf16) per pass over the tile."""
+    return min(16, max(1, rows_per_program * block_h // 256))
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
     rows_per_program: int = 1,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of ``reference.rms_norm``: returns (normalised, new residual).
 
@@ -63,7 +69,8 @@ def rms_norm(
     as in the reference; the new residual is a new tensor (the inputs are not modified).
     ``rows_per_program`` (a power of two): rows each program normalises, as one [rows, H] tile. One
     by default; more may suit short rows (the default model's H=576), which
-    bench/gpu_kernels.py times on a GPU before any default changes.
+    bench/gpu_kernels.py times on a GPU before any default changes. ``num_warps`` (a power of two)
+    overrides the launch's warps (default: about 8 elements a thread), a tuning knob swept likewise.
     """
     op = "rms_norm"
     tensors = {"x": x, "weight": weight} | ({} if residual is None else {"residual": residual})
@@ -82,6 +89,8 @@ def rms_norm(
         raise ValueError(f"{op}: eps must be positive, got {eps}")
     if rows_per_program < 1 or rows_per_program & (rows_per_program - 1):
         raise ValueError(f"{op}: rows_per_program must be a power of two, got {rows_per_program}")
+    if num_warps is not None and (num_warps < 1 or num_warps & (num_warps - 1)):
+        raise ValueError(f"{op}: num_warps must be a power of two, got {num_warps}")
 
     num_rows, hidden = x.shape
     out = torch.empty((num_rows, hidden), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
@@ -105,6 +114,6 @@ def rms_norm(
         HAS_RESIDUAL=residual is not None,
         BLOCK_H=block_h,
         ROWS=rows_per_program,
-        num_warps=min(16, max(1, rows_per_program * block_h // 256)),  # ~8 elements per thread per pass
+        num_warps=num_warps or default_num_warps(rows_per_program, block_h),
     )
     return out, new_residual

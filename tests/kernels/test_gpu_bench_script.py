@@ -38,8 +38,8 @@ def test_smoke_run_writes_a_report(bench, tmp_path, capsys):
     # decode_attention's tile and launch likewise: the swept ones and its defaults, summed up.
     assert all(f"B=3 ctx=40 splits=1 {tile} " in report for tile in ("n16/w1/s1", "n32/w2/s2", "n64/w4/s2"))
     assert "| tiny (smoke) | 3 | n64/w4/s2 |" in report
-    assert all(f"T=7 H=96 rows/program={n} " in report for n in (1, 2, 4, 8))
-    assert "| tiny (smoke) | 7 | 1 |" in report  # rms_norm's rows per program, summed up likewise
+    assert all(f"T=7 H=96 rows/program={n} warps={w} " in report for n in (1, 2, 4, 8) for w in (1, 2, 4, 8))
+    assert "| tiny (smoke) | 7 | 1/1 |" in report  # rms_norm's rows per program and warps, summed up likewise
     # Memory-bound rows are also set beside a copy of the same bytes, in the table and the goals.
     rms_rows = [line for line in report.splitlines() if line.startswith("| rms_norm | tiny") and "bfloat16" in line]
     assert rms_rows and all(line.split("|")[10].strip().endswith("%") for line in rms_rows)

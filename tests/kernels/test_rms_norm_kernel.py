@@ -29,15 +29,15 @@ def test_matches_reference(rows, hidden, dtype, with_residual, rng, poison, asse
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows_per_program", [2, 4, 16])
-def test_several_rows_per_program_match_one(rows_per_program, dtype, rng, poison, assert_close):
+@pytest.mark.parametrize("rows_per_program, num_warps", [(2, None), (4, 1), (16, 8)])
+def test_several_rows_per_program_match_one(rows_per_program, num_warps, dtype, rng, poison, assert_close):
     """Rows normalised as one tile per program, the last program's tile only partly filled (7 rows),
-    give what one row per program gives, bit for bit, and the reference."""
+    at any warps, give what one row per program gives, bit for bit, and the reference."""
     x = torch.randn(7, 576, generator=rng).to(dtype)  # [T, H]
     weight = (1 + 0.1 * torch.randn(576, generator=rng)).to(dtype)
     residual = torch.randn(7, 576, generator=rng).to(dtype)
     poison(rms_norm_module)
-    out, new_residual = rms_norm(x, weight, 1e-6, residual, rows_per_program=rows_per_program)
+    out, new_residual = rms_norm(x, weight, 1e-6, residual, rows_per_program=rows_per_program, num_warps=num_warps)
     one_out, one_residual = rms_norm(x, weight, 1e-6, residual)
     assert torch.equal(out, one_out) and torch.equal(new_residual, one_residual)
     ref_out, ref_residual = reference.rms_norm(x, weight, 1e-6, residual)
@@ -48,6 +48,8 @@ def test_several_rows_per_program_match_one(rows_per_program, dtype, rng, poison
 def test_rows_per_program_must_be_a_power_of_two():
     with pytest.raises(ValueError, match="rows_per_program must be a power of two"):
         rms_norm(torch.randn(2, 4), torch.ones(4), 1e-6, rows_per_program=3)
+    with pytest.raises(ValueError, match="num_warps must be a power of two"):
+        rms_norm(torch.randn(2, 4), torch.ones(4), 1e-6, num_warps=3)
 
 
 def test_strided_rows_and_fp32_weight(rng, poison, assert_close):
