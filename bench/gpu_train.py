@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,8 +293,12 @@ def run(args) -> int:
     phase("eval", t0)
     if args.greedy_prompts:
         t0 = time.perf_counter()
-        report["greedy_heldout_prompts"] = greedy_check(adapters, device, args.greedy_prompts,
-                                                        max_tokens=8 if args.smoke else 64)
+        try:
+            report["greedy_heldout_prompts"] = greedy_check(adapters, device, args.greedy_prompts,
+                                                            max_tokens=8 if args.smoke else 64)
+        except Exception as exc:  # a check's fault must not cost the trained adapters their way back
+            traceback.print_exc()
+            report["greedy_heldout_prompts"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         phase("greedy", t0)
     shutil.copytree(adapters, out / "adapters", dirs_exist_ok=True)
     report["total_s"] = round(time.perf_counter() - start, 1)
@@ -420,11 +425,13 @@ def markdown(report: dict, eval_md: Path) -> str:
         lines.append(f"Answers: read from {answers['from']}.")
     lines += ["", "English held-out, every exit against the full model:", "",
               eval_md.read_text() if eval_md.is_file() else "(no eval.md)"]
-    if "greedy_heldout_prompts" in report:
+    greedy = report.get("greedy_heldout_prompts")
+    if greedy and "error" in greedy:
+        lines += ["", f"Greedy answers: the check failed ({greedy['error']})."]
+    elif greedy:
         from loop_rate import markdown_line
 
-        lines += ["", f"Greedy answers ({report['greedy_heldout_prompts']['dtype']}): "
-                  + markdown_line(report["greedy_heldout_prompts"])]
+        lines += ["", f"Greedy answers ({greedy['dtype']}): " + markdown_line(greedy)]
     return "\n".join(lines) + "\n"
 
 

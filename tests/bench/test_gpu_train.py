@@ -167,3 +167,26 @@ def test_a_run_continues_from_given_adapters(tmp_path, default_model):
     assert meta["training"]["initialised_from"]["command"] == json.loads(
         (shipped / "balcony.json").read_text())["training"]["command"]
     assert not (out / "run" / "lens_fit.json").exists()  # no closed-form fit: the start is given
+
+
+def test_a_failed_greedy_check_is_reported_not_fatal(tmp_path, monkeypatch, bench_script):
+    """The greedy check runs after the adapters are trained: its fault is written into the report,
+    and the run still writes its adapters and what comes back."""
+    with bench_script("gpu_train") as gpu_train:
+        def broken(*args, **kwargs):
+            raise RuntimeError("no graphs today")
+
+        monkeypatch.setattr(gpu_train, "greedy_check", broken)
+        pack = tmp_path / "pack"
+        monkeypatch.setenv("BALCONY_HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        shipped = REPO / "balcony_runtime" / "shipped_adapters" / "smollm2-135m"
+        gpu_train.pack(pack, [], None)
+        out, back = tmp_path / "out", tmp_path / "back"
+        monkeypatch.setattr(sys, "argv", ["gpu_train.py", "--run", str(pack), "--smoke", "--out", str(out),
+                                          "--init-from", str(shipped), "--return-dir", str(back)])
+        assert gpu_train.main() == 0
+    report = json.loads((out / "gpu_train.json").read_text())
+    assert report["greedy_heldout_prompts"] == {"error": "RuntimeError: no graphs today"}
+    assert "the check failed (RuntimeError: no graphs today)" in (out / "gpu_train.md").read_text()
+    assert (out / "adapters" / "balcony.safetensors").is_file() and (back / "balcony.json").is_file()
