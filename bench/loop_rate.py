@@ -77,8 +77,10 @@ def measure(loaded, prompts: list[str], max_tokens: int, exits: list[str] | None
     answers = greedy_answers(engine, prompt_ids, exits, max_tokens)
     result = {"prompts": len(prompts), "max_tokens": max_tokens, "exits": {}}
     for name, ids in answers.items():
-        row = {"loops": round(sum(loops(a) for a in ids) / len(ids), 4),
-               "mean_tokens": round(sum(map(len, ids)) / len(ids), 1)}
+        looped = [i for i, a in enumerate(ids) if loops(a)]
+        # (which prompts loop, so two adapters can be compared prompt by prompt)
+        row = {"loops": round(len(looped) / len(ids), 4), "mean_tokens": round(sum(map(len, ids)) / len(ids), 1),
+               "looped_prompts": looped}
         if name != "full":
             agreement = full_model_agreement(loaded.model, prompt_ids, ids)
             row["agreement"] = round(agreement["all"][0] / max(agreement["all"][1], 1), 4)

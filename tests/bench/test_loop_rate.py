@@ -35,5 +35,6 @@ def test_measure_reports_every_exit(bench_script, default_model):
         result = loop_rate.measure(default_model, ["Name three rivers.", "Describe a violin."], max_tokens=8)
         assert set(result["exits"]) == {"8", "15", "22", "full"}
         assert all(0 <= row["loops"] <= 1 and 0 < row["mean_tokens"] <= 8 for row in result["exits"].values())
+        assert all(row["loops"] == len(row["looped_prompts"]) / 2 for row in result["exits"].values())
         assert "agreement" not in result["exits"]["full"] and 0 <= result["exits"]["22"]["agreement"] <= 1
         assert "loops 8" in loop_rate.markdown_line(result)
