@@ -23,7 +23,6 @@ or right answers (every content word: "water", "heart", "blue" go too).
 from __future__ import annotations
 
 import argparse
-import json
 import lzma
 import random
 import re
@@ -33,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from exit_samples import SUBJECT_WORDS  # noqa: E402
 from train_data import EXTRA_PROMPTS, KINDS, TOPICS  # noqa: E402
-from wordnet_text import TEMPLATE_WORDS, parse_data_line  # noqa: E402
+from wordnet_text import TEMPLATE_WORDS, facts_keys, parse_data_line, words_of  # noqa: E402
 
 NOUN_KINDS = [
     "What is {t}?",
@@ -70,18 +69,12 @@ DEFAULT_POOL = Path(__file__).resolve().parent / "data" / "chat_prompts.txt.xz"
 HELDOUT_PROMPTS = 256  # the pool's last prompts: never answered for training (bench/loop_rate.py reads them)
 
 
-def words_of(text: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9]+", text.lower()))
-
-
 def held_out_words(facts: Path) -> set[str]:
     """Every content word of the facts suite's questions and right answers, and the greedy
     prompts' subjects: a topic that uses one is left out of the pool."""
     words = set(SUBJECT_WORDS)
-    for line in facts.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            item = json.loads(line)
-            words |= words_of(item["question"]) | words_of(item["choices"][item["answer"]])
+    for answer, question in facts_keys(facts):  # (question words less the template's)
+        words |= question | words_of(answer)
     return words - TEMPLATE_WORDS
 
 

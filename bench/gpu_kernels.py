@@ -318,27 +318,18 @@ def decode_rows(bench: Bench, models, batches, contexts, dtype, ragged: bool = T
 
 def decode_split_rows(bench: Bench, models, batches, context: int, dtype, splits=(1, 2, 4, 8, 16)) -> list[Row]:
     """decode_attention at each number of sequence splits, the launcher's own choice marked: what
-    its policy (about two waves of programs, kernels/decode_attention._choose_num_splits) should be
-    is read off these rows, not guessed."""
-    from kernels import launch
-    from kernels.decode_attention import _choose_num_splits, decode_attention
-
+    its policy (kernels/decode_attention._choose_num_splits) should be is read off these rows, not
+    guessed."""
     rows = []
     for m in models:
         for batch in batches:
-            args, ref, moved = _decode_inputs(m, [context] * batch, dtype, bench.device)
-            block_tables = args[3]
-            chosen = _choose_num_splits(batch * m.kv_heads, block_tables.shape[1] * BLOCK_SIZE,
-                                        launch.sm_count(bench.device))
+            inputs = _decode_inputs(m, [context] * batch, dtype, bench.device)
+            chosen = _launcher_splits(bench, m, inputs[0])
             for num_splits in sorted({*splits, chosen}):
-                out = decode_attention(*args, num_splits=num_splits)
-                row = Row("decode_attention", m.name, f"B={batch} ctx={context} splits={num_splits}", dtype,
-                          rel_err(out[:len(ref)], ref), key=("decode splits", m.name, batch, num_splits),
-                          note="the launcher's choice" if num_splits == chosen else "")
-                row.triton_ms = bench.time_ms(lambda: decode_attention(*args, num_splits=num_splits))
-                bench.bandwidth(row, moved)
-                rows.append(row)
-            del args, block_tables, out
+                rows.append(_decode_setting_row(bench, m, batch, context, dtype, inputs, "decode splits", num_splits,
+                                                f"splits={num_splits}", {"num_splits": num_splits},
+                                                num_splits == chosen))
+            del inputs
             _free(bench)
     return rows
 
@@ -351,26 +342,42 @@ def decode_tile_rows(bench: Bench, models, batch: int, context: int, dtype, tile
     """decode_attention at the launcher's split with each tile size and launch (tokens a tile, warps,
     pipeline stages), its defaults marked: the kernel below 70% of copy bandwidth at the default
     model's batch 64 gets its settings from these rows."""
-    from kernels import launch
-    from kernels.decode_attention import _choose_num_splits, decode_attention
-
     rows = []
     for m in models:
-        args, ref, moved = _decode_inputs(m, [context] * batch, dtype, bench.device)
-        splits = _choose_num_splits(batch * m.kv_heads, args[3].shape[1] * BLOCK_SIZE, launch.sm_count(bench.device))
+        inputs = _decode_inputs(m, [context] * batch, dtype, bench.device)
+        splits = _launcher_splits(bench, m, inputs[0])
         for block_n, warps, stages in sorted({*tiles, DEFAULT_DECODE_TILE}):
-            knobs = {"num_splits": splits, "block_n": block_n, "num_warps": warps, "num_stages": stages}
-            out = decode_attention(*args, **knobs)
             tile = f"n{block_n}/w{warps}/s{stages}"
-            row = Row("decode_attention", m.name, f"B={batch} ctx={context} splits={splits} {tile}", dtype,
-                      rel_err(out[:len(ref)], ref), key=("decode tile", m.name, batch, tile),
-                      note="the launcher's choice" if (block_n, warps, stages) == DEFAULT_DECODE_TILE else "")
-            row.triton_ms = bench.time_ms(lambda: decode_attention(*args, **knobs))
-            bench.bandwidth(row, moved)
-            rows.append(row)
-        del args, out
+            knobs = {"num_splits": splits, "block_n": block_n, "num_warps": warps, "num_stages": stages}
+            rows.append(_decode_setting_row(bench, m, batch, context, dtype, inputs, "decode tile", tile,
+                                            f"splits={splits} {tile}", knobs,
+                                            (block_n, warps, stages) == DEFAULT_DECODE_TILE))
+        del inputs
         _free(bench)
     return rows
+
+
+def _launcher_splits(bench: Bench, m, args) -> int:
+    """The sequence splits decode_attention chooses by itself for these inputs."""
+    from kernels import launch
+    from kernels.decode_attention import _choose_num_splits
+
+    return _choose_num_splits(len(args[0]) * m.kv_heads, args[3].shape[1] * BLOCK_SIZE, launch.sm_count(bench.device))
+
+
+def _decode_setting_row(bench: Bench, m, batch: int, context: int, dtype, inputs, tag: str, setting, label: str,
+                        knobs: dict, launchers: bool) -> Row:
+    """decode_attention at one setting (``knobs``), checked against the reference and timed; keyed
+    (tag, model, batch, setting) for setting_summary, the launcher's own setting marked."""
+    from kernels.decode_attention import decode_attention
+
+    args, ref, moved = inputs
+    out = decode_attention(*args, **knobs)
+    row = Row("decode_attention", m.name, f"B={batch} ctx={context} {label}", dtype, rel_err(out[:len(ref)], ref),
+              key=(tag, m.name, batch, setting), note="the launcher's choice" if launchers else "")
+    row.triton_ms = bench.time_ms(lambda: decode_attention(*args, **knobs))
+    bench.bandwidth(row, moved)
+    return row
 
 
 def setting_summary(rows: list[Row], tag: str, setting: str) -> str:

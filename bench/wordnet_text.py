@@ -50,20 +50,25 @@ TEMPLATE_WORDS = {"the", "of", "is", "a", "an", "and", "in", "on", "to", "what",
                   "are", "with", "that", "after", "before", "plus", "minus", "times", "from", "by", "its"}
 
 
+def words_of(text: str) -> set[str]:
+    """The lowercased words and numbers of ``text``."""
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
 def facts_keys(path: Path) -> list[tuple[str, set[str]]]:
     """(right answer, the question's content words) per suite item, lowercased."""
     keys = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             item = json.loads(line)
-            words = set(re.findall(r"[a-z0-9]+", item["question"].lower())) - TEMPLATE_WORDS
+            words = words_of(item["question"]) - TEMPLATE_WORDS
             keys.append((item["choices"][item["answer"]].lower(), words))
     return keys
 
 
 def states_a_fact(entry: str, keys: list[tuple[str, set[str]]]) -> bool:
     text = entry.lower()
-    words = set(re.findall(r"[a-z0-9]+", text))
+    words = words_of(text)
     # The set test first: it rules out almost every (entry, item) pair before any regex runs.
     return any(words & question and re.search(rf"\b{re.escape(answer)}\b", text) for answer, question in keys)
 

@@ -171,10 +171,10 @@ def decode_attention(
         launch.check_last_dim_contiguous(op, name, t)
     if num_heads % num_kv_heads:
         raise ValueError(f"{op}: query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})")
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"{op}: block_n must be a power of two >= 16, got {block_n}")
-    if num_warps < 1 or num_warps & (num_warps - 1) or num_stages < 1:
-        raise ValueError(f"{op}: num_warps must be a power of two and num_stages >= 1, got {num_warps}, {num_stages}")
+    launch.check_power_of_two(op, "block_n", block_n, minimum=16)
+    launch.check_power_of_two(op, "num_warps", num_warps)
+    if num_stages < 1:
+        raise ValueError(f"{op}: num_stages >= 1 required, got {num_stages}")
 
     out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:

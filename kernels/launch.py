@@ -87,6 +87,13 @@ def check_last_dim_contiguous(op: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} must be contiguous in its last dimension, got strides {t.stride()}")
 
 
+def check_power_of_two(op: str, name: str, value: int, minimum: int = 1) -> None:
+    """Tile sizes and launch settings: Triton's block shapes and warp counts are powers of two."""
+    if value < minimum or value & (value - 1):
+        at_least = "" if minimum == 1 else f" >= {minimum}"
+        raise ValueError(f"{op}: {name} must be a power of two{at_least}, got {value}")
+
+
 def check_contiguous(op: str, name: str, t: torch.Tensor) -> None:
     if not t.is_contiguous():
         raise ValueError(f"{op}: {name} must be contiguous, got shape {tuple(t.shape)} strides {t.stride()}")

@@ -87,10 +87,9 @@ def rms_norm(
         launch.check_last_dim_contiguous(op, "residual", residual)
     if not eps > 0:
         raise ValueError(f"{op}: eps must be positive, got {eps}")
-    if rows_per_program < 1 or rows_per_program & (rows_per_program - 1):
-        raise ValueError(f"{op}: rows_per_program must be a power of two, got {rows_per_program}")
-    if num_warps is not None and (num_warps < 1 or num_warps & (num_warps - 1)):
-        raise ValueError(f"{op}: num_warps must be a power of two, got {num_warps}")
+    launch.check_power_of_two(op, "rows_per_program", rows_per_program)
+    if num_warps is not None:
+        launch.check_power_of_two(op, "num_warps", num_warps)
 
     num_rows, hidden = x.shape
     out = torch.empty((num_rows, hidden), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
