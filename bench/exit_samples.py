@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from balcony_runtime.training.repeat_marks import RUN_TOKENS
+
 PROMPTS = [
     "What is the capital of France?",
     "Explain in two sentences why the sky is blue.",
@@ -36,7 +38,8 @@ SUBJECT_WORDS = frozenset({
 })
 
 
-LOOP_TOKENS, LOOP_TIMES = 4, 3  # "the sea is a sea of sea. the sea is a sea of sea. ..." loops
+# "the sea is a sea of sea. the sea is a sea of sea. ..." loops; training marks the same runs
+LOOP_TOKENS, LOOP_TIMES = RUN_TOKENS, 3
 
 
 def loops(token_ids: list[int], n: int = LOOP_TOKENS, times: int = LOOP_TIMES) -> bool:

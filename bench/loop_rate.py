@@ -30,15 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_prompts import DEFAULT_POOL, HELDOUT_PROMPTS, read_pool, split_pool  # noqa: E402
 from exit_samples import LOOP_TIMES, LOOP_TOKENS, chat_ids, greedy_answers, loops  # noqa: E402
 
-
-def repeats(answer: list[int], n: int = LOOP_TOKENS) -> list[bool]:
-    """Per token: whether the run of ``n`` tokens it ends was already in the answer."""
-    seen, marks = set(), []
-    for i in range(len(answer)):
-        gram = tuple(answer[max(0, i - n + 1) : i + 1])
-        marks.append(i >= n - 1 and gram in seen)
-        seen.add(gram)
-    return marks
+from balcony_runtime.training.repeat_marks import repeats  # noqa: E402
 
 
 def full_model_agreement(model, prompt_ids: list[list[int]], answers: list[list[int]]) -> dict[str, tuple[int, int]]:

@@ -32,16 +32,26 @@ def add_data_options(p: argparse.ArgumentParser, heldout_help: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="fixes the held-out split and the data order")
 
 
+def add_unlikely_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--unlikely-repeats", type=float, default=None, metavar="WEIGHT",
+                   help="in answers an exit wrote itself (JSONL rows with an `exit` field, bench/own_answers.py), "
+                        "train every exit against the tokens that repeat a run of 4 already written "
+                        "(unlikelihood, this weight beside the KL) and take no KL from the first repeat on; "
+                        "0 only drops that KL (default: off, plain KL everywhere)")
+
+
 def data_config(args):
     from balcony_runtime.training.data import DataConfig
 
     return DataConfig(sources=tuple(args.data), seq_len=args.seq_len, text_field=args.text_field,
                       chat_template=args.chat_template, chat_prompt=args.chat_prompt, raw_share=args.raw_share,
-                      heldout_fraction=args.heldout_fraction, seed=args.seed)
+                      heldout_fraction=args.heldout_fraction, seed=args.seed,
+                      unlikely_repeats=getattr(args, "unlikely_repeats", None) is not None)
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     add_data_options(p, "share of documents (by document) kept out of training (default %(default)s)")
+    add_unlikely_option(p)
     p.add_argument("--model", default=DEFAULT_MODEL, help="model source (default %(default)s)")
     p.add_argument("--exits", type=parse_exits, default=None, help="balcony exits, e.g. 8,15,22 (default: the model's)")
     p.add_argument("--init", default="last", choices=["last", "random", "lens"],
@@ -122,6 +132,7 @@ def cmd_train(args) -> int:
             stop_after=args.stop_after, lr=args.lr, weight_decay=args.weight_decay,
             warmup_fraction=args.warmup_fraction, clip_norm=args.clip_norm, kl_chunk=args.kl_chunk,
             objective=args.objective, reverse_kl_weight=args.reverse_kl_weight,
+            unlikelihood_weight=args.unlikely_repeats or 0.0,
             metric_tokens=args.metric_tokens,
             save_every=args.save_every, snapshot_every=args.snapshot_every, log_every=args.log_every,
             resume=not args.no_resume,

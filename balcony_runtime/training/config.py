@@ -41,6 +41,9 @@ class TrainConfig:
     kl_chunk: int = 512  # positions per chunk of full-vocabulary logits in the KL
     objective: str = "kl"  # "kl" (the paper's), or head-free: "fisher" / "logits" (training/head_free.py)
     reverse_kl_weight: float = 0.0  # objective="kl": b in (1 - b) KL(full || exit) + b KL(exit || full)
+    # with data.unlikely_repeats: u, the weight of the unlikelihood term on the exits' own loops
+    # (training/repeat_marks.py); 0 only drops the KL inside those loops
+    unlikelihood_weight: float = 0.0
     metric_tokens: int = 8192  # objective="fisher": teacher tokens the [H, H] metric is averaged over
     save_every: int = 100  # optimizer steps between checkpoints
     log_every: int = 10  # optimizer steps between progress lines
@@ -66,6 +69,12 @@ class TrainConfig:
             raise ValueError(f"reverse_kl_weight must be in [0, 1], got {self.reverse_kl_weight}")
         if self.reverse_kl_weight and self.objective != "kl":
             raise ValueError("reverse_kl_weight mixes the KL through the head: it needs objective 'kl'")
+        if self.unlikelihood_weight < 0:
+            raise ValueError(f"unlikelihood_weight must be at least 0, got {self.unlikelihood_weight}")
+        if self.unlikelihood_weight and not self.data.unlikely_repeats:
+            raise ValueError("unlikelihood_weight needs data.unlikely_repeats (the marks of the loops it trains against)")
+        if self.data.unlikely_repeats and (self.objective != "kl" or self.reverse_kl_weight):
+            raise ValueError("unlikely repeats go with the forward KL objective only")
         if self.metric_tokens < 1:
             raise ValueError(f"metric_tokens must be at least 1, got {self.metric_tokens}")
         if self.autocast not in ("auto", "bf16", "off"):

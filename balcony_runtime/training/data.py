@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 
 from balcony_runtime.errors import BalconyError
+from balcony_runtime.training import repeat_marks
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSONL_SUFFIXES = (".jsonl",)
@@ -40,6 +41,10 @@ class DataConfig:
     raw_share: float = 0.0
     prompt_field: str = "prompt"  # JSONL / dataset field used as the user turn if present
     heldout_fraction: float = 0.05  # share of documents held out for evaluation (1: all, for eval-only sets)
+    # Mark the loops of answers an exit wrote itself (JSONL rows with an ``exit`` field other than
+    # "full", under the chat template) for unlikelihood training (training/repeat_marks.py).
+    unlikely_repeats: bool = False
+    writer_field: str = "exit"  # JSONL field naming the exit that wrote a document
     seed: int = 0  # fixes the held-out split and the epoch shuffles
 
     def __post_init__(self) -> None:
@@ -53,6 +58,10 @@ class DataConfig:
             raise DataError(f"raw share must be in [0, 1], got {self.raw_share}")
         if self.raw_share > 0 and not self.chat_template:
             raise DataError("a raw share only applies with the chat template (without it every document is raw)")
+        if self.unlikely_repeats and not self.chat_template:
+            raise DataError("unlikely repeats mark the exits' own chat answers: they need the chat template")
+        if self.unlikely_repeats and any(s.startswith("hf:") for s in self.sources):
+            raise DataError("unlikely repeats need local sources (a streamed dataset carries no per-token marks)")
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class Document:
     doc_id: str
     text: str
     prompt: str | None = None
+    writer: str | None = None  # the exit that wrote the text (JSONL ``exit`` field), if any
 
 
 def _unit_hash(key: str) -> float:
@@ -125,8 +135,9 @@ def _file_documents(path: Path, config: DataConfig, skip_empty: bool, name: str)
             raise DataError(f"{path}:{number} is not valid JSON: {exc}") from exc
         if not isinstance(row, dict) or not isinstance(row.get(config.text_field), str):
             raise DataError(f"{path}:{number} has no string field {config.text_field!r}")
-        prompt = row.get(config.prompt_field)
-        yield Document(f"{name}:{number}", row[config.text_field], prompt if isinstance(prompt, str) else None)
+        prompt, writer = row.get(config.prompt_field), row.get(config.writer_field)
+        yield Document(f"{name}:{number}", row[config.text_field], prompt if isinstance(prompt, str) else None,
+                       str(writer) if writer is not None else None)
 
 
 def _hf_documents(source: str, config: DataConfig) -> Iterator[Document]:
@@ -150,6 +161,13 @@ def _hf_documents(source: str, config: DataConfig) -> Iterator[Document]:
         yield Document(f"{source}:{index}", text, prompt if isinstance(prompt, str) else None)
 
 
+def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
 def encode_document(doc: Document, tokenizer, config: DataConfig) -> list[int]:
     """Token ids of one document, ending in EOS so packed documents stay apart."""
     if config.chat_template and not is_raw(doc.doc_id, config):
@@ -157,25 +175,47 @@ def encode_document(doc: Document, tokenizer, config: DataConfig) -> list[int]:
             {"role": "user", "content": doc.prompt or config.chat_prompt},
             {"role": "assistant", "content": doc.text},
         ]
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=False)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+        return _chat_ids(tokenizer, messages, add_generation_prompt=False)
     ids = tokenizer.encode(doc.text, add_special_tokens=False)
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return ids
 
 
-def split_documents(config: DataConfig, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
-    """Tokenised (train, held-out) documents of local sources, split by document."""
-    train, heldout = [], []
+def marks_of(doc: Document, ids: list[int], tokenizer, config: DataConfig) -> list[int]:
+    """Per-token training marks of an encoded document (training/repeat_marks.py): the loops of an
+    exit's own chat answer when ``config.unlikely_repeats``, plain KL everywhere else."""
+    if not (config.unlikely_repeats and doc.writer not in (None, "full") and config.chat_template
+            and not is_raw(doc.doc_id, config)):
+        return [repeat_marks.NORMAL] * len(ids)
+    # the answer begins where the user turn and the assistant's header end
+    prompt = _chat_ids(tokenizer, [{"role": "user", "content": doc.prompt or config.chat_prompt}],
+                       add_generation_prompt=True)
+    if ids[: len(prompt)] != prompt:
+        raise DataError(f"{doc.doc_id}: the chat template does not put the answer after the prompt's "
+                        "generation header; its loops cannot be located")
+    return repeat_marks.document_marks(ids, len(prompt))
+
+
+def _encoded(config: DataConfig, tokenizer) -> Iterator[tuple[Document, list[int], bool]]:
+    """(document, its ids, whether it is held out) for every non-empty document of local sources."""
     for doc in iter_documents(config):
         ids = encode_document(doc, tokenizer, config)
         if ids:
-            (heldout if is_heldout(doc.doc_id, config) else train).append(ids)
+            yield doc, ids, is_heldout(doc.doc_id, config)
+
+
+def _no_training_documents(config: DataConfig) -> DataError:
+    return DataError(f"no training documents in {', '.join(config.sources)} (all empty or held out)")
+
+
+def split_documents(config: DataConfig, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """Tokenised (train, held-out) documents of local sources, split by document."""
+    train, heldout = [], []
+    for _, ids, held in _encoded(config, tokenizer):
+        (heldout if held else train).append(ids)
     if not train:
-        raise DataError(f"no training documents in {', '.join(config.sources)} (all empty or held out)")
+        raise _no_training_documents(config)
     return train, heldout
 
 
@@ -193,29 +233,44 @@ class PackedStream:
     exactly by its count of sequences consumed, and process r of w takes sequences i = r mod w.
     """
 
-    def __init__(self, documents: list[list[int]], seq_len: int, seed: int):
-        self.documents, self.seq_len, self.seed = documents, seq_len, seed
+    def __init__(self, documents: list[list[int]], seq_len: int, seed: int, marks: list[list[int]] | None = None):
+        # marks: per-token training marks parallel to documents (training/repeat_marks.py), or None
+        self.documents, self.seq_len, self.seed, self.marks = documents, seq_len, seed, marks
         total = sum(len(d) for d in documents)
         self.per_epoch = total // seq_len
         if self.per_epoch == 0:
             raise DataError(f"training data has {total} tokens, fewer than one sequence of {seq_len}")
-        self._epoch, self._rows = -1, None
+        self._epoch, self._rows, self._mark_rows = -1, None, None
 
-    def _epoch_rows(self, epoch: int) -> torch.Tensor:
+    def _epoch_rows(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(len(self.documents), generator=g).tolist()
             self._rows = pack([self.documents[i] for i in order], self.seq_len)
+            self._mark_rows = None if self.marks is None else pack([self.marks[i] for i in order], self.seq_len)
             self._epoch = epoch
-        return self._rows
+        return self._rows, self._mark_rows
 
     def sequence(self, index: int) -> torch.Tensor:
         epoch, row = divmod(index, self.per_epoch)
-        return self._epoch_rows(epoch)[row]
+        return self._epoch_rows(epoch)[0][row]
+
+    def _indices(self, start: int, count: int, rank: int, world: int) -> list[int]:
+        return [start + j * world + rank for j in range(count)]
 
     def batch(self, start: int, count: int, rank: int = 0, world: int = 1) -> torch.Tensor:
         """This process's share of global sequences start .. start + count * world: [count, S]."""
-        return torch.stack([self.sequence(start + j * world + rank) for j in range(count)])
+        return torch.stack([self.sequence(i) for i in self._indices(start, count, rank, world)])
+
+    def marks_batch(self, start: int, count: int, rank: int = 0, world: int = 1) -> torch.Tensor | None:
+        """The token marks of ``batch``'s sequences: [count, S] int64, or None for a stream without marks."""
+        if self.marks is None:
+            return None
+        rows = []
+        for i in self._indices(start, count, rank, world):
+            epoch, row = divmod(i, self.per_epoch)
+            rows.append(self._epoch_rows(epoch)[1][row])
+        return torch.stack(rows)
 
 
 class StreamingPacked:
@@ -250,6 +305,9 @@ class StreamingPacked:
     def batch(self, start: int, count: int, rank: int = 0, world: int = 1) -> torch.Tensor:
         return torch.stack([self.sequence(start + j * world + rank) for j in range(count)])
 
+    def marks_batch(self, start: int, count: int, rank: int = 0, world: int = 1) -> None:
+        return None  # DataConfig refuses unlikely repeats with streamed sources
+
 
 def training_stream(config: DataConfig, tokenizer):
     """The training side of ``config``: in memory for local sources, streamed for hf: ones."""
@@ -260,8 +318,15 @@ def training_stream(config: DataConfig, tokenizer):
             if not is_heldout(d.doc_id, config)
         )
         return StreamingPacked(docs, config.seq_len)
-    train, _ = split_documents(config, tokenizer)
-    return PackedStream(train, config.seq_len, config.seed)
+    train, marks = [], []
+    for doc, ids, held in _encoded(config, tokenizer):
+        if not held:
+            train.append(ids)
+            if config.unlikely_repeats:
+                marks.append(marks_of(doc, ids, tokenizer, config))
+    if not train:
+        raise _no_training_documents(config)
+    return PackedStream(train, config.seq_len, config.seed, marks if config.unlikely_repeats else None)
 
 
 def heldout_sequences(config: DataConfig, tokenizer, max_sequences: int) -> torch.Tensor:

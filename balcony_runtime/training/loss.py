@@ -17,6 +17,12 @@ forward KL is what perplexity rewards). With d = x - y and L_x, L_y the two log-
 
     KL(q || p) = -<q, d> + L_x - L_y = R        dR/dz = q * (-d + L_x - L_y - R)
 
+Per-position targets (training/repeat_marks.py) can drop the KL at some positions (kl_keep 0) and
+add a token-level unlikelihood term u * -log(1 - q_t) at others, t the token the exit should not
+write there (Welleck et al. 2019); with q_t = softmax(z)_t,
+
+    d/dz [-log(1 - q_t)] = q_t / (1 - q_t) * (onehot_t - q)
+
 One chunk of teacher and student logits is alive at a time (about 5 x chunk x V fp32 numbers at the
 peak); the balconies' own backward runs once at the end from the accumulated [T, H] gradient.
 """
@@ -24,6 +30,7 @@ peak); the balconies' own backward runs once at the end from the accumulated [T,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -42,6 +49,40 @@ class TeacherChunk:
     log_total: torch.Tensor  # log sum_v exp(x - max): [c]; log p = shifted_logits - log_total
 
 
+class PositionTargets(NamedTuple):
+    """Per-position training targets of a flattened batch (training/repeat_marks.position_targets)."""
+
+    kl_keep: torch.Tensor  # [T] float: 1 where the KL toward the full model is taken, 0 where not
+    unlikely: torch.Tensor  # [T] int64: the token to push away from (unlikelihood), or -1
+    weight: float  # u, the unlikelihood term's weight beside the KL
+
+    def rows(self, rows: slice) -> "PositionTargets":
+        return PositionTargets(self.kl_keep[rows], self.unlikely[rows], self.weight)
+
+
+def unlikelihood(q: torch.Tensor, grad_z: torch.Tensor | None, targets: PositionTargets) -> torch.Tensor:
+    """Sum over marked rows of u * -log(1 - q_t); adds its gradient w.r.t. the logits into grad_z.
+
+    q: [c, V] the student's probabilities; grad_z: [c, V] the KL's gradient (the head's dtype) or
+    None when only the loss is wanted."""
+    rows = (targets.unlikely >= 0).nonzero().view(-1)  # [m]
+    if rows.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=q.device)
+    tokens = targets.unlikely[rows]  # [m]
+    q_rows = q[rows].float()  # [m, V]
+    q_t = q_rows.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [m]
+    # 1 - q_t underflows to 0 when the exit is sure of the repeat: floor it so the loss and its
+    # gradient stay finite (the clip bounds the step)
+    rest = (1.0 - q_t).clamp_min(1e-6)
+    loss = -rest.log().sum() * targets.weight
+    if grad_z is not None:
+        g = q_rows.mul_(-1.0)  # -q
+        g[torch.arange(rows.numel(), device=g.device), tokens] += 1.0  # onehot_t - q
+        g.mul_((targets.weight * q_t / rest).unsqueeze(1))
+        grad_z.index_add_(0, rows, g.to(grad_z.dtype))
+    return loss
+
+
 def teacher_chunk(model: BalconyModel, hidden: torch.Tensor, weight: torch.Tensor | None) -> TeacherChunk:
     shifted = lm_logits(model, hidden, weight)  # [c, V] fp32
     shifted.sub_(shifted.amax(dim=-1, keepdim=True))
@@ -52,9 +93,11 @@ def teacher_chunk(model: BalconyModel, hidden: torch.Tensor, weight: torch.Tenso
 
 
 def student_chunk(model: BalconyModel, hidden: torch.Tensor, teacher: TeacherChunk,
-                  weight: torch.Tensor | None, grad_scale: float | None, reverse_weight: float = 0.0):
+                  weight: torch.Tensor | None, grad_scale: float | None, reverse_weight: float = 0.0,
+                  targets: PositionTargets | None = None):
     """Sum over the chunk of (1 - b) KL(p || q) + b KL(q || p) with q = softmax(z) and b =
-    reverse_weight, and grad_scale x its gradient w.r.t. hidden [c, H].
+    reverse_weight, and grad_scale x its gradient w.r.t. hidden [c, H]. With ``targets`` (forward
+    KL only), the KL only where targets.kl_keep is 1, plus the unlikelihood term.
 
     With x and y the teacher's and student's logits less their row maxima,
     KL = <p, x - y> - log sum exp x + log sum exp y. Taking x - y before the dot product keeps fp32
@@ -68,6 +111,20 @@ def student_chunk(model: BalconyModel, hidden: torch.Tensor, teacher: TeacherChu
     total = shifted.exp_().sum(dim=-1, keepdim=True)  # shifted now holds exp(y): [c, V]
     log_ratio = teacher.log_total - total.view(-1).log()  # L_x - L_y: [c]
     forward = p_dot_diff - log_ratio  # KL(p || q) per row: [c]
+    if targets is not None:
+        if reverse_weight:
+            raise ValueError("unlikelihood targets go with the forward KL only")
+        del diff
+        q = shifted.div_(total)  # [c, V]
+        keep = targets.kl_keep.to(q.dtype)  # [c]
+        loss = (forward * keep).sum()
+        grad_z = None
+        if grad_scale is not None:
+            grad_z = torch.sub(q, teacher.probs).mul_(keep.unsqueeze(1)).to(weight.dtype)  # [c, V]
+        loss = loss + unlikelihood(q, grad_z, targets)
+        if grad_z is None:
+            return loss, None
+        return loss, (grad_z @ weight).float() * grad_scale  # [c, H]
     if reverse_weight == 0.0:
         loss = forward.sum()
         if grad_scale is None:
@@ -103,6 +160,7 @@ def distillation_loss(
     grad_scale: float | None,
     head_weight: torch.Tensor | None = None,
     reverse_weight: float = 0.0,
+    targets: PositionTargets | None = None,
 ) -> dict[int, torch.Tensor]:
     """Sum over this batch's tokens of KL(p_full || q_exit), per exit (detached fp32 scalars); with
     reverse_weight b, of (1 - b) KL(p_full || q_exit) + b KL(q_exit || p_full).
@@ -110,6 +168,7 @@ def distillation_loss(
     grad_scale: when given, back-propagates grad_scale x (sum over exits of the KL sums) into the
     balconies. The caller picks grad_scale = 1 / (tokens x exits x steps averaged).
     head_weight: the LM head in the dtype to run it in (default: the model's own).
+    targets: per-position KL mask and unlikelihood tokens over the flattened batch [T], or None.
     """
     with torch.no_grad():
         teacher = final_normed(model, *states.final)  # [T, H]
@@ -122,7 +181,7 @@ def distillation_loss(
             teacher_part = teacher_chunk(model, teacher[rows], head_weight)
             for k in exits:
                 kl, grad = student_chunk(model, students[k][rows], teacher_part, head_weight, grad_scale,
-                                         reverse_weight)
+                                         reverse_weight, None if targets is None else targets.rows(rows))
                 sums[k] += kl.cpu()
                 if grad is not None:
                     grads[k][rows] = grad

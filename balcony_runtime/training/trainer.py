@@ -31,7 +31,8 @@ from balcony_runtime.training.data import DataError, training_stream
 from balcony_runtime.training.dense_forward import backbone_pass
 from balcony_runtime.training.head_free import fisher_metric, head_free_loss, logits_metric
 from balcony_runtime.training.lens import apply_lens, fit_lens
-from balcony_runtime.training.loss import distillation_loss
+from balcony_runtime.training import repeat_marks
+from balcony_runtime.training.loss import PositionTargets, distillation_loss
 from balcony_runtime.weight_format import DTYPES
 
 LENS_REPORT = "lens_fit.json"  # the closed-form fit's report, beside the checkpoint
@@ -212,6 +213,15 @@ def head_free_metric(config: TrainConfig, model, stream, output: Path, env, log)
     return metric
 
 
+def position_targets_of(stream, first: int, config: TrainConfig, env, ids: torch.Tensor) -> PositionTargets | None:
+    """The KL mask and unlikelihood tokens of one micro-batch, when the data marks the exits' loops."""
+    marks = stream.marks_batch(first, config.micro_batch_size, env.rank, env.world)
+    if marks is None:
+        return None
+    kl_keep, unlikely = repeat_marks.position_targets(ids, marks.to(env.device))
+    return PositionTargets(kl_keep, unlikely, config.unlikelihood_weight)
+
+
 def train(config: TrainConfig, loaded: LoadedModel | None = None, log=print) -> dict:
     """Run (or resume) training; returns the final trainer state. Exports adapters when the schedule ends."""
     env = Distributed(config.device)
@@ -267,8 +277,9 @@ def train(config: TrainConfig, loaded: LoadedModel | None = None, log=print) -> 
             base = config.first_sequence + step * sequences_per_step
             sums = {k: torch.zeros(()) for k in exits}
             for a in range(config.grad_accum):
-                ids = stream.batch(base + a * config.micro_batch_size * env.world, config.micro_batch_size,
-                                   env.rank, env.world).to(env.device)  # [b, S]
+                first = base + a * config.micro_batch_size * env.world
+                ids = stream.batch(first, config.micro_batch_size, env.rank, env.world).to(env.device)  # [b, S]
+                targets = position_targets_of(stream, first, config, env, ids)
                 t = time.perf_counter()
                 with amp():
                     states = backbone_pass(model, ids, set(exits))
@@ -276,7 +287,7 @@ def train(config: TrainConfig, loaded: LoadedModel | None = None, log=print) -> 
                 with amp():
                     if metric is None:
                         micro = distillation_loss(model, states, exits, config.kl_chunk, grad_scale, head_weight,
-                                                  config.reverse_kl_weight)
+                                                  config.reverse_kl_weight, targets)
                     else:
                         micro = head_free_loss(model, states, exits, metric, grad_scale)
                 for k in exits:

@@ -1,0 +1,63 @@
+"""Which tokens of an exit's own answer teach it to loop, and what the trainer does with them.
+
+An exit's greedy answer often falls into a loop (a run of tokens written again and again). Once
+it has, the full model would mostly continue the loop too (copying from context is as easy for the
+teacher as for the student: docs/training.md "Why the exits loop"), so distilling on that text
+teaches looping. Token-level unlikelihood (Welleck et al. 2019, "Neural text generation with
+unlikelihood training") trains the student *against* a token it should not write: loss
+-log(1 - q(token)). Here, in answers an exit wrote itself:
+
+- a token that ends a run of ``RUN_TOKENS`` tokens already written earlier in the answer is
+  UNLIKELY: the prediction of that token is pushed away from it and not toward the teacher;
+- every other token from the first repeat on is NO_TEACHER: the context is the loop, where the
+  teacher's distribution teaches looping, so no KL is taken;
+- tokens before the first repeat (the prompt, the fresh part of the answer) keep the plain KL.
+
+Marks are per token: mark[t] says what happens to the prediction *of* token t (made at t - 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NORMAL, UNLIKELY, NO_TEACHER = 0, 1, 2
+RUN_TOKENS = 4  # the loop rule of bench/exit_samples.py: a run of 4 tokens seen again
+
+
+def repeats(answer: list[int], n: int = RUN_TOKENS) -> list[bool]:
+    """Per token: whether the run of ``n`` tokens it ends was already in the answer."""
+    seen, marks = set(), []
+    for i in range(len(answer)):
+        gram = tuple(answer[max(0, i - n + 1) : i + 1])
+        marks.append(i >= n - 1 and gram in seen)
+        seen.add(gram)
+    return marks
+
+
+def answer_marks(answer: list[int], n: int = RUN_TOKENS) -> list[int]:
+    """NORMAL up to the first repeated run; from there UNLIKELY on repeats and NO_TEACHER elsewhere."""
+    flags = repeats(answer, n)
+    first = next((i for i, r in enumerate(flags) if r), len(answer))
+    return [NORMAL] * first + [UNLIKELY if r else NO_TEACHER for r in flags[first:]]
+
+
+def document_marks(ids: list[int], answer_start: int, n: int = RUN_TOKENS) -> list[int]:
+    """Marks of a whole encoded document whose answer begins at ``answer_start``; the tokens after
+    the answer (the template's end of turn) follow the answer's last mark's rule: NO_TEACHER once
+    the answer has looped."""
+    return [NORMAL] * answer_start + answer_marks(ids[answer_start:], n)
+
+
+def position_targets(ids: torch.Tensor, marks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position of a packed batch, from its token marks: (kl_keep, unlikely).
+
+    ids, marks: [B, S]. Position p predicts token p + 1, so it takes that token's mark; the last
+    position of a row predicts a token in the next row, which it cannot see: plain KL.
+    kl_keep: [B * S] float, 1 where the KL toward the full model is taken.
+    unlikely: [B * S] int64, the token id to push away from, or -1.
+    """
+    nxt = torch.full_like(marks, NORMAL)
+    nxt[:, :-1] = marks[:, 1:]
+    unlikely = torch.full_like(ids, -1)
+    unlikely[:, :-1] = torch.where(marks[:, 1:] == UNLIKELY, ids[:, 1:], -1)
+    return (nxt == NORMAL).float().reshape(-1), unlikely.reshape(-1)
