@@ -324,7 +324,8 @@ def train(config: TrainConfig, loaded: LoadedModel | None = None, log=print) -> 
                 if env.rank == 0:
                     with log_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
-                    label = "mixed-kl" if config.reverse_kl_weight else config.objective
+                    label = ("mixed-kl" if config.reverse_kl_weight else
+                             "kl+unlikely" if config.unlikelihood_weight else config.objective)
                     loss_text = " ".join(f"{label}@{k} {v:.3f}" for k, v in record["loss"].items())
                     log(f"step {state['step']}/{total_steps} | {state['tokens_seen']:,} tok | {tok_s:,.0f} tok/s | "
                         f"{loss_text} | lr {lr:.2e} | backbone {record['backbone_fraction']:.0%} | "
