@@ -72,6 +72,8 @@ def measure(loaded, prompts: list[str], max_tokens: int, exits: list[str] | None
         looped = [i for i, a in enumerate(ids) if loops(a)]
         # (which prompts loop, so two adapters can be compared prompt by prompt)
         row = {"loops": round(len(looped) / len(ids), 4), "mean_tokens": round(sum(map(len, ids)) / len(ids), 1),
+               # answers that end (EOS) before the limit: a shorter answer has less room to loop
+               "stopped": round(sum(len(a) < max_tokens for a in ids) / len(ids), 4),
                "looped_prompts": looped}
         if name != "full":
             agreement = full_model_agreement(loaded.model, prompt_ids, ids)

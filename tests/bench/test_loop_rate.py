@@ -36,5 +36,8 @@ def test_measure_reports_every_exit(bench_script, default_model):
         assert set(result["exits"]) == {"8", "15", "22", "full"}
         assert all(0 <= row["loops"] <= 1 and 0 < row["mean_tokens"] <= 8 for row in result["exits"].values())
         assert all(row["loops"] == len(row["looped_prompts"]) / 2 for row in result["exits"].values())
+        # some answer ended before the limit exactly when the mean is under it
+        assert all(0 <= row["stopped"] <= 1 and (row["stopped"] > 0) == (row["mean_tokens"] < 8)
+                   for row in result["exits"].values())
         assert "agreement" not in result["exits"]["full"] and 0 <= result["exits"]["22"]["agreement"] <= 1
         assert "loops 8" in loop_rate.markdown_line(result)
