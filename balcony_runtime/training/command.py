@@ -38,6 +38,10 @@ def add_unlikely_option(p: argparse.ArgumentParser) -> None:
                         "train every exit against the tokens that repeat a run of 4 already written "
                         "(unlikelihood, this weight beside the KL) and take no KL from the first repeat on; "
                         "0 only drops that KL (default: off, plain KL everywhere)")
+    p.add_argument("--unlikely-anchor", action="store_true",
+                   help="with --unlikely-repeats: at each repeated token also take the KL toward the full "
+                        "model's distribution without that token, so the probability moves to what the full "
+                        "model would write instead of the loop (not to ending the answer)")
 
 
 def data_config(args):
@@ -132,7 +136,7 @@ def cmd_train(args) -> int:
             stop_after=args.stop_after, lr=args.lr, weight_decay=args.weight_decay,
             warmup_fraction=args.warmup_fraction, clip_norm=args.clip_norm, kl_chunk=args.kl_chunk,
             objective=args.objective, reverse_kl_weight=args.reverse_kl_weight,
-            unlikelihood_weight=args.unlikely_repeats or 0.0,
+            unlikelihood_weight=args.unlikely_repeats or 0.0, unlikely_anchor=args.unlikely_anchor,
             metric_tokens=args.metric_tokens,
             save_every=args.save_every, snapshot_every=args.snapshot_every, log_every=args.log_every,
             resume=not args.no_resume,

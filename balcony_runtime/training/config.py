@@ -44,6 +44,9 @@ class TrainConfig:
     # with data.unlikely_repeats: u, the weight of the unlikelihood term on the exits' own loops
     # (training/repeat_marks.py); 0 only drops the KL inside those loops
     unlikelihood_weight: float = 0.0
+    # with data.unlikely_repeats: at each repeated token also the KL toward the full model's
+    # distribution without that token (where the probability should go instead of the loop)
+    unlikely_anchor: bool = False
     metric_tokens: int = 8192  # objective="fisher": teacher tokens the [H, H] metric is averaged over
     save_every: int = 100  # optimizer steps between checkpoints
     log_every: int = 10  # optimizer steps between progress lines
@@ -73,6 +76,8 @@ class TrainConfig:
             raise ValueError(f"unlikelihood_weight must be at least 0, got {self.unlikelihood_weight}")
         if self.unlikelihood_weight and not self.data.unlikely_repeats:
             raise ValueError("unlikelihood_weight needs data.unlikely_repeats (the marks of the loops it trains against)")
+        if self.unlikely_anchor and not self.data.unlikely_repeats:
+            raise ValueError("unlikely_anchor needs data.unlikely_repeats (the marks of the repeated tokens)")
         if self.data.unlikely_repeats and (self.objective != "kl" or self.reverse_kl_weight):
             raise ValueError("unlikely repeats go with the forward KL objective only")
         if self.metric_tokens < 1:

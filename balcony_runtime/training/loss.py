@@ -23,6 +23,13 @@ write there (Welleck et al. 2019); with q_t = softmax(z)_t,
 
     d/dz [-log(1 - q_t)] = q_t / (1 - q_t) * (onehot_t - q)
 
+With targets.anchor, those positions also take the KL toward p', the full model's distribution with
+t removed (p'_v = p_v / (1 - p_t), p'_t = 0): the unlikelihood term says what not to write, p' where
+the probability should go instead (without it, ending the answer is the easy way out). With
+r = 1 - p_t and d = x - y as above,
+
+    KL(p' || q) = (<p, d> - p_t d_t) / r - (L_x - L_y) - log r          dKL/dz = q - p'
+
 One chunk of teacher and student logits is alive at a time (about 5 x chunk x V fp32 numbers at the
 peak); the balconies' own backward runs once at the end from the accumulated [T, H] gradient.
 """
@@ -55,9 +62,37 @@ class PositionTargets(NamedTuple):
     kl_keep: torch.Tensor  # [T] float: 1 where the KL toward the full model is taken, 0 where not
     unlikely: torch.Tensor  # [T] int64: the token to push away from (unlikelihood), or -1
     weight: float  # u, the unlikelihood term's weight beside the KL
+    anchor: bool = False  # also the KL toward the full model's distribution without the unlikely token
 
     def rows(self, rows: slice) -> "PositionTargets":
-        return PositionTargets(self.kl_keep[rows], self.unlikely[rows], self.weight)
+        return PositionTargets(self.kl_keep[rows], self.unlikely[rows], self.weight, self.anchor)
+
+
+# Below this share of the full model's probability left outside the repeated token, p' is mostly
+# rounding noise: such positions get the unlikelihood term alone.
+MIN_REST = 0.01
+
+
+def teacher_rest_kl(teacher: "TeacherChunk", diff: torch.Tensor, p_dot_diff: torch.Tensor, log_ratio: torch.Tensor,
+                    q: torch.Tensor, grad_z: torch.Tensor | None, targets: PositionTargets) -> torch.Tensor:
+    """Sum over marked rows of KL(p' || q), p' the full model's distribution without the unlikely
+    token; adds q - p' into those rows of grad_z.
+
+    diff: [c, V] x - y; p_dot_diff, log_ratio: [c] as in student_chunk; q: [c, V]."""
+    rows = (targets.unlikely >= 0).nonzero().view(-1)  # [m]
+    tokens = targets.unlikely[rows]
+    p_t = teacher.probs[rows, tokens]  # [m]
+    keep = (1.0 - p_t) >= MIN_REST
+    rows, tokens, p_t = rows[keep], tokens[keep], p_t[keep]
+    if rows.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=q.device)
+    rest = 1.0 - p_t  # [m]
+    kl = (p_dot_diff[rows] - p_t * diff[rows, tokens]) / rest - log_ratio[rows] - rest.log()  # [m]
+    if grad_z is not None:
+        p_rest = teacher.probs[rows] / rest.unsqueeze(1)  # [m, V]
+        p_rest[torch.arange(rows.numel(), device=q.device), tokens] = 0.0
+        grad_z.index_add_(0, rows, (q[rows] - p_rest).to(grad_z.dtype))
+    return kl.sum()
 
 
 def unlikelihood(q: torch.Tensor, grad_z: torch.Tensor | None, targets: PositionTargets) -> torch.Tensor:
@@ -114,13 +149,15 @@ def student_chunk(model: BalconyModel, hidden: torch.Tensor, teacher: TeacherChu
     if targets is not None:
         if reverse_weight:
             raise ValueError("unlikelihood targets go with the forward KL only")
-        del diff
         q = shifted.div_(total)  # [c, V]
         keep = targets.kl_keep.to(q.dtype)  # [c]
         loss = (forward * keep).sum()
         grad_z = None
         if grad_scale is not None:
             grad_z = torch.sub(q, teacher.probs).mul_(keep.unsqueeze(1)).to(weight.dtype)  # [c, V]
+        if targets.anchor:
+            loss = loss + teacher_rest_kl(teacher, diff, p_dot_diff, log_ratio, q, grad_z, targets)
+        del diff
         loss = loss + unlikelihood(q, grad_z, targets)
         if grad_z is None:
             return loss, None

@@ -219,7 +219,7 @@ def position_targets_of(stream, first: int, config: TrainConfig, env, ids: torch
     if marks is None:
         return None
     kl_keep, unlikely = repeat_marks.position_targets(ids, marks.to(env.device))
-    return PositionTargets(kl_keep, unlikely, config.unlikelihood_weight)
+    return PositionTargets(kl_keep, unlikely, config.unlikelihood_weight, config.unlikely_anchor)
 
 
 def train(config: TrainConfig, loaded: LoadedModel | None = None, log=print) -> dict:

@@ -51,7 +51,24 @@ def masked_kl_sum(teacher_logits: torch.Tensor, student_logits: torch.Tensor, ke
     return ((p_log.exp() * (p_log - q_log)).sum(-1) * keep).sum()
 
 
-def test_unlikelihood_loss_and_gradients_equal_autograd(tiny_trainable):
+def rest_kl_sum(teacher_logits: torch.Tensor, student_logits: torch.Tensor, unlikely: torch.Tensor) -> torch.Tensor:
+    """sum over marked positions of KL(p' || q), p' the teacher's softmax with the marked token
+    zeroed and renormalised (the reference; positions where p' is under MIN_REST are skipped)."""
+    from balcony_runtime.training.loss import MIN_REST
+
+    rows = (unlikely >= 0).nonzero().view(-1)
+    p = teacher_logits.float().softmax(-1).reshape(unlikely.numel(), -1)[rows]
+    p_t = p[torch.arange(rows.numel()), unlikely[rows]]
+    p = p.clone()
+    p[torch.arange(rows.numel()), unlikely[rows]] = 0
+    p = p / p.sum(-1, keepdim=True)
+    q_log = student_logits.float().log_softmax(-1).reshape(unlikely.numel(), -1)[rows]
+    per_row = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - q_log), 0.0).sum(-1)
+    return (per_row * (1 - p_t >= MIN_REST)).sum()
+
+
+@pytest.mark.parametrize("anchor", [False, True])
+def test_unlikelihood_loss_and_gradients_equal_autograd(tiny_trainable, anchor):
     model, exits = tiny_trainable.model, tiny_trainable.model.exits
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(0, model.arch.vocab_size, (2, 18), generator=g)
@@ -68,7 +85,7 @@ def test_unlikelihood_loss_and_gradients_equal_autograd(tiny_trainable):
     weight, scale = 50.0, 1.0 / (ids.numel() * len(exits))
     balcony_params = list(model.balconies.parameters())
 
-    ours = distillation_loss(model, states, exits, 5, scale, targets=PositionTargets(keep, unlikely, weight))
+    ours = distillation_loss(model, states, exits, 5, scale, targets=PositionTargets(keep, unlikely, weight, anchor))
     chunked = [p.grad.clone() for p in balcony_params]
     assert all(p.grad is None for p in model.backbone_parameters())
 
@@ -76,6 +93,8 @@ def test_unlikelihood_loss_and_gradients_equal_autograd(tiny_trainable):
     states = backbone_pass(model, ids, set(exits))
     students = {k: lm_logits(model, balcony_normed(model, k, states)) for k in exits}
     refs = {k: masked_kl_sum(teacher, students[k], keep) + weight * unlikely_sum(students[k], unlikely) for k in exits}
+    if anchor:
+        refs = {k: refs[k] + rest_kl_sum(teacher, students[k], unlikely) for k in exits}
     (sum(refs.values()) * scale).backward()
     for k in exits:
         torch.testing.assert_close(ours[k], refs[k].detach(), rtol=1e-4, atol=1e-5)
