@@ -189,6 +189,14 @@ def main() -> int:
                              "pool, less its held-out slice) and train on the answers beside the text")
     parser.add_argument("--answers-from", metavar="DIR",
                         help="train on the answers an earlier run wrote (its OUT/answers) instead of generating")
+    parser.add_argument("--own-answers-minutes", type=float, default=0.0,
+                        help="with --init-from: first have those adapters' exits answer the pool's training prompts "
+                             "greedily for this long (prompt i at exit i mod 3, bench/own_answers.py's answers) and "
+                             "train on them beside the text; with --unlikely-repeats their loops are trained against")
+    parser.add_argument("--own-answers-max-tokens", type=int, default=96)
+    parser.add_argument("--unlikely-repeats", type=float, default=None, metavar="WEIGHT",
+                        help="balcony train --unlikely-repeats: unlikelihood on the loops of the exits' own answers")
+    parser.add_argument("--unlikely-anchor", action="store_true", help="balcony train --unlikely-anchor")
     parser.add_argument("--answers-rows", type=int, default=512, help="rows the engine answers at once")
     parser.add_argument("--answers-max-tokens", type=int, default=320)
     parser.add_argument("--greedy-prompts", type=int, default=HELDOUT_PROMPTS,
@@ -210,6 +218,10 @@ def main() -> int:
         parser.error("give --pack DIR or --run DIR")
     if args.answers_minutes and args.answers_from:
         parser.error("--answers-minutes generates answers, --answers-from reads earlier ones: give one")
+    if args.own_answers_minutes and not args.init_from:
+        parser.error("--own-answers-minutes needs --init-from: the exits of trained adapters answer")
+    if args.unlikely_anchor and args.unlikely_repeats is None:
+        parser.error("--unlikely-anchor goes with --unlikely-repeats")
     return run(args)
 
 
@@ -227,6 +239,7 @@ def run(args) -> int:
     if args.smoke:
         args.seq_len, args.micro_batch_size, args.lens_tokens, args.eval_sequences = 64, 2, 1024, 2
         args.answers_rows, args.answers_max_tokens, args.greedy_prompts = 4, 8, min(args.greedy_prompts, 2)
+        args.own_answers_max_tokens = 8
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gguf_importable(Path(args.run))
@@ -249,9 +262,17 @@ def run(args) -> int:
     elif args.answers_from:
         sources.append(args.answers_from)
         report["answers"] = {"from": args.answers_from}
+    if args.own_answers_minutes:
+        t0 = time.perf_counter()
+        report["own_answers"] = generate_answers(out / "own_answers", args.own_answers_minutes * 60, device,
+                                                 args.answers_rows, args.own_answers_max_tokens, smoke=args.smoke,
+                                                 adapters=args.init_from)
+        sources.append(str(out / "own_answers"))
+        phase("own_answers", t0)
 
     t0 = time.perf_counter()
-    data = DataConfig(sources=tuple(sources), seq_len=args.seq_len, chat_template=True)
+    data = DataConfig(sources=tuple(sources), seq_len=args.seq_len, chat_template=True,
+                      unlikely_repeats=args.unlikely_repeats is not None)
     probe_config = TrainConfig(data=data, output_dir=str(out / "probe"), device=device, max_steps=1)
     loaded = prepare_model(probe_config, torch.device(device))
     phase("load", t0)
@@ -277,6 +298,7 @@ def run(args) -> int:
         **({"init": "last", "init_from": args.init_from} if args.init_from else {"init": "lens"}),
         micro_batch_size=args.micro_batch_size, max_steps=steps, lr=args.lr, log_every=max(1, steps // 20),
         save_every=max(1, steps // 4), resume=False, command=report["command"],
+        unlikelihood_weight=args.unlikely_repeats or 0.0, unlikely_anchor=args.unlikely_anchor,
     )
     state = train(config, loaded, log=lambda line: print(line, flush=True))
     report["trained"] = {"steps": state["step"], "tokens": state["tokens_seen"]}
@@ -314,12 +336,17 @@ def run(args) -> int:
 ANSWERS_KV_GB = 16.0
 
 
-def generate_answers(into: Path, seconds: float, device: str, rows: int, max_tokens: int, smoke: bool = False) -> dict:
+def generate_answers(into: Path, seconds: float, device: str, rows: int, max_tokens: int, smoke: bool = False,
+                     adapters: str | None = None) -> dict:
     """The full model's answers to the pool's training prompts, as many as ``seconds`` allow (the
     pool again, freshly sampled, if it runs out): ``into``/generations.jsonl, one {"prompt", "text",
     "finish"} a line, the format bench/train_data.py writes and the trainer reads with the chat
     template. Sampled as the on-policy answers before (temperature 0.8, top-p 0.95), unseeded: the
-    sync-free sampling path, and the file itself is the record (--return-dir brings it back)."""
+    sync-free sampling path, and the file itself is the record (--return-dir brings it back).
+
+    With ``adapters``, their exits answer instead, greedily (prompt i at exit i mod the exits, an
+    ``exit`` field naming it: bench/own_answers.py's format), once through the pool at most: greedy
+    answers to the same prompt are the same answer."""
     import gc
 
     import torch
@@ -331,23 +358,29 @@ def generate_answers(into: Path, seconds: float, device: str, rows: int, max_tok
 
     start = time.perf_counter()
     prompts, _ = split_pool(read_pool(DEFAULT_POOL))
-    loaded = load_model(adapters=None, device=device, dtype="auto" if device != "cpu" else "float32")
+    loaded = load_model(adapters=adapters, device=device, dtype="auto" if device != "cpu" else "float32")
+    exits = [str(k) for k in loaded.model.exits] if adapters else None
     # The default model at 512 rows of 420 tokens holds about 5.4 GB of KV (25 KB a token over its 30
     # layers and 3 balconies in bf16): 16 GB leaves room; the engine's default, 90% of free memory,
     # would leave nothing to the training that follows in this process.
     kv_gb = None if device == "cpu" else ANSWERS_KV_GB
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=rows, max_num_batched_tokens=max(2048, 16 * rows),
                                             kv_cache_memory_gb=kv_gb))
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.95)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0 if exits else 0.8, top_p=1.0 if exits else 0.95)
     load_s = time.perf_counter() - start
     into.mkdir(parents=True, exist_ok=True)
     wave = 8 * rows  # prompts handed over at once (a few seconds on a GPU): the clock is read between waves
     answered = tokens = finished = 0
     with (into / "generations.jsonl").open("w") as f:
         while not answered or time.perf_counter() - start < seconds:  # at least one wave
+            if exits and answered >= len(prompts):
+                break
             group = [prompts[(answered + i) % len(prompts)] for i in range(wave)]
-            for prompt, done in zip(group, engine.generate([chat_ids(loaded.tokenizer, p) for p in group], params)):
-                f.write(json.dumps({"prompt": prompt, "text": done.text.strip(), "finish": done.finish_reason}) + "\n")
+            at = [exits[(answered + i) % len(exits)] for i in range(wave)] if exits else None
+            done_all = engine.generate([chat_ids(loaded.tokenizer, p) for p in group], params, exit_layer=at)
+            for i, (prompt, done) in enumerate(zip(group, done_all)):
+                row = {"prompt": prompt, "text": done.text.strip(), "finish": done.finish_reason}
+                f.write(json.dumps(row | ({"exit": at[i]} if at else {})) + "\n")
                 tokens += len(done.token_ids)
                 finished += done.finish_reason == "stop"
             answered += len(group)
@@ -390,10 +423,11 @@ def returned(out: Path, into: Path) -> list[Path]:
         if source.is_file():
             written.append(Path(shutil.copy2(source, into / source.name)))
     blobs = {"balcony.safetensors": (out / "adapters" / "balcony.safetensors").read_bytes()}
-    answers = out / "answers" / "generations.jsonl"
-    if answers.is_file():
-        # preset 1: about ten times faster than the default on plain text, for about a quarter more bytes
-        blobs["generations.jsonl.xz"] = lzma.compress(answers.read_bytes(), preset=1)
+    for folder, name in (("answers", "generations.jsonl.xz"), ("own_answers", "own_generations.jsonl.xz")):
+        answers = out / folder / "generations.jsonl"
+        if answers.is_file():
+            # preset 1: about ten times faster than the default on plain text, for about a quarter more bytes
+            blobs[name] = lzma.compress(answers.read_bytes(), preset=1)
     for file_name, blob in blobs.items():
         for name, piece in lettered_parts(blob, RETURN_PART_BYTES):
             part = into / f"{file_name}.part-{name}"
@@ -423,6 +457,10 @@ def markdown(report: dict, eval_md: Path) -> str:
                      f"({answers['tokens_per_s']:,} tokens/s at {answers['rows']} rows); {answers['stopped_by_eos']:,} ended by themselves.")
     elif answers:
         lines.append(f"Answers: read from {answers['from']}.")
+    own = report.get("own_answers")
+    if own:
+        lines.append(f"Own answers: the exits answered {own['answers']:,} chat prompts greedily in {own['seconds']} s, "
+                     f"{own['tokens']:,} tokens ({own['tokens_per_s']:,} tokens/s at {own['rows']} rows).")
     lines += ["", "English held-out, every exit against the full model:", "",
               eval_md.read_text() if eval_md.is_file() else "(no eval.md)"]
     greedy = report.get("greedy_heldout_prompts")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import subprocess
 import sys
@@ -77,7 +78,6 @@ def test_pack_then_run_trains_and_reports(tmp_path, default_model, bench_script)
 
     # The full model's answers to the pool's training prompts (one wave under --smoke), trained on
     # beside the text, and brought back compressed.
-    import lzma
 
     with bench_script("chat_prompts") as chat_prompts:
         trainable, heldout = chat_prompts.split_pool(chat_prompts.read_pool(chat_prompts.DEFAULT_POOL))
@@ -167,6 +167,30 @@ def test_a_run_continues_from_given_adapters(tmp_path, default_model):
     assert meta["training"]["initialised_from"]["command"] == json.loads(
         (shipped / "balcony.json").read_text())["training"]["command"]
     assert not (out / "run" / "lens_fit.json").exists()  # no closed-form fit: the start is given
+
+
+def test_the_exits_own_answers_are_generated_and_their_loops_trained_against(tmp_path):
+    """--own-answers-minutes: the given adapters' exits answer training prompts greedily, in turn,
+    and --unlikely-repeats / --unlikely-anchor reach the trainer; the answers come back."""
+    pack = tmp_path / "pack"
+    subprocess.run([sys.executable, str(SCRIPT), "--pack", str(pack)], check=True)
+    shipped = REPO / "balcony_runtime" / "shipped_adapters" / "smollm2-135m"
+    home, out, back = tmp_path / "home", tmp_path / "out", tmp_path / "back"
+    env = {**os.environ, "BALCONY_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    subprocess.run([sys.executable, str(SCRIPT), "--run", str(pack), "--smoke", "--out", str(out),
+                    "--init-from", str(shipped), "--own-answers-minutes", "0.01", "--unlikely-repeats", "2",
+                    "--unlikely-anchor", "--greedy-prompts", "0", "--steps", "2", "--return-dir", str(back)],
+                   check=True, env=env)
+    written = (out / "own_answers" / "generations.jsonl").read_text()
+    rows = [json.loads(line) for line in written.splitlines()]
+    assert len(rows) == 32 and [r["exit"] for r in rows[:6]] == ["8", "15", "22", "8", "15", "22"]
+    assert all(r["prompt"] and r["finish"] in ("stop", "length") for r in rows)
+    recipe = json.loads((out / "adapters" / "balcony.json").read_text())["training"]["recipe"]
+    assert recipe["data"]["sources"][-1] == str(out / "own_answers") and recipe["data"]["unlikely_repeats"]
+    assert recipe["unlikelihood_weight"] == 2.0 and recipe["unlikely_anchor"]
+    returned = b"".join(p.read_bytes() for p in sorted(back.glob("own_generations.jsonl.xz.part-*")))
+    assert lzma.decompress(returned).decode() == written
+    assert "Own answers: the exits answered 32" in (out / "gpu_train.md").read_text()
 
 
 def test_a_failed_greedy_check_is_reported_not_fatal(tmp_path, monkeypatch, bench_script):
