@@ -145,52 +145,41 @@ def test_a_carried_gguf_wheel_is_imported_where_the_machine_has_none(tmp_path, m
 def test_a_run_continues_from_given_adapters(tmp_path, default_model):
     """--init-from: a later GPU session trains on from the shipped adapters with a new schedule,
     without the closed-form fit, and the adapters record where they started; --answers-from adds an
-    earlier run's answers to the text; --steps fixes the schedule's length."""
+    earlier run's answers to the text; --own-answers-minutes has the given adapters' exits answer
+    training prompts greedily, in turn, and --unlikely-repeats / --unlikely-anchor reach the trainer,
+    the answers coming back compressed; --steps fixes the schedule's length."""
     pack = tmp_path / "pack"
     subprocess.run([sys.executable, str(SCRIPT), "--pack", str(pack)], check=True)
     shipped = REPO / "balcony_runtime" / "shipped_adapters" / "smollm2-135m"
-    home, out = tmp_path / "home", tmp_path / "out"
+    home, out, back = tmp_path / "home", tmp_path / "out", tmp_path / "back"
     env = {**os.environ, "BALCONY_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     answers = tmp_path / "answers"  # what an earlier run generated (its OUT/answers)
     answers.mkdir()
     (answers / "generations.jsonl").write_text(json.dumps({"prompt": "Tell me about violins.",
                                                            "text": "Violins have four strings. " * 30}) + "\n")
     subprocess.run([sys.executable, str(SCRIPT), "--run", str(pack), "--smoke", "--out", str(out),
-                    "--init-from", str(shipped), "--answers-from", str(answers), "--greedy-prompts", "0", "--steps", "3"],
+                    "--init-from", str(shipped), "--answers-from", str(answers), "--greedy-prompts", "0", "--steps", "3",
+                    "--own-answers-minutes", "0.01", "--unlikely-repeats", "2", "--unlikely-anchor", "--return-dir", str(back)],
                    check=True, env=env)
     meta = json.loads((out / "adapters" / "balcony.json").read_text())
-    assert meta["training"]["recipe"]["init_from"] == str(shipped)
-    assert meta["training"]["recipe"]["data"]["sources"][-1] == str(answers)
-    report = json.loads((out / "gpu_train.json").read_text())
-    assert report["answers"] == {"from": str(answers)} and "greedy_heldout_prompts" not in report
-    assert report["trained"]["steps"] == 3  # --steps: a control arm matches another run's tokens
-    assert meta["training"]["initialised_from"]["command"] == json.loads(
-        (shipped / "balcony.json").read_text())["training"]["command"]
-    assert not (out / "run" / "lens_fit.json").exists()  # no closed-form fit: the start is given
-
-
-def test_the_exits_own_answers_are_generated_and_their_loops_trained_against(tmp_path):
-    """--own-answers-minutes: the given adapters' exits answer training prompts greedily, in turn,
-    and --unlikely-repeats / --unlikely-anchor reach the trainer; the answers come back."""
-    pack = tmp_path / "pack"
-    subprocess.run([sys.executable, str(SCRIPT), "--pack", str(pack)], check=True)
-    shipped = REPO / "balcony_runtime" / "shipped_adapters" / "smollm2-135m"
-    home, out, back = tmp_path / "home", tmp_path / "out", tmp_path / "back"
-    env = {**os.environ, "BALCONY_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    subprocess.run([sys.executable, str(SCRIPT), "--run", str(pack), "--smoke", "--out", str(out),
-                    "--init-from", str(shipped), "--own-answers-minutes", "0.01", "--unlikely-repeats", "2",
-                    "--unlikely-anchor", "--greedy-prompts", "0", "--steps", "2", "--return-dir", str(back)],
-                   check=True, env=env)
+    recipe = meta["training"]["recipe"]
+    assert recipe["init_from"] == str(shipped)
+    assert recipe["data"]["sources"][1:] == [str(answers), str(out / "own_answers")]
+    assert recipe["data"]["unlikely_repeats"] and recipe["unlikelihood_weight"] == 2.0 and recipe["unlikely_anchor"]
     written = (out / "own_answers" / "generations.jsonl").read_text()
     rows = [json.loads(line) for line in written.splitlines()]
     assert len(rows) == 32 and [r["exit"] for r in rows[:6]] == ["8", "15", "22", "8", "15", "22"]
     assert all(r["prompt"] and r["finish"] in ("stop", "length") for r in rows)
-    recipe = json.loads((out / "adapters" / "balcony.json").read_text())["training"]["recipe"]
-    assert recipe["data"]["sources"][-1] == str(out / "own_answers") and recipe["data"]["unlikely_repeats"]
-    assert recipe["unlikelihood_weight"] == 2.0 and recipe["unlikely_anchor"]
     returned = b"".join(p.read_bytes() for p in sorted(back.glob("own_generations.jsonl.xz.part-*")))
     assert lzma.decompress(returned).decode() == written
     assert "Own answers: the exits answered 32" in (out / "gpu_train.md").read_text()
+    report = json.loads((out / "gpu_train.json").read_text())
+    assert report["answers"] == {"from": str(answers)} and "greedy_heldout_prompts" not in report
+    assert report["own_answers"]["answers"] == 32
+    assert report["trained"]["steps"] == 3  # --steps: a control arm matches another run's tokens
+    assert meta["training"]["initialised_from"]["command"] == json.loads(
+        (shipped / "balcony.json").read_text())["training"]["command"]
+    assert not (out / "run" / "lens_fit.json").exists()  # no closed-form fit: the start is given
 
 
 def test_a_failed_greedy_check_is_reported_not_fatal(tmp_path, monkeypatch, bench_script):
