@@ -185,8 +185,8 @@ def encode_document(doc: Document, tokenizer, config: DataConfig) -> list[int]:
 def marks_of(doc: Document, ids: list[int], tokenizer, config: DataConfig) -> list[int]:
     """Per-token training marks of an encoded document (training/repeat_marks.py): the loops of an
     exit's own chat answer when ``config.unlikely_repeats``, plain KL everywhere else."""
-    if not (config.unlikely_repeats and doc.writer not in (None, "full") and config.chat_template
-            and not is_raw(doc.doc_id, config)):
+    # (DataConfig refuses unlikely_repeats without the chat template)
+    if not (config.unlikely_repeats and doc.writer not in (None, "full") and not is_raw(doc.doc_id, config)):
         return [repeat_marks.NORMAL] * len(ids)
     # the answer begins where the user turn and the assistant's header end
     prompt = _chat_ids(tokenizer, [{"role": "user", "content": doc.prompt or config.chat_prompt}],
@@ -251,9 +251,14 @@ class PackedStream:
             self._epoch = epoch
         return self._rows, self._mark_rows
 
-    def sequence(self, index: int) -> torch.Tensor:
+    def _row(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sequence ``index``'s ids [S] and marks [S] (None without marks)."""
         epoch, row = divmod(index, self.per_epoch)
-        return self._epoch_rows(epoch)[0][row]
+        rows, mark_rows = self._epoch_rows(epoch)
+        return rows[row], None if mark_rows is None else mark_rows[row]
+
+    def sequence(self, index: int) -> torch.Tensor:
+        return self._row(index)[0]
 
     def _indices(self, start: int, count: int, rank: int, world: int) -> list[int]:
         return [start + j * world + rank for j in range(count)]
@@ -266,11 +271,7 @@ class PackedStream:
         """The token marks of ``batch``'s sequences: [count, S] int64, or None for a stream without marks."""
         if self.marks is None:
             return None
-        rows = []
-        for i in self._indices(start, count, rank, world):
-            epoch, row = divmod(i, self.per_epoch)
-            rows.append(self._epoch_rows(epoch)[1][row])
-        return torch.stack(rows)
+        return torch.stack([self._row(i)[1] for i in self._indices(start, count, rank, world)])
 
 
 class StreamingPacked:

@@ -74,13 +74,12 @@ MIN_REST = 0.01
 
 
 def teacher_rest_kl(teacher: "TeacherChunk", diff: torch.Tensor, p_dot_diff: torch.Tensor, log_ratio: torch.Tensor,
-                    q: torch.Tensor, grad_z: torch.Tensor | None, targets: PositionTargets) -> torch.Tensor:
-    """Sum over marked rows of KL(p' || q), p' the full model's distribution without the unlikely
-    token; adds q - p' into those rows of grad_z.
+                    q: torch.Tensor, grad_z: torch.Tensor | None, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Sum over the marked rows of KL(p' || q), p' the full model's distribution without the
+    unlikely token; adds q - p' into those rows of grad_z.
 
-    diff: [c, V] x - y; p_dot_diff, log_ratio: [c] as in student_chunk; q: [c, V]."""
-    rows = (targets.unlikely >= 0).nonzero().view(-1)  # [m]
-    tokens = targets.unlikely[rows]
+    diff: [c, V] x - y; p_dot_diff, log_ratio: [c] as in student_chunk; q: [c, V]; rows, tokens: [m]
+    the marked rows and their unlikely tokens."""
     p_t = teacher.probs[rows, tokens]  # [m]
     keep = (1.0 - p_t) >= MIN_REST
     rows, tokens, p_t = rows[keep], tokens[keep], p_t[keep]
@@ -95,25 +94,22 @@ def teacher_rest_kl(teacher: "TeacherChunk", diff: torch.Tensor, p_dot_diff: tor
     return kl.sum()
 
 
-def unlikelihood(q: torch.Tensor, grad_z: torch.Tensor | None, targets: PositionTargets) -> torch.Tensor:
-    """Sum over marked rows of u * -log(1 - q_t); adds its gradient w.r.t. the logits into grad_z.
+def unlikelihood(q: torch.Tensor, grad_z: torch.Tensor | None, rows: torch.Tensor, tokens: torch.Tensor,
+                 weight: float) -> torch.Tensor:
+    """Sum over the marked rows of u * -log(1 - q_t); adds its gradient w.r.t. the logits into grad_z.
 
     q: [c, V] the student's probabilities; grad_z: [c, V] the KL's gradient (the head's dtype) or
-    None when only the loss is wanted."""
-    rows = (targets.unlikely >= 0).nonzero().view(-1)  # [m]
-    if rows.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=q.device)
-    tokens = targets.unlikely[rows]  # [m]
+    None when only the loss is wanted; rows, tokens: [m] the marked rows and their unlikely tokens."""
     q_rows = q[rows].float()  # [m, V]
     q_t = q_rows.gather(1, tokens.unsqueeze(1)).squeeze(1)  # [m]
     # 1 - q_t underflows to 0 when the exit is sure of the repeat: floor it so the loss and its
     # gradient stay finite (the clip bounds the step)
     rest = (1.0 - q_t).clamp_min(1e-6)
-    loss = -rest.log().sum() * targets.weight
+    loss = -rest.log().sum() * weight
     if grad_z is not None:
         g = q_rows.mul_(-1.0)  # -q
         g[torch.arange(rows.numel(), device=g.device), tokens] += 1.0  # onehot_t - q
-        g.mul_((targets.weight * q_t / rest).unsqueeze(1))
+        g.mul_((weight * q_t / rest).unsqueeze(1))
         grad_z.index_add_(0, rows, g.to(grad_z.dtype))
     return loss
 
@@ -155,10 +151,13 @@ def student_chunk(model: BalconyModel, hidden: torch.Tensor, teacher: TeacherChu
         grad_z = None
         if grad_scale is not None:
             grad_z = torch.sub(q, teacher.probs).mul_(keep.unsqueeze(1)).to(weight.dtype)  # [c, V]
-        if targets.anchor:
-            loss = loss + teacher_rest_kl(teacher, diff, p_dot_diff, log_ratio, q, grad_z, targets)
+        rows = (targets.unlikely >= 0).nonzero().view(-1)  # [m]: once for both terms (a host sync)
+        if rows.numel():
+            tokens = targets.unlikely[rows]  # [m]
+            if targets.anchor:
+                loss = loss + teacher_rest_kl(teacher, diff, p_dot_diff, log_ratio, q, grad_z, rows, tokens)
+            loss = loss + unlikelihood(q, grad_z, rows, tokens, targets.weight)
         del diff
-        loss = loss + unlikelihood(q, grad_z, targets)
         if grad_z is None:
             return loss, None
         return loss, (grad_z @ weight).float() * grad_scale  # [c, H]
