@@ -42,15 +42,21 @@ SUBJECT_WORDS = frozenset({
 LOOP_TOKENS, LOOP_TIMES = RUN_TOKENS, 3
 
 
-def loops(token_ids: list[int], n: int = LOOP_TOKENS, times: int = LOOP_TIMES) -> bool:
-    """Whether some run of ``n`` consecutive tokens occurs ``times`` times or more (overlaps count)."""
+def loop_start(token_ids: list[int], n: int = LOOP_TOKENS, times: int = LOOP_TIMES) -> int | None:
+    """Where the answer starts to loop: the index of the first run of ``n`` tokens that occurs for
+    the ``times``-th time (overlaps count), or None when no run comes back that often."""
     seen: dict[tuple[int, ...], int] = {}
     for i in range(len(token_ids) - n + 1):
         gram = tuple(token_ids[i:i + n])
         seen[gram] = seen.get(gram, 0) + 1
         if seen[gram] >= times:
-            return True
-    return False
+            return i
+    return None
+
+
+def loops(token_ids: list[int], n: int = LOOP_TOKENS, times: int = LOOP_TIMES) -> bool:
+    """Whether some run of ``n`` consecutive tokens occurs ``times`` times or more (overlaps count)."""
+    return loop_start(token_ids, n, times) is not None
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:

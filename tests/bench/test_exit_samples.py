@@ -13,3 +13,12 @@ def test_a_run_of_tokens_three_times_is_a_loop(bench_script):
         assert not exit_samples.loops(twice)
         assert not exit_samples.loops(list(range(40)))
         assert not exit_samples.loops([1, 2, 3])  # shorter than a run
+
+
+def test_a_loop_starts_where_its_run_comes_the_third_time(bench_script):
+    with bench_script("exit_samples") as exit_samples:
+        fresh = [20, 21, 22]
+        sea = fresh + [5, 6, 7, 8, 9] * 3  # the run 5 6 7 8 starts at 3, 8 and 13
+        assert exit_samples.loop_start(sea) == 13
+        assert exit_samples.loop_start([3] * 6) == 2  # runs 3 3 3 3 at 0, 1 and 2
+        assert exit_samples.loop_start([1, 2, 3, 4, 9, 1, 2, 3, 4]) is None  # said twice
