@@ -41,7 +41,7 @@ def write_answers(loaded, prompts: list[str], exits: list[str], max_tokens: int,
 
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=min(64, len(prompts))))
     t0 = time.perf_counter()
-    rows, tokens, looped = [], 0, 0
+    rows, tokens, looped = [], 0, {}
     for offset, name in enumerate(exits):
         mine = prompts[offset :: len(exits)]
         answers = greedy_answers(engine, [chat_ids(loaded.tokenizer, p) for p in mine], [name], max_tokens)[name]
@@ -50,10 +50,13 @@ def write_answers(loaded, prompts: list[str], exits: list[str], max_tokens: int,
             finish = "length" if len(ids) >= max_tokens else "stop"
             rows.append({"prompt": prompt, "text": text, "exit": name, "finish": finish, "loops": loops(ids)})
             tokens += len(ids)
-            looped += loops(ids)
+            looped[name] = looped.get(name, 0) + loops(ids)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"answers": len(rows), "tokens": tokens, "looped": looped, "seconds": round(time.perf_counter() - t0, 1)}
+    answered = {name: len(prompts[offset :: len(exits)]) for offset, name in enumerate(exits)}
+    return {"answers": len(rows), "tokens": tokens, "looped": sum(looped.values()),
+            "loop_share": {name: round(looped.get(name, 0) / n, 3) for name, n in answered.items() if n},
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
