@@ -70,8 +70,43 @@ def greedy_answers(engine, prompt_ids: list[list[int]], exits: list[str], max_to
     """Greedy token ids of every prompt at every exit."""
     from balcony_runtime.sampling_params import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return answers_at(engine, prompt_ids, exits, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+
+
+def answers_at(engine, prompt_ids: list[list[int]], exits: list[str], params) -> dict[str, list[list[int]]]:
+    """Token ids of every prompt at every exit, decoded as ``params`` (a SamplingParams) says."""
     return {name: [list(o.token_ids) for o in engine.generate(prompt_ids, params, exit_layer=name)] for name in exits}
+
+
+_DECODING_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "frequency_penalty": "--frequency-penalty",
+                   "presence_penalty": "--presence-penalty", "seed": "--seed"}
+
+
+def add_decoding_options(parser: argparse.ArgumentParser) -> None:
+    """Greedy by default; the API's request fields that a client may set instead."""
+    group = parser.add_argument_group("decoding (default greedy), as the API's request fields")
+    group.add_argument("--temperature", type=float, default=0.0)
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--frequency-penalty", type=float, default=None)
+    group.add_argument("--presence-penalty", type=float, default=None)
+    group.add_argument("--seed", type=int, default=None, help="per-request seed when sampling")
+
+
+def decoding_settings(args: argparse.Namespace) -> dict:
+    """The SamplingParams fields the decoding options set: temperature always, the rest if given."""
+    return {k: getattr(args, k) for k in _DECODING_FLAGS if k == "temperature" or getattr(args, k) is not None}
+
+
+def decoding_words(decoding: dict) -> str:
+    """'greedy', or the settings that differ from greedy, e.g. 'greedy, frequency_penalty 0.5'."""
+    rest = ", ".join(f"{k} {v}" for k, v in decoding.items() if k != "temperature")
+    head = "greedy" if not decoding.get("temperature") else f"temperature {decoding['temperature']}"
+    return head + (f", {rest}" if rest else "")
+
+
+def decoding_flags(decoding: dict) -> str:
+    """The command-line flags that ask for ``decoding`` ('' for greedy)."""
+    return "".join(f" {_DECODING_FLAGS[k]} {v}" for k, v in decoding.items() if k != "temperature" or v)
 
 
 def main() -> None:
@@ -80,19 +115,27 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", default="-", help="markdown file to write, '-' for stdout")
+    add_decoding_options(parser)
     args = parser.parse_args()
+    decoding = decoding_settings(args)
 
     from balcony_runtime.engine import EngineConfig, LLMEngine
     from balcony_runtime.loader import load_model
+    from balcony_runtime.sampling_params import SamplingParams
 
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, **decoding)
+    except ValueError as exc:
+        parser.error(str(exc))
     loaded = load_model(adapters=args.adapters, dtype=args.dtype)
     engine = LLMEngine(loaded, EngineConfig())
     prompt_ids = [chat_ids(loaded.tokenizer, p) for p in PROMPTS]
-    answers = greedy_answers(engine, prompt_ids, engine.exit_names(), args.max_tokens)
+    answers = answers_at(engine, prompt_ids, engine.exit_names(), params)
     tok = loaded.tokenizer
-    lines = [f"Greedy answers, chat template, {args.max_tokens} tokens at most, adapters `{args.adapters}` "
+    how = decoding_words(decoding)
+    lines = [f"{how[0].upper() + how[1:]}, chat template, {args.max_tokens} tokens at most, adapters `{args.adapters}` "
              f"(`python bench/exit_samples.py --adapters {args.adapters} --max-tokens {args.max_tokens}"
-             f"{'' if args.dtype == 'auto' else ' --dtype ' + args.dtype}`).", ""]
+             f"{'' if args.dtype == 'auto' else ' --dtype ' + args.dtype}{decoding_flags(decoding)}`).", ""]
     for i, prompt in enumerate(PROMPTS):
         lines.append(f"**{prompt}**")
         lines.append("")

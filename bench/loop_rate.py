@@ -16,6 +16,10 @@ per exit:
   before a loop, not inside one.
 
     python bench/loop_rate.py --adapters default --max-tokens 64 --dtype float32
+
+The same count under the decoding a client may ask for instead (the API's request fields, e.g.
+``--frequency-penalty 0.5`` or ``--temperature 0.7 --top-p 0.9 --seed 0``), at the exits given
+(``--exits 22,full``), says what those settings buy against the loops.
 """
 
 from __future__ import annotations
@@ -28,7 +32,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_prompts import DEFAULT_POOL, HELDOUT_PROMPTS, read_pool, split_pool  # noqa: E402
-from exit_samples import LOOP_TIMES, LOOP_TOKENS, chat_ids, greedy_answers, loops  # noqa: E402
+from exit_samples import (  # noqa: E402
+    LOOP_TIMES,
+    LOOP_TOKENS,
+    add_decoding_options,
+    answers_at,
+    chat_ids,
+    decoding_settings,
+    decoding_words,
+    loops,
+)
 
 from balcony_runtime.training.repeat_marks import repeats  # noqa: E402
 
@@ -58,16 +71,21 @@ def full_model_agreement(model, prompt_ids: list[list[int]], answers: list[list[
     return {kind: (agree, total) for kind, (agree, total) in counts.items()}
 
 
-def measure(loaded, prompts: list[str], max_tokens: int, exits: list[str] | None = None) -> dict:
-    """Loop share and full-model agreement of every served exit over ``prompts``."""
+def measure(loaded, prompts: list[str], max_tokens: int, exits: list[str] | None = None,
+            decoding: dict | None = None) -> dict:
+    """Loop share and full-model agreement of every served exit (or ``exits``) over ``prompts``,
+    greedy, or with ``decoding``'s SamplingParams fields (temperature, penalties, ...)."""
     from balcony_runtime.engine import EngineConfig, LLMEngine
+    from balcony_runtime.sampling_params import SamplingParams
 
+    decoding = {"temperature": 0.0, **(decoding or {})}
+    params = SamplingParams(max_tokens=max_tokens, **decoding)
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=min(64, len(prompts))))
     exits = exits or engine.exit_names()
     t0 = time.perf_counter()
     prompt_ids = [chat_ids(loaded.tokenizer, p) for p in prompts]
-    answers = greedy_answers(engine, prompt_ids, exits, max_tokens)
-    result = {"prompts": len(prompts), "max_tokens": max_tokens, "exits": {}}
+    answers = answers_at(engine, prompt_ids, exits, params)
+    result = {"prompts": len(prompts), "max_tokens": max_tokens, "decoding": decoding, "exits": {}}
     for name, ids in answers.items():
         looped = [i for i, a in enumerate(ids) if loops(a)]
         # (which prompts loop, so two adapters can be compared prompt by prompt)
@@ -89,7 +107,8 @@ def measure(loaded, prompts: list[str], max_tokens: int, exits: list[str] | None
 
 def markdown_line(result: dict) -> str:
     rows = result["exits"]
-    return (f"Over {result['prompts']} held-out chat prompts, greedy, {result['max_tokens']} tokens at most: loops "
+    decoding = decoding_words(result.get("decoding", {}))
+    return (f"Over {result['prompts']} held-out chat prompts, {decoding}, {result['max_tokens']} tokens at most: loops "
             + ", ".join(f"{k} {v['loops']:.3f}" for k, v in rows.items())
             + f" (a run of {LOOP_TOKENS} tokens {LOOP_TIMES} times or more); the full model's greedy token "
             + ", ".join(f"{k} {v['agreement']:.3f}" for k, v in rows.items() if "agreement" in v) + ".")
@@ -104,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json-out", type=Path)
+    p.add_argument("--exits", default=None, help="comma-separated exits to answer at (default: every served one)")
+    add_decoding_options(p)
     args = p.parse_args(argv)
+    settings = decoding_settings(args)
 
     import torch
 
@@ -116,7 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.prompts <= len(heldout):
         p.error(f"--prompts must be 1..{len(heldout)} (the pool's held-out slice)")
     loaded = load_model(adapters=args.adapters, dtype=args.dtype)
-    result = {"adapters": args.adapters, "dtype": args.dtype, **measure(loaded, heldout[: args.prompts], args.max_tokens)}
+    try:
+        exits = args.exits.split(",") if args.exits else None
+        measured = measure(loaded, heldout[: args.prompts], args.max_tokens, exits, settings)
+    except ValueError as exc:  # a setting out of the API's range, or an exit the adapters lack
+        p.error(str(exc))
+    result = {"adapters": args.adapters, "dtype": args.dtype, **measured}
     print(json.dumps(result, indent=1))
     print(markdown_line(result))
     if args.json_out:

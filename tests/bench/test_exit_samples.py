@@ -22,3 +22,21 @@ def test_a_loop_starts_where_its_run_comes_the_third_time(bench_script):
         assert exit_samples.loop_start(sea) == 13
         assert exit_samples.loop_start([3] * 6) == 2  # runs 3 3 3 3 at 0, 1 and 2
         assert exit_samples.loop_start([1, 2, 3, 4, 9, 1, 2, 3, 4]) is None  # said twice
+
+
+def test_decoding_options_become_request_fields_words_and_the_flags_again(bench_script):
+    import argparse
+
+    with bench_script("exit_samples") as exit_samples:
+        parser = argparse.ArgumentParser()
+        exit_samples.add_decoding_options(parser)
+        greedy = exit_samples.decoding_settings(parser.parse_args([]))
+        assert greedy == {"temperature": 0.0}
+        assert (exit_samples.decoding_words(greedy), exit_samples.decoding_flags(greedy)) == ("greedy", "")
+        argv = ["--temperature", "0.7", "--top-p", "0.9", "--seed", "0"]
+        sampled = exit_samples.decoding_settings(parser.parse_args(argv))
+        assert sampled == {"temperature": 0.7, "top_p": 0.9, "seed": 0}
+        assert exit_samples.decoding_words(sampled) == "temperature 0.7, top_p 0.9, seed 0"
+        assert exit_samples.decoding_flags(sampled).split() == argv
+        penalised = exit_samples.decoding_settings(parser.parse_args(["--frequency-penalty", "0.5"]))
+        assert exit_samples.decoding_words(penalised) == "greedy, frequency_penalty 0.5"
