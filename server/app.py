@@ -29,6 +29,7 @@ from server.generation_group import GenerationGroup, compile_grammars
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.routing_headers import BUDGET_HEADER, EXIT_HEADER, parse_budget, parse_exit
+from server.sampling_defaults import with_sampling_defaults
 from server.serve_options import ServeConfig
 from server.tool_parsers import ToolCallFormat, chat_template_text, select_format
 
@@ -214,11 +215,13 @@ def create_app(config: ServeConfig, build: Callable[[], LLMEngine], model_name: 
 
     @app.post("/v1/completions", dependencies=[Depends(require_key), Depends(require_json)])
     async def create_completion(body: CompletionRequest, request: Request):
+        body = with_sampling_defaults(body, state.config.sampling_defaults)
         return await run(request, body, lambda e: completions.build_specs(body, e.tokenize),
                          completions.complete, completions.stream_completion)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key), Depends(require_json)])
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+        body = with_sampling_defaults(body, state.config.sampling_defaults)
         tool_format = state.tool_format  # the call format tool_choice "auto" reads
         parser = tool_format.parser
         return await run(request, body,

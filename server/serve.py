@@ -26,6 +26,7 @@ from typing import NoReturn
 
 import uvicorn
 
+from server.sampling_defaults import describe as describe_sampling_defaults
 from server.serve_options import ENGINE_PROCESS_MODES, ServeConfig, parse_exit_list
 
 log = logging.getLogger("balcony.server")
@@ -120,7 +121,7 @@ def serve(args) -> int:
             served_model_name=args.served_model_name, tool_call_parser=args.tool_call_parser,
             prefix_caching=args.prefix_caching, overlap_steps=args.overlap_steps,
             recalibrate=args.recalibrate, log_level=args.log_level, event_loop=args.event_loop,
-            engine_process=ENGINE_PROCESS_MODES[args.engine_process],
+            engine_process=ENGINE_PROCESS_MODES[args.engine_process], sampling_defaults=args.sampling_defaults,
         )
     except ValueError as exc:
         print(f"balcony serve: {exc}", file=sys.stderr)
@@ -136,6 +137,9 @@ def serve(args) -> int:
     signal.signal(signal.SIGINT, before_uvicorn)
     log.info("starting: loading the model in the background once the server listens on %s:%d "
              "(/health answers at once, /ready once the model is ready)", config.host, config.port)
+    if config.sampling_defaults:
+        log.info("requests that leave them out get %s (--override-generation-config)",
+                 describe_sampling_defaults(config.sampling_defaults))
 
     from server.app import create_app  # torch and the runtime: the slow imports
 

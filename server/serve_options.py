@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from server.sampling_defaults import FIELDS as SAMPLING_FIELDS
+from server.sampling_defaults import FLAG as SAMPLING_FLAG
+from server.sampling_defaults import sampling_defaults_option
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # "auto": the format the chat template teaches (server/tool_parsers.py), "none": tool_choice auto off.
 TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "none")
@@ -38,6 +42,9 @@ class ServeConfig:
     # machine's few cores with a second process (docs/benchmarks.md, "The step loop in its own
     # process").
     engine_process: bool | None = None
+    # (field, value) pairs that requests leaving the field out get instead of the API's default
+    # (--override-generation-config; server/sampling_defaults.py): the decoding fields only.
+    sampling_defaults: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -133,6 +140,12 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="run the engine (model, scheduler, step loop) in a child process, so the HTTP side's "
                         "Python and the step loop's run at once rather than sharing one interpreter lock: on, "
                         "off, or auto (on when the model runs on a GPU); the flag alone means on")
+    p.add_argument(SAMPLING_FLAG, dest="sampling_defaults", default="{}",
+                   type=sampling_defaults_option, metavar="JSON",
+                   help="sampling values for requests that leave the field out, as a JSON object of "
+                        f"{', '.join(SAMPLING_FIELDS)}, e.g. '{{\"frequency_penalty\": 0.5}}' (the exits "
+                        "loop under greedy decoding far more than the full model; docs/training.md "
+                        "\"Decoding against the loops\"); a request's own value always wins")
     p.add_argument("--log-level", default=d.log_level, choices=list(LOG_LEVELS),
                    help="how much the server logs: debug adds a line per HTTP request, warning keeps "
                         "only problems")
