@@ -58,6 +58,7 @@ CONTRACT_FLAGS: dict[str, set[str] | None] = {
     "--log-level": {"debug", "info", "warning", "error"},
     "--event-loop": {"asyncio", "uvloop"},
     "--engine-process": {"1", "true", "yes", "on", "0", "false", "no", "off", "auto"},
+    "--override-generation-config": None,
 }
 INTEGER_FLAGS = {"--port", "--max-num-seqs", "--max-queued-requests", "--max-model-len", "--num-kv-blocks"}
 NUMBER_FLAGS = {"--shutdown-timeout", "--starvation-ratio"}
