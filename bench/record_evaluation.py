@@ -1,23 +1,46 @@
 """Record measured quality in an adapters directory's balcony.json (what /v1/models shows per exit).
 
-Reads `balcony eval` outputs (eval.json, one per held-out set) and optionally bench/facts_eval.py's
-JSON, and writes them as the ``evaluation`` block: per exit, per set, perplexity ratio to the full
-model, KL per token and top-1 agreement, plus the commands that produced them.
+Reads `balcony eval` outputs (eval.json, one per held-out set), optionally bench/facts_eval.py's
+JSON and bench/loop_rate.py's (one per decoding), and writes them as the ``evaluation`` block: per
+exit, per set, perplexity ratio to the full model, KL per token and top-1 agreement; the facts
+suite's accuracy; the share of answers that loop under each decoding measured (``loop_share``,
+keyed "greedy", "greedy, frequency_penalty 0.5", ...); plus the commands that produced them.
 
     python bench/record_evaluation.py ADAPTERS_DIR --set english=/tmp/ev_en/eval.json \
-        --set python_docs=/tmp/ev_docs/eval.json --facts bench/results/facts.json --command "..."
+        --set python_docs=/tmp/ev_docs/eval.json --facts bench/results/facts.json \
+        --loops bench/results/loops.json --command "..."
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from exit_samples import decoding_words  # noqa: E402
 
 METRICS = ("perplexity", "perplexity_ratio", "kl_per_token", "top1_agreement")
 
 
-def evaluation_block(sets: dict[str, dict], facts: dict | None, command: str) -> dict:
+def loop_shares(runs: list[dict]) -> tuple[dict[str, dict[str, float]], dict]:
+    """Per exit, {decoding: loop share} from bench/loop_rate.py's results, and what they were counted
+    over (the same prompts and length for every run, or the shares would not compare)."""
+    shares: dict[str, dict[str, float]] = {}
+    over = None
+    for run in runs:
+        counted = {"prompts": run["prompts"], "max_tokens": run["max_tokens"]}
+        if over not in (None, counted):
+            raise ValueError(f"loop counts over different prompts or lengths: {over} and {counted}")
+        over = counted
+        decoding = decoding_words(run.get("decoding", {"temperature": 0.0}))  # older files: greedy
+        for exit_name, row in run["exits"].items():
+            shares.setdefault(exit_name, {})[decoding] = round(row["loops"], 4)
+    return shares, over
+
+
+def evaluation_block(sets: dict[str, dict], facts: dict | None, command: str, loops: list[dict] = ()) -> dict:
     block: dict = {}
     for name, run in sets.items():
         for exit_name, methods in run["exits"].items():
@@ -26,6 +49,11 @@ def evaluation_block(sets: dict[str, dict], facts: dict | None, command: str) ->
     if facts:
         for exit_name, metrics in facts["results"].items():
             block.setdefault(exit_name, {})["facts_suite_acc"] = round(metrics["acc"], 4)
+    if loops:
+        shares, over = loop_shares(list(loops))
+        for exit_name, by_decoding in shares.items():
+            block.setdefault(exit_name, {})["loop_share"] = by_decoding
+        block["loop_prompts"] = {**over, "source": "the held-out chat prompts of bench/loop_rate.py"}
     block["held_out"] = {name: {"sources": run["data"]["sources"], "tokens": run["tokens"],
                                 "sequences": run["sequences"]} for name, run in sets.items()}
     block["command"] = command
@@ -37,6 +65,8 @@ def main() -> None:
     parser.add_argument("adapters", type=Path)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=EVAL_JSON", required=True)
     parser.add_argument("--facts", type=Path, default=None, help="bench/facts_eval.py --json-out file")
+    parser.add_argument("--loops", type=Path, action="append", default=[],
+                        help="bench/loop_rate.py --json-out file, one per decoding (the same prompts)")
     parser.add_argument("--command", default="", help="the commands that produced the inputs")
     args = parser.parse_args()
     sets = {}
@@ -46,7 +76,11 @@ def main() -> None:
     facts = json.loads(args.facts.read_text()) if args.facts else None
     meta_path = args.adapters / "balcony.json"
     meta = json.loads(meta_path.read_text())
-    meta["evaluation"] = evaluation_block(sets, facts, args.command)
+    loops = [json.loads(path.read_text()) for path in args.loops]
+    try:
+        meta["evaluation"] = evaluation_block(sets, facts, args.command, loops)
+    except ValueError as exc:
+        parser.error(str(exc))
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     print(json.dumps(meta["evaluation"], indent=1))
 
