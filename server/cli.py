@@ -106,7 +106,8 @@ def cmd_generate(args) -> int:
 
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
         loaded = load_from_args(args)
         engine = LLMEngine(loaded, EngineConfig(num_kv_blocks=args.num_kv_blocks, enforce_eager=args.enforce_eager))
         # An instruct model answers a bare prompt with a continuation of it, not an answer: chat
@@ -271,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
     gen.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (default: none)")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0,
+                     help="lowers a token's logit by this much for each time it was generated already, in "
+                          "[-2, 2] (0.5 stops most of the exits' greedy loops: docs/training.md)")
+    gen.add_argument("--presence-penalty", type=float, default=0.0,
+                     help="lowers a token's logit by this much once it was generated, in [-2, 2]")
     gen.add_argument("--raw", action="store_true",
                      help="complete the prompt as plain text; without it, a model with a chat template gets "
                           "the prompt as a user turn")

@@ -156,3 +156,19 @@ def test_auto_runs_the_engine_in_its_own_process_only_on_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert engine_process_by_default("auto") is True
     assert engine_process_by_default("cuda") is True
+
+
+def test_generate_takes_the_penalties_and_refuses_one_out_of_range(capsys, tiny_model_dir):
+    def text(*args: str) -> str:
+        code = main(["generate", "--model", str(tiny_model_dir), "--adapters", "none", "--dtype", "float32",
+                     "--device", "cpu", "--num-kv-blocks", "64", "--max-tokens", "16", "--raw", *args, "Hello there"])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return out.out
+
+    # a model of random weights repeats its tokens under greedy decoding; the penalty steers it off them
+    assert text() != text("--frequency-penalty", "2")
+    assert text("--presence-penalty", "0") == text()
+    code = main(["generate", "--model", str(tiny_model_dir), "--adapters", "none", "--frequency-penalty", "3", "Hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and "frequency_penalty must be in [-2, 2]" in err and "Traceback" not in err
