@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from server.sampling_defaults import FIELDS as SAMPLING_FIELDS
 from server.sampling_defaults import FLAG as SAMPLING_FLAG
+from server.sampling_defaults import SamplingDefaults
 from server.sampling_defaults import sampling_defaults_option
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -44,7 +45,7 @@ class ServeConfig:
     engine_process: bool | None = None
     # (field, value) pairs that requests leaving the field out get instead of the API's default
     # (--override-generation-config; server/sampling_defaults.py): the decoding fields only.
-    sampling_defaults: tuple[tuple[str, float], ...] = ()
+    sampling_defaults: SamplingDefaults = ()
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
