@@ -256,6 +256,25 @@ def test_penalties_match_openai_formula():
     np.testing.assert_allclose(penalized.numpy(), expected, rtol=0, atol=1e-5)
 
 
+def test_penalties_over_long_outputs_with_many_repeats_match_the_formula():
+    # many occurrences of each token: presence must land once, frequency once per occurrence
+    rng = np.random.default_rng(3)
+    vocab = 64
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(4))
+    rows = [make_row(output=tuple(int(t) for t in rng.integers(0, vocab, size=n)),
+                     presence_penalty=float(rng.uniform(-2, 2)), frequency_penalty=float(rng.uniform(-2, 2)))
+            for n in (300, 1, 0, 150, 64, 500)]
+    rows[2] = make_row(output=(5, 5, 5))  # no penalties: untouched
+    expected = logits.double().numpy().copy()
+    for i, row in enumerate(rows):
+        for token, count in Counter(row.output_token_ids).items():
+            expected[i, token] -= count * row.params.frequency_penalty + row.params.presence_penalty
+    penalized = logits.clone()
+    apply_penalties_(penalized, rows)
+    np.testing.assert_allclose(penalized.numpy(), expected, rtol=0, atol=1e-4)
+    assert torch.equal(penalized[2], logits[2])
+
+
 def test_penalties_decide_greedy_choices():
     logits = torch.tensor([[5.0, 4.0, 1.0, 0.0]])
 
