@@ -237,6 +237,18 @@ def test_sampling_across_cdf_blocks_and_padding():
 # penalties
 
 
+def assert_openai_penalties(logits: torch.Tensor, rows: list, atol: float) -> torch.Tensor:
+    """apply_penalties_ on a copy of ``logits`` against OpenAI's formula in float64; the copy."""
+    expected = logits.double().numpy().copy()
+    for i, row in enumerate(rows):
+        for token, count in Counter(row.output_token_ids).items():
+            expected[i, token] -= count * row.params.frequency_penalty + row.params.presence_penalty
+    penalized = logits.clone()
+    apply_penalties_(penalized, rows)
+    np.testing.assert_allclose(penalized.numpy(), expected, rtol=0, atol=atol)
+    return penalized
+
+
 def test_penalties_match_openai_formula():
     vocab = 50
     logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(6)) * 2
@@ -247,13 +259,7 @@ def test_penalties_match_openai_formula():
         make_row(output=(6, 6), presence_penalty=0.0, frequency_penalty=0.0),  # no penalties
         make_row(output=(), presence_penalty=2.0, frequency_penalty=2.0),  # nothing generated yet
     ]
-    expected = logits.double().numpy().copy()
-    for i, row in enumerate(rows):
-        for token, count in Counter(row.output_token_ids).items():
-            expected[i, token] -= count * row.params.frequency_penalty + row.params.presence_penalty
-    penalized = logits.clone()
-    apply_penalties_(penalized, rows)
-    np.testing.assert_allclose(penalized.numpy(), expected, rtol=0, atol=1e-5)
+    assert_openai_penalties(logits, rows, atol=1e-5)
 
 
 def test_penalties_over_long_outputs_with_many_repeats_match_the_formula():
@@ -265,13 +271,7 @@ def test_penalties_over_long_outputs_with_many_repeats_match_the_formula():
                      presence_penalty=float(rng.uniform(-2, 2)), frequency_penalty=float(rng.uniform(-2, 2)))
             for n in (300, 1, 0, 150, 64, 500)]
     rows[2] = make_row(output=(5, 5, 5))  # no penalties: untouched
-    expected = logits.double().numpy().copy()
-    for i, row in enumerate(rows):
-        for token, count in Counter(row.output_token_ids).items():
-            expected[i, token] -= count * row.params.frequency_penalty + row.params.presence_penalty
-    penalized = logits.clone()
-    apply_penalties_(penalized, rows)
-    np.testing.assert_allclose(penalized.numpy(), expected, rtol=0, atol=1e-4)
+    penalized = assert_openai_penalties(logits, rows, atol=1e-4)
     assert torch.equal(penalized[2], logits[2])
 
 
