@@ -79,6 +79,18 @@ class _Common(BaseModel):
     # completions too.
     response_format: Optional[ResponseFormat] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_left_out(cls, data):
+        # OpenAI's API takes null for every optional field and reads it as the default (clients
+        # built from its spec send it): a null in a field whose default is not null is dropped, so
+        # the field counts as left out (and --override-generation-config's value applies to it).
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if v is not None or k not in fields or fields[k].is_required() or fields[k].default is None}
+
     @model_validator(mode="after")
     def _check_common(self):
         # Keys must parse as ids here; values and id ranges are SamplingParams' and the engine's checks.

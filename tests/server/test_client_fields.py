@@ -86,6 +86,28 @@ def test_each_hint_field_alone_is_accepted(default_server, field, value):
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": QUESTION}),
+    ("/v1/completions", {"prompt": "The sky is"}),
+])
+def test_null_in_an_optional_field_reads_as_left_out(default_server, path, body):
+    # OpenAI's spec makes these nullable; clients generated from it send null for "default"
+    nulls = {"temperature": None, "top_p": None, "n": None, "presence_penalty": None, "frequency_penalty": None,
+             "stream": None, "seed": None, "stop": None, "logit_bias": None, "user": None}
+    base = {"model": MODEL, "max_tokens": 6, "temperature": 0, **body}
+
+    def text(extra: dict) -> str:
+        r = httpx.post(default_server.url + path, json={**base, **extra}, timeout=60)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"]
+        assert len(choice) == 1  # n null: one choice
+        return choice[0]["message"]["content"] if "messages" in body else choice[0]["text"]
+
+    assert text({k: v for k, v in nulls.items() if k != "temperature"}) == text({})
+    r = httpx.post(default_server.url + path, json={**base, "model": None}, timeout=60)
+    assert r.status_code == 400 and "model" in r.json()["error"]["message"]  # a required field stays required
+
+
 @pytest.mark.parametrize("change, fragment", [
     ({"frobnicate": 1}, "frobnicate"),
     ({"messages": [{"role": "user", "content": "hi", "mood": "happy"}]}, "messages.0.mood"),

@@ -53,6 +53,9 @@ def test_a_field_the_client_sent_wins_even_at_the_api_default():
     served_chat = with_sampling_defaults(chat, defaults)
     assert (served_chat.frequency_penalty, served_chat.temperature) == (0.5, 0.7)
     assert with_sampling_defaults(chat, ()) is chat
+    # null is the API's way to say "the default": the operator's
+    nulled = CompletionRequest.model_validate({"model": "m", "prompt": "Hi", "frequency_penalty": None})
+    assert with_sampling_defaults(nulled, defaults).frequency_penalty == 0.5
 
 
 def test_a_live_server_applies_its_defaults_to_requests_that_leave_them_out(start):
