@@ -37,10 +37,10 @@ def model_dir() -> str:
     return str(resolve_model(DEFAULT_MODEL).path)
 
 
-def score(lm_eval: str, url: str, model: str, tokenizer: str, out_dir: Path) -> dict:
+def score(lm_eval: str, url: str, model: str, tokenizer: str, out_dir: Path, concurrent: int = 4) -> dict:
     """lm-eval's metrics for the suite against one server, plus ``item_acc``: 0/1 per item, by doc id."""
     args = (f"model={model},base_url={url}/v1/completions,tokenizer_backend=huggingface,tokenizer={tokenizer},"
-            "num_concurrent=4,max_retries=2,tokenized_requests=False")
+            f"num_concurrent={concurrent},max_retries=2,tokenized_requests=False")
     subprocess.run([lm_eval, "--model", "local-completions", "--model_args", args, "--include_path",
                     str(REPO / "bench/tasks"), "--tasks", TASK, "--output_path", str(out_dir), "--log_samples"],
                    check=True, cwd=REPO)
@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--model-name", default="smollm2-135m", help="the served model id")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the cached default model)")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument("--concurrent", type=int, default=4,
+                        help="requests lm-eval keeps in flight; 1 scores each alone, so no batch shapes a score")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--compare", type=Path, default=None,
                         help="another run's --json-out: item-by-item differences per exit")
@@ -107,7 +109,8 @@ def main() -> None:
             process, url = start_server(["--adapters", args.adapters, "--exits", exit_name, "--log-level", "warning"],
                                         log, args.ready_timeout)
             try:
-                rows[exit_name] = score(args.lm_eval, url, args.model_name, tokenizer, Path(tmp) / exit_name)
+                rows[exit_name] = score(args.lm_eval, url, args.model_name, tokenizer, Path(tmp) / exit_name,
+                                        args.concurrent)
             finally:
                 stop_server(process)
     n = sum(1 for _ in open(REPO / "bench/tasks/balcony_facts/facts.jsonl"))
