@@ -266,8 +266,10 @@ def apply_penalties_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
                          dtype=np.int64, count=sum(lengths))  # [n]
     if tokens.min() < 0 or tokens.max() >= vocab:  # checked on the host: no device read
         raise ValueError(f"output token ids must lie in [0, {vocab})")
+    # (output_size given: without it repeat_interleave reads the repeats back to size its output)
     local = torch.repeat_interleave(torch.arange(len(penalized), device=device),
-                                    to_device(lengths, torch.long, device))  # [n] index among the penalized rows
+                                    to_device(lengths, torch.long, device),
+                                    output_size=len(tokens))  # [n] index among the penalized rows
     batch_row = to_device(penalized, torch.long, device)[local]  # [n]
     flat = batch_row * vocab + to_device(tokens, torch.long, device)  # [n] into logits.view(-1)
     values = logits.view(-1)  # [B * V]

@@ -41,9 +41,10 @@ def write_answers(loaded, prompts: list[str], exits: list[str], max_tokens: int,
 
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=min(64, len(prompts))))
     t0 = time.perf_counter()
-    rows, tokens, looped = [], 0, {}
+    rows, tokens, looped, answered = [], 0, {}, {}
     for offset, name in enumerate(exits):
         mine = prompts[offset :: len(exits)]
+        answered[name] = len(mine)
         answers = greedy_answers(engine, [chat_ids(loaded.tokenizer, p) for p in mine], [name], max_tokens)[name]
         for prompt, ids in zip(mine, answers):
             text = loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -53,7 +54,6 @@ def write_answers(loaded, prompts: list[str], exits: list[str], max_tokens: int,
             looped[name] = looped.get(name, 0) + loops(ids)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    answered = {name: len(prompts[offset :: len(exits)]) for offset, name in enumerate(exits)}
     return {"answers": len(rows), "tokens": tokens, "looped": sum(looped.values()),
             "loop_share": {name: round(looped.get(name, 0) / n, 3) for name, n in answered.items() if n},
             "seconds": round(time.perf_counter() - t0, 1)}
