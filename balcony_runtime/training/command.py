@@ -42,6 +42,10 @@ def add_unlikely_option(p: argparse.ArgumentParser) -> None:
                    help="with --unlikely-repeats: at each repeated token also take the KL toward the full "
                         "model's distribution without that token, so the probability moves to what the full "
                         "model would write instead of the loop (not to ending the answer)")
+    p.add_argument("--teacher-frequency-penalty", type=float, default=0.0, metavar="A",
+                   help="with --unlikely-repeats: inside the exits' own answers, distil from the full model "
+                        "with OpenAI's frequency penalty A on what the answer has written so far, so the exit "
+                        "learns the penalty's effect on repeats (default 0: the plain full model)")
 
 
 def data_config(args):
@@ -137,6 +141,7 @@ def cmd_train(args) -> int:
             warmup_fraction=args.warmup_fraction, clip_norm=args.clip_norm, kl_chunk=args.kl_chunk,
             objective=args.objective, reverse_kl_weight=args.reverse_kl_weight,
             unlikelihood_weight=args.unlikely_repeats or 0.0, unlikely_anchor=args.unlikely_anchor,
+            teacher_frequency_penalty=args.teacher_frequency_penalty,
             metric_tokens=args.metric_tokens,
             save_every=args.save_every, snapshot_every=args.snapshot_every, log_every=args.log_every,
             resume=not args.no_resume,

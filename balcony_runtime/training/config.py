@@ -47,6 +47,9 @@ class TrainConfig:
     # with data.unlikely_repeats: at each repeated token also the KL toward the full model's
     # distribution without that token (where the probability should go instead of the loop)
     unlikely_anchor: bool = False
+    # with data.unlikely_repeats: inside the exits' own answers, the teacher is the full model with
+    # this frequency penalty on the answer's tokens so far (0: the plain full model)
+    teacher_frequency_penalty: float = 0.0
     metric_tokens: int = 8192  # objective="fisher": teacher tokens the [H, H] metric is averaged over
     save_every: int = 100  # optimizer steps between checkpoints
     log_every: int = 10  # optimizer steps between progress lines
@@ -78,6 +81,11 @@ class TrainConfig:
             raise ValueError("unlikelihood_weight needs data.unlikely_repeats (the marks of the loops it trains against)")
         if self.unlikely_anchor and not self.data.unlikely_repeats:
             raise ValueError("unlikely_anchor needs data.unlikely_repeats (the marks of the repeated tokens)")
+        if not 0.0 <= self.teacher_frequency_penalty <= 2.0:
+            raise ValueError(f"teacher_frequency_penalty must be in [0, 2] (OpenAI's range, less the negative "
+                             f"side), got {self.teacher_frequency_penalty}")
+        if self.teacher_frequency_penalty and not self.data.unlikely_repeats:
+            raise ValueError("teacher_frequency_penalty needs data.unlikely_repeats (the marks of the exits' answers)")
         if self.data.unlikely_repeats and (self.objective != "kl" or self.reverse_kl_weight):
             raise ValueError("unlikely repeats go with the forward KL objective only")
         if self.metric_tokens < 1:

@@ -23,6 +23,11 @@ write there (Welleck et al. 2019); with q_t = softmax(z)_t,
 
     d/dz [-log(1 - q_t)] = q_t / (1 - q_t) * (onehot_t - q)
 
+With targets.penalty, the teacher inside the exits' own answers is the full model with OpenAI's
+frequency penalty on what the answer has written so far: x_v - a * count_v before the softmax, the
+distribution that penalised decoding samples from, so the exit learns to avoid its own repeats
+where the loop has not begun yet (what the penalty does at decoding time, put into the weights).
+
 With targets.anchor, those positions also take the KL toward p', the full model's distribution with
 t removed (p'_v = p_v / (1 - p_t), p'_t = 0): the unlikelihood term says what not to write, p' where
 the probability should go instead (without it, ending the answer is the easy way out). With
@@ -56,6 +61,19 @@ class TeacherChunk:
     log_total: torch.Tensor  # log sum_v exp(x - max): [c]; log p = shifted_logits - log_total
 
 
+class TeacherPenalty(NamedTuple):
+    """A frequency penalty on the teacher's logits (training/repeat_marks.answer_counts): for each
+    pair, ``amount`` is subtracted from the logit of ``tokens[i]`` at position ``positions[i]``."""
+
+    positions: torch.Tensor  # [P] int64, rows of the flattened batch (or of a chunk)
+    tokens: torch.Tensor  # [P] int64
+    amount: float
+
+    def rows(self, rows: slice) -> "TeacherPenalty":
+        inside = (self.positions >= rows.start) & (self.positions < rows.stop)
+        return TeacherPenalty(self.positions[inside] - rows.start, self.tokens[inside], self.amount)
+
+
 class PositionTargets(NamedTuple):
     """Per-position training targets of a flattened batch (training/repeat_marks.position_targets)."""
 
@@ -63,9 +81,11 @@ class PositionTargets(NamedTuple):
     unlikely: torch.Tensor  # [T] int64: the token to push away from (unlikelihood), or -1
     weight: float  # u, the unlikelihood term's weight beside the KL
     anchor: bool = False  # also the KL toward the full model's distribution without the unlikely token
+    penalty: TeacherPenalty | None = None  # a frequency penalty on the teacher inside the exits' answers
 
     def rows(self, rows: slice) -> "PositionTargets":
-        return PositionTargets(self.kl_keep[rows], self.unlikely[rows], self.weight, self.anchor)
+        return PositionTargets(self.kl_keep[rows], self.unlikely[rows], self.weight, self.anchor,
+                               None if self.penalty is None else self.penalty.rows(rows))
 
 
 # Below this share of the full model's probability left outside the repeated token, p' is mostly
@@ -114,8 +134,13 @@ def unlikelihood(q: torch.Tensor, grad_z: torch.Tensor | None, rows: torch.Tenso
     return loss
 
 
-def teacher_chunk(model: BalconyModel, hidden: torch.Tensor, weight: torch.Tensor | None) -> TeacherChunk:
+def teacher_chunk(model: BalconyModel, hidden: torch.Tensor, weight: torch.Tensor | None,
+                  penalty: TeacherPenalty | None = None) -> TeacherChunk:
     shifted = lm_logits(model, hidden, weight)  # [c, V] fp32
+    if penalty is not None and penalty.positions.numel():
+        # one pair per occurrence: accumulate sums them into amount x count, OpenAI's frequency penalty
+        amounts = torch.full(penalty.positions.shape, -penalty.amount, dtype=shifted.dtype, device=shifted.device)
+        shifted.index_put_((penalty.positions, penalty.tokens), amounts, accumulate=True)
     shifted.sub_(shifted.amax(dim=-1, keepdim=True))
     probs = shifted.exp()
     total = probs.sum(dim=-1, keepdim=True)  # [c, 1]
@@ -214,10 +239,11 @@ def distillation_loss(
     with torch.no_grad():
         for start in range(0, teacher.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            teacher_part = teacher_chunk(model, teacher[rows], head_weight)
+            part = None if targets is None else targets.rows(rows)
+            teacher_part = teacher_chunk(model, teacher[rows], head_weight, None if part is None else part.penalty)
             for k in exits:
                 kl, grad = student_chunk(model, students[k][rows], teacher_part, head_weight, grad_scale,
-                                         reverse_weight, None if targets is None else targets.rows(rows))
+                                         reverse_weight, part)
                 sums[k] += kl.cpu()
                 if grad is not None:
                     grads[k][rows] = grad

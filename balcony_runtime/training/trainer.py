@@ -32,7 +32,7 @@ from balcony_runtime.training.dense_forward import backbone_pass
 from balcony_runtime.training.head_free import fisher_metric, head_free_loss, logits_metric
 from balcony_runtime.training.lens import apply_lens, fit_lens
 from balcony_runtime.training import repeat_marks
-from balcony_runtime.training.loss import PositionTargets, distillation_loss
+from balcony_runtime.training.loss import PositionTargets, TeacherPenalty, distillation_loss
 from balcony_runtime.weight_format import DTYPES
 
 LENS_REPORT = "lens_fit.json"  # the closed-form fit's report, beside the checkpoint
@@ -218,8 +218,12 @@ def position_targets_of(stream, first: int, config: TrainConfig, env, ids: torch
     marks = stream.marks_batch(first, config.micro_batch_size, env.rank, env.world)
     if marks is None:
         return None
-    kl_keep, unlikely = repeat_marks.position_targets(ids, marks.to(env.device))
-    return PositionTargets(kl_keep, unlikely, config.unlikelihood_weight, config.unlikely_anchor)
+    marks = marks.to(env.device)
+    kl_keep, unlikely = repeat_marks.position_targets(ids, marks)
+    penalty = None
+    if config.teacher_frequency_penalty:
+        penalty = TeacherPenalty(*repeat_marks.answer_counts(ids, marks), config.teacher_frequency_penalty)
+    return PositionTargets(kl_keep, unlikely, config.unlikelihood_weight, config.unlikely_anchor, penalty)
 
 
 def train(config: TrainConfig, loaded: LoadedModel | None = None, log=print) -> dict:

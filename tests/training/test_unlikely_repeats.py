@@ -13,7 +13,7 @@ from balcony_runtime.training.config import TrainConfig
 from balcony_runtime.training.data import DataConfig, DataError, iter_documents, marks_of, training_stream
 from balcony_runtime.training.dense_forward import backbone_pass, balcony_normed, final_normed, lm_logits
 from balcony_runtime.training.loss import PositionTargets, distillation_loss
-from balcony_runtime.training.repeat_marks import NO_TEACHER, NORMAL, UNLIKELY
+from balcony_runtime.training.repeat_marks import ANSWER, KIND, NO_TEACHER, NORMAL, UNLIKELY
 from balcony_runtime.training.trainer import train
 
 from .test_distillation_loss import kl_sum
@@ -25,8 +25,10 @@ def test_marks_start_at_the_first_repeated_run():
     assert repeat_marks.answer_marks(answer) == [NORMAL] * 8 + [UNLIKELY, NO_TEACHER, NO_TEACHER, NO_TEACHER,
                                                                  NO_TEACHER, UNLIKELY]
     assert repeat_marks.answer_marks([1, 2, 3, 4, 5, 6]) == [NORMAL] * 6
-    # runs in the prompt do not count: only the answer is searched
-    assert repeat_marks.document_marks([1, 2, 3, 4, 1, 2, 3, 4], answer_start=4) == [NORMAL] * 8
+    # runs in the prompt do not count: only the answer is searched; its tokens carry the ANSWER bit
+    assert repeat_marks.document_marks([1, 2, 3, 4, 1, 2, 3, 4], answer_start=4) == [NORMAL] * 4 + [ANSWER] * 4
+    assert repeat_marks.document_marks([7, 1, 2, 3, 4, 1, 2, 3, 4], answer_start=1) == (
+        [NORMAL] + [NORMAL | ANSWER] * 7 + [UNLIKELY | ANSWER])
 
 
 def test_position_targets_take_the_mark_of_the_next_token():
@@ -36,6 +38,9 @@ def test_position_targets_take_the_mark_of_the_next_token():
     # position p predicts token p + 1; a row's last position sees no next token: plain KL
     assert keep.tolist() == [1, 0, 0, 1, 1, 1, 0, 1]
     assert unlikely.tolist() == [-1, 12, -1, -1, -1, -1, 23, -1]
+    # the ANSWER bit does not change what a mark means here
+    keep_a, unlikely_a = repeat_marks.position_targets(ids, marks | ANSWER)
+    assert torch.equal(keep_a, keep) and torch.equal(unlikely_a, unlikely)
 
 
 def unlikely_sum(student_logits: torch.Tensor, unlikely: torch.Tensor) -> torch.Tensor:
@@ -142,11 +147,13 @@ def test_marks_fall_on_the_loops_of_exit_answers_only(tmp_path, default_model):
     encoded = [encode_document(d, tok, config) for d in docs]
     marks = [marks_of(d, ids, tok, config) for d, ids in zip(docs, encoded)]
     assert all(m == [NORMAL] * len(ids) for m, ids in zip(marks[1:], encoded[1:]))  # the full model's, plain text
-    own, ids = marks[0], encoded[0]
+    own, ids = [m & KIND for m in marks[0]], encoded[0]
     answer_ids = tok.encode(LOOP, add_special_tokens=False)
     start = next(i for i in range(len(ids)) if ids[i : i + len(answer_ids)] == answer_ids)
     first = own.index(UNLIKELY)
     assert own[:first] == [NORMAL] * first and first > start
+    # the ANSWER bit covers the answer (and the template's end of turn after it), not the prompt
+    assert [bool(m & ANSWER) for m in marks[0]] == [i >= start for i in range(len(ids))]
     # every UNLIKELY token ends a run of 4 answer tokens seen before, and only those are marked
     for i in range(start, len(ids)):
         seen = any(ids[i - 3 : i + 1] == ids[j - 3 : j + 1] for j in range(start + 3, i))
@@ -156,7 +163,7 @@ def test_marks_fall_on_the_loops_of_exit_answers_only(tmp_path, default_model):
     # packed, the marks travel with their tokens through every epoch's shuffle
     stream = training_stream(config, tok)
     flat_ids = torch.cat([stream.batch(i, 1).view(-1) for i in range(3 * stream.per_epoch)])
-    flat_marks = torch.cat([stream.marks_batch(i, 1).view(-1) for i in range(3 * stream.per_epoch)])
+    flat_marks = torch.cat([stream.marks_batch(i, 1).view(-1) for i in range(3 * stream.per_epoch)]) & KIND
     unlikely_tokens = [t for t, m in zip(ids, own) if m == UNLIKELY]
     assert flat_marks.eq(UNLIKELY).any()
     assert set(flat_ids[flat_marks == UNLIKELY].tolist()) <= set(unlikely_tokens)
@@ -179,13 +186,13 @@ def test_unlikely_repeats_are_refused_where_they_cannot_apply(tmp_path, text_cor
         TrainConfig(data=data, output_dir="out", max_steps=1, unlikelihood_weight=-1.0)
 
 
-def train_params(data: DataConfig, model_dir, output, weight: float) -> list[torch.Tensor]:
+def train_params(data: DataConfig, model_dir, output, weight: float, **extra) -> list[torch.Tensor]:
     from balcony_runtime.loader import load_model
 
     loaded = load_model(str(model_dir), adapters=None, exits=(1, 3), dtype="float32", device="cpu")
     config = TrainConfig(data=data, output_dir=str(output), model=str(model_dir), exits=(1, 3), device="cpu",
                          autocast="off", micro_batch_size=2, max_steps=3, log_every=1, save_every=100, kl_chunk=16,
-                         lr=1e-2, unlikelihood_weight=weight)
+                         lr=1e-2, unlikelihood_weight=weight, **extra)
     train(config, loaded=loaded, log=lambda _: None)
     log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     assert all(v == v and v >= 0 for r in log for v in r["loss"].values())  # finite, not negative
