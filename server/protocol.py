@@ -19,8 +19,25 @@ from balcony_runtime.structured.constraint import StructuredOutput
 _NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 
 
-class StreamOptions(BaseModel):
+class _RequestPart(BaseModel):
+    """Every model of a request body: unknown fields are refused, and null means left out."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_left_out(cls, data):
+        # OpenAI's API takes null for every optional field and reads it as the default (clients
+        # built from its spec send it): a null in a field whose default is not null is dropped, so
+        # the field counts as left out (and --override-generation-config's value applies to it).
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if v is not None or k not in fields or fields[k].is_required() or fields[k].default is None}
+
+
+class StreamOptions(_RequestPart):
     include_usage: bool = False  # a final usage-only chunk
     # vLLM's: every chunk also carries the usage so far; as in vLLM, only together with include_usage.
     continuous_usage_stats: Optional[bool] = False
@@ -28,7 +45,7 @@ class StreamOptions(BaseModel):
     include_obfuscation: Optional[bool] = None
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(_RequestPart):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     name: str = Field(pattern=_NAME_PATTERN)
     description: Optional[str] = None
@@ -39,8 +56,7 @@ class JsonSchemaFormat(BaseModel):
     strict: Optional[bool] = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ResponseFormat(_RequestPart):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: Optional[JsonSchemaFormat] = None
 
@@ -58,8 +74,7 @@ class ResponseFormat(BaseModel):
         return None
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Common(_RequestPart):
 
     model: str
     temperature: float = Field(1.0, ge=0, le=2)
@@ -78,18 +93,6 @@ class _Common(BaseModel):
     # Structured outputs (json_object, json_schema) by constrained decoding; vLLM takes it on
     # completions too.
     response_format: Optional[ResponseFormat] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_left_out(cls, data):
-        # OpenAI's API takes null for every optional field and reads it as the default (clients
-        # built from its spec send it): a null in a field whose default is not null is dropped, so
-        # the field counts as left out (and --override-generation-config's value applies to it).
-        if not isinstance(data, dict):
-            return data
-        fields = cls.model_fields
-        return {k: v for k, v in data.items()
-                if v is not None or k not in fields or fields[k].is_required() or fields[k].default is None}
 
     @model_validator(mode="after")
     def _check_common(self):
@@ -153,41 +156,35 @@ class CompletionRequest(_Common):
         return list(p)
 
 
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionDefinition(_RequestPart):
     name: str = Field(pattern=_NAME_PATTERN)
     description: Optional[str] = None
     parameters: Optional[dict] = None  # a JSON schema; absent: the function takes no arguments
     strict: Optional[bool] = None  # arguments always follow the schema here, strict or not
 
 
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Tool(_RequestPart):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NamedFunction(_RequestPart):
     name: str
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NamedToolChoice(_RequestPart):
     type: Literal["function"]
     function: NamedFunction
 
 
-class ToolCallFunction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ToolCallFunction(_RequestPart):
     name: str
     arguments: str  # JSON text, as the model wrote it
 
 
-class ToolCall(BaseModel):
+class ToolCall(_RequestPart):
     """A tool call an earlier assistant turn made, sent back as history."""
 
-    model_config = ConfigDict(extra="forbid")
     id: str
     type: Literal["function"] = "function"
     function: ToolCallFunction
@@ -198,8 +195,7 @@ class ToolCall(BaseModel):
 _ASSISTANT_ONLY = ("tool_calls", "refusal", "annotations", "audio", "function_call")
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatMessage(_RequestPart):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Optional[Union[str, list[dict]]] = None  # null only on assistant messages
     name: Optional[str] = None

@@ -108,6 +108,27 @@ def test_null_in_an_optional_field_reads_as_left_out(default_server, path, body)
     assert r.status_code == 400 and "model" in r.json()["error"]["message"]  # a required field stays required
 
 
+def test_null_inside_nested_objects_reads_as_left_out(default_server):
+    # the same rule one level down: stream_options and a tool call sent back as history
+    history = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": None, "function": {"name": "lookup", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    body = {"model": MODEL, "messages": history, "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": None, "continuous_usage_stats": None}}
+    with httpx.stream("POST", default_server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks and all(c.get("usage") is None for c in chunks)  # include_usage null: false, no usage chunk
+    body["stream_options"] = {"include_usage": True}
+    with httpx.stream("POST", default_server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[-1]["usage"]["completion_tokens"] >= 1  # and the field still works when set
+    missing = {**body, "messages": [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": None, "function": {"name": "lookup", "arguments": "{}"}}]}]}
+    error = error_of(httpx.post(default_server.url + "/v1/chat/completions", json=missing, timeout=60), 400)
+    assert "tool_calls.0.id" in error["message"]  # a required field stays required inside
+
+
 @pytest.mark.parametrize("change, fragment", [
     ({"frobnicate": 1}, "frobnicate"),
     ({"messages": [{"role": "user", "content": "hi", "mood": "happy"}]}, "messages.0.mood"),
