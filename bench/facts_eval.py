@@ -1,4 +1,4 @@
-"""The multiple-choice facts suite (bench/tasks/balcony_facts) at every exit, through the server.
+"""A multiple-choice facts suite (bench/tasks/balcony_facts) at every exit, through the server.
 
 For each exit a fresh `balcony serve --exits E` serves only that exit, and lm-evaluation-harness
 scores the suite against it with its `local-completions` backend (log-likelihood of each choice,
@@ -27,7 +27,8 @@ from pathlib import Path
 from live_server import start_server, stop_server
 
 REPO = Path(__file__).resolve().parents[1]
-TASK = "balcony_facts"
+# task name -> its items (bench/tasks/balcony_facts/make_facts.py writes both)
+TASKS = {"balcony_facts": "facts.jsonl", "balcony_facts_more": "facts_more.jsonl"}
 
 
 def model_dir() -> str:
@@ -37,17 +38,18 @@ def model_dir() -> str:
     return str(resolve_model(DEFAULT_MODEL).path)
 
 
-def score(lm_eval: str, url: str, model: str, tokenizer: str, out_dir: Path, concurrent: int = 4) -> dict:
-    """lm-eval's metrics for the suite against one server, plus ``item_acc``: 0/1 per item, by doc id."""
+def score(lm_eval: str, url: str, model: str, tokenizer: str, out_dir: Path, concurrent: int = 4,
+          task: str = "balcony_facts") -> dict:
+    """lm-eval's metrics for a suite against one server, plus ``item_acc``: 0/1 per item, by doc id."""
     args = (f"model={model},base_url={url}/v1/completions,tokenizer_backend=huggingface,tokenizer={tokenizer},"
             f"num_concurrent={concurrent},max_retries=2,tokenized_requests=False")
     subprocess.run([lm_eval, "--model", "local-completions", "--model_args", args, "--include_path",
-                    str(REPO / "bench/tasks"), "--tasks", TASK, "--output_path", str(out_dir), "--log_samples"],
+                    str(REPO / "bench/tasks"), "--tasks", task, "--output_path", str(out_dir), "--log_samples"],
                    check=True, cwd=REPO)
     results = sorted(out_dir.rglob("results_*.json"))[-1]
-    metrics = json.loads(results.read_text())["results"][TASK]
+    metrics = json.loads(results.read_text())["results"][task]
     row = {k.split(",")[0]: v for k, v in metrics.items() if k.startswith(("acc,", "acc_norm,", "acc_stderr,"))}
-    samples = sorted(out_dir.rglob(f"samples_{TASK}_*.jsonl"))[-1]
+    samples = sorted(out_dir.rglob(f"samples_{task}_*.jsonl"))[-1]
     by_doc = {}
     for line in samples.read_text().splitlines():
         sample = json.loads(line)
@@ -97,6 +99,8 @@ def main() -> None:
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--concurrent", type=int, default=4,
                         help="requests lm-eval keeps in flight; 1 scores each alone, so no batch shapes a score")
+    parser.add_argument("--task", choices=sorted(TASKS), default="balcony_facts",
+                        help="the suite: balcony_facts (135 items) or balcony_facts_more (167 other ones)")
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--compare", type=Path, default=None,
                         help="another run's --json-out: item-by-item differences per exit")
@@ -110,11 +114,11 @@ def main() -> None:
                                         log, args.ready_timeout)
             try:
                 rows[exit_name] = score(args.lm_eval, url, args.model_name, tokenizer, Path(tmp) / exit_name,
-                                        args.concurrent)
+                                        args.concurrent, args.task)
             finally:
                 stop_server(process)
-    n = sum(1 for _ in open(REPO / "bench/tasks/balcony_facts/facts.jsonl"))
-    print(f"\n{TASK} ({n} items, 4 choices), adapters {args.adapters}\n")
+    n = sum(1 for _ in open(REPO / "bench/tasks/balcony_facts" / TASKS[args.task]))
+    print(f"\n{args.task} ({n} items, 4 choices), adapters {args.adapters}\n")
     print("| exit | acc | acc_norm | acc - full |")
     print("|---|---|---|---|")
     full = rows.get("full", {}).get("acc")
@@ -122,7 +126,7 @@ def main() -> None:
         gap = "" if full is None else f"{m['acc'] - full:+.3f}"
         print(f"| {exit_name} | {m['acc']:.3f} ± {m.get('acc_stderr', 0):.3f} | {m['acc_norm']:.3f} | {gap} |")
     if args.json_out:
-        args.json_out.write_text(json.dumps({"adapters": args.adapters, "results": rows}, indent=1) + "\n")
+        args.json_out.write_text(json.dumps({"adapters": args.adapters, "task": args.task, "results": rows}, indent=1) + "\n")
     if args.compare:
         compare(rows, args.compare)
 
