@@ -197,6 +197,9 @@ def main() -> int:
     parser.add_argument("--unlikely-repeats", type=float, default=None, metavar="WEIGHT",
                         help="balcony train --unlikely-repeats: unlikelihood on the loops of the exits' own answers")
     parser.add_argument("--unlikely-anchor", action="store_true", help="balcony train --unlikely-anchor")
+    parser.add_argument("--teacher-frequency-penalty", type=float, default=0.0, metavar="A",
+                        help="balcony train --teacher-frequency-penalty: with --unlikely-repeats, the full model "
+                             "with this frequency penalty is the teacher inside the exits' own answers")
     parser.add_argument("--answers-rows", type=int, default=512, help="rows the engine answers at once")
     parser.add_argument("--answers-max-tokens", type=int, default=320)
     parser.add_argument("--greedy-prompts", type=int, default=HELDOUT_PROMPTS,
@@ -222,6 +225,8 @@ def main() -> int:
         parser.error("--own-answers-minutes needs --init-from: the exits of trained adapters answer")
     if args.unlikely_anchor and args.unlikely_repeats is None:
         parser.error("--unlikely-anchor goes with --unlikely-repeats")
+    if args.teacher_frequency_penalty and args.unlikely_repeats is None:
+        parser.error("--teacher-frequency-penalty goes with --unlikely-repeats")
     return run(args)
 
 
@@ -299,6 +304,7 @@ def run(args) -> int:
         micro_batch_size=args.micro_batch_size, max_steps=steps, lr=args.lr, log_every=max(1, steps // 20),
         save_every=max(1, steps // 4), resume=False, command=report["command"],
         unlikelihood_weight=args.unlikely_repeats or 0.0, unlikely_anchor=args.unlikely_anchor,
+        teacher_frequency_penalty=args.teacher_frequency_penalty,
     )
     state = train(config, loaded, log=lambda line: print(line, flush=True))
     report["trained"] = {"steps": state["step"], "tokens": state["tokens_seen"]}

@@ -146,7 +146,7 @@ def test_a_run_continues_from_given_adapters(tmp_path, default_model):
     """--init-from: a later GPU session trains on from the shipped adapters with a new schedule,
     without the closed-form fit, and the adapters record where they started; --answers-from adds an
     earlier run's answers to the text; --own-answers-minutes has the given adapters' exits answer
-    training prompts greedily, in turn, and --unlikely-repeats / --unlikely-anchor reach the trainer,
+    training prompts greedily, in turn, and --unlikely-repeats / --unlikely-anchor / --teacher-frequency-penalty reach the trainer,
     the answers coming back compressed; --steps fixes the schedule's length."""
     pack = tmp_path / "pack"
     subprocess.run([sys.executable, str(SCRIPT), "--pack", str(pack)], check=True)
@@ -159,13 +159,15 @@ def test_a_run_continues_from_given_adapters(tmp_path, default_model):
                                                            "text": "Violins have four strings. " * 30}) + "\n")
     subprocess.run([sys.executable, str(SCRIPT), "--run", str(pack), "--smoke", "--out", str(out),
                     "--init-from", str(shipped), "--answers-from", str(answers), "--greedy-prompts", "0", "--steps", "3",
-                    "--own-answers-minutes", "0.01", "--unlikely-repeats", "2", "--unlikely-anchor", "--return-dir", str(back)],
+                    "--own-answers-minutes", "0.01", "--unlikely-repeats", "2", "--unlikely-anchor", "--teacher-frequency-penalty", "1.5",
+                    "--return-dir", str(back)],
                    check=True, env=env)
     meta = json.loads((out / "adapters" / "balcony.json").read_text())
     recipe = meta["training"]["recipe"]
     assert recipe["init_from"] == str(shipped)
     assert recipe["data"]["sources"][1:] == [str(answers), str(out / "own_answers")]
     assert recipe["data"]["unlikely_repeats"] and recipe["unlikelihood_weight"] == 2.0 and recipe["unlikely_anchor"]
+    assert recipe["teacher_frequency_penalty"] == 1.5
     written = (out / "own_answers" / "generations.jsonl").read_text()
     rows = [json.loads(line) for line in written.splitlines()]
     assert len(rows) == 32 and [r["exit"] for r in rows[:6]] == ["8", "15", "22", "8", "15", "22"]
