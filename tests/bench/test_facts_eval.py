@@ -28,7 +28,8 @@ def test_paired_changes_counts_each_direction_and_refuses_other_suites(bench_scr
             facts.paired_changes([1, 0], [1, 0, 1])
 
 
-def test_score_reads_each_item_by_doc_id_from_the_samples_file(bench_script, tmp_path):
+@pytest.mark.parametrize("task", ["balcony_facts", "balcony_facts_more"])
+def test_score_reads_each_item_by_doc_id_from_the_samples_file(bench_script, tmp_path, task):
     """A stand-in for lm_eval writes results and samples the way `--log_samples` does (a model
     folder under --output_path, samples in completion order, not doc order)."""
     fake = tmp_path / "lm_eval"
@@ -37,17 +38,18 @@ import json, sys
 from pathlib import Path
 args = sys.argv[1:]
 assert "--log_samples" in args
+task = args[args.index("--tasks") + 1]
 out = Path(args[args.index("--output_path") + 1]) / "model__name"
 out.mkdir(parents=True)
-(out / "results_2026.json").write_text(json.dumps({{"results": {{"balcony_facts": {{
-    "alias": "balcony_facts", "acc,none": 2 / 3, "acc_stderr,none": 0.3, "acc_norm,none": 1 / 3}}}}}}))
+(out / "results_2026.json").write_text(json.dumps({{"results": {{task: {{
+    "alias": task, "acc,none": 2 / 3, "acc_stderr,none": 0.3, "acc_norm,none": 1 / 3}}}}}}))
 rows = [{{"doc_id": 2, "acc": 1.0, "acc_norm": 0.0}}, {{"doc_id": 0, "acc": 0.0, "acc_norm": 0.0}},
         {{"doc_id": 1, "acc": 1.0, "acc_norm": 1.0}}]
-(out / "samples_balcony_facts_2026.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
+(out / f"samples_{{task}}_2026.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in rows))
 """)
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     with bench_script("facts_eval") as facts:
-        row = facts.score(str(fake), "http://127.0.0.1:1", "m", "tok", tmp_path / "out")
+        row = facts.score(str(fake), "http://127.0.0.1:1", "m", "tok", tmp_path / "out", task=task)
     assert row["item_acc"] == [0, 1, 1]
     assert row["acc"] == pytest.approx(2 / 3) and row["acc_norm"] == pytest.approx(1 / 3)
     assert "alias" not in row
