@@ -46,7 +46,7 @@ class StreamOptions(_RequestPart):
 
 
 class JsonSchemaFormat(_RequestPart):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)  # merged with _RequestPart's (extra="forbid")
     name: str = Field(pattern=_NAME_PATTERN)
     description: Optional[str] = None
     # "schema" would shadow a BaseModel attribute; absent, any JSON object will do (as OpenAI's
@@ -75,7 +75,6 @@ class ResponseFormat(_RequestPart):
 
 
 class _Common(_RequestPart):
-
     model: str
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
