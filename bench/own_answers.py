@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_prompts import DEFAULT_POOL, read_pool, split_pool  # noqa: E402
 from exit_samples import chat_ids, greedy_answers, loops  # noqa: E402
+from wordnet_text import facts_keys, states_a_fact  # noqa: E402
 
 
 def training_prompts(pool: Path, count: int, seed: int) -> list[str]:
@@ -35,26 +36,31 @@ def training_prompts(pool: Path, count: int, seed: int) -> list[str]:
     return train[:count]
 
 
-def write_answers(loaded, prompts: list[str], exits: list[str], max_tokens: int, out: Path) -> dict:
-    """Answer prompt i greedily at exits[i % len(exits)]; one JSON object a line in ``out``."""
+def write_answers(loaded, prompts: list[str], exits: list[str], max_tokens: int, out: Path,
+                  exclude: list[tuple[str, set[str]]] = ()) -> dict:
+    """Answer prompt i greedily at exits[i % len(exits)]; one JSON object a line in ``out``, less
+    the answers that state an item of ``exclude`` (wordnet_text.facts_keys of a suite)."""
     from balcony_runtime.engine import EngineConfig, LLMEngine
 
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=min(64, len(prompts))))
     t0 = time.perf_counter()
-    rows, tokens, looped, answered = [], 0, {}, {}
+    rows, tokens, looped, answered, dropped = [], 0, {}, {}, 0
     for offset, name in enumerate(exits):
         mine = prompts[offset :: len(exits)]
         answered[name] = len(mine)
         answers = greedy_answers(engine, [chat_ids(loaded.tokenizer, p) for p in mine], [name], max_tokens)[name]
         for prompt, ids in zip(mine, answers):
             text = loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            looped[name] = looped.get(name, 0) + loops(ids)  # (over every answer, dropped or not)
+            if exclude and states_a_fact(f"{prompt} {text}", exclude):
+                dropped += 1
+                continue
             finish = "length" if len(ids) >= max_tokens else "stop"
             rows.append({"prompt": prompt, "text": text, "exit": name, "finish": finish, "loops": loops(ids)})
             tokens += len(ids)
-            looped[name] = looped.get(name, 0) + loops(ids)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"answers": len(rows), "tokens": tokens, "looped": sum(looped.values()),
+    return {"answers": len(rows), "dropped_as_facts": dropped, "tokens": tokens, "looped": sum(looped.values()),
             "loop_share": {name: round(looped.get(name, 0) / n, 3) for name, n in answered.items() if n},
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -70,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--exclude-facts", type=Path, nargs="*", default=[], metavar="SUITE.jsonl",
+                   help="drop answers that state an item of these multiple-choice suites")
     args = p.parse_args(argv)
 
     import torch
@@ -83,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     loaded = load_model(adapters=args.adapters, dtype=args.dtype)
-    report = write_answers(loaded, prompts, args.exits.split(","), args.max_tokens, args.out)
+    exclude = [key for suite in args.exclude_facts for key in facts_keys(suite)]
+    report = write_answers(loaded, prompts, args.exits.split(","), args.max_tokens, args.out, exclude)
     print(json.dumps({"adapters": args.adapters, **report}))
     return 0
 

@@ -32,3 +32,22 @@ def test_answers_are_each_exits_greedy_text_on_training_prompts_only(bench_scrip
 
         docs = list(iter_documents(DataConfig((str(out),), chat_template=True, unlikely_repeats=True)))
         assert sorted(d.writer for d in docs) == ["8", "8", "full", "full"]
+
+
+def test_answers_that_state_a_suite_item_are_dropped(bench_script, default_model, tmp_path):
+    with bench_script("own_answers") as own, bench_script("chat_prompts") as pool:
+        words_of = pool.words_of
+        prompts = own.training_prompts(pool.DEFAULT_POOL, 6, seed=5)
+        every = tmp_path / "every.jsonl"
+        own.write_answers(default_model, prompts, ["full"], 12, every)
+        rows = [json.loads(line) for line in every.read_text().splitlines()]
+        # An item asking the first prompt's longest word, answered by its answer's longest word:
+        # a row states it when its prompt and answer hold both words.
+        question_word = max(words_of(rows[0]["prompt"]), key=len)
+        answer_word = max(words_of(rows[0]["text"]), key=len)
+        states = [{question_word, answer_word} <= words_of(f"{r['prompt']} {r['text']}") for r in rows]
+        out = tmp_path / "kept.jsonl"
+        report = own.write_answers(default_model, prompts, ["full"], 12, out, [(answer_word, {question_word})])
+        kept = [json.loads(line) for line in out.read_text().splitlines()]
+        assert states[0] and report["dropped_as_facts"] == sum(states)
+        assert kept == [r for r, s in zip(rows, states) if not s] and report["answers"] == len(kept)
