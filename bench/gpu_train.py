@@ -200,6 +200,7 @@ def main() -> int:
     parser.add_argument("--teacher-frequency-penalty", type=float, default=0.0, metavar="A",
                         help="balcony train --teacher-frequency-penalty: with --unlikely-repeats, the full model "
                              "with this frequency penalty is the teacher inside the exits' own answers")
+    parser.add_argument("--teacher-in-loops", action="store_true", help="balcony train --teacher-in-loops")
     parser.add_argument("--answers-rows", type=int, default=512, help="rows the engine answers at once")
     parser.add_argument("--answers-max-tokens", type=int, default=320)
     parser.add_argument("--greedy-prompts", type=int, default=HELDOUT_PROMPTS,
@@ -227,6 +228,8 @@ def main() -> int:
         parser.error("--unlikely-anchor goes with --unlikely-repeats")
     if args.teacher_frequency_penalty and args.unlikely_repeats is None:
         parser.error("--teacher-frequency-penalty goes with --unlikely-repeats")
+    if args.teacher_in_loops and not args.teacher_frequency_penalty:
+        parser.error("--teacher-in-loops goes with --teacher-frequency-penalty")
     return run(args)
 
 
@@ -304,7 +307,7 @@ def run(args) -> int:
         micro_batch_size=args.micro_batch_size, max_steps=steps, lr=args.lr, log_every=max(1, steps // 20),
         save_every=max(1, steps // 4), resume=False, command=report["command"],
         unlikelihood_weight=args.unlikely_repeats or 0.0, unlikely_anchor=args.unlikely_anchor,
-        teacher_frequency_penalty=args.teacher_frequency_penalty,
+        teacher_frequency_penalty=args.teacher_frequency_penalty, teacher_in_loops=args.teacher_in_loops,
     )
     state = train(config, loaded, log=lambda line: print(line, flush=True))
     report["trained"] = {"steps": state["step"], "tokens": state["tokens_seen"]}

@@ -46,6 +46,9 @@ def add_unlikely_option(p: argparse.ArgumentParser) -> None:
                    help="with --unlikely-repeats: inside the exits' own answers, distil from the full model "
                         "with OpenAI's frequency penalty A on what the answer has written so far, so the exit "
                         "learns the penalty's effect on repeats (default 0: the plain full model)")
+    p.add_argument("--teacher-in-loops", action="store_true",
+                   help="with --teacher-frequency-penalty: also distil from that penalised teacher inside the "
+                        "exits' loops, where otherwise no KL is taken")
 
 
 def data_config(args):
@@ -141,7 +144,7 @@ def cmd_train(args) -> int:
             warmup_fraction=args.warmup_fraction, clip_norm=args.clip_norm, kl_chunk=args.kl_chunk,
             objective=args.objective, reverse_kl_weight=args.reverse_kl_weight,
             unlikelihood_weight=args.unlikely_repeats or 0.0, unlikely_anchor=args.unlikely_anchor,
-            teacher_frequency_penalty=args.teacher_frequency_penalty,
+            teacher_frequency_penalty=args.teacher_frequency_penalty, teacher_in_loops=args.teacher_in_loops,
             metric_tokens=args.metric_tokens,
             save_every=args.save_every, snapshot_every=args.snapshot_every, log_every=args.log_every,
             resume=not args.no_resume,

@@ -50,6 +50,9 @@ class TrainConfig:
     # with data.unlikely_repeats: inside the exits' own answers, the teacher is the full model with
     # this frequency penalty on the answer's tokens so far (0: the plain full model)
     teacher_frequency_penalty: float = 0.0
+    # with teacher_frequency_penalty: take that penalised teacher's KL inside the exits' loops too,
+    # where the plain teacher would teach looping and so no KL is taken otherwise
+    teacher_in_loops: bool = False
     metric_tokens: int = 8192  # objective="fisher": teacher tokens the [H, H] metric is averaged over
     save_every: int = 100  # optimizer steps between checkpoints
     log_every: int = 10  # optimizer steps between progress lines
@@ -86,6 +89,9 @@ class TrainConfig:
                              f"side), got {self.teacher_frequency_penalty}")
         if self.teacher_frequency_penalty and not self.data.unlikely_repeats:
             raise ValueError("teacher_frequency_penalty needs data.unlikely_repeats (the marks of the exits' answers)")
+        if self.teacher_in_loops and not self.teacher_frequency_penalty:
+            raise ValueError("teacher_in_loops needs teacher_frequency_penalty: the plain teacher inside a loop "
+                             "teaches the loop")
         if self.data.unlikely_repeats and (self.objective != "kl" or self.reverse_kl_weight):
             raise ValueError("unlikely repeats go with the forward KL objective only")
         if self.metric_tokens < 1:

@@ -52,12 +52,13 @@ def document_marks(ids: list[int], answer_start: int, n: int = RUN_TOKENS) -> li
     return [NORMAL] * answer_start + [m | ANSWER for m in answer_marks(ids[answer_start:], n)]
 
 
-def position_targets(ids: torch.Tensor, marks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def position_targets(ids: torch.Tensor, marks: torch.Tensor, kl_in_loops: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per position of a packed batch, from its token marks: (kl_keep, unlikely).
 
     ids, marks: [B, S]. Position p predicts token p + 1, so it takes that token's mark; the last
     position of a row predicts a token in the next row, which it cannot see: plain KL.
-    kl_keep: [B * S] float, 1 where the KL toward the full model is taken.
+    kl_keep: [B * S] float, 1 where the KL toward the full model is taken (everywhere with
+    ``kl_in_loops``, for a teacher that is penalised inside the answers and so does not loop).
     unlikely: [B * S] int64, the token id to push away from, or -1.
     """
     kind = marks & KIND
@@ -65,7 +66,8 @@ def position_targets(ids: torch.Tensor, marks: torch.Tensor) -> tuple[torch.Tens
     nxt[:, :-1] = kind[:, 1:]
     unlikely = torch.full_like(ids, -1)
     unlikely[:, :-1] = torch.where(kind[:, 1:] == UNLIKELY, ids[:, 1:], -1)
-    return (nxt == NORMAL).float().reshape(-1), unlikely.reshape(-1)
+    kl_keep = torch.ones_like(nxt, dtype=torch.float32) if kl_in_loops else (nxt == NORMAL).float()
+    return kl_keep.reshape(-1), unlikely.reshape(-1)
 
 
 def answer_counts(ids: torch.Tensor, marks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

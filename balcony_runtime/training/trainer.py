@@ -219,7 +219,7 @@ def position_targets_of(stream, first: int, config: TrainConfig, env, ids: torch
     if marks is None:
         return None
     marks = marks.to(env.device)
-    kl_keep, unlikely = repeat_marks.position_targets(ids, marks)
+    kl_keep, unlikely = repeat_marks.position_targets(ids, marks, config.teacher_in_loops)
     penalty = None
     if config.teacher_frequency_penalty:
         penalty = TeacherPenalty(*repeat_marks.answer_counts(ids, marks), config.teacher_frequency_penalty)

@@ -119,3 +119,27 @@ def test_the_trainer_penalises_the_teacher_in_exit_answers_only(tmp_path, tiny_m
     b = train_params(full, tiny_model_dir, tmp_path / "b", 1.0, teacher_frequency_penalty=1.0)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_in_loops_keeps_the_kl_at_every_position_and_the_unlikely_tokens():
+    ids = torch.tensor([[5, 6, 7, 6, 7, 6, 7, 9]])
+    answer = repeat_marks.answer_marks(ids[0, 1:].tolist(), n=2)  # 6 7 6 7 6 7 9: repeats from the second "6 7"
+    marks = torch.tensor([[NORMAL] + [m | ANSWER for m in answer]])
+    keep, unlikely = repeat_marks.position_targets(ids, marks)
+    keep_all, unlikely_all = repeat_marks.position_targets(ids, marks, kl_in_loops=True)
+    assert keep.sum() < keep.numel()  # the loop drops the plain KL...
+    assert torch.equal(keep_all, torch.ones_like(keep_all))  # ...the penalised teacher keeps it
+    assert torch.equal(unlikely, unlikely_all) and (unlikely >= 0).any()
+
+
+def test_teacher_in_loops_needs_the_penalty_and_changes_training(tmp_path, tiny_model_dir, text_corpus):
+    marked = DataConfig((str(text_corpus),), chat_template=True, unlikely_repeats=True)
+    with pytest.raises(ValueError, match="teacher_in_loops needs teacher_frequency_penalty"):
+        TrainConfig(data=marked, output_dir="out", max_steps=1, teacher_in_loops=True)
+    rows = [{"prompt": f"Write about the sea, {i}.", "text": LOOP, "exit": "22"} for i in range(12)]
+    own = DataConfig(sources=(str(write_answers(tmp_path / "own.jsonl", rows)),), seq_len=32, chat_template=True,
+                     heldout_fraction=0.0, seed=1, unlikely_repeats=True)
+    outside = train_params(own, tiny_model_dir, tmp_path / "outside", 1.0, teacher_frequency_penalty=1.0)
+    inside = train_params(own, tiny_model_dir, tmp_path / "inside", 1.0, teacher_frequency_penalty=1.0,
+                          teacher_in_loops=True)
+    assert any(not torch.allclose(a, b) for a, b in zip(outside, inside))
