@@ -128,6 +128,12 @@ def read_pool(path: Path) -> list[str]:
     return [line for line in raw.decode("utf-8").splitlines() if line.strip()]
 
 
+def write_pool(pool: list[str], path: Path) -> None:
+    """One prompt a line, xz-compressed when the name ends in .xz (what read_pool reads)."""
+    data = ("\n".join(pool) + "\n").encode("utf-8")
+    path.write_bytes(lzma.compress(data) if path.suffix == ".xz" else data)
+
+
 def split_pool(pool: list[str], heldout: int = HELDOUT_PROMPTS) -> tuple[list[str], list[str]]:
     """(prompts a training run may answer, the held-out prompts at the pool's end)."""
     if len(pool) <= heldout:
@@ -146,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.wordnet} has no index.noun (WordNet's dict folder?)")
     nouns = common_nouns(args.wordnet, args.min_tagged)
     pool = build_pool(nouns, held_out_words(FACTS), args.seed)
-    data = ("\n".join(pool) + "\n").encode("utf-8")
-    args.out.write_bytes(lzma.compress(data) if args.out.suffix == ".xz" else data)
+    write_pool(pool, args.out)
     print(f"{len(pool)} prompts ({len(nouns)} tagged nouns before the held-out words) in {args.out}, "
           f"{args.out.stat().st_size:,} bytes")
     return 0

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import random
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chat_prompts import write_pool  # noqa: E402
 from exit_samples import SUBJECT_WORDS  # noqa: E402
 from wordnet_text import TEMPLATE_WORDS, words_of  # noqa: E402
 
@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.wordnet} has no data.noun (WordNet's dict folder?)")
     entities = instance_entities(args.wordnet)
     pool = build_pool(entities, suite_words(SUITES), args.seed)
-    data = ("\n".join(pool) + "\n").encode("utf-8")
-    args.out.write_bytes(lzma.compress(data) if args.out.suffix == ".xz" else data)
+    write_pool(pool, args.out)
     print(f"{len(pool)} prompts ({len(entities)} entities before the held-out words) in {args.out}, "
           f"{args.out.stat().st_size:,} bytes")
     return 0
