@@ -128,10 +128,12 @@ def read_pool(path: Path) -> list[str]:
     return [line for line in raw.decode("utf-8").splitlines() if line.strip()]
 
 
-def write_pool(pool: list[str], path: Path) -> None:
-    """One prompt a line, xz-compressed when the name ends in .xz (what read_pool reads)."""
+def write_pool(pool: list[str], path: Path, source: str) -> None:
+    """One prompt a line, xz-compressed when the name ends in .xz (what read_pool reads); says what
+    was written and from how many topics (``source``: "N tagged nouns")."""
     data = ("\n".join(pool) + "\n").encode("utf-8")
     path.write_bytes(lzma.compress(data) if path.suffix == ".xz" else data)
+    print(f"{len(pool)} prompts ({source} before the held-out words) in {path}, {path.stat().st_size:,} bytes")
 
 
 def split_pool(pool: list[str], heldout: int = HELDOUT_PROMPTS) -> tuple[list[str], list[str]]:
@@ -152,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.wordnet} has no index.noun (WordNet's dict folder?)")
     nouns = common_nouns(args.wordnet, args.min_tagged)
     pool = build_pool(nouns, held_out_words(FACTS), args.seed)
-    write_pool(pool, args.out)
-    print(f"{len(pool)} prompts ({len(nouns)} tagged nouns before the held-out words) in {args.out}, "
-          f"{args.out.stat().st_size:,} bytes")
+    write_pool(pool, args.out, f"{len(nouns)} tagged nouns")
     return 0
 
 

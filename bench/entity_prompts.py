@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.wordnet} has no data.noun (WordNet's dict folder?)")
     entities = instance_entities(args.wordnet)
     pool = build_pool(entities, suite_words(SUITES), args.seed)
-    write_pool(pool, args.out)
-    print(f"{len(pool)} prompts ({len(entities)} entities before the held-out words) in {args.out}, "
-          f"{args.out.stat().st_size:,} bytes")
+    write_pool(pool, args.out, f"{len(entities)} entities")
     return 0
 
 
