@@ -1,14 +1,16 @@
 """Record measured quality in an adapters directory's balcony.json (what /v1/models shows per exit).
 
 Reads `balcony eval` outputs (eval.json, one per held-out set), optionally bench/facts_eval.py's
-JSON and bench/loop_rate.py's (one per decoding), and writes them as the ``evaluation`` block: per
-exit, per set, perplexity ratio to the full model, KL per token and top-1 agreement; the facts
-suite's accuracy; the share of answers that loop under each decoding measured (``loop_share``,
-keyed "greedy", "greedy, frequency_penalty 0.5", ...); plus the commands that produced them.
+JSON (one or more per suite) and bench/loop_rate.py's (one per decoding), and writes them as the
+``evaluation`` block: per exit, per set, perplexity ratio to the full model, KL per token and top-1
+agreement; each facts suite's accuracy (``facts_suite_acc`` for the first suite, balcony_facts,
+``<task>_acc`` for any other); the share of answers that loop under each decoding measured
+(``loop_share``, keyed "greedy", "greedy, frequency_penalty 0.5", ...); plus the commands that
+produced them.
 
     python bench/record_evaluation.py ADAPTERS_DIR --set english=/tmp/ev_en/eval.json \
         --set python_docs=/tmp/ev_docs/eval.json --facts bench/results/facts.json \
-        --loops bench/results/loops.json --command "..."
+        --facts bench/results/facts_more.json --loops bench/results/loops.json --command "..."
 """
 
 from __future__ import annotations
@@ -40,15 +42,24 @@ def loop_shares(runs: list[dict]) -> tuple[dict[str, dict[str, float]], dict]:
     return shares, over
 
 
-def evaluation_block(sets: dict[str, dict], facts: dict | None, command: str, loops: list[dict] = ()) -> dict:
+def facts_key(run: dict) -> str:
+    """Where a suite's accuracy goes; files from before facts_eval.py recorded its task are the first suite."""
+    task = run.get("task", "balcony_facts")
+    return "facts_suite_acc" if task == "balcony_facts" else f"{task}_acc"
+
+
+def evaluation_block(sets: dict[str, dict], facts: list[dict], command: str, loops: list[dict] = ()) -> dict:
     block: dict = {}
     for name, run in sets.items():
         for exit_name, methods in run["exits"].items():
             block.setdefault(exit_name, {})[name] = {k: round(methods["balcony"][k], 4) for k in METRICS}
         block.setdefault("full", {})[name] = {"perplexity": round(run["full"]["perplexity"], 4)}
-    if facts:
-        for exit_name, metrics in facts["results"].items():
-            block.setdefault(exit_name, {})["facts_suite_acc"] = round(metrics["acc"], 4)
+    for run in facts:  # (several files of one suite add their exits; an exit measured twice is refused)
+        for exit_name, metrics in run["results"].items():
+            row = block.setdefault(exit_name, {})
+            if facts_key(run) in row:
+                raise ValueError(f"two facts files give {facts_key(run)} at exit {exit_name}")
+            row[facts_key(run)] = round(metrics["acc"], 4)
     if loops:
         shares, over = loop_shares(list(loops))
         for exit_name, by_decoding in shares.items():
@@ -64,7 +75,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapters", type=Path)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=EVAL_JSON", required=True)
-    parser.add_argument("--facts", type=Path, default=None, help="bench/facts_eval.py --json-out file")
+    parser.add_argument("--facts", type=Path, action="append", default=[],
+                        help="bench/facts_eval.py --json-out file (repeat: other suites, or other exits of one)")
     parser.add_argument("--loops", type=Path, action="append", default=[],
                         help="bench/loop_rate.py --json-out file, one per decoding (the same prompts)")
     parser.add_argument("--command", default="", help="the commands that produced the inputs")
@@ -73,7 +85,7 @@ def main() -> None:
     for item in args.set:
         name, _, path = item.partition("=")
         sets[name] = json.loads(Path(path).read_text())
-    facts = json.loads(args.facts.read_text()) if args.facts else None
+    facts = [json.loads(path.read_text()) for path in args.facts]
     meta_path = args.adapters / "balcony.json"
     meta = json.loads(meta_path.read_text())
     loops = [json.loads(path.read_text()) for path in args.loops]
