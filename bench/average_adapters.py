@@ -25,10 +25,9 @@ from balcony_runtime.adapters import load_adapters, save_adapters
 from balcony_runtime.errors import AdapterError
 
 
-def average_adapters(sources: list[Path], out: Path, command: str = "") -> None:
-    """Write the element-wise mean of ``sources``' balconies to ``out`` (AdapterError on a mismatch)."""
-    if len(sources) < 2:
-        raise AdapterError("averaging needs at least two adapters")
+def load_matching(sources: list[Path]) -> list[tuple]:
+    """(meta, balconies) of every source, after checking they were made for one backbone, with the
+    same exits and tensor shapes as the first (AdapterError naming the one that differs)."""
     loaded = [load_adapters(Path(s)) for s in sources]
     first_meta, first = loaded[0]
     for source, (meta, balconies) in zip(sources[1:], loaded[1:]):
@@ -39,6 +38,15 @@ def average_adapters(sources: list[Path], out: Path, command: str = "") -> None:
             theirs = balconies[k]
             if theirs.keys() != named.keys() or any(theirs[n].shape != t.shape for n, t in named.items()):
                 raise AdapterError(f"balcony {k} of {source} has other tensors or shapes than in {sources[0]}")
+    return loaded
+
+
+def average_adapters(sources: list[Path], out: Path, command: str = "") -> None:
+    """Write the element-wise mean of ``sources``' balconies to ``out`` (AdapterError on a mismatch)."""
+    if len(sources) < 2:
+        raise AdapterError("averaging needs at least two adapters")
+    loaded = load_matching(sources)
+    first_meta, first = loaded[0]
     mean = {
         k: {name: torch.stack([b[k][name].float() for _, b in loaded]).mean(dim=0) for name in named}
         for k, named in first.items()
