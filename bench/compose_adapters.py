@@ -37,8 +37,15 @@ def compose_adapters(base: Path, takes: dict[int, Path], out: Path, command: str
     if unknown:
         raise AdapterError(f"exit(s) {unknown} are not among the adapters' exits {sorted(balconies)}")
     composed = {k: loaded[takes.get(k, base)][1][k] for k in balconies}
+    def total(source: Path, key: str) -> float:
+        record = loaded[source][0].training
+        return record.get(f"{key}_total", record.get(key, 0))
+
     training = {"command": command, "base": {"adapters": str(base), **base_meta.training},
-                "exits_taken": {str(k): {"adapters": str(src), **loaded[src][0].training} for k, src in sorted(takes.items())}}
+                "exits_taken": {str(k): {"adapters": str(src), **loaded[src][0].training} for k, src in sorted(takes.items())},
+                # the most that stands behind any one exit's balcony (a warm start from these adds to it)
+                "tokens_seen_total": max(total(s, "tokens_seen") for s in sources),
+                "wall_s_total": max(total(s, "wall_s") for s in sources)}
     save_adapters(out, replace(base_meta, training=training, evaluation={}), composed, getattr(torch, base_meta.dtype))
 
 

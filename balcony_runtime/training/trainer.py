@@ -398,8 +398,11 @@ def prior_training(config: TrainConfig, state: dict) -> dict:
              "tokens_seen": seen, "wall_s": wall}
     if "lens_fit" in before.training:  # a closed-form start: its fit report travels with the adapters
         start["lens_fit"] = before.training["lens_fit"]
-    if "initialised_from" in before.training:  # a chain of warm starts: every command stays on record
-        start["initialised_from"] = before.training["initialised_from"]
+    # a chain of warm starts (or adapters composed per exit, bench/compose_adapters.py): every
+    # command stays on record
+    for key in ("initialised_from", "base", "exits_taken"):
+        if key in before.training:
+            start[key] = before.training[key]
     return {"initialised_from": start,
             "tokens_seen_total": seen + state["tokens_seen"],
             "wall_s_total": round(wall + state["wall_s"], 1)}

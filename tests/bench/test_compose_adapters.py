@@ -25,6 +25,7 @@ def test_taken_exit_comes_from_its_source_and_the_rest_from_the_base(bench_scrip
     assert meta.training["base"]["command"] == "balcony train --seed 0"
     assert meta.training["exits_taken"]["2"]["command"] == "balcony train --seed 1"
     assert "compose_adapters.py" in meta.training["command"]
+    assert meta.training["tokens_seen_total"] == 64  # each source saw 64 (test_average_adapters.write)
 
 
 @pytest.mark.parametrize("take, message", [("9", "not among the adapters' exits"), ("x", "EXIT=ADAPTERS")])

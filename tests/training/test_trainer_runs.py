@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from balcony_runtime.adapters import load_adapters, save_adapters
 from balcony_runtime.loader import load_model
 from balcony_runtime.training.config import TrainConfig
 from balcony_runtime.training.data import DataConfig
@@ -103,6 +105,19 @@ def test_warm_start_continues_from_adapters_and_records_the_totals(text_corpus, 
     assert chain["initialised_from"]["tokens_seen"] == 6 * 2 * 32
     assert chain["initialised_from"]["initialised_from"]["tokens_seen"] == 4 * 2 * 32
     assert chain["tokens_seen_total"] == 7 * 2 * 32
+
+    # a warm start from adapters composed per exit (bench/compose_adapters.py) keeps both records
+    composed = tmp_path / "composed"
+    meta, balconies = load_adapters(second / "adapters")
+    parts = {"base": {"command": "run a"}, "exits_taken": {"1": {"command": "run b"}}}
+    save_adapters(composed, replace(meta, training={"command": "compose", "tokens_seen_total": 640, **parts}),
+                  balconies, torch.float32)
+    train(tiny_config(text_corpus, tiny_model_dir, tmp_path / "fourth", exits=None, init_from=str(composed),
+                      first_sequence=12, max_steps=1), log=lambda _: None)
+    after = load_adapters(tmp_path / "fourth" / "adapters")[0].training
+    assert after["initialised_from"]["command"] == "compose"
+    assert {k: after["initialised_from"][k] for k in parts} == parts
+    assert after["tokens_seen_total"] == 640 + 1 * 2 * 32
 
 
 def test_first_sequence_shifts_the_data_order(text_corpus, tiny_model_dir, tmp_path):
