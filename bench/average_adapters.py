@@ -64,13 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sources", nargs="+", type=Path, help="adapters directories")
     parser.add_argument("--out", type=Path, required=True, help="adapters directory to write")
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "bench/average_adapters.py"] + (sys.argv[1:] if argv is None else argv))
+    return write_recorded("average_adapters", argv, lambda command: average_adapters(args.sources, args.out, command),
+                          f"averaged {len(args.sources)} adapters into {args.out}")
+
+
+def write_recorded(script: str, argv: list[str] | None, write, done: str) -> int:
+    """Run ``write(command)`` with this invocation's command line (recorded in the adapters); an
+    AdapterError becomes a one-line message and exit status 2."""
+    command = shlex.join(["python", f"bench/{script}.py"] + (sys.argv[1:] if argv is None else argv))
     try:
-        average_adapters(args.sources, args.out, command)
+        write(command)
     except AdapterError as exc:
-        print(f"average_adapters: {exc}", file=sys.stderr)
+        print(f"{script}: {exc}", file=sys.stderr)
         return 2
-    print(f"averaged {len(args.sources)} adapters into {args.out}")
+    print(done)
     return 0
 
 

@@ -14,7 +14,6 @@ other adapters.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from average_adapters import load_matching  # noqa: E402
+from average_adapters import load_matching, write_recorded  # noqa: E402
 
 from balcony_runtime.adapters import save_adapters  # noqa: E402
 from balcony_runtime.errors import AdapterError  # noqa: E402
@@ -62,14 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not exit_name.isdigit() or not path:
             parser.error(f"--take wants EXIT=ADAPTERS, got {item!r}")
         takes[int(exit_name)] = Path(path)
-    command = shlex.join(["python", "bench/compose_adapters.py"] + (sys.argv[1:] if argv is None else argv))
-    try:
-        compose_adapters(args.base, takes, args.out, command)
-    except AdapterError as exc:
-        print(f"compose_adapters: {exc}", file=sys.stderr)
-        return 2
-    print(f"composed {args.out}: exits {sorted(takes)} taken, the rest from {args.base}")
-    return 0
+    return write_recorded("compose_adapters", argv, lambda command: compose_adapters(args.base, takes, args.out, command),
+                          f"composed {args.out}: exits {sorted(takes)} taken, the rest from {args.base}")
 
 
 if __name__ == "__main__":
