@@ -36,6 +36,7 @@ def compose_adapters(base: Path, takes: dict[int, Path], out: Path, command: str
     if unknown:
         raise AdapterError(f"exit(s) {unknown} are not among the adapters' exits {sorted(balconies)}")
     composed = {k: loaded[takes.get(k, base)][1][k] for k in balconies}
+
     def total(source: Path, key: str) -> float:
         record = loaded[source][0].training
         return record.get(f"{key}_total", record.get(key, 0))

@@ -30,11 +30,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_prompts import write_pool  # noqa: E402
 from exit_samples import SUBJECT_WORDS  # noqa: E402
+from facts_eval import SUITE_DIR, TASKS  # noqa: E402
 from wordnet_text import TEMPLATE_WORDS, words_of  # noqa: E402
 
 DEFAULT_POOL = Path(__file__).resolve().parent / "data" / "entity_prompts.txt.xz"
-SUITES = [Path(__file__).resolve().parent / "tasks" / "balcony_facts" / name
-          for name in ("facts.jsonl", "facts_more.jsonl")]
+SUITES = [SUITE_DIR / name for name in TASKS.values()]
 
 PLACE_KINDS = [
     "Tell me about {t}.",

@@ -29,6 +29,16 @@ from live_server import start_server, stop_server
 REPO = Path(__file__).resolve().parents[1]
 # task name -> its items (bench/tasks/balcony_facts/make_facts.py writes both)
 TASKS = {"balcony_facts": "facts.jsonl", "balcony_facts_more": "facts_more.jsonl"}
+SUITE_DIR = REPO / "bench" / "tasks" / "balcony_facts"
+
+
+def suite_items() -> list[tuple[str, int, dict]]:
+    """(task, index, item) of every item of both suites, in TASKS' order and each file's order."""
+    items = []
+    for task, name in TASKS.items():
+        lines = [line for line in (SUITE_DIR / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+        items += [(task, i, json.loads(line)) for i, line in enumerate(lines)]
+    return items
 
 
 def model_dir() -> str:
@@ -117,7 +127,7 @@ def main() -> None:
                                         args.concurrent, args.task)
             finally:
                 stop_server(process)
-    n = sum(1 for _ in open(REPO / "bench/tasks/balcony_facts" / TASKS[args.task]))
+    n = sum(1 for _ in open(SUITE_DIR / TASKS[args.task]))
     print(f"\n{args.task} ({n} items, 4 choices), adapters {args.adapters}\n")
     print("| exit | acc | acc_norm | acc - full |")
     print("|---|---|---|---|")

@@ -29,23 +29,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from facts_eval import TASKS, mcnemar_exact_p  # noqa: E402
+from facts_eval import mcnemar_exact_p, paired_changes, suite_items  # noqa: E402
 
-SUITE_DIR = Path(__file__).resolve().parent / "tasks" / "balcony_facts"
 PROMPT_FORMS = [
     "Complete this sentence: {q} ...",
     "Finish the sentence and explain briefly: {q}",
     "{q} what? Answer in one sentence.",
 ]
-
-
-def suite_items() -> list[tuple[str, int, dict]]:
-    """(task, index, item) of every item of both suites, in TASKS' order and each file's order."""
-    items = []
-    for task, name in TASKS.items():
-        lines = [line for line in (SUITE_DIR / name).read_text(encoding="utf-8").splitlines() if line.strip()]
-        items += [(task, i, json.loads(line)) for i, line in enumerate(lines)]
-    return items
 
 
 def half_a(count: int, seed: int) -> set[int]:
@@ -70,8 +60,7 @@ def split_scores(before: list[dict], after: list[dict], trained: set[int]) -> di
         b, a = flat(before, exit_name), flat(after, exit_name)
         for half, keep in (("A (trained)", lambda k: k in trained), ("B (held out)", lambda k: k not in trained)):
             idx = [k for k in range(len(b)) if keep(k)]
-            gained = sum(1 for k in idx if a[k] and not b[k])
-            lost = sum(1 for k in idx if b[k] and not a[k])
+            gained, lost = paired_changes([a[k] for k in idx], [b[k] for k in idx])
             report[f"{exit_name} {half}"] = {
                 "items": len(idx), "before": round(sum(b[k] for k in idx) / len(idx), 3),
                 "after": round(sum(a[k] for k in idx) / len(idx), 3), "gained": gained, "lost": lost,
