@@ -3,6 +3,7 @@ of the two rates measured on these machines (DESIGN §4: lower KL ratio than 5e-
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from balcony_runtime.model_source import DEFAULT_MODEL
@@ -84,9 +85,12 @@ class TrainConfig:
             raise ValueError("unlikelihood_weight needs data.unlikely_repeats (the marks of the loops it trains against)")
         if self.unlikely_anchor and not self.data.unlikely_repeats:
             raise ValueError("unlikely_anchor needs data.unlikely_repeats (the marks of the repeated tokens)")
-        if not 0.0 <= self.teacher_frequency_penalty <= 2.0:
-            raise ValueError(f"teacher_frequency_penalty must be in [0, 2] (OpenAI's range, less the negative "
-                             f"side), got {self.teacher_frequency_penalty}")
+        # OpenAI caps a client's penalty at 2; a teacher is not a client, and a larger dose is a
+        # training choice the loop rounds measure, so only a negative (rewarding repeats) or
+        # non-finite one is refused.
+        if not 0.0 <= self.teacher_frequency_penalty < math.inf:
+            raise ValueError(f"teacher_frequency_penalty must be a finite number at least 0, "
+                             f"got {self.teacher_frequency_penalty}")
         if self.teacher_frequency_penalty and not self.data.unlikely_repeats:
             raise ValueError("teacher_frequency_penalty needs data.unlikely_repeats (the marks of the exits' answers)")
         if self.teacher_in_loops and not self.teacher_frequency_penalty:
