@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from average_adapters import load_matching, write_recorded  # noqa: E402
+from adapter_sources import load_matching, write_recorded  # noqa: E402
 
 from balcony_runtime.adapters import save_adapters  # noqa: E402
 from balcony_runtime.errors import AdapterError  # noqa: E402
