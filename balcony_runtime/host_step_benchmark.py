@@ -87,7 +87,15 @@ class SimulatedDevice:
     def __init__(self, step_ms: float):
         self.step_s = step_ms / 1000
         self.free_at = 0.0  # time.perf_counter() when the device finishes what it was given
+        self.ends: list[float] = []  # when each launched step ends, in launch order
         self.waited_cpu_s = 0.0  # CPU time the host spent waiting for it (not host work)
+
+    def paces(self, since: int) -> list[float]:
+        """Seconds between the ends of consecutive steps, for the steps launched from ``since`` on:
+        the device's own timeline, as a GPU profile shows it. Never below the step's time, since a
+        step starts no earlier than the one before it ends; above it by what the device idled
+        waiting for the host's launch."""
+        return [b - a for a, b in zip(self.ends[max(since - 1, 0):], self.ends[max(since, 1):])]
 
     def wrap(self, runner) -> None:
         sample = runner.sample  # every launched step ends with it (ModelRunner.launch, or the engine)
@@ -95,6 +103,7 @@ class SimulatedDevice:
         def sampled(*args, **kwargs):
             pending = sample(*args, **kwargs)
             self.free_at = max(time.perf_counter(), self.free_at) + self.step_s
+            self.ends.append(self.free_at)
             return _SimulatedPending(pending, self.free_at, self)
 
         runner.sample = sampled
@@ -254,16 +263,19 @@ class HostStepRun:
         device, threshold = self.device, gc.get_threshold()
         if self.young_threshold is not None:  # (put back below)
             gc.set_threshold(self.young_threshold, *threshold[1:])
+        launched = len(device.ends)
         start, start_cpu, waited = time.perf_counter(), time.thread_time(), device.waited_cpu_s
         self.engine.step()
         bare = time.perf_counter() - start
         self.cpu.append(time.thread_time() - start_cpu - (device.waited_cpu_s - waited))
         with self.timers:
             self.engine.step()
-        # On a simulated device that paces the steps, a step's wall time runs from the end of the
-        # previous step, whose host work after its wait (here the timed one's, timers included)
-        # shifts where it starts: the pace is half the pair's wall time. Without one, the bare step's.
-        self.wall.append((time.perf_counter() - start) / 2 if self.device_ms else bare)
+        # On a simulated device a step's wall time is the device's pace: the time between the ends
+        # of consecutive steps on its own timeline. A host clock read around the steps cannot give
+        # it: the step in flight when the pair starts began before the clock did, so any host time
+        # outside the pair (a preemption on a busy machine) shortened the pair's reading below the
+        # device's time. Without a device, the bare step's wall time.
+        self.wall.extend(device.paces(launched) if self.device_ms else [bare])
         gc.set_threshold(*threshold)
 
     def result(self) -> HostStep:
