@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -145,3 +146,24 @@ def test_rows_take_the_given_exits_in_turn(tiny_model_dir):
     measure_interleaved([run], steps=3)
     exits = [t.request.exit_layer for t in run.engine._tracked.values()][-5:]
     assert sorted(exits) == sorted(depths[i % len(depths)] for i in range(5)) and len(set(exits)) == min(5, len(depths))
+
+
+def test_a_simulated_device_paces_steps_on_its_own_timeline(monkeypatch):
+    """A step starts when it is launched or when the one before it ends, whichever is later; its
+    pace is the time between consecutive ends, however late the host reads it."""
+    from balcony_runtime import host_step_benchmark
+
+    clock = iter([10.000, 10.001, 10.020, 10.021])  # launches: two queued at once, one after an idle gap, one queued
+    monkeypatch.setattr(host_step_benchmark, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+
+    class Runner:
+        def sample(self):
+            return "pending"
+
+    device, runner = host_step_benchmark.SimulatedDevice(5.0), Runner()
+    device.wrap(runner)
+    for _ in range(4):
+        runner.sample()
+    assert device.ends == pytest.approx([10.005, 10.010, 10.025, 10.030])
+    assert device.paces(0) == pytest.approx([0.005, 0.015, 0.005])  # the idle gap shows as a slower step
+    assert device.paces(2) == pytest.approx([0.015, 0.005])
