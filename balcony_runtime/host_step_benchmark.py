@@ -86,8 +86,7 @@ class SimulatedDevice:
 
     def __init__(self, step_ms: float):
         self.step_s = step_ms / 1000
-        self.free_at = 0.0  # time.perf_counter() when the device finishes what it was given
-        self.ends: list[float] = []  # when each launched step ends, in launch order
+        self.ends: list[float] = []  # time.perf_counter() when each launched step ends, in launch order
         self.waited_cpu_s = 0.0  # CPU time the host spent waiting for it (not host work)
 
     def paces(self, since: int) -> list[float]:
@@ -102,9 +101,9 @@ class SimulatedDevice:
 
         def sampled(*args, **kwargs):
             pending = sample(*args, **kwargs)
-            self.free_at = max(time.perf_counter(), self.free_at) + self.step_s
-            self.ends.append(self.free_at)
-            return _SimulatedPending(pending, self.free_at, self)
+            # It starts when launched, or when the device finishes what it was given before.
+            self.ends.append(max(time.perf_counter(), self.ends[-1] if self.ends else 0.0) + self.step_s)
+            return _SimulatedPending(pending, self.ends[-1], self)
 
         runner.sample = sampled
 

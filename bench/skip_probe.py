@@ -25,18 +25,19 @@ import torch.nn.functional as F
 
 from balcony_runtime.loader import load_model
 from balcony_runtime.training.dense_forward import backbone_pass, final_normed, lm_logits
+from kernels import reference
 
 TASKS = Path(__file__).parent / "tasks" / "balcony_facts"
 
 
 def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    """RMSNorm(x) * weight, [T, H]: the kernels' torch reference."""
+    return reference.rms_norm(x, weight, eps)[0]
 
 
 def mlp(layer, x: torch.Tensor, eps: float) -> torch.Tensor:
     """layer's SwiGLU MLP on residual x [T, H], through layer's own post-attention norm."""
-    gate, up = F.linear(rms(x, layer.post_attention_norm, eps), layer.gate_up_proj).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, layer.down_proj)
+    return F.linear(reference.swiglu(rms(x, layer.post_attention_norm, eps), layer.gate_up_proj), layer.down_proj)
 
 
 def attention(layer, x: torch.Tensor, attend, arch) -> torch.Tensor:
